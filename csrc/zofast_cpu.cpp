@@ -1,0 +1,164 @@
+// CPU implementations of the zofast ops and the operator schema (torch.ops.zofast.*).
+// Built with -ffp-contract=off: the only fused multiply-adds are the explicit std::fma calls,
+// which every backend performs in the same order.
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace zofast {
+namespace {
+
+constexpr int64_t kGrain = 2048;
+
+at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t k0, int64_t k1) {
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
+              "counters must be an (N, 4) int64 tensor");
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const int64_t* src = c.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, c.size(0), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t* w = src + 4 * i;
+      const Words4 r = philox4x32_10(uint32_t(w[0]), uint32_t(w[1]), uint32_t(w[2]),
+                                     uint32_t(w[3]), uint32_t(k0), uint32_t(k1));
+      for (int j = 0; j < 4; ++j) dst[4 * i + j] = int64_t(r.x[j]);
+    }
+  });
+  return out;
+}
+
+at::Tensor sample_cpu(const at::Tensor& offsets, int64_t seed, bool normal) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "offsets must be int64");
+  const at::Tensor o = offsets.contiguous();
+  at::Tensor out = at::empty(o.sizes(), o.options().dtype(at::kFloat));
+  const int64_t* src = o.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  const uint64_t s = uint64_t(seed);
+  at::parallel_for(0, o.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t index = uint64_t(src[i]);
+      if (normal) {
+        dst[i] = normal_at(s, index);
+      } else {
+        dst[i] = uint_to_uniform(philox_block(s, index >> 2).x[index & 3]);
+      }
+    }
+  });
+  return out;
+}
+
+// out[i] = scale * normal(seed, offset + i); seed and scale are one-element tensors.
+void noise_cpu(at::Tensor& out, const at::Tensor& seed_t, const at::Tensor& scale_t, int64_t offset) {
+  check_float32(out, "out", out);
+  check_terms(seed_t, scale_t, out);
+  TORCH_CHECK(seed_t.numel() == 1, "noise_ takes one seed");
+  float* dst = out.data_ptr<float>();
+  const int64_t n = out.numel();
+  const uint64_t first = uint64_t(offset) >> 2, last = (uint64_t(offset) + n + 3) >> 2;
+  const uint64_t seed = uint64_t(seed_t.data_ptr<int64_t>()[0]);
+  const float s = scale_t.data_ptr<float>()[0];
+  at::parallel_for(0, int64_t(last - first), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint64_t block = first + b;
+      float z[4];
+      normal4(uint64_t(seed), block, z);
+      for (int lane = 0; lane < 4; ++lane) {
+        const int64_t i = int64_t(block * 4 + lane) - offset;
+        if (i >= 0 && i < n) dst[i] = s * z[lane];
+      }
+    }
+  });
+}
+
+// w[i] = round(fma(scale_T, z_T, ... fma(scale_1, z_1, float(w[i])))), z_t = normal(seed_t, offset + i).
+void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scales, int64_t offset) {
+  check_weight(w, "w");
+  check_terms(seeds, scales, w);
+  const int64_t n = w.numel(), terms = seeds.numel();
+  const int64_t* seed = seeds.data_ptr<int64_t>();
+  const float* scale = scales.data_ptr<float>();
+  const uint64_t first = uint64_t(offset) >> 2, last = (uint64_t(offset) + n + 3) >> 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "gaussian_", [&] {
+    scalar_t* data = w.data_ptr<scalar_t>();
+    at::parallel_for(0, int64_t(last - first), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const uint64_t block = first + b;
+        const int64_t base = int64_t(block * 4) - offset;
+        float acc[4];
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t i = base + lane;
+          acc[lane] = (i >= 0 && i < n) ? float(data[i]) : 0.0f;
+        }
+        for (int64_t t = 0; t < terms; ++t) {
+          float z[4];
+          normal4(uint64_t(seed[t]), block, z);
+          for (int lane = 0; lane < 4; ++lane) acc[lane] = std::fma(scale[t], z[lane], acc[lane]);
+        }
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t i = base + lane;
+          if (i >= 0 && i < n) data[i] = scalar_t(acc[lane]);
+        }
+      }
+    });
+  });
+}
+
+// w += sum_t u_t v_t^T with u: (T, m, R), v: (T, n, R); per element the fmas run t-major, k-minor.
+void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
+  check_factors(w, u, v);
+  const int64_t m = w.size(0), n = w.size(1), terms = u.size(0), rank = u.size(2);
+  // v transposed to (T, R, n) so that the inner loop runs over contiguous columns.
+  const at::Tensor vt = v.transpose(1, 2).contiguous();
+  const float* pu = u.data_ptr<float>();
+  const float* pv = vt.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lowrank_apply_", [&] {
+    scalar_t* data = w.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrain * 16 / std::max<int64_t>(n, 1));
+    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(n);
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = data + i * n;
+        for (int64_t j = 0; j < n; ++j) acc[j] = float(row[j]);
+        for (int64_t t = 0; t < terms; ++t) {
+          for (int64_t k = 0; k < rank; ++k) {
+            const float a = pu[(t * m + i) * rank + k];
+            const float* b = pv + (t * rank + k) * n;
+            for (int64_t j = 0; j < n; ++j) acc[j] = std::fma(a, b[j], acc[j]);
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) row[j] = scalar_t(acc[j]);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zofast, m) {
+  m.def("philox4x32(Tensor counters, int k0, int k1) -> Tensor");
+  m.def("sample(Tensor offsets, int seed, bool normal) -> Tensor");
+  m.def("noise_(Tensor(a!) out, Tensor seed, Tensor scale, int offset) -> ()");
+  m.def("gaussian_(Tensor(a!) w, Tensor seeds, Tensor scales, int offset) -> ()");
+  m.def("lowrank_apply_(Tensor(a!) w, Tensor u, Tensor v) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(zofast, CPU, m) {
+  m.impl("philox4x32", &philox4x32_cpu);
+  m.impl("sample", &sample_cpu);
+  m.impl("noise_", &noise_cpu);
+  m.impl("gaussian_", &gaussian_cpu);
+  m.impl("lowrank_apply_", &lowrank_apply_cpu);
+}
+
+}  // namespace zofast
+
+// The Python module only exists so that `import zofast._C` loads the library and its operators.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.attr("has_cuda") = bool(ZOFAST_WITH_CUDA);
+}

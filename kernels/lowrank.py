@@ -1,0 +1,72 @@
+"""Low-rank update in place: w (m, n) += sum_t U_t · V_tᵀ, never materialising an m×n product.
+
+Shape contract (shared by the kernel and the reference): w is a contiguous 2-D float32 / bfloat16 /
+float16 tensor; u is float32 (T, m, R) and v float32 (T, n, R), both contiguous on w's device
+(zofast.perturb builds them from seeds: (m + n)·R·T numbers, a few hundred KiB at most). Per
+element, in float32: acc = float(w[i, j]); for t, then k: acc = fma(u[t, i, k], v[t, j, k], acc);
+w[i, j] = round(acc): one rounding to w's dtype per pass, in an order that no tiling changes.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import _check_interpretable
+
+DEFAULT_BLOCK_M = 32
+DEFAULT_BLOCK_N = 128
+
+
+@triton.jit
+def _lowrank_kernel(
+    w_ptr,
+    u_ptr,
+    v_ptr,
+    m,
+    n,
+    N_TERMS: tl.constexpr,
+    RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < m
+    col_ok = cols < n
+    ptrs = w_ptr + rows[:, None] * n + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    for t in tl.static_range(N_TERMS):
+        for k in tl.static_range(RANK):
+            u = tl.load(u_ptr + (t * m + rows) * RANK + k, mask=row_ok, other=0.0)
+            v = tl.load(v_ptr + (t * n + cols) * RANK + k, mask=col_ok, other=0.0)
+            acc = tl.fma(u[:, None], v[None, :], acc)
+    tl.store(ptrs, acc.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def lowrank_triton(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+) -> torch.Tensor:
+    """Launch the kernel on validated inputs (see the module docstring); returns w."""
+    _check_interpretable(w)
+    m, n = w.shape
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _lowrank_kernel[grid](
+        w, u, v, m, n, N_TERMS=u.shape[0], RANK=u.shape[2], BLOCK_M=block_m, BLOCK_N=block_n
+    )
+    return w
+
+
+def lowrank_ref(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Pure-torch reference of the kernel (same fma order); returns a new tensor like w."""
+    acc = w.float()
+    for t in range(u.shape[0]):
+        for k in range(u.shape[2]):
+            acc = (u[t, :, k, None].double() * v[t, None, :, k].double() + acc.double()).float()
+    return acc.to(w.dtype)

@@ -1,0 +1,246 @@
+"""Philox4x32-10 and the zofast normal stream in Triton, beside a pure-torch reference.
+
+The contract (the same in csrc/philox.h and in the torch reference below):
+
+    normal(seed, i): c = i // 4, lane = i % 4
+        (x0, x1, x2, x3) = Philox4x32-10(counter=(lo32(c), hi32(c), 0, 0),
+                                         key=(lo32(seed), hi32(seed)))
+        u_j = uniform(x_j)  # int32 view, ~x if negative, times 4.6566127342e-10f: [0, 1)
+        (n0, n1) = box_muller(u0, u1); (n2, n3) = box_muller(u2, u3)
+        normal(seed, i) = n_lane
+
+which is element `lane` of Triton's ``tl.randn4x(seed, c)``. Every Philox call yields four normals,
+and the value at index i depends on nothing but (seed, i): not on block sizes, grids or devices.
+The helpers are written out here instead of calling ``tl.randn4x`` so that the contract does not
+move with Triton releases and so that the same kernels run under TRITON_INTERPRET=1.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+UNIFORM_SCALE = 4.6566127342e-10
+TWO_PI = 6.283185307179586
+MIN_UNIFORM = 1.0e-7
+MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def philox_rounds(c0, c1, c2, c3, k0, k1):
+    """Ten Philox4x32 rounds on uint32 blocks; the key is bumped after every round."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def load_seed(seed_ptr):
+    """A uint64 seed stored as int64 in device memory (graph-safe) -> its (lo, hi) uint32 words."""
+    seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+    return (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+
+
+@triton.jit
+def philox_block(seed_lo, seed_hi, block):
+    """The four words of counter block `block` (int64 tensor) of stream (seed_lo, seed_hi)."""
+    block = block.to(tl.uint64, bitcast=True)
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    zero = c0 * 0
+    return philox_rounds(c0, c1, zero, zero, zero + seed_lo, zero + seed_hi)
+
+
+@triton.jit
+def word_to_uniform(x):
+    x = x.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def box_muller(u1, u2):
+    u1 = tl.maximum(u1, 1.0e-7)
+    theta = 6.283185307179586 * u2
+    radius = tl.sqrt(-2.0 * tl.log(u1))
+    return radius * tl.cos(theta), radius * tl.sin(theta)
+
+
+@triton.jit
+def normal4(seed_lo, seed_hi, block):
+    """Normals 4*block .. 4*block+3 as a (BLOCK, 4) tensor, row-major in the index."""
+    x0, x1, x2, x3 = philox_block(seed_lo, seed_hi, block)
+    n0, n1 = box_muller(word_to_uniform(x0), word_to_uniform(x1))
+    n2, n3 = box_muller(word_to_uniform(x2), word_to_uniform(x3))
+    # join(join(n0, n2), join(n1, n3))[c, a, b] is n_(2a+b): reshaping gives lanes 0..3 in order.
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (n0.shape[0], 4))
+
+
+@triton.jit
+def _philox_kernel(counters_ptr, key_ptr, out_ptr, n_rows, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n_rows
+    c0 = tl.load(counters_ptr + rows * 4 + 0, mask=mask, other=0).to(tl.uint32)
+    c1 = tl.load(counters_ptr + rows * 4 + 1, mask=mask, other=0).to(tl.uint32)
+    c2 = tl.load(counters_ptr + rows * 4 + 2, mask=mask, other=0).to(tl.uint32)
+    c3 = tl.load(counters_ptr + rows * 4 + 3, mask=mask, other=0).to(tl.uint32)
+    zero = c0 * 0
+    k0 = tl.load(key_ptr).to(tl.uint32)
+    k1 = tl.load(key_ptr + 1).to(tl.uint32)
+    x0, x1, x2, x3 = philox_rounds(c0, c1, c2, c3, zero + k0, zero + k1)
+    tl.store(out_ptr + rows * 4 + 0, x0.to(tl.int64), mask=mask)
+    tl.store(out_ptr + rows * 4 + 1, x1.to(tl.int64), mask=mask)
+    tl.store(out_ptr + rows * 4 + 2, x2.to(tl.int64), mask=mask)
+    tl.store(out_ptr + rows * 4 + 3, x3.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _sample_kernel(offsets_ptr, seed_ptr, out_ptr, n, BLOCK: tl.constexpr, NORMAL: tl.constexpr):
+    """out[i] = normal(seed, offsets[i]) (or the uniform it is built from) for arbitrary offsets."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    offsets = tl.load(offsets_ptr + idx, mask=mask, other=0)
+    seed_lo, seed_hi = load_seed(seed_ptr)
+    lane = offsets & 3
+    x0, x1, x2, x3 = philox_block(seed_lo, seed_hi, offsets >> 2)
+    if NORMAL:
+        a0, a1 = box_muller(word_to_uniform(x0), word_to_uniform(x1))
+        a2, a3 = box_muller(word_to_uniform(x2), word_to_uniform(x3))
+    else:
+        a0 = word_to_uniform(x0)
+        a1 = word_to_uniform(x1)
+        a2 = word_to_uniform(x2)
+        a3 = word_to_uniform(x3)
+    value = tl.where(lane == 0, a0, tl.where(lane == 1, a1, tl.where(lane == 2, a2, a3)))
+    tl.store(out_ptr + idx, value, mask=mask)
+
+
+@triton.jit
+def _noise_kernel(out_ptr, seed_ptr, scale_ptr, n, offset, BLOCK: tl.constexpr):
+    """out[i] = scale * normal(seed, offset + i) for i < n, float32, BLOCK counters per program."""
+    first_block = offset // 4
+    blocks = first_block + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    local = (blocks * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
+    mask = (local >= 0) & (local < n)
+    seed_lo, seed_hi = load_seed(seed_ptr)
+    z = normal4(seed_lo, seed_hi, blocks) * tl.load(scale_ptr)
+    tl.store(out_ptr + local, z, mask=mask)
+
+
+def _check_interpretable(t):
+    if t.device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(
+            "backend='triton' on a CPU tensor runs Triton's interpreter, which must be enabled "
+            "before triton is first imported: set TRITON_INTERPRET=1 in the environment "
+            "(zofast sets it itself when torch sees no CUDA device)."
+        )
+
+
+def triton_interpreting() -> bool:
+    """Whether the Triton kernels were built for the interpreter (TRITON_INTERPRET=1)."""
+    return not isinstance(_noise_kernel, triton.runtime.JITFunction)
+
+
+def philox4x32_triton(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Raw Philox4x32-10 on an (N, 4) int64 tensor of uint32 words; returns (N, 4) int64."""
+    _check_interpretable(counters)
+    out = torch.empty_like(counters)
+    key = torch.tensor([k0, k1], dtype=torch.int64, device=counters.device)
+    n = counters.shape[0]
+    block = 256
+    _philox_kernel[(triton.cdiv(n, block),)](counters, key, out, n, BLOCK=block)
+    return out
+
+
+def sample_triton(offsets: torch.Tensor, seed: torch.Tensor, *, normal: bool, out=None):
+    """normal(seed, offsets) or uniform(seed, offsets) as float32, for an int64 offset tensor."""
+    _check_interpretable(offsets)
+    out = (
+        torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
+        if out is None
+        else out
+    )
+    n = offsets.numel()
+    block = 512
+    _sample_kernel[(triton.cdiv(n, block),)](offsets, seed, out, n, BLOCK=block, NORMAL=normal)
+    return out
+
+
+def noise_triton(
+    out: torch.Tensor, seed: torch.Tensor, scale: torch.Tensor, offset: int, block: int = 256
+) -> torch.Tensor:
+    """Fill the contiguous float32 `out` with scale * normal(seed, offset + i)."""
+    _check_interpretable(out)
+    n = out.numel()
+    n_blocks = (offset + n + 3) // 4 - offset // 4
+    _noise_kernel[(triton.cdiv(n_blocks, block),)](out, seed, scale, n, offset, BLOCK=block)
+    return out
+
+
+# Pure-torch reference of the same maths (int64 arithmetic on uint32 words).
+
+
+def _mulhilo(a: torch.Tensor, b: int):
+    """(hi, lo) 32-bit halves of a * b for uint32 a (int64 tensor) and b, without int64 overflow."""
+    p_low = (a & 0xFFFF) * b  # < 2^48
+    p_high = (a >> 16) * b  # < 2^48
+    s = ((p_high & 0xFFFF) << 16) + p_low  # < 2^49
+    return ((p_high >> 16) + (s >> 32)) & MASK32, s & MASK32
+
+
+def philox4x32_ref(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Reference Philox4x32-10: (N, 4) int64 words, key (k0, k1) -> (N, 4) int64 words."""
+    c0, c1, c2, c3 = (counters[:, j].clone() for j in range(4))
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def words_to_uniform_ref(words: torch.Tensor) -> torch.Tensor:
+    x = torch.where(words >= 2**31, words - 2**32, words)  # int32 view
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def box_muller_ref(u1: torch.Tensor, u2: torch.Tensor):
+    u1 = torch.clamp_min(u1, MIN_UNIFORM)
+    theta = torch.tensor(TWO_PI, dtype=torch.float32) * u2
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.cos(theta), radius * torch.sin(theta)
+
+
+def sample_ref(offsets: torch.Tensor, seed: int, *, normal: bool) -> torch.Tensor:
+    """Reference normal(seed, offsets) / uniform(seed, offsets) as float32."""
+    offsets = offsets.reshape(-1).to(torch.int64)
+    blocks = offsets >> 2
+    counters = torch.stack(
+        [
+            blocks & MASK32,
+            (blocks >> 32) & MASK32,
+            torch.zeros_like(blocks),
+            torch.zeros_like(blocks),
+        ],
+        dim=1,
+    )
+    words = philox4x32_ref(counters, seed & MASK32, (seed >> 32) & MASK32)
+    u = words_to_uniform_ref(words)
+    if normal:
+        n0, n1 = box_muller_ref(u[:, 0], u[:, 1])
+        n2, n3 = box_muller_ref(u[:, 2], u[:, 3])
+        u = torch.stack([n0, n1, n2, n3], dim=1)
+    return u.gather(1, (offsets & 3)[:, None])[:, 0]

@@ -1,0 +1,26 @@
+"""Shared test setup. Triton's interpreter must be on before triton is first imported when there is
+no GPU (zofast.kernels does the same); tests that need a GPU are marked `gpu` and skipped here."""
+
+import os
+import secrets
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_seed():
+    """A new random seed per test run (printed on failure through the assertion messages)."""
+    return secrets.randbits(63)

@@ -1,0 +1,22 @@
+"""zofast: zeroth-order and derivative-free fine-tuning at the speed and memory of inference.
+
+The engine (zofast.rng, zofast.perturb) adds seeded Gaussian perturbations to weights in place,
+low-rank (U·Vᵀ) or full-rank, as a pure function of (seed, element index).
+"""
+
+from zofast import perturb, rng
+from zofast.perturb import gaussian_, gaussian_noise, lowrank_, lowrank_factors, outer_add_
+from zofast.rng import RunSeeds
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RunSeeds",
+    "gaussian_",
+    "gaussian_noise",
+    "lowrank_",
+    "lowrank_factors",
+    "outer_add_",
+    "perturb",
+    "rng",
+]

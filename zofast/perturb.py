@@ -1,0 +1,404 @@
+"""The perturbation engine: seeded Gaussian noise added to weights in place.
+
+The noise contract (zofast.rng has the stream ``normal(seed, i)``):
+
+* Full-rank noise of a tensor: ``Z[i] = normal(seed, offset + i)`` over the row-major flattened
+  index i (`offset` = 0 unless the tensor is a contiguous shard of a larger one).
+* Low-rank noise of an m×n matrix, rank r: ``U[i, k] = normal(u_seed, (row_offset + i)·r + k)``,
+  ``V[j, k] = normal(v_seed, (col_offset + j)·r + k)``, ``Z = U·Vᵀ`` (scaling s = 1, as LOZO's
+  code has it: entries of Z have variance r, not 1). Rows and columns are global indices, so the
+  first k rows of an m×n matrix get exactly the noise of a k×n matrix with the same seeds.
+* Tensors of rank ≥ 3 are viewed as (shape[0], prod(shape[1:])) matrices (a conv weight's
+  output channels are its rows); 1-D tensors take full-rank noise only.
+* Weights may be float32, bfloat16 or float16; arithmetic is float32 in registers and each pass
+  rounds once to the weight's dtype: ``w = round(fma(s_T, z_T, ... fma(s_1, z_1, float(w))))``.
+  Low-rank terms: ``u_t = fl(s_t · U_t)`` (terms that share a v_seed are summed into one u, in term
+  order), then per element ``acc = fma(u[t, i, k], v[t, j, k], acc)`` for t, then k.
+
+Several terms go through in one read and one write of w: pass sequences of seeds and scales, e.g.
+"restore the last perturbation, apply the update and perturb for the next step" is one pass.
+
+Backends: "auto" (Triton for CUDA tensors, the C++ extension for CPU tensors), "triton" (on CPU
+tensors it runs Triton's interpreter), "cpp" (zofast._C, CPU and CUDA), "torch" (the pure-torch
+reference). All validate their inputs before anything is written: a bad argument raises a
+TypeError / ValueError naming it, and w is left untouched.
+
+For CUDA-graph capture, pass seeds as an int64 tensor and scales as a float32 tensor on w's device
+(seed bit patterns are taken as they are); the kernels read them from device memory.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from zofast._ext import require_extension, resolve_backend
+from zofast.rng import as_seed, to_signed64
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = [
+    "gaussian_",
+    "lowrank_",
+    "outer_add_",
+    "gaussian_noise",
+    "lowrank_factors",
+    "matrix_shape",
+]
+
+
+def check_weight(w, name: str = "w") -> None:
+    """Raise a TypeError / ValueError naming `name` unless w can be perturbed in place."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: it holds no data to perturb")
+    if w.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(w.shape)})")
+    if not w.is_contiguous() or torch._debug_has_internal_overlap(w) != 0:
+        raise ValueError(
+            f"{name} must be contiguous and non-overlapping (shape {tuple(w.shape)}, strides "
+            f"{w.stride()}); perturb a contiguous copy and copy it back"
+        )
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The (m, n) matrix a weight of `shape` is perturbed as: (shape[0], prod(shape[1:]))."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"low-rank noise needs a tensor with ≥ 2 dims, got shape {shape}")
+    return shape[0], math.prod(shape[1:])
+
+
+def _check_offset(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_rank(rank, m: int, n: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an integer, got {type(rank).__name__}")
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(
+            f"rank must be in 1..min(m, n) = 1..{min(m, n)} for a {m}×{n} matrix, got {rank}"
+        )
+    return int(rank)
+
+
+def _as_list(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    return [value]
+
+
+def _check_scales(scale, n_terms: int) -> list[float]:
+    scales = _as_list(scale)
+    if len(scales) != n_terms:
+        raise ValueError(
+            f"scale must give one value per seed: {n_terms} seeds, {len(scales)} scales"
+        )
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise ValueError(f"scale must be finite real numbers, got {s!r}")
+    # Scales enter every backend as float32.
+    return torch.tensor(scales, dtype=torch.float32).tolist()
+
+
+def _check_seeds(seed, name: str) -> list[int]:
+    if isinstance(seed, torch.Tensor):
+        raise TypeError(f"{name} must be integers here (device seed tensors: gaussian_ only)")
+    seeds = [as_seed(s, name) for s in _as_list(seed)]
+    if not seeds:
+        raise ValueError(f"{name} must name at least one seed")
+    return seeds
+
+
+def _device_terms(
+    seeds: list[int], scales: list[float], device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    seeds_t = torch.tensor([to_signed64(s) for s in seeds], dtype=torch.int64, device=device)
+    return seeds_t, torch.tensor(scales, dtype=torch.float32, device=device)
+
+
+def _graph_terms(seed, scale, device, name: str):
+    """Seeds/scales given as device tensors (graph-capture form), checked without a sync."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"with {name} given as a tensor, scale must be a float32 tensor too")
+    for t, label, dtype in ((seed, name, torch.int64), (scale, "scale", torch.float32)):
+        if t.dtype != dtype or t.dim() != 1 or t.device != device or not t.is_contiguous():
+            raise ValueError(f"{label} tensor must be contiguous 1-D {dtype} on {device}")
+    if seed.numel() != scale.numel() or seed.numel() == 0:
+        raise ValueError(f"{name} and scale tensors must have the same non-zero length")
+    return seed, scale
+
+
+@torch.no_grad()
+def gaussian_(
+    w: torch.Tensor, seed, scale, *, offset: int = 0, backend: str = "auto"
+) -> torch.Tensor:
+    """w += Σ_t scale_t · Z_t in place, Z_t[i] = normal(seed_t, offset + i); one pass over w.
+
+    Args:
+        w: contiguous float32 / bfloat16 / float16 tensor of any shape.
+        seed: a uint64 seed, or a sequence of them (one per term), or an int64 device tensor.
+        scale: a finite float, or one per seed (a float32 device tensor with tensor seeds).
+        offset: global index of w's first element (for a contiguous shard of a larger tensor).
+        backend: "auto", "triton", "cpp" or "torch".
+
+    Returns:
+        w, modified in place.
+
+    Example:
+        >>> w = torch.zeros(3, 5)
+        >>> _ = gaussian_(w, seed=1, scale=1e-3)        # perturb
+        >>> _ = gaussian_(w, seed=[1, 2], scale=[-1e-3, 1e-3])  # revert and perturb anew
+    """
+    check_weight(w)
+    offset = _check_offset(offset, "offset")
+    if isinstance(seed, torch.Tensor):
+        seeds_t, scales_t = _graph_terms(seed, scale, w.device, "seed")
+        seeds = None
+    else:
+        seeds = _check_seeds(seed, "seed")
+        scales = _check_scales(scale, len(seeds))
+        seeds_t, scales_t = _device_terms(seeds, scales, w.device)
+    backend = resolve_backend(backend, w.device)
+    if backend == "cpp":
+        require_extension(w.device).gaussian_(w, seeds_t, scales_t, offset)
+        return w
+    from zofast.kernels import gaussian
+
+    if backend == "triton":
+        return gaussian.gaussian_triton(w, seeds_t, scales_t, offset)
+    seeds = seeds if seeds is not None else [s % 2**64 for s in seeds_t.tolist()]
+    return w.copy_(gaussian.gaussian_ref(w, seeds, scales_t, offset))
+
+
+def _noise(n: int, seed: int, scale: float, offset: int, device, backend: str) -> torch.Tensor:
+    """float32 (n,) = scale * normal(seed, offset + i)."""
+    from zofast.kernels import philox
+
+    if backend in ("cpp", "triton"):
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        seed_t, scale_t = _device_terms([seed], [scale], device)
+        if backend == "cpp":
+            require_extension(device).noise_(out, seed_t, scale_t, offset)
+            return out
+        return philox.noise_triton(out, seed_t, scale_t, offset)
+    index = offset + torch.arange(n, dtype=torch.int64, device=device)
+    return philox.sample_ref(index, seed, normal=True) * torch.tensor(scale, dtype=torch.float32)
+
+
+def _lowrank_terms(m, n, u_seeds, v_seeds, rank, scales, row_offset, col_offset, device, backend):
+    """Factors u (T, m, r), v (T, n, r) of Σ_t s_t U_t V_tᵀ, terms sharing a v_seed merged."""
+    merged: dict[int, torch.Tensor] = {}
+    for u_seed, v_seed, s in zip(u_seeds, v_seeds, scales, strict=True):
+        u = _noise(m * rank, u_seed, s, row_offset * rank, device, backend)
+        merged[v_seed] = merged[v_seed] + u if v_seed in merged else u
+    u = torch.stack([f.view(m, rank) for f in merged.values()])
+    v = torch.stack(
+        [
+            _noise(n * rank, vs, 1.0, col_offset * rank, device, backend).view(n, rank)
+            for vs in merged
+        ]
+    )
+    return u, v
+
+
+def _apply_factors(w2d: torch.Tensor, u: torch.Tensor, v: torch.Tensor, backend: str) -> None:
+    if backend == "cpp":
+        require_extension(w2d.device).lowrank_apply_(w2d, u, v)
+        return
+    from zofast.kernels import lowrank
+
+    if backend == "triton":
+        lowrank.lowrank_triton(w2d, u, v)
+    else:
+        w2d.copy_(lowrank.lowrank_ref(w2d, u, v))
+
+
+@torch.no_grad()
+def lowrank_(
+    w: torch.Tensor,
+    u_seed,
+    v_seed,
+    rank: int,
+    scale,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """w += Σ_t scale_t · U_t·V_tᵀ in place, without materialising any m×n product; one pass.
+
+    U_t and V_t are regenerated from their seeds into (m + n)·r float32 numbers per term (see the
+    module docstring for the contract), then one fused kernel reads and writes w once.
+
+    Args:
+        w: contiguous float32 / bfloat16 / float16 tensor with ≥ 2 dims (viewed as a matrix).
+        u_seed, v_seed: uint64 seeds, or equal-length sequences of them (one pair per term).
+        rank: r, 1 ≤ r ≤ min(m, n).
+        scale: a finite float, or one per term.
+        row_offset, col_offset: global row / column index of w's first row / column (shards).
+        backend: "auto", "triton", "cpp" or "torch".
+
+    Returns:
+        w, modified in place.
+
+    Example:
+        >>> w = torch.zeros(64, 32)
+        >>> _ = lowrank_(w, u_seed=1, v_seed=2, rank=2, scale=1e-3)
+        >>> torch.linalg.matrix_rank(w).item()
+        2
+    """
+    check_weight(w)
+    m, n = matrix_shape(w.shape)
+    rank = _check_rank(rank, m, n)
+    row_offset = _check_offset(row_offset, "row_offset")
+    col_offset = _check_offset(col_offset, "col_offset")
+    u_seeds = _check_seeds(u_seed, "u_seed")
+    v_seeds = _check_seeds(v_seed, "v_seed")
+    if len(u_seeds) != len(v_seeds):
+        raise ValueError(f"u_seed and v_seed must pair up: {len(u_seeds)} vs {len(v_seeds)}")
+    scales = _check_scales(scale, len(u_seeds))
+    backend = resolve_backend(backend, w.device)
+    u, v = _lowrank_terms(
+        m, n, u_seeds, v_seeds, rank, scales, row_offset, col_offset, w.device, backend
+    )
+    _apply_factors(w.view(m, n), u, v, backend)
+    return w
+
+
+@torch.no_grad()
+def outer_add_(
+    w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """w += left·rightᵀ in place for explicit factors, in one fused pass (no m×n product).
+
+    Used where a factor is state rather than noise (LOZO-M's momentum N·Vᵀ, flushing updates
+    gathered in low-rank form). Same arithmetic as lowrank_: fma over k in order, one rounding.
+
+    Args:
+        w: contiguous float32 / bfloat16 / float16 tensor with ≥ 2 dims, viewed as m×n.
+        left: float32 (m, K); right: float32 (n, K), on w's device.
+        backend: "auto", "triton", "cpp" or "torch".
+
+    Returns:
+        w, modified in place.
+
+    Example:
+        >>> w = torch.zeros(4, 3)
+        >>> _ = outer_add_(w, torch.ones(4, 1), torch.ones(3, 1))
+    """
+    check_weight(w)
+    m, n = matrix_shape(w.shape)
+    for t, name, rows in ((left, "left", m), (right, "right", n)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor")
+        if t.dim() != 2 or t.shape[0] != rows or t.device != w.device:
+            raise ValueError(
+                f"{name} must be ({rows}, K) on {w.device}, got {tuple(t.shape)} on {t.device}"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} has non-finite entries")
+    if left.shape[1] != right.shape[1] or left.shape[1] == 0:
+        raise ValueError(
+            f"left and right must share K ≥ 1, got {left.shape[1]} and {right.shape[1]}"
+        )
+    backend = resolve_backend(backend, w.device)
+    _apply_factors(w.view(m, n), left.contiguous()[None], right.contiguous()[None], backend)
+    return w
+
+
+@torch.no_grad()
+def gaussian_noise(
+    shape,
+    seed: int,
+    *,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The materialised full-rank noise Z of a tensor of `shape` (for references, tests, momentum).
+
+    Args:
+        shape: the tensor's shape.
+        seed: uint64 seed.
+        offset: global index of the first element.
+        dtype: dtype of the result (computed in float32, rounded once).
+        device: where to put it (default: CPU).
+        backend: "auto", "triton", "cpp" or "torch".
+        out: optional float32 contiguous tensor of `shape` to write into.
+
+    Returns:
+        Z, shaped `shape`.
+
+    Example:
+        >>> z = gaussian_noise((3, 4), seed=9)
+    """
+    seed = as_seed(seed)
+    offset = _check_offset(offset, "offset")
+    shape = tuple(shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    n = math.prod(shape)
+    backend = resolve_backend(backend, device)
+    if out is not None:
+        if out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
+        device = out.device
+    z = _noise(n, seed, 1.0, offset, device, backend) if n else torch.empty(0, device=device)
+    if out is not None:
+        return out.copy_(z.view(shape))
+    return z.view(shape).to(dtype)
+
+
+@torch.no_grad()
+def lowrank_factors(
+    shape,
+    u_seed: int,
+    v_seed: int,
+    rank: int,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (U, V), (m, r) and (n, r), of a tensor's low-rank noise Z = U·Vᵀ.
+
+    Args:
+        shape: the tensor's shape (≥ 2 dims; see matrix_shape).
+        u_seed, v_seed: uint64 seeds.
+        rank: r, 1 ≤ r ≤ min(m, n).
+        row_offset, col_offset: global index of the first row / column.
+        dtype, device, backend: as for gaussian_noise.
+
+    Returns:
+        (U, V).
+
+    Example:
+        >>> U, V = lowrank_factors((8, 6), u_seed=1, v_seed=2, rank=2)
+        >>> (U @ V.T).shape
+        torch.Size([8, 6])
+    """
+    m, n = matrix_shape(shape)
+    rank = _check_rank(rank, m, n)
+    u_seed, v_seed = as_seed(u_seed, "u_seed"), as_seed(v_seed, "v_seed")
+    row_offset = _check_offset(row_offset, "row_offset")
+    col_offset = _check_offset(col_offset, "col_offset")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = resolve_backend(backend, device)
+    u = _noise(m * rank, u_seed, 1.0, row_offset * rank, device, backend).view(m, rank)
+    v = _noise(n * rank, v_seed, 1.0, col_offset * rank, device, backend).view(n, rank)
+    return u.to(dtype), v.to(dtype)
