@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from zofast import rng
+from zofast.kernels.philox import triton_interpreting
 from zofast.perturb import gaussian_noise
 
-BACKENDS = ["cpp", "triton", "torch"]
+# Triton runs CPU tensors only under its interpreter (a GPU machine checks it in test_gpu.py).
+BACKENDS = ["cpp", "triton", "torch"] if triton_interpreting() else ["cpp", "torch"]
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> output.
 KNOWN_ANSWERS = [
@@ -44,8 +46,8 @@ def test_integers_bit_exact_across_backends(fresh_seed):
     counters = torch.randint(0, 2**32, (4099, 4), generator=gen, dtype=torch.int64)
     key = tuple(torch.randint(0, 2**32, (2,), generator=gen, dtype=torch.int64).tolist())
     outs = [rng.philox4x32(counters, key, backend=b) for b in BACKENDS]
-    assert torch.equal(outs[0], outs[1]), f"seed {fresh_seed}"
-    assert torch.equal(outs[0], outs[2]), f"seed {fresh_seed}"
+    for backend, out in zip(BACKENDS[1:], outs[1:], strict=True):
+        assert torch.equal(outs[0], out), f"{backend} (seed {fresh_seed})"
 
 
 def test_uniforms_exact_normals_within_4_ulp(fresh_seed):

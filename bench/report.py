@@ -1,0 +1,93 @@
+"""Turns a pytest-benchmark JSON of bench/ into bench/results/<name>.md and latest.json.
+
+Usage: python bench/report.py RUN.json [--steps STEPS.json] [--out bench/results]
+latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
+              "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
+              "steps": [{"model", "method", "mode", "step_over_two_forwards", "peak_over_forward"}]}
+"""
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+
+def versions() -> dict:
+    import torch
+    import triton
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {"torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown"}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("--steps", help="JSON list of ZO step measurements (bench/steps.py)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--commit", help="commit measured (default: git HEAD)")
+    args = parser.parse_args()
+    run = json.loads(Path(args.run).read_text())
+    kernels = []
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        if "op" in info:
+            kernels.append(
+                {
+                    k: info[k]
+                    for k in (
+                        "op",
+                        "backend",
+                        "dtype",
+                        "shape",
+                        "rank",
+                        "terms",
+                        "device_median_us",
+                        "gbps",
+                        "pct_of_copy",
+                        "peak_extra_bytes",
+                    )
+                }
+            )
+    meta = versions()
+    if args.commit:
+        meta["commit"] = args.commit
+    gpu = run["benchmarks"][0]["extra_info"]["gpu"] if run["benchmarks"] else "none"
+    copy = run["benchmarks"][0]["extra_info"]["copy_gbps"] if run["benchmarks"] else None
+    steps = json.loads(Path(args.steps).read_text()) if args.steps else []
+    latest = {
+        "gpu": gpu,
+        "commit": meta["commit"],
+        "date": run["datetime"][:10],
+        "torch": meta["torch"],
+        "triton": meta["triton"],
+        "copy_gbps": copy,
+        "kernels": kernels,
+        "steps": steps,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(latest, indent=1) + "\n")
+    lines = [
+        f"# Kernel benchmarks on {gpu}",
+        "",
+        f"commit {meta['commit']}, {latest['date']}, torch {meta['torch']}, triton "
+        f"{meta['triton']}; copy ceiling {copy:.0f} GB/s (read + write). Medians of device-event "
+        "timings after warm-up, L2 flushed before each call; bytes = one read + one write of w.",
+        "",
+        "| op | backend | dtype | shape | rank | terms | µs | GB/s | % of copy | extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in kernels:
+        lines.append(
+            f"| {k['op']} | {k['backend']} | {k['dtype']} | {k['shape'][0]}×{k['shape'][1]} | "
+            f"{k['rank'] or ''} | {k['terms']} | {k['device_median_us']:.1f} | {k['gbps']:.0f} | "
+            f"{k['pct_of_copy']:.1f} | {k['peak_extra_bytes'] / 2**20:.2f} |"
+        )
+    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""GPU-only checks of the contract: Triton on the GPU and the CUDA extension give bit-identical
+normals and perturbations, and the same integers and uniforms as the C++ code on the CPU."""
+
+import pytest
+import torch
+
+from zofast import perturb, rng
+
+pytestmark = pytest.mark.gpu
+
+N_SAMPLES = 2**22
+
+
+def test_triton_and_cuda_normals_bit_exact():
+    offsets = torch.arange(N_SAMPLES, dtype=torch.int64, device="cuda") + 2**40 - 5
+    for seed in (0, 1234, 2**64 - 1):
+        triton_z = rng.normal(seed, offsets, backend="triton")
+        cuda_z = rng.normal(seed, offsets, backend="cpp")
+        assert torch.equal(triton_z, cuda_z), f"seed {seed}: {(triton_z != cuda_z).sum()} differ"
+        noise_triton = perturb.gaussian_noise((N_SAMPLES,), seed, device="cuda", backend="triton")
+        noise_cuda = perturb.gaussian_noise((N_SAMPLES,), seed, device="cuda", backend="cpp")
+        assert torch.equal(noise_triton, noise_cuda)
+
+
+def test_gpu_integers_and_uniforms_equal_cpu():
+    gen = torch.Generator().manual_seed(5)
+    counters = torch.randint(0, 2**32, (1 << 16, 4), generator=gen, dtype=torch.int64)
+    cpu = rng.philox4x32(counters, (0x12345678, 0x9ABCDEF0), backend="cpp")
+    for backend in ("triton", "cpp"):
+        gpu = rng.philox4x32(counters.cuda(), (0x12345678, 0x9ABCDEF0), backend=backend)
+        assert torch.equal(gpu.cpu(), cpu), backend
+    offsets = torch.arange(1 << 20, dtype=torch.int64)
+    cpu_u = rng.uniform(77, offsets, backend="cpp")
+    for backend in ("triton", "cpp"):
+        assert torch.equal(rng.uniform(77, offsets.cuda(), backend=backend).cpu(), cpu_u)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1823, 781), (4096, 4096), (1, 98432)])
+def test_triton_and_cuda_perturbations_bit_exact(dtype, shape):
+    w = torch.randn(shape, device="cuda").to(dtype)
+    a = perturb.gaussian_(w.clone(), [3, 4], [1e-3, -2e-3], backend="triton")
+    b = perturb.gaussian_(w.clone(), [3, 4], [1e-3, -2e-3], backend="cpp")
+    assert torch.equal(a, b)
+    for rank in (1, 16):
+        c = perturb.lowrank_(w.clone(), [5, 6], [7, 8], rank, [1e-3, 1e-3], backend="triton")
+        d = perturb.lowrank_(w.clone(), [5, 6], [7, 8], rank, [1e-3, 1e-3], backend="cpp")
+        assert torch.equal(c, d)
+
+
+def test_gpu_matches_cpu_within_rounding():
+    w = torch.randn(513, 257)
+    cpu = perturb.lowrank_(w.clone(), 1, 2, 4, 1e-2, backend="cpp")
+    gpu = perturb.lowrank_(w.cuda(), 1, 2, 4, 1e-2, backend="triton").cpu()
+    assert (cpu - gpu).abs().max() <= 4 * torch.finfo(torch.float32).eps * w.abs().max()
