@@ -6,6 +6,7 @@ benchmark is skipped with a message. Times are medians of device-event timings a
 
 import pytest
 import torch
+import triton
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,6 +58,8 @@ def record(benchmark, fn, bytes_moved: int, copy_gbps: float, **info):
         pct_of_copy=100 * gbps / copy_gbps,
         peak_extra_bytes=peak_extra,
         gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
     )
 
     def synchronised():

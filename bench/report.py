@@ -12,14 +12,9 @@ import subprocess
 from pathlib import Path
 
 
-def versions() -> dict:
-    import torch
-    import triton
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    return {"torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown"}
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def main():
@@ -51,11 +46,13 @@ def main():
                     )
                 }
             )
-    meta = versions()
-    if args.commit:
-        meta["commit"] = args.commit
-    gpu = run["benchmarks"][0]["extra_info"]["gpu"] if run["benchmarks"] else "none"
-    copy = run["benchmarks"][0]["extra_info"]["copy_gbps"] if run["benchmarks"] else None
+    first = run["benchmarks"][0]["extra_info"]
+    meta = {
+        "commit": args.commit or git_commit(),
+        "torch": first["torch"],
+        "triton": first["triton"],
+    }
+    gpu, copy = first["gpu"], first["copy_gbps"]
     steps = json.loads(Path(args.steps).read_text()) if args.steps else []
     latest = {
         "gpu": gpu,

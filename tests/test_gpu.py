@@ -42,7 +42,7 @@ def test_triton_and_cuda_perturbations_bit_exact(dtype, shape):
     a = perturb.gaussian_(w.clone(), [3, 4], [1e-3, -2e-3], backend="triton")
     b = perturb.gaussian_(w.clone(), [3, 4], [1e-3, -2e-3], backend="cpp")
     assert torch.equal(a, b)
-    for rank in (1, 16):
+    for rank in sorted({1, min(16, *shape)}):
         c = perturb.lowrank_(w.clone(), [5, 6], [7, 8], rank, [1e-3, 1e-3], backend="triton")
         d = perturb.lowrank_(w.clone(), [5, 6], [7, 8], rank, [1e-3, 1e-3], backend="cpp")
         assert torch.equal(c, d)

@@ -124,8 +124,15 @@ def _check_seeds(seed, name: str) -> list[int]:
 def _device_terms(
     seeds: list[int], scales: list[float], device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    seeds_t = torch.tensor([to_signed64(s) for s in seeds], dtype=torch.int64, device=device)
-    return seeds_t, torch.tensor(scales, dtype=torch.float32, device=device)
+    """Seeds and scales as device tensors; to a GPU through pinned memory, without a sync."""
+    seeds_t = torch.tensor([to_signed64(s) for s in seeds], dtype=torch.int64)
+    scales_t = torch.tensor(scales, dtype=torch.float32)
+    if device.type == "cpu":
+        return seeds_t, scales_t
+    return (
+        seeds_t.pin_memory().to(device, non_blocking=True),
+        scales_t.pin_memory().to(device, non_blocking=True),
+    )
 
 
 def _graph_terms(seed, scale, device, name: str):
