@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import _check_interpretable
+from .philox import _check_interpretable, load_seed, normal4
 
 DEFAULT_BLOCK_M = 32
 DEFAULT_BLOCK_N = 128
@@ -44,6 +44,62 @@ def _lowrank_kernel(
             v = tl.load(v_ptr + (t * n + cols) * RANK + k, mask=col_ok, other=0.0)
             acc = tl.fma(u[:, None], v[None, :], acc)
     tl.store(ptrs, acc.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _factors_kernel(
+    u_ptr,
+    v_ptr,
+    seeds_ptr,
+    scales_ptr,
+    m_r,
+    n_r,
+    u_offset,
+    v_offset,
+    N_TERMS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """u[t] = scale_t * normal(u_seed_t, u_offset + i) for i < m_r, v[t] = normal(v_seed_t,
+    v_offset + j) for j < n_r; seeds = [u_seed_0.., v_seed_0..]. Programs first cover u, then v."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    u_programs = tl.cdiv(u_offset % 4 + m_r, 4 * BLOCK)
+    is_u = pid < u_programs
+    offset = tl.where(is_u, u_offset, v_offset)
+    count = tl.where(is_u, m_r, n_r)
+    blocks = offset // 4 + tl.where(is_u, pid, pid - u_programs) * BLOCK + tl.arange(0, BLOCK)
+    local = (blocks * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
+    mask = (local >= 0) & (local < count)
+    seed_lo, seed_hi = load_seed(seeds_ptr + tl.where(is_u, t, N_TERMS + t))
+    scale = tl.where(is_u, tl.load(scales_ptr + t), 1.0)
+    z = normal4(seed_lo, seed_hi, blocks) * scale
+    tl.store(tl.where(is_u, u_ptr + t * m_r, v_ptr + t * n_r) + local, z, mask=mask)
+
+
+def factors_triton(
+    seeds: torch.Tensor,
+    scales: torch.Tensor,
+    m: int,
+    n: int,
+    rank: int,
+    row_offset: int,
+    col_offset: int,
+    block: int = 256,
+):
+    """Every term's scaled U (T, m, r) and V (T, n, r) in one launch; seeds = [u_seeds, v_seeds]
+    (int64, 2T) and scales (float32, T) on the output device."""
+    _check_interpretable(seeds)
+    terms = scales.numel()
+    u = torch.empty(terms, m, rank, dtype=torch.float32, device=seeds.device)
+    v = torch.empty(terms, n, rank, dtype=torch.float32, device=seeds.device)
+    u_offset, v_offset = row_offset * rank, col_offset * rank
+    u_programs = triton.cdiv(u_offset % 4 + m * rank, 4 * block)
+    v_programs = triton.cdiv(v_offset % 4 + n * rank, 4 * block)
+    grid = (u_programs + v_programs, terms)
+    _factors_kernel[grid](
+        u, v, seeds, scales, m * rank, n * rank, u_offset, v_offset, N_TERMS=terms, BLOCK=block
+    )
+    return u, v
 
 
 def lowrank_triton(

@@ -220,3 +220,20 @@ def test_one_dimensional_tensors_take_full_rank_noise_only():
     assert (w == 0).all()
     perturb.gaussian_(w, 1, 1.0)
     assert torch.equal(w, perturb.gaussian_noise((98432,), 1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fused_factors_equal_materialised_factors(backend):
+    # lowrank_ generates its factors its own way (Triton: one launch for every term); they must
+    # be exactly the factors lowrank_factors materialises, scaled once in float32.
+    w = weights((37, 23), torch.float32, 5)
+    fused = perturb.lowrank_(
+        w.clone(), [3, 4], [5, 6], 3, [0.5, -2.0], row_offset=9, col_offset=2, backend=backend
+    )
+    expected = w.clone()
+    for u_seed, v_seed, scale in ((3, 5, 0.5), (4, 6, -2.0)):
+        u, v = perturb.lowrank_factors(
+            (37, 23), u_seed, v_seed, 3, row_offset=9, col_offset=2, backend=backend
+        )
+        perturb.outer_add_(expected, u * scale, v, backend=backend)
+    assert torch.equal(fused, expected)

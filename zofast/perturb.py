@@ -29,6 +29,7 @@ For CUDA-graph capture, pass seeds as an int64 tensor and scales as a float32 te
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -205,19 +206,41 @@ def _noise(n: int, seed: int, scale: float, offset: int, device, backend: str) -
 
 
 def _lowrank_terms(m, n, u_seeds, v_seeds, rank, scales, row_offset, col_offset, device, backend):
-    """Factors u (T, m, r), v (T, n, r) of Σ_t s_t U_t V_tᵀ, terms sharing a v_seed merged."""
-    merged: dict[int, torch.Tensor] = {}
-    for u_seed, v_seed, s in zip(u_seeds, v_seeds, scales, strict=True):
-        u = _noise(m * rank, u_seed, s, row_offset * rank, device, backend)
-        merged[v_seed] = merged[v_seed] + u if v_seed in merged else u
-    u = torch.stack([f.view(m, rank) for f in merged.values()])
-    v = torch.stack(
-        [
-            _noise(n * rank, vs, 1.0, col_offset * rank, device, backend).view(n, rank)
-            for vs in merged
-        ]
+    """Factors u (G, m, r), v (G, n, r) of Σ_t s_t U_t V_tᵀ: u_t = fl(s_t·U_t), and terms that
+    share a v_seed summed into one u in term order (G groups)."""
+    if backend == "triton":
+        from zofast.kernels import lowrank
+
+        seeds_t, scales_t = _device_terms(u_seeds + v_seeds, scales, device)
+        u_all, v_all = lowrank.factors_triton(seeds_t, scales_t, m, n, rank, row_offset, col_offset)
+    else:
+        u_all = torch.stack(
+            [
+                _noise(m * rank, us, s, row_offset * rank, device, backend).view(m, rank)
+                for us, s in zip(u_seeds, scales, strict=True)
+            ]
+        )
+        v_all = None
+    groups: dict[int, list[int]] = {}
+    for t, v_seed in enumerate(v_seeds):
+        groups.setdefault(v_seed, []).append(t)
+    u = (
+        u_all
+        if len(groups) == len(v_seeds)
+        else torch.stack(
+            [functools.reduce(torch.add, (u_all[t] for t in terms)) for terms in groups.values()]
+        )
     )
-    return u, v
+    if v_all is not None:
+        v = v_all[[terms[0] for terms in groups.values()]]
+    else:
+        v = torch.stack(
+            [
+                _noise(n * rank, vs, 1.0, col_offset * rank, device, backend).view(n, rank)
+                for vs in groups
+            ]
+        )
+    return u.contiguous(), v.contiguous()
 
 
 def _apply_factors(w2d: torch.Tensor, u: torch.Tensor, v: torch.Tensor, backend: str) -> None:
