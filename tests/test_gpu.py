@@ -72,3 +72,24 @@ def test_gaussian_under_cuda_graph_reads_seeds_from_device_memory():
             graph.replay()
             eager = perturb.gaussian_(start.clone(), new, [1e-3, -1e-3], backend=backend)
             assert torch.equal(captured, eager), (backend, new)
+
+
+def test_lowrank_under_cuda_graph_reads_seeds_from_device_memory():
+    w = torch.randn(777, 333, device="cuda", dtype=torch.bfloat16)
+    u_seeds = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
+    v_seeds = torch.tensor([3, 4], dtype=torch.int64, device="cuda")
+    scales = torch.tensor([1e-2, -1e-2], device="cuda")
+    for backend in ("triton", "cpp"):
+        captured = w.clone()
+        perturb.lowrank_(captured.clone(), u_seeds, v_seeds, 4, scales, backend=backend)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            perturb.lowrank_(captured, u_seeds, v_seeds, 4, scales, backend=backend)
+        for new_u in ([5, 6], [-1, 7]):
+            captured.copy_(w)
+            u_seeds.copy_(torch.tensor(new_u))
+            graph.replay()
+            eager = perturb.lowrank_(
+                w.clone(), [u % 2**64 for u in new_u], [3, 4], 4, [1e-2, -1e-2], backend=backend
+            )
+            assert torch.equal(captured, eager), (backend, new_u)

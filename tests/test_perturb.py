@@ -237,3 +237,19 @@ def test_fused_factors_equal_materialised_factors(backend):
         )
         perturb.outer_add_(expected, u * scale, v, backend=backend)
     assert torch.equal(fused, expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_device_tensor_seeds_equal_integer_seeds(backend):
+    w = weights((29, 31), torch.bfloat16, 6)
+    seeds = [2**64 - 3, 17]
+    as_tensor = torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds])
+    scales = [1e-2, -3e-2]
+    a = perturb.lowrank_(w.clone(), seeds, [5, 6], 2, scales, backend=backend)
+    b = perturb.lowrank_(
+        w.clone(), as_tensor, torch.tensor([5, 6]), 2, torch.tensor(scales), backend=backend
+    )
+    assert torch.equal(a, b)
+    c = perturb.gaussian_(w.clone(), seeds, scales, backend=backend)
+    d = perturb.gaussian_(w.clone(), as_tensor, torch.tensor(scales), backend=backend)
+    assert torch.equal(c, d)

@@ -190,57 +190,47 @@ def gaussian_(
     return w.copy_(gaussian.gaussian_ref(w, seeds, scales_t, offset))
 
 
-def _noise(n: int, seed: int, scale: float, offset: int, device, backend: str) -> torch.Tensor:
-    """float32 (n,) = scale * normal(seed, offset + i)."""
+def _noise(n: int, seed_t: torch.Tensor, scale_t: torch.Tensor, offset: int, backend: str):
+    """float32 (n,) = scale * normal(seed, offset + i); seed_t / scale_t: one-element tensors
+    on the output device (read there by the kernels)."""
+    out = torch.empty(n, dtype=torch.float32, device=seed_t.device)
+    if backend == "cpp":
+        require_extension(out.device).noise_(out, seed_t, scale_t, offset)
+        return out
     from zofast.kernels import philox
 
-    if backend in ("cpp", "triton"):
-        out = torch.empty(n, dtype=torch.float32, device=device)
-        seed_t, scale_t = _device_terms([seed], [scale], device)
-        if backend == "cpp":
-            require_extension(device).noise_(out, seed_t, scale_t, offset)
-            return out
+    if backend == "triton":
         return philox.noise_triton(out, seed_t, scale_t, offset)
-    index = offset + torch.arange(n, dtype=torch.int64, device=device)
-    return philox.sample_ref(index, seed, normal=True) * torch.tensor(scale, dtype=torch.float32)
+    index = offset + torch.arange(n, dtype=torch.int64, device=out.device)
+    return out.copy_(philox.sample_ref(index, int(seed_t) % 2**64, normal=True) * scale_t.cpu())
 
 
-def _lowrank_terms(m, n, u_seeds, v_seeds, rank, scales, row_offset, col_offset, device, backend):
-    """Factors u (G, m, r), v (G, n, r) of Σ_t s_t U_t V_tᵀ: u_t = fl(s_t·U_t), and terms that
-    share a v_seed summed into one u in term order (G groups)."""
+def _term_factors(m, n, rank, u_seeds, v_seeds, scales, row_offset, col_offset, backend):
+    """Every term's u_t = fl(s_t·U_t) (T, m, r) and V_t (T, n, r) from device seed tensors."""
     if backend == "triton":
         from zofast.kernels import lowrank
 
-        seeds_t, scales_t = _device_terms(u_seeds + v_seeds, scales, device)
-        u_all, v_all = lowrank.factors_triton(seeds_t, scales_t, m, n, rank, row_offset, col_offset)
-    else:
-        u_all = torch.stack(
-            [
-                _noise(m * rank, us, s, row_offset * rank, device, backend).view(m, rank)
-                for us, s in zip(u_seeds, scales, strict=True)
-            ]
-        )
-        v_all = None
+        seeds = torch.cat([u_seeds, v_seeds])
+        return lowrank.factors_triton(seeds, scales, m, n, rank, row_offset, col_offset)
+    one = torch.ones(1, dtype=torch.float32, device=scales.device)
+    terms = range(scales.numel())
+    u = [
+        _noise(m * rank, u_seeds[t : t + 1], scales[t : t + 1], row_offset * rank, backend)
+        for t in terms
+    ]
+    v = [_noise(n * rank, v_seeds[t : t + 1], one, col_offset * rank, backend) for t in terms]
+    return torch.stack(u).view(-1, m, rank), torch.stack(v).view(-1, n, rank)
+
+
+def _merge_shared_v(u_all, v_all, v_seeds: list[int]):
+    """Terms that share a v_seed summed into one u, in term order: (G, m, r), (G, n, r)."""
     groups: dict[int, list[int]] = {}
     for t, v_seed in enumerate(v_seeds):
         groups.setdefault(v_seed, []).append(t)
-    u = (
-        u_all
-        if len(groups) == len(v_seeds)
-        else torch.stack(
-            [functools.reduce(torch.add, (u_all[t] for t in terms)) for terms in groups.values()]
-        )
-    )
-    if v_all is not None:
-        v = v_all[[terms[0] for terms in groups.values()]]
-    else:
-        v = torch.stack(
-            [
-                _noise(n * rank, vs, 1.0, col_offset * rank, device, backend).view(n, rank)
-                for vs in groups
-            ]
-        )
-    return u.contiguous(), v.contiguous()
+    if len(groups) == len(v_seeds):
+        return u_all, v_all
+    u = torch.stack([functools.reduce(torch.add, (u_all[t] for t in ts)) for ts in groups.values()])
+    return u, v_all[[ts[0] for ts in groups.values()]].contiguous()
 
 
 def _apply_factors(w2d: torch.Tensor, u: torch.Tensor, v: torch.Tensor, backend: str) -> None:
@@ -274,9 +264,10 @@ def lowrank_(
 
     Args:
         w: contiguous float32 / bfloat16 / float16 tensor with ≥ 2 dims (viewed as a matrix).
-        u_seed, v_seed: uint64 seeds, or equal-length sequences of them (one pair per term).
+        u_seed, v_seed: uint64 seeds, or equal-length sequences of them (one pair per term), or
+            int64 device tensors (graph-capture form: terms are then never merged).
         rank: r, 1 ≤ r ≤ min(m, n).
-        scale: a finite float, or one per term.
+        scale: a finite float, or one per term (a float32 device tensor with tensor seeds).
         row_offset, col_offset: global row / column index of w's first row / column (shards).
         backend: "auto", "triton", "cpp" or "torch".
 
@@ -294,15 +285,24 @@ def lowrank_(
     rank = _check_rank(rank, m, n)
     row_offset = _check_offset(row_offset, "row_offset")
     col_offset = _check_offset(col_offset, "col_offset")
-    u_seeds = _check_seeds(u_seed, "u_seed")
-    v_seeds = _check_seeds(v_seed, "v_seed")
-    if len(u_seeds) != len(v_seeds):
-        raise ValueError(f"u_seed and v_seed must pair up: {len(u_seeds)} vs {len(v_seeds)}")
-    scales = _check_scales(scale, len(u_seeds))
+    if isinstance(u_seed, torch.Tensor):
+        u_seeds_t, scales_t = _graph_terms(u_seed, scale, w.device, "u_seed")
+        v_seeds_t, _ = _graph_terms(v_seed, scale, w.device, "v_seed")
+        v_seeds = None
+    else:
+        u_seeds = _check_seeds(u_seed, "u_seed")
+        v_seeds = _check_seeds(v_seed, "v_seed")
+        if len(u_seeds) != len(v_seeds):
+            raise ValueError(f"u_seed and v_seed must pair up: {len(u_seeds)} vs {len(v_seeds)}")
+        scales = _check_scales(scale, len(u_seeds))
+        u_seeds_t, scales_t = _device_terms(u_seeds, scales, w.device)
+        v_seeds_t, _ = _device_terms(v_seeds, scales, w.device)
     backend = resolve_backend(backend, w.device)
-    u, v = _lowrank_terms(
-        m, n, u_seeds, v_seeds, rank, scales, row_offset, col_offset, w.device, backend
+    u, v = _term_factors(
+        m, n, rank, u_seeds_t, v_seeds_t, scales_t, row_offset, col_offset, backend
     )
+    if v_seeds is not None:
+        u, v = _merge_shared_v(u, v, v_seeds)
     _apply_factors(w.view(m, n), u, v, backend)
     return w
 
@@ -381,12 +381,12 @@ def gaussian_noise(
     shape = tuple(shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
     n = math.prod(shape)
-    backend = resolve_backend(backend, device)
     if out is not None:
         if out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
         device = out.device
-    z = _noise(n, seed, 1.0, offset, device, backend) if n else torch.empty(0, device=device)
+    backend = resolve_backend(backend, device)
+    z = _noise(n, *_device_terms([seed], [1.0], device), offset, backend)
     if out is not None:
         return out.copy_(z.view(shape))
     return z.view(shape).to(dtype)
@@ -429,6 +429,7 @@ def lowrank_factors(
     col_offset = _check_offset(col_offset, "col_offset")
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = resolve_backend(backend, device)
-    u = _noise(m * rank, u_seed, 1.0, row_offset * rank, device, backend).view(m, rank)
-    v = _noise(n * rank, v_seed, 1.0, col_offset * rank, device, backend).view(n, rank)
+    seeds_t, ones = _device_terms([u_seed, v_seed], [1.0, 1.0], device)
+    u = _noise(m * rank, seeds_t[:1], ones[:1], row_offset * rank, backend).view(m, rank)
+    v = _noise(n * rank, seeds_t[1:], ones[1:], col_offset * rank, backend).view(n, rank)
     return u.to(dtype), v.to(dtype)
