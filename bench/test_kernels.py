@@ -144,3 +144,59 @@ def test_addmm(measure, dtype, shape, rank):
         terms=1,
         backend="torch",
     )
+
+
+def graphed(fn):
+    """fn captured once in a CUDA graph (how an optimizer replays a pass): returns its replay."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowrank_graphed(measure, dtype, shape, rank):
+    """lowrank_ with device seed tensors, replayed from a CUDA graph: no Python per call."""
+    w = torch.randn(shape, device="cuda").to(DTYPES[dtype])
+    u_seeds = torch.tensor([1], device="cuda")
+    v_seeds = torch.tensor([3], device="cuda")
+    scales = torch.tensor([1e-3], device="cuda")
+    reference = w.clone()
+    perturb.lowrank_(reference, 1, 3, rank, 1e-3)
+    replay = graphed(lambda: perturb.lowrank_(w, u_seeds, v_seeds, rank, scales))
+    check = w.clone()
+    perturb.lowrank_(check, u_seeds, v_seeds, rank, scales)
+    perturb.lowrank_(w.copy_(check), u_seeds, v_seeds, rank, -scales)
+    assert torch.equal(perturb.lowrank_(w.clone(), 1, 3, rank, 1e-3), reference)
+    measure(
+        replay,
+        pass_bytes(w),
+        op="lowrank_graphed",
+        dtype=dtype,
+        shape=list(shape),
+        rank=rank,
+        terms=1,
+        backend="triton",
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_graphed(measure, dtype, shape):
+    w = torch.randn(shape, device="cuda").to(DTYPES[dtype])
+    seeds = torch.tensor([11], device="cuda")
+    scales = torch.tensor([1e-3], device="cuda")
+    replay = graphed(lambda: perturb.gaussian_(w, seeds, scales))
+    measure(
+        replay,
+        pass_bytes(w),
+        op="gaussian_graphed",
+        dtype=dtype,
+        shape=list(shape),
+        rank=None,
+        terms=1,
+        backend="triton",
+    )
