@@ -164,13 +164,11 @@ def test_lowrank_graphed(measure, dtype, shape, rank):
     u_seeds = torch.tensor([1], device="cuda")
     v_seeds = torch.tensor([3], device="cuda")
     scales = torch.tensor([1e-3], device="cuda")
-    reference = w.clone()
-    perturb.lowrank_(reference, 1, 3, rank, 1e-3)
+    start = w.clone()
     replay = graphed(lambda: perturb.lowrank_(w, u_seeds, v_seeds, rank, scales))
-    check = w.clone()
-    perturb.lowrank_(check, u_seeds, v_seeds, rank, scales)
-    perturb.lowrank_(w.copy_(check), u_seeds, v_seeds, rank, -scales)
-    assert torch.equal(perturb.lowrank_(w.clone(), 1, 3, rank, 1e-3), reference)
+    w.copy_(start)
+    replay()
+    assert torch.equal(w, perturb.lowrank_(start, 1, 3, rank, 1e-3))
     measure(
         replay,
         pass_bytes(w),
@@ -189,7 +187,11 @@ def test_gaussian_graphed(measure, dtype, shape):
     w = torch.randn(shape, device="cuda").to(DTYPES[dtype])
     seeds = torch.tensor([11], device="cuda")
     scales = torch.tensor([1e-3], device="cuda")
+    start = w.clone()
     replay = graphed(lambda: perturb.gaussian_(w, seeds, scales))
+    w.copy_(start)
+    replay()
+    assert torch.equal(w, perturb.gaussian_(start, 11, 1e-3))
     measure(
         replay,
         pass_bytes(w),
