@@ -24,8 +24,8 @@ def main():
         [torch.bfloat16, torch.float32], [(4096, 4096), (8192, 8192)], [1, 4, 16]
     ):
         w = torch.randn(m, n, device="cuda").to(dtype)
-        u = torch.randn(1, m, rank, device="cuda")
-        v = torch.randn(1, n, rank, device="cuda")
+        u = torch.randn(1, rank, m, device="cuda")
+        v = torch.randn(1, rank, n, device="cuda")
         results = []
         for block_m, block_n, warps in configs:
             grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)

@@ -28,15 +28,16 @@ inline void check_terms(const at::Tensor& seeds, const at::Tensor& scales, const
               "scales must be 1-D with one entry per seed");
 }
 
-// u: (T, m, R), v: (T, n, R) float32 factors of w: (m, n) += sum_t u_t v_t^T.
+// u: (T, R, m), v: (T, R, n) float32 factors of w: (m, n) += sum_t u_t v_t^T (column k of u_t
+// contiguous, so that loads over rows / columns coalesce).
 inline void check_factors(const at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
   check_weight(w, "w");
   TORCH_CHECK(w.dim() == 2, "w must be 2-D, got ", w.dim(), " dims");
   check_float32(u, "u", w);
   check_float32(v, "v", w);
-  TORCH_CHECK(u.dim() == 3 && v.dim() == 3 && u.size(0) == v.size(0) && u.size(2) == v.size(2),
-              "u and v must be (T, m, R) and (T, n, R)");
-  TORCH_CHECK(u.size(1) == w.size(0) && v.size(1) == w.size(1),
+  TORCH_CHECK(u.dim() == 3 && v.dim() == 3 && u.size(0) == v.size(0) && u.size(1) == v.size(1),
+              "u and v must be (T, R, m) and (T, R, n)");
+  TORCH_CHECK(u.size(2) == w.size(0) && v.size(2) == w.size(1),
               "factor shapes ", u.sizes(), " and ", v.sizes(), " do not match w ", w.sizes());
 }
 

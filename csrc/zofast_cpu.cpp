@@ -117,14 +117,12 @@ void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scal
   });
 }
 
-// w += sum_t u_t v_t^T with u: (T, m, R), v: (T, n, R); per element the fmas run t-major, k-minor.
+// w += sum_t u_t v_t^T with u: (T, R, m), v: (T, R, n); per element the fmas run t-major, k-minor.
 void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
   check_factors(w, u, v);
-  const int64_t m = w.size(0), n = w.size(1), terms = u.size(0), rank = u.size(2);
-  // v transposed to (T, R, n) so that the inner loop runs over contiguous columns.
-  const at::Tensor vt = v.transpose(1, 2).contiguous();
+  const int64_t m = w.size(0), n = w.size(1), terms = u.size(0), rank = u.size(1);
   const float* pu = u.data_ptr<float>();
-  const float* pv = vt.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lowrank_apply_", [&] {
     scalar_t* data = w.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kGrain * 16 / std::max<int64_t>(n, 1));
@@ -135,7 +133,7 @@ void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) 
         for (int64_t j = 0; j < n; ++j) acc[j] = float(row[j]);
         for (int64_t t = 0; t < terms; ++t) {
           for (int64_t k = 0; k < rank; ++k) {
-            const float a = pu[(t * m + i) * rank + k];
+            const float a = pu[(t * rank + k) * m + i];
             const float* b = pv + (t * rank + k) * n;
             fma_row(acc.data(), a, b, n);
           }

@@ -79,9 +79,7 @@ __global__ void lowrank_apply_kernel(scalar_t* w, const float* u, const float* v
   const int64_t i = idx / n, j = idx % n;
   float acc = float(w[idx]);
   for (int64_t t = 0; t < terms; ++t) {
-    const float* ui = u + (t * m + i) * rank;
-    const float* vj = v + (t * n + j) * rank;
-    for (int64_t k = 0; k < rank; ++k) acc = fmaf(ui[k], vj[k], acc);
+    for (int64_t k = 0; k < rank; ++k) acc = fmaf(u[(t * rank + k) * m + i], v[(t * rank + k) * n + j], acc);
   }
   w[idx] = scalar_t(acc);
 }
@@ -148,7 +146,7 @@ void lowrank_apply_cuda(at::Tensor& w, const at::Tensor& u, const at::Tensor& v)
   if (m * n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lowrank_apply_", [&] {
     lowrank_apply_kernel<scalar_t><<<blocks_for(m * n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        w.data_ptr<scalar_t>(), u.data_ptr<float>(), v.data_ptr<float>(), m, n, u.size(0), u.size(2));
+        w.data_ptr<scalar_t>(), u.data_ptr<float>(), v.data_ptr<float>(), m, n, u.size(0), u.size(1));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,9 +1,10 @@
 """Low-rank update in place: w (m, n) += sum_t U_t · V_tᵀ, never materialising an m×n product.
 
 Shape contract (shared by the kernel and the reference): w is a contiguous 2-D float32 / bfloat16 /
-float16 tensor; u is float32 (T, m, R) and v float32 (T, n, R), both contiguous on w's device
-(zofast.perturb builds them from seeds: (m + n)·R·T numbers, a few hundred KiB at most). Per
-element, in float32: acc = float(w[i, j]); for t, then k: acc = fma(u[t, i, k], v[t, j, k], acc);
+float16 tensor; u is float32 (T, R, m) and v float32 (T, R, n), both contiguous on w's device
+(column k of U contiguous, so loads coalesce; zofast.perturb builds them from seeds: (m + n)·R·T
+numbers, a few hundred KiB at most). Per element, in float32: acc = float(w[i, j]); for t, then
+k: acc = fma(u[t, k, i], v[t, k, j], acc);
 w[i, j] = round(acc): one rounding to w's dtype per pass, in an order that no tiling changes.
 """
 
@@ -13,8 +14,9 @@ import triton.language as tl
 
 from .philox import _check_interpretable, load_seed, normal4
 
-DEFAULT_BLOCK_M = 32
-DEFAULT_BLOCK_N = 128
+# Measured best over BLOCK_M ∈ {16..128} × BLOCK_N ∈ {64..256} on the H200 (bench/tune_lowrank.py).
+DEFAULT_BLOCK_M = 16
+DEFAULT_BLOCK_N = 256
 
 
 @triton.jit
@@ -40,8 +42,8 @@ def _lowrank_kernel(
     acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     for t in tl.static_range(N_TERMS):
         for k in tl.static_range(RANK):
-            u = tl.load(u_ptr + (t * m + rows) * RANK + k, mask=row_ok, other=0.0)
-            v = tl.load(v_ptr + (t * n + cols) * RANK + k, mask=col_ok, other=0.0)
+            u = tl.load(u_ptr + (t * RANK + k) * m + rows, mask=row_ok, other=0.0)
+            v = tl.load(v_ptr + (t * RANK + k) * n + cols, mask=col_ok, other=0.0)
             acc = tl.fma(u[:, None], v[None, :], acc)
     tl.store(ptrs, acc.to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -57,10 +59,11 @@ def _factors_kernel(
     u_offset,
     v_offset,
     N_TERMS: tl.constexpr,
+    RANK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """u[t] = scale_t * normal(u_seed_t, u_offset + i) for i < m_r, v[t] = normal(v_seed_t,
-    v_offset + j) for j < n_r; seeds = [u_seed_0.., v_seed_0..]. Programs first cover u, then v."""
+    """U_t[i, k] = scale_t * normal(u_seed_t, u_offset + i·R + k) stored at u[t, k, i], and V_t
+    likewise into v[t, k, j]; seeds = [u_seed_0.., v_seed_0..]. Programs cover u, then v."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     u_programs = tl.cdiv(u_offset % 4 + m_r, 4 * BLOCK)
@@ -73,7 +76,9 @@ def _factors_kernel(
     seed_lo, seed_hi = load_seed(seeds_ptr + tl.where(is_u, t, N_TERMS + t))
     scale = tl.where(is_u, tl.load(scales_ptr + t), 1.0)
     z = normal4(seed_lo, seed_hi, blocks) * scale
-    tl.store(tl.where(is_u, u_ptr + t * m_r, v_ptr + t * n_r) + local, z, mask=mask)
+    rows = tl.where(is_u, m_r, n_r) // RANK
+    transposed = (local % RANK) * rows + local // RANK
+    tl.store(tl.where(is_u, u_ptr + t * m_r, v_ptr + t * n_r) + transposed, z, mask=mask)
 
 
 def factors_triton(
@@ -86,18 +91,28 @@ def factors_triton(
     col_offset: int,
     block: int = 256,
 ):
-    """Every term's scaled U (T, m, r) and V (T, n, r) in one launch; seeds = [u_seeds, v_seeds]
-    (int64, 2T) and scales (float32, T) on the output device."""
+    """Every term's scaled U and its V, stored as u (T, r, m) and v (T, r, n), in one launch;
+    seeds = [u_seeds, v_seeds] (int64, 2T) and scales (float32, T) on the output device."""
     _check_interpretable(seeds)
     terms = scales.numel()
-    u = torch.empty(terms, m, rank, dtype=torch.float32, device=seeds.device)
-    v = torch.empty(terms, n, rank, dtype=torch.float32, device=seeds.device)
+    u = torch.empty(terms, rank, m, dtype=torch.float32, device=seeds.device)
+    v = torch.empty(terms, rank, n, dtype=torch.float32, device=seeds.device)
     u_offset, v_offset = row_offset * rank, col_offset * rank
     u_programs = triton.cdiv(u_offset % 4 + m * rank, 4 * block)
     v_programs = triton.cdiv(v_offset % 4 + n * rank, 4 * block)
     grid = (u_programs + v_programs, terms)
     _factors_kernel[grid](
-        u, v, seeds, scales, m * rank, n * rank, u_offset, v_offset, N_TERMS=terms, BLOCK=block
+        u,
+        v,
+        seeds,
+        scales,
+        m * rank,
+        n * rank,
+        u_offset,
+        v_offset,
+        N_TERMS=terms,
+        RANK=rank,
+        BLOCK=block,
     )
     return u, v
 
@@ -114,7 +129,7 @@ def lowrank_triton(
     m, n = w.shape
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _lowrank_kernel[grid](
-        w, u, v, m, n, N_TERMS=u.shape[0], RANK=u.shape[2], BLOCK_M=block_m, BLOCK_N=block_n
+        w, u, v, m, n, N_TERMS=u.shape[0], RANK=u.shape[1], BLOCK_M=block_m, BLOCK_N=block_n
     )
     return w
 
@@ -123,6 +138,6 @@ def lowrank_ref(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
     """Pure-torch reference of the kernel (same fma order); returns a new tensor like w."""
     acc = w.float()
     for t in range(u.shape[0]):
-        for k in range(u.shape[2]):
-            acc = (u[t, :, k, None].double() * v[t, None, :, k].double() + acc.double()).float()
+        for k in range(u.shape[1]):
+            acc = (u[t, k, :, None].double() * v[t, k, None, :].double() + acc.double()).float()
     return acc.to(w.dtype)

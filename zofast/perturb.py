@@ -206,7 +206,8 @@ def _noise(n: int, seed_t: torch.Tensor, scale_t: torch.Tensor, offset: int, bac
 
 
 def _term_factors(m, n, rank, u_seeds, v_seeds, scales, row_offset, col_offset, backend):
-    """Every term's u_t = fl(s_t·U_t) (T, m, r) and V_t (T, n, r) from device seed tensors."""
+    """Every term's u_t = fl(s_t·U_t) and V_t from device seed tensors, stored transposed as the
+    kernels read them: u (T, r, m), v (T, r, n)."""
     if backend == "triton":
         from zofast.kernels import lowrank
 
@@ -219,11 +220,12 @@ def _term_factors(m, n, rank, u_seeds, v_seeds, scales, row_offset, col_offset, 
         for t in terms
     ]
     v = [_noise(n * rank, v_seeds[t : t + 1], one, col_offset * rank, backend) for t in terms]
-    return torch.stack(u).view(-1, m, rank), torch.stack(v).view(-1, n, rank)
+    u = torch.stack(u).view(-1, m, rank).transpose(1, 2).contiguous()
+    return u, torch.stack(v).view(-1, n, rank).transpose(1, 2).contiguous()
 
 
 def _merge_shared_v(u_all, v_all, v_seeds: list[int]):
-    """Terms that share a v_seed summed into one u, in term order: (G, m, r), (G, n, r)."""
+    """Terms that share a v_seed summed into one u, in term order: (G, r, m), (G, r, n)."""
     groups: dict[int, list[int]] = {}
     for t, v_seed in enumerate(v_seeds):
         groups.setdefault(v_seed, []).append(t)
@@ -344,7 +346,7 @@ def outer_add_(
             f"left and right must share K ≥ 1, got {left.shape[1]} and {right.shape[1]}"
         )
     backend = resolve_backend(backend, w.device)
-    _apply_factors(w.view(m, n), left.contiguous()[None], right.contiguous()[None], backend)
+    _apply_factors(w.view(m, n), left.T.contiguous()[None], right.T.contiguous()[None], backend)
     return w
 
 
