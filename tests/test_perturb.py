@@ -253,3 +253,27 @@ def test_device_tensor_seeds_equal_integer_seeds(backend):
     c = perturb.gaussian_(w.clone(), seeds, scales, backend=backend)
     d = perturb.gaussian_(w.clone(), as_tensor, torch.tensor(scales), backend=backend)
     assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_device_v_seed_is_shared_and_merged_like_equal_integer_seeds(backend):
+    w = weights((21, 34), torch.float32, 7)
+    a = perturb.lowrank_(w.clone(), [3, 4], [9, 9], 2, [0.5, -0.25], backend=backend)
+    b = perturb.lowrank_(
+        w.clone(),
+        torch.tensor([3, 4]),
+        torch.tensor([9]),
+        2,
+        torch.tensor([0.5, -0.25]),
+        backend=backend,
+    )
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="v_seed"):
+        perturb.lowrank_(
+            w,
+            torch.tensor([3, 4, 5]),
+            torch.tensor([9, 9]),
+            2,
+            torch.tensor([0.5, -0.25, 1.0]),
+            backend=backend,
+        )

@@ -267,7 +267,8 @@ def lowrank_(
     Args:
         w: contiguous float32 / bfloat16 / float16 tensor with ≥ 2 dims (viewed as a matrix).
         u_seed, v_seed: uint64 seeds, or equal-length sequences of them (one pair per term), or
-            int64 device tensors (graph-capture form: terms are then never merged).
+            int64 device tensors (graph-capture form: a one-element v_seed is shared by every
+            term, whose u's are then merged; otherwise one v_seed per term, never merged).
         rank: r, 1 ≤ r ≤ min(m, n).
         scale: a finite float, or one per term (a float32 device tensor with tensor seeds).
         row_offset, col_offset: global row / column index of w's first row / column (shards).
@@ -289,8 +290,13 @@ def lowrank_(
     col_offset = _check_offset(col_offset, "col_offset")
     if isinstance(u_seed, torch.Tensor):
         u_seeds_t, scales_t = _graph_terms(u_seed, scale, w.device, "u_seed")
-        v_seeds_t, _ = _graph_terms(v_seed, scale, w.device, "v_seed")
-        v_seeds = None
+        if not isinstance(v_seed, torch.Tensor):
+            raise TypeError("with u_seed given as a tensor, v_seed must be an int64 tensor too")
+        # One v_seed shared by every term: their u's are summed (the structure is static).
+        shared = v_seed.numel() == 1
+        _graph_terms(v_seed, scale[:1] if shared else scale, w.device, "v_seed")
+        v_seeds_t = v_seed.expand(u_seeds_t.numel()).contiguous() if shared else v_seed
+        v_seeds = [0] * u_seeds_t.numel() if shared else None
     else:
         u_seeds = _check_seeds(u_seed, "u_seed")
         v_seeds = _check_seeds(v_seed, "v_seed")
