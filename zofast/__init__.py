@@ -5,18 +5,24 @@ low-rank (U·Vᵀ) or full-rank, as a pure function of (seed, element index).
 """
 
 from zofast import perturb, rng
+from zofast.optim import LOZO, MeZO
 from zofast.perturb import gaussian_, gaussian_noise, lowrank_, lowrank_factors, outer_add_
 from zofast.rng import RunSeeds
+from zofast.trajectory import Trajectory, replay
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LOZO",
+    "MeZO",
     "RunSeeds",
+    "Trajectory",
     "gaussian_",
     "gaussian_noise",
     "lowrank_",
     "lowrank_factors",
     "outer_add_",
     "perturb",
+    "replay",
     "rng",
 ]

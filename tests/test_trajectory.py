@@ -1,0 +1,273 @@
+"""Tests of zofast.trajectory: checkpoint = seeds, bit-identical replay."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zofast.optim import LOZO, MeZO, param_groups
+from zofast.trajectory import Trajectory, param_fingerprint, replay
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one intra-op thread avoids OpenMP contention on a busy CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Net(torch.nn.Module):
+    """Every kind of tensor the optimizers handle: a 2×8 embedding (rank clamped), a 3-D conv
+    weight, LayerNorm vectors, a 0-D scalar, and a frozen layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2, 8)
+        self.conv = torch.nn.Conv1d(8, 6, 3)
+        self.norm = torch.nn.LayerNorm(6)
+        self.head = torch.nn.Linear(6, 3)
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.frozen = torch.nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, tokens):
+        h = self.conv(self.emb(tokens).transpose(1, 2)).mean(-1)
+        return self.frozen(self.head(self.norm(h))) * self.scale
+
+
+def make_net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def batch(k):
+    gen = torch.Generator().manual_seed(k)
+    return torch.randint(0, 2, (8, 5), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+
+def loss_fn(model, tokens, labels):
+    return torch.nn.functional.cross_entropy(model(tokens).float(), labels)
+
+
+METHODS = {
+    "LOZO": (LOZO, {"rank": 2, "nu": 4}),
+    "LOZO-M": (LOZO, {"rank": 3, "nu": 4, "momentum": 0.8}),
+    "MeZO": (MeZO, {}),
+}
+
+
+def fails_second_call(closure):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader died")
+        return closure()
+
+    return broken
+
+
+def run(method, dtype, pipeline, steps=30, model=None):
+    """Train with a scheduler, weight decay, one aborted step at each stage and (pipelined) a
+    mid-run settle(), like a real run with evaluations."""
+    model = model if model is not None else make_net(dtype)
+    cls, kwargs = METHODS[method]
+    opt = cls(param_groups(model, 0.1), lr=5e-3, seed=31, pipeline=pipeline, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
+    for k in range(steps):
+        tokens, labels = batch(k)
+        if k == 10:
+            with pytest.raises(RuntimeError):
+                opt.step(fails_second_call(lambda t=tokens, y=labels: loss_fn(model, t, y)))
+        if k == 20:
+            with pytest.raises(FloatingPointError):
+                opt.step(lambda: float("nan"))
+        if k == 15:
+            opt.settle()
+        opt.step(lambda t=tokens, y=labels: loss_fn(model, t, y))
+        sched.step()
+    return model, opt
+
+
+def assert_same(a: torch.nn.Module, b: torch.nn.Module):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert p.dtype == q.dtype
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_replay_is_bit_identical(method, dtype, pipeline, tmp_path):
+    model, opt = run(method, dtype, pipeline)
+    opt.settle()
+    events = opt.trajectory.events
+    assert events.count("step") == 30 and "abort-" in events and "abort+" in events
+    base = make_net(dtype)
+    before = copy.deepcopy(base)
+    with pytest.raises(AssertionError):
+        assert_same(base, model)  # training changed the weights
+    replay(base, opt.trajectory)
+    assert_same(base, model)
+    assert torch.equal(base.frozen.weight, before.frozen.weight)
+    # ... and through a file.
+    path = tmp_path / "run.json"
+    opt.trajectory.save(path)
+    loaded = Trajectory.load(path)
+    assert loaded == opt.trajectory
+    again = make_net(dtype)
+    replay(again, str(path))
+    assert_same(again, model)
+
+
+def test_replay_without_settle_reproduces_the_unsettled_weights():
+    model, opt = run("LOZO", torch.float32, pipeline=True, steps=12)
+    assert opt.pending
+    base = make_net()
+    replay(base, opt.trajectory, settle=False)
+    assert_same(base, model)
+
+
+def test_replay_of_a_resumed_run(tmp_path):
+    model, opt = run("LOZO-M", torch.float32, pipeline=True, steps=12)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    resumed = make_net()
+    resumed.load_state_dict(ckpt["model"])
+    cls, kwargs = METHODS["LOZO-M"]
+    opt2 = cls(param_groups(resumed, 0.1), lr=5e-3, seed=0, pipeline=True, **kwargs)
+    opt2.load_state_dict(ckpt["opt"])
+    for k in range(12, 20):
+        tokens, labels = batch(k)
+        opt2.step(lambda t=tokens, y=labels: loss_fn(resumed, t, y))
+    opt2.settle()
+    base = make_net()
+    replay(base, opt2.trajectory)
+    assert_same(base, resumed)
+    assert opt2.trajectory.steps == 20
+
+
+def test_replay_with_a_parameter_list_and_frozen_inference_copy():
+    model = make_net()
+    opt = MeZO(model.parameters(), lr=1e-2, seed=2)  # no names recorded: order matters
+    for k in range(5):
+        tokens, labels = batch(k)
+        opt.step(lambda t=tokens, y=labels: loss_fn(model, t, y))
+    assert all(e["name"] is None for e in opt.trajectory.params)
+    base = make_net().requires_grad_(False)
+    replay(list(base.parameters()), opt.trajectory)
+    assert_same(base, model)
+    assert not any(p.requires_grad for p in base.parameters())  # flags are put back
+    other = make_net()
+    replay(other, opt.trajectory)  # a module, matched by order
+    assert_same(other, model)
+
+
+def test_replay_refuses_a_mismatched_model():
+    model, opt = run("LOZO", torch.float32, pipeline=False, steps=3)
+    traj = opt.trajectory
+    with pytest.raises(ValueError, match="base weights"):
+        replay(model, traj)  # the fine-tuned model is not the base
+    with pytest.raises(ValueError, match="dtype"):
+        replay(make_net(torch.bfloat16), traj)
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="base weights"):
+        replay(Net(), traj)  # same architecture, other initial weights
+    with pytest.raises(ValueError, match="no parameters named"):
+        replay(torch.nn.Linear(3, 3), traj)
+    with pytest.raises(ValueError, match="tensors"):
+        replay(list(make_net().parameters())[:-1], traj)
+    wrong = make_net()
+    wrong.head = torch.nn.Linear(6, 4)
+    with pytest.raises(ValueError, match="shape"):
+        replay(wrong, traj)
+
+
+def test_trajectory_records_what_replay_needs():
+    model, opt = run("LOZO-M", torch.float32, pipeline=False, steps=8)
+    traj = opt.trajectory
+    assert traj.method == "LOZO" and traj.run_seed == 31
+    assert traj.hyperparameters == {
+        "eps": 1e-3,
+        "rank": 3,
+        "nu": 4,
+        "momentum": 0.8,
+        "mode": "inplace",
+        "pipeline": False,
+    }
+    assert traj.g.dtype == np.float32 and traj.g.shape == (8,)
+    assert traj.lr.shape == (8, 2) and traj.lr[0, 0] == 5e-3 and traj.lr[7, 0] == 5e-3 * 0.7
+    assert (
+        traj.weight_decay[:, 0].tolist() == [0.1] * 8
+        and traj.weight_decay[:, 1].tolist() == [0.0] * 8
+    )
+    names = [e["name"] for e in traj.params]
+    assert names[:4] == ["emb.weight", "conv.weight", "head.weight", "scale"]  # decay group first
+    assert not any(n.startswith("frozen") for n in names)  # param_groups leaves frozen ones out
+    assert all(e["trained"] for e in traj.params)
+    assert traj.device == "cpu"
+
+
+def test_twenty_thousand_steps_fit_in_one_megabyte(tmp_path):
+    model = make_net()
+    groups = param_groups(model, 0.1)
+    traj = Trajectory("LOZO", {"eps": 1e-3, "rank": 2}, run_seed=2**64 - 1, n_groups=2)
+    flat = [p for g in groups for _, p in g["params"]]
+    names = [n for g in groups for n, _ in g["params"]]
+    traj.params = param_fingerprint(
+        flat, names, [0] * 4 + [1] * (len(flat) - 4), [True] * len(flat)
+    )
+    rng = np.random.default_rng(0)
+    for k in range(20_000):
+        lr = 1e-6 * 0.5 * (1 + math.cos(math.pi * k / 20_000))  # a cosine schedule
+        traj.record_step(float(np.float32(rng.standard_normal() * 30)), [lr, lr], [0.1, 0.0])
+    path = tmp_path / "long.json"
+    traj.save(path)
+    size = path.stat().st_size
+    assert size <= 1_000_000, size
+    loaded = Trajectory.load(path)
+    assert loaded == traj and loaded.steps == 20_000 and loaded.run_seed == 2**64 - 1
+    assert np.array_equal(loaded.g, traj.g) and np.array_equal(loaded.lr, traj.lr)
+
+
+def test_files_are_json_and_malformed_ones_are_refused(tmp_path):
+    _, opt = run("MeZO", torch.float32, pipeline=False, steps=3)
+    path = tmp_path / "t.json"
+    opt.trajectory.save(path)
+    data = json.loads(path.read_text())  # plain JSON, no pickle
+    assert data["format"] == "zofast.trajectory"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="JSON"):
+        Trajectory.load(bad)
+    for mutate, match in [
+        (lambda d: d.update(format="other"), "not a zofast trajectory"),
+        (lambda d: d.update(version=99), "version"),
+        (lambda d: d["events"].update(g=d["events"]["lr"]), "length"),
+        (lambda d: d["events"].update(kinds="!!!"), "base64"),
+        (lambda d: d.pop("method"), "malformed"),
+        (lambda d: d.update(params=None), "fingerprint"),
+    ]:
+        d = json.loads(path.read_text())
+        mutate(d)
+        bad.write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=match):
+            Trajectory.load(bad)
+
+
+def test_an_unstarted_trajectory_replays_as_a_no_op():
+    model = make_net()
+    opt = LOZO(model, lr=1e-3)
+    base = make_net()
+    replay(base, opt.trajectory)
+    assert_same(base, model)
+    assert Trajectory.from_dict(opt.trajectory.to_dict()) == opt.trajectory

@@ -1,0 +1,817 @@
+"""Zeroth-order optimizers on the perturbation engine: LOZO, LOZO-M and MeZO.
+
+Both estimate the gradient from two forward passes at W ± ε·Z on the same batch and step along Z.
+Weights are only ever written through :mod:`zofast.perturb` (plus one documented ``mul_`` for weight
+decay), every noise tensor is regenerated from seeds, and every step is recorded in
+``opt.trajectory`` (see :mod:`zofast.trajectory`), so a run can be replayed bit for bit.
+
+The step
+    ``step(closure)``, with ``closure()`` evaluating the loss of one batch (it is run under
+    ``torch.no_grad()``):
+
+    1. perturb: W += ε·Z_t (one engine pass per tensor);
+    2. L+ = closure();
+    3. W −= 2ε·Z_t (one pass); L− = closure();
+    4. g = (L+ − L−)/(2ε), rounded to float32 (the value that is recorded and used);
+    5. restore and update fused into ONE pass per tensor: W += ε·Z_t − lr·g·Z_t (LOZO-M: the
+       momentum term instead of −lr·g·Z_t). The update uses exactly the U, V, z of the
+       perturbation that produced g, also on V-refresh steps (LOZO's public code redraws U there).
+
+    ``step`` returns (L+ + L−)/2 as a Python float: the loss at the unperturbed weights up to
+    O(ε²), a better training-loss signal than L+ alone. ``opt.last_losses`` holds (L+, L−).
+
+Noise
+    Seeds come from ``zofast.rng.RunSeeds(seed)`` with tensor index = the tensor's position in
+    the optimizer's flat parameter list (frozen tensors included, so freezing does not shift
+    seeds). LOZO: every tensor with ndim ≥ 2 gets Z = U·Vᵀ (U: m×r from role "u" at index = step,
+    V: n×r from role "v" at index = step // nu, a ≥3-D tensor viewed as (shape[0], rest), no 1/√r
+    scaling as in the authors' code, r clamped to min(rank, m, n) per tensor); 1-D (and 0-D)
+    tensors get full-rank z from role "full" at index = step. MeZO: everything full-rank.
+
+LOZO-M (``momentum`` = β > 0)
+    Matrices keep N (m×r, float32), the left factor of the momentum N·Vᵀ; 1-D tensors keep a
+    full-size float32 buffer m, as in the authors' code (g·U is the left factor of the estimate
+    g·U·Vᵀ):
+
+    * first step of the run: N = g·U (the authors' initialisation; same for m = g·z);
+    * steps inside a V epoch: N ← β·N + (1 − β)·g·U;
+    * V-refresh steps (step % nu == 0): N ← β·N·(V_oldᵀ·V_new)/n + (1 − β)·g·U, i.e. the old
+      momentum N·V_oldᵀ is projected onto the new subspace (V_newᵀ·V_new ≈ n·I for Gaussian V),
+      as in the authors' code (computed in float64, rounded once to float32);
+    * update: W ← W − lr·N·Vᵀ (1-D: b ← b − lr·m), fused with the restore through
+      ``outer_add_`` in one pass.
+
+Weight decay
+    W ← (1 − lr·wd)·W − lr·(update). The engine adds terms but cannot scale W, so decay is one
+    plain ``p.mul_(1 − lr·wd)`` (an extra pass over decayed tensors only), done on the
+    −ε-perturbed weights right before the fused pass, whose restore term is scaled by the same
+    factor (c·ε): the result is exactly c·W − lr·update up to rounding. No decay is applied where
+    wd = 0 (use :func:`param_groups` to exempt biases and norm weights).
+
+Pipelining (``pipeline=True``)
+    The fused pass of step t also adds +ε·Z_{t+1}, so a steady-state step costs two weight passes
+    instead of three. BETWEEN STEPS THE WEIGHTS THEN CARRY THE NEXT STEP'S +ε PERTURBATION.
+    Call ``opt.settle()`` (one pass; idempotent) before evaluating, saving or exporting the model;
+    the next ``step`` re-perturbs. ``state_dict()`` records the pending step, so a checkpoint of
+    the unsettled weights together with the optimizer state resumes bit-identically.
+
+Failures inside a step
+    Any exception or KeyboardInterrupt in the closure, a closure result that is not a real scalar
+    (ValueError), one that requires grad (ValueError), or a NaN/inf loss, g or momentum
+    (FloatingPointError): the perturbation is undone through the engine (−ε after the first
+    evaluation, +ε after the second) and the exception propagates; the step counter does not
+    advance and the trajectory records the abort (its passes round the weights, so replay repeats
+    them). KeyboardInterrupts arriving during an engine pass are held until the pass is over
+    (main thread only).
+
+    Rounding bound of such a restore, per element, with M = |w| + 2ε·|Z| the largest magnitude
+    the element passes through (ulp taken at M): an engine pass rounds once per fused
+    multiply-add in float32 registers (k = 1 per pass for full-rank noise, k = r for rank-r noise)
+    and once more to the weight dtype. An abort at the first evaluation costs two passes (+ε, −ε),
+    at the second three (+ε, −2ε, +ε). float32 weights: |w_restored − w| ≤ (passes·k/2) ulp, i.e.
+    ≤ 1 ulp (full-rank) / r ulp (LOZO) at the first evaluation, ≤ 1.5 ulp / 1.5·r ulp at the
+    second. bfloat16 / float16 weights: ≤ (passes/2) ulp of that dtype (1 ulp, 1.5 ulp), plus at
+    most passes·k·2⁻¹⁴ of its ulp from the float32 registers. Most elements come back
+    bit-identical (measured: ~95 % after a first-evaluation abort, ~50 % after a second), but not
+    all: undoing a rounded addition exactly would need a copy of the weights.
+    Errors detected before any write (bad hyperparameters, no trainable parameters, a missing
+    closure, changed requires_grad, a parameter the engine cannot take) leave the weights
+    untouched.
+
+Trained parameters
+    Only tensors with requires_grad=True when the optimizer is created are trained (torch
+    optimizers likewise skip tensors without .grad). Changing requires_grad later raises
+    ValueError from ``step`` (a trajectory covers one fixed set of trained tensors: create a new
+    optimizer). Each trained tensor must be contiguous float32 / bfloat16 / float16.
+
+Modes
+    ``mode="inplace"``: the forward sees the perturbation because the weights carry it. A
+    ``"virtual"`` mode, where the layers add ε·U·Vᵀ on the fly and the weights are written only by
+    the update, is planned; it plugs in at ``_shift`` (the perturbation passes) and the restore term
+    of ``_finish``. Any other mode raises ValueError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from zofast.perturb import (
+    check_weight,
+    gaussian_,
+    gaussian_noise,
+    lowrank_,
+    lowrank_factors,
+    matrix_shape,
+    outer_add_,
+)
+from zofast.rng import RunSeeds, as_seed
+from zofast.trajectory import (
+    ABORT_MINUS,
+    ABORT_PLUS,
+    SETTLE,
+    STEP,
+    Trajectory,
+    param_fingerprint,
+)
+
+__all__ = ["LOZO", "MeZO", "param_groups", "MODES"]
+
+MODES = ("inplace",)
+_PLANNED_MODES = ("virtual",)
+_GROUP_KEYS = ("lr", "weight_decay")
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _positive(value, name: str) -> float:
+    value = _real(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _non_negative(value, name: str) -> float:
+    value = _real(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value}")
+    return value
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    return int(value)
+
+
+def _float32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float64).to(torch.float32).item()
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Hold SIGINT (KeyboardInterrupt) until the block is over, so no pass stops half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups with weight decay on matrices only (biases and norm weights exempt).
+
+    Trainable tensors with ndim ≥ 2 go in a group with `weight_decay`, the 1-D ones (biases,
+    LayerNorm / RMSNorm weights) and scalars in a group with weight_decay 0. Parameters are given
+    with their names, so the optimizer's trajectory records names and :func:`zofast.replay` can
+    match a module by name. Empty groups are left out.
+
+    Args:
+        model: the module.
+        weight_decay: decay of the matrices (≥ 0).
+
+    Returns:
+        A list of param-group dicts for LOZO / MeZO (or any torch optimizer).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> [len(g["params"]) for g in param_groups(model, 0.01)]  # Linear.weight | bias, LN w, b
+        [1, 3]
+        >>> opt = LOZO(param_groups(model, 0.01), lr=1e-3)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    weight_decay = _non_negative(weight_decay, "weight_decay")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append((name, p))
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+@dataclass
+class _Slot:
+    """A trained tensor: its flat index (seeds), group, and how it is perturbed."""
+
+    index: int
+    param: torch.Tensor
+    group: int
+    shape: tuple
+    rank: int  # 0: full-rank noise
+
+
+class _ZerothOrder(torch.optim.Optimizer):
+    """Shared machinery of LOZO and MeZO (see the module docstring)."""
+
+    method = ""
+
+    def __init__(self, params, defaults: dict, *, seed, mode, pipeline, lowrank: bool):
+        try:
+            run_seed = as_seed(seed, "seed")
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error)) from None
+        if mode not in MODES:
+            planned = (
+                " ('virtual' is planned, not implemented yet)" if mode in _PLANNED_MODES else ""
+            )
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{planned}")
+        if not isinstance(pipeline, bool):
+            raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
+        if isinstance(params, torch.nn.Module):
+            params = list(params.named_parameters())
+        self._zo_ready = False
+        self._zo_lowrank = lowrank
+        super().__init__(params, defaults)
+        self._zo_eps = defaults["eps"]
+        self._zo_rank = defaults.get("rank", 0)
+        self._zo_nu = defaults.get("nu", 1)
+        self._zo_beta = defaults.get("momentum", 0.0)
+        self._zo_mode = mode
+        self._zo_pipeline = pipeline
+        self._zo_run = RunSeeds(run_seed)
+        self._zo_step = 0
+        self._zo_pending: int | None = None
+        self._zo_seed_cache: dict = {}
+        self.last_losses: tuple[float, float] | None = None
+        self._zo_build_slots()
+        self.trajectory = Trajectory(
+            self.method, self._zo_hyperparameters(), run_seed, len(self.param_groups)
+        )
+        self._zo_ready = True
+
+    # Setup and validation.
+
+    def _zo_hyperparameters(self) -> dict:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (before the first step only: seeds and the trajectory index tensors).
+
+        Groups may set "lr" and "weight_decay"; the other hyperparameters are optimizer-wide.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if getattr(self, "_zo_ready", False) and (
+            self._zo_step or len(self.trajectory.events) or self._zo_pending is not None
+        ):
+            raise ValueError("parameter groups cannot be added after the first step")
+        for key in param_group:
+            fixed = key in self.defaults and key not in _GROUP_KEYS and key != "params"
+            if fixed and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{key} is optimizer-wide: a group cannot set it to {param_group[key]!r}"
+                )
+        if "lr" in param_group:
+            _positive(param_group["lr"], "lr")
+        if "weight_decay" in param_group:
+            _non_negative(param_group["weight_decay"], "weight_decay")
+        super().add_param_group(param_group)
+        if getattr(self, "_zo_ready", False):
+            self._zo_build_slots()
+            self.trajectory = Trajectory(
+                self.method,
+                self._zo_hyperparameters(),
+                self._zo_run.run_seed,
+                len(self.param_groups),
+            )
+
+    def _zo_flat(self) -> list[tuple[int, torch.Tensor]]:
+        return [(gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]]
+
+    def _zo_build_slots(self) -> None:
+        flat = self._zo_flat()
+        seen = set()
+        for _, p in flat:
+            if id(p) in seen:
+                raise ValueError("a parameter appears more than once in the optimizer")
+            seen.add(id(p))
+        self._zo_n_params = len(flat)
+        self._zo_trained = [p.requires_grad for _, p in flat]
+        slots = []
+        for index, (gi, p) in enumerate(flat):
+            if not p.requires_grad:
+                continue
+            try:
+                check_weight(p, f"parameter {index}")
+            except TypeError as error:
+                raise ValueError(str(error)) from None
+            rank = 0
+            if self._zo_lowrank and p.dim() >= 2:
+                m, n = matrix_shape(p.shape)
+                rank = min(self._zo_rank, m, n)
+            slots.append(_Slot(index, p, gi, tuple(p.shape), rank))
+        if not slots:
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        self._zo_slots = slots
+
+    def _zo_check(self) -> tuple[list[float], list[float]]:
+        """Validate everything a step needs before any write; return each group's lr and wd."""
+        flat = self._zo_flat()
+        if len(flat) != self._zo_n_params:
+            raise ValueError("the optimizer's parameter list changed since it was created")
+        changed = [i for i, (_, p) in enumerate(flat) if p.requires_grad != self._zo_trained[i]]
+        if changed:
+            raise ValueError(
+                f"requires_grad of parameter(s) {changed[:5]} changed since the optimizer was "
+                "created; a trajectory covers one fixed set of trained tensors: call settle() and "
+                "create a new optimizer"
+            )
+        for slot in self._zo_slots:
+            try:
+                check_weight(slot.param, f"parameter {slot.index}")
+            except TypeError as error:
+                raise ValueError(str(error)) from None
+            if tuple(slot.param.shape) != slot.shape:
+                raise ValueError(
+                    f"parameter {slot.index} changed shape to {tuple(slot.param.shape)}"
+                )
+        lrs, wds = [], []
+        for group in self.param_groups:
+            lr = _non_negative(group["lr"], "lr")
+            wds.append(_non_negative(group["weight_decay"], "weight_decay"))
+            lrs.append(lr)
+        return lrs, wds
+
+    def _zo_fingerprint(self) -> None:
+        flat = self._zo_flat()
+        names = []
+        for group in self.param_groups:
+            names.extend(group.get("param_names", [None] * len(group["params"])))
+        self.trajectory.params = param_fingerprint(
+            [p for _, p in flat], names, [gi for gi, _ in flat], self._zo_trained
+        )
+        self.trajectory.device = self._zo_slots[0].param.device.type
+
+    # Noise.
+
+    def _seeds(self, role: str, index: int) -> list[int]:
+        key = (role, index)
+        seeds = self._zo_seed_cache.get(key)
+        if seeds is None:
+            if len(self._zo_seed_cache) >= 16:
+                self._zo_seed_cache.clear()
+            seeds = self._zo_run.seeds(index, self._zo_n_params, role)
+            self._zo_seed_cache[key] = seeds
+        return seeds
+
+    def _factors(self, slot: _Slot, t: int, epoch: int | None = None):
+        """Materialised (U_t, V_epoch) of a low-rank slot (epoch defaults to t // nu)."""
+        epoch = t // self._zo_nu if epoch is None else epoch
+        return lowrank_factors(
+            slot.shape,
+            self._seeds("u", t)[slot.index],
+            self._seeds("v", epoch)[slot.index],
+            slot.rank,
+            device=slot.param.device,
+        )
+
+    def _noise(self, slot: _Slot, t: int) -> torch.Tensor:
+        """Materialised full-rank z_t of a slot, flattened."""
+        seed = self._seeds("full", t)[slot.index]
+        return gaussian_noise((slot.param.numel(),), seed, device=slot.param.device)
+
+    # The passes. Every write to the weights happens in _shift, _finish (and settle via _shift).
+
+    def _shift(self, t: int, scale: float) -> None:
+        """W += scale·Z_t for every trained tensor, one engine pass each."""
+        for slot in self._zo_slots:
+            if slot.rank:
+                lowrank_(
+                    slot.param,
+                    self._seeds("u", t)[slot.index],
+                    self._seeds("v", t // self._zo_nu)[slot.index],
+                    slot.rank,
+                    scale,
+                )
+            else:
+                gaussian_(slot.param, self._seeds("full", t)[slot.index], scale)
+
+    def _momentum(self, slot: _Slot, t: int, g: float):
+        """New momentum buffer of a slot after step t, and the direction tensors it used."""
+        beta = self._zo_beta
+        old = self.state[slot.param].get("momentum_buffer")
+        if slot.rank:
+            U, V = self._factors(slot, t)
+            if old is None:
+                new = U * g
+            elif t % self._zo_nu == 0:
+                _, V_old = self._factors(slot, t, t // self._zo_nu - 1)
+                carry = (old.double() @ (V_old.double().T @ V.double())) * (beta / V.shape[0])
+                new = (carry + U.double() * ((1.0 - beta) * g)).float()
+            else:
+                new = torch.add(old * beta, U, alpha=(1.0 - beta) * g)
+            return new, (U, V)
+        z = self._noise(slot, t)
+        new = z * g if old is None else torch.add(old * beta, z, alpha=(1.0 - beta) * g)
+        return new, (z,)
+
+    def _finish(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
+        """Restore, update (and pipelined: perturb for step t + 1) in one pass per tensor."""
+        eps, nxt = self._zo_eps, (t + 1 if self._zo_pipeline else None)
+        buffers, used = {}, {}
+        if self._zo_beta:  # all state first: a failure here leaves the weights untouched
+            for slot in self._zo_slots:
+                buffers[slot.index], used[slot.index] = self._momentum(slot, t, g)
+            if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
+                raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
+        for slot in self._zo_slots:
+            lr, wd = lrs[slot.group], wds[slot.group]
+            decay = 1.0 - lr * wd
+            restore = decay * eps
+            p = slot.param
+            if decay != 1.0:
+                p.mul_(decay)
+            if self._zo_beta and slot.rank:
+                U, V = used[slot.index]
+                left, right = [U * restore, buffers[slot.index] * -lr], [V, V]
+                if nxt is not None:
+                    U2, V2 = self._factors(slot, nxt)
+                    left.append(U2 * eps)
+                    right.append(V2)
+                outer_add_(p, torch.cat(left, 1), torch.cat(right, 1))
+            elif self._zo_beta:
+                cols, scales = [used[slot.index][0], buffers[slot.index]], [restore, -lr]
+                if nxt is not None:
+                    cols.append(self._noise(slot, nxt))
+                    scales.append(eps)
+                right = torch.tensor([scales], dtype=torch.float32, device=p.device)
+                outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)
+            elif slot.rank:
+                u = self._seeds("u", t)[slot.index]
+                v = self._seeds("v", t // self._zo_nu)[slot.index]
+                us, vs, scales = [u, u], [v, v], [restore, -lr * g]
+                if nxt is not None:
+                    us.append(self._seeds("u", nxt)[slot.index])
+                    vs.append(self._seeds("v", nxt // self._zo_nu)[slot.index])
+                    scales.append(eps)
+                lowrank_(p, us, vs, slot.rank, scales)
+            else:
+                s = self._seeds("full", t)[slot.index]
+                seeds, scales = [s, s], [restore, -lr * g]
+                if nxt is not None:
+                    seeds.append(self._seeds("full", nxt)[slot.index])
+                    scales.append(eps)
+                gaussian_(p, seeds, scales)
+        for slot in self._zo_slots:
+            if slot.index in buffers:
+                self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
+        self.trajectory.record_step(g, lrs, wds)
+        self._zo_step = t + 1
+        self._zo_pending = nxt
+
+    def _begin(self, t: int) -> None:
+        if self._zo_pending is None:
+            self._shift(t, self._zo_eps)
+        elif self._zo_pending != t:
+            raise RuntimeError(f"internal error: pending step {self._zo_pending}, stepping {t}")
+        self._zo_pending = None
+
+    def _abort(self, t: int, stage: int) -> None:
+        self._shift(t, -self._zo_eps if stage == 1 else self._zo_eps)
+        self.trajectory.record(ABORT_PLUS if stage == 1 else ABORT_MINUS)
+        self._zo_pending = None
+
+    # Public API.
+
+    @staticmethod
+    def _loss_value(loss, t: int, which: str) -> float:
+        if isinstance(loss, torch.Tensor):
+            if loss.requires_grad:
+                raise ValueError(
+                    "closure returned a tensor that requires grad: the closure must run under "
+                    "torch.no_grad() (step() calls it under no_grad; do not re-enable grad inside)"
+                )
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
+                )
+            if loss.is_complex() or loss.dtype == torch.bool:
+                raise ValueError(f"closure must return a real loss, got dtype {loss.dtype}")
+            value = float(loss.item())
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            value = float(loss)
+        else:
+            raise ValueError(
+                "closure must return a Python number or a one-element tensor, got "
+                f"{type(loss).__name__}"
+            )
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the loss at the {which}ε perturbation of step {t} is {value}; the weights were "
+                "restored"
+            )
+        return value
+
+    @torch.no_grad()
+    def step(self, closure) -> float:
+        """One zeroth-order step (see the module docstring for the exact sequence).
+
+        Args:
+            closure: callable with no arguments that evaluates the loss of ONE batch (the same
+                batch both times it is called in a step) and returns it as a Python number or a
+                one-element tensor. It is called twice, under torch.no_grad().
+
+        Returns:
+            (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²).
+
+        Raises:
+            ValueError: no closure, a closure result that is not a real scalar or requires grad,
+                an invalid group lr / weight_decay, changed requires_grad (weights untouched, or
+                restored when detected after perturbing).
+            FloatingPointError: NaN / inf loss or g (weights restored).
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = MeZO(model.parameters(), lr=1e-3)
+            >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+            >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        """
+        if closure is None or not callable(closure):
+            raise ValueError("step() needs a closure that returns the loss of one batch")
+        lrs, wds = self._zo_check()
+        if self.trajectory.params is None:
+            self._zo_fingerprint()
+        t, eps = self._zo_step, self._zo_eps
+        stage = 0
+        try:
+            with _deferred_interrupts():
+                self._begin(t)
+                stage = 1
+            loss_plus = self._loss_value(closure(), t, "+")
+            with _deferred_interrupts():
+                self._shift(t, -2.0 * eps)
+                stage = 2
+            loss_minus = self._loss_value(closure(), t, "−")
+            g = _float32((loss_plus - loss_minus) / (2.0 * eps))
+            if not math.isfinite(g):
+                raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
+            with _deferred_interrupts():
+                self._finish(t, g, lrs, wds)
+                stage = 3
+        except BaseException:
+            if stage in (1, 2):
+                with _deferred_interrupts():
+                    self._abort(t, stage)
+            raise
+        self.last_losses = (loss_plus, loss_minus)
+        return 0.5 * (loss_plus + loss_minus)
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Remove the pending +ε perturbation of a pipelined optimizer (one pass; idempotent).
+
+        With ``pipeline=True`` the weights carry the next step's perturbation between steps: call
+        this before evaluating, saving or exporting the model. Without a pending perturbation
+        (pipeline=False, or already settled) it does nothing.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = MeZO(model.parameters(), lr=1e-3, pipeline=True)
+            >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
+            >>> opt.settle()  # model now holds the weights after step 1
+        """
+        if self._zo_pending is None:
+            return
+        with _deferred_interrupts():
+            self._shift(self._zo_pending, -self._zo_eps)
+            self.trajectory.record(SETTLE)
+            self._zo_pending = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the weights now carry a pipelined +ε perturbation (settle() removes it)."""
+        return self._zo_pending is not None
+
+    @property
+    def steps(self) -> int:
+        """Number of completed steps."""
+        return self._zo_step
+
+    @property
+    def run_seed(self) -> int:
+        """The seed every perturbation of this run derives from."""
+        return self._zo_run.run_seed
+
+    def _zo_replay(self, trajectory: Trajectory) -> None:
+        """Re-run the engine calls of `trajectory` (used by zofast.replay)."""
+        for kind, g, lrs, wds in trajectory.iter_events():
+            t = self._zo_step
+            if kind == SETTLE:
+                self.settle()
+                continue
+            self._begin(t)
+            if kind == ABORT_PLUS:
+                self._abort(t, 1)
+                continue
+            self._shift(t, -2.0 * self._zo_eps)
+            if kind == ABORT_MINUS:
+                self._abort(t, 2)
+            elif kind == STEP:
+                self._finish(t, g, lrs, wds)
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus zofast's: step, run seed, pending perturbation, trajectory.
+
+        Momentum buffers are in ``state`` (float32, whatever the weight dtype); the returned dict
+        is a snapshot (later steps do not change it). With pipelining, ``pending`` says the weights
+        carry the next step's +ε perturbation: save them together, or settle() first.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = LOZO(model, lr=1e-3, rank=1)
+            >>> sorted(opt.state_dict()["zofast"])
+            ['hyperparameters', 'method', 'pending', 'run_seed', 'step', 'trajectory']
+        """
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        sd["zofast"] = {
+            "method": self.method,
+            "hyperparameters": self._zo_hyperparameters(),
+            "run_seed": str(self._zo_run.run_seed),
+            "step": self._zo_step,
+            "pending": self._zo_pending,
+            "trajectory": self.trajectory.to_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict`; continuing is bit-identical to never having stopped.
+
+        Load the weights saved with it (unsettled ones if ``pending``). Raises ValueError if the
+        method or fixed hyperparameters differ.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = LOZO(model, lr=1e-3, rank=1)
+            >>> opt.load_state_dict(opt.state_dict())
+        """
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("zofast", None)
+        if extra is None:
+            raise ValueError("not a zofast optimizer state_dict (no 'zofast' entry)")
+        if extra["method"] != self.method:
+            raise ValueError(
+                f"state_dict is for {extra['method']}, this optimizer is {self.method}"
+            )
+        if extra["hyperparameters"] != self._zo_hyperparameters():
+            raise ValueError(
+                f"state_dict hyperparameters {extra['hyperparameters']} differ from this "
+                f"optimizer's {self._zo_hyperparameters()}"
+            )
+        trajectory = Trajectory.from_dict(extra["trajectory"])
+        super().load_state_dict(state_dict)
+        flat = [p for _, p in self._zo_flat()]
+        for key, value in state_dict["state"].items():
+            buffer = value.get("momentum_buffer")
+            if buffer is not None:
+                p = flat[key]
+                self.state[p]["momentum_buffer"] = buffer.to(p.device, torch.float32).clone()
+        self._zo_run = RunSeeds(int(extra["run_seed"]))
+        self._zo_seed_cache = {}
+        self._zo_step = int(extra["step"])
+        self._zo_pending = None if extra["pending"] is None else int(extra["pending"])
+        self.trajectory = trajectory
+
+
+class LOZO(_ZerothOrder):
+    """Low-rank zeroth-order SGD (LOZO, arXiv 2410.07698), with momentum LOZO-M.
+
+    Matrices (ndim ≥ 2) are perturbed by ε·U·Vᵀ, U redrawn every step and V every `nu` steps;
+    vectors by full-rank ε·z. See the module docstring for the step, momentum, weight decay,
+    pipelining and failure handling.
+
+    Args:
+        params: an nn.Module, an iterable of tensors or (name, tensor) pairs, or param groups
+            (groups may set "lr" and "weight_decay"; see :func:`param_groups`).
+        lr: learning rate (> 0; schedulers may later set any value ≥ 0).
+        eps: perturbation scale ε (> 0).
+        rank: r of U·Vᵀ (≥ 1; clamped to min(m, n) per tensor).
+        nu: steps between V redraws (≥ 1).
+        momentum: β in [0, 1); > 0 gives LOZO-M.
+        weight_decay: default decay (≥ 0) for groups that do not set one.
+        seed: run seed, an integer in 0..2**64-1.
+        mode: "inplace" ("virtual" is planned).
+        pipeline: fuse the next step's perturbation into the update (call settle() before
+            evaluating or saving).
+
+    Example:
+        >>> model = torch.nn.Linear(16, 4)
+        >>> opt = LOZO(param_groups(model, 0.0), lr=1e-3, rank=2, nu=50, seed=7)
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 4)
+        >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    """
+
+    method = "LOZO"
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        rank: int = 2,
+        nu: int = 50,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        mode: str = "inplace",
+        pipeline: bool = False,
+    ):
+        momentum = _real(momentum, "momentum")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        defaults = {
+            "lr": _positive(lr, "lr"),
+            "weight_decay": _non_negative(weight_decay, "weight_decay"),
+            "eps": _positive(eps, "eps"),
+            "rank": _count(rank, "rank"),
+            "nu": _count(nu, "nu"),
+            "momentum": momentum,
+        }
+        super().__init__(params, defaults, seed=seed, mode=mode, pipeline=pipeline, lowrank=True)
+
+    def _zo_hyperparameters(self) -> dict:
+        return {
+            "eps": self._zo_eps,
+            "rank": self._zo_rank,
+            "nu": self._zo_nu,
+            "momentum": self._zo_beta,
+            "mode": self._zo_mode,
+            "pipeline": self._zo_pipeline,
+        }
+
+
+class MeZO(_ZerothOrder):
+    """Memory-efficient zeroth-order SGD (MeZO, arXiv 2305.17333): full-rank Gaussian noise.
+
+    Args:
+        params: an nn.Module, an iterable of tensors or (name, tensor) pairs, or param groups.
+        lr: learning rate (> 0; schedulers may later set any value ≥ 0).
+        eps: perturbation scale ε (> 0).
+        weight_decay: default decay (≥ 0) for groups that do not set one.
+        seed: run seed, an integer in 0..2**64-1.
+        mode: "inplace" ("virtual" is planned).
+        pipeline: fuse the next step's perturbation into the update (call settle() before
+            evaluating or saving).
+
+    Example:
+        >>> model = torch.nn.Linear(16, 4)
+        >>> opt = MeZO(model, lr=1e-3, seed=1)
+        >>> x = torch.randn(32, 16)
+        >>> loss = opt.step(lambda: model(x).pow(2).mean())
+    """
+
+    method = "MeZO"
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        mode: str = "inplace",
+        pipeline: bool = False,
+    ):
+        defaults = {
+            "lr": _positive(lr, "lr"),
+            "weight_decay": _non_negative(weight_decay, "weight_decay"),
+            "eps": _positive(eps, "eps"),
+        }
+        super().__init__(params, defaults, seed=seed, mode=mode, pipeline=pipeline, lowrank=False)
+
+    def _zo_hyperparameters(self) -> dict:
+        return {"eps": self._zo_eps, "mode": self._zo_mode, "pipeline": self._zo_pipeline}
+
+
+METHODS = {"LOZO": LOZO, "MeZO": MeZO}
