@@ -345,8 +345,6 @@ def outer_add_(
             raise ValueError(
                 f"{name} must be ({rows}, K) on {w.device}, got {tuple(t.shape)} on {t.device}"
             )
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} has non-finite entries")
     if left.shape[1] != right.shape[1] or left.shape[1] == 0:
         raise ValueError(
             f"left and right must share K ≥ 1, got {left.shape[1]} and {right.shape[1]}"
