@@ -93,3 +93,56 @@ def test_lowrank_under_cuda_graph_reads_seeds_from_device_memory():
                 w.clone(), [u % 2**64 for u in new_u], [3, 4], 4, [1e-2, -1e-2], backend=backend
             )
             assert torch.equal(captured, eager), (backend, new_u)
+
+
+def test_graphed_pass_equals_eager_calls():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    shapes = [(300, 200), (64,), (17, 3, 5), (1000,), (2048, 512)]
+    ranks = [4, 0, 2, 0, 1]
+    tensors = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    expected = [t.clone() for t in tensors]
+    passes = perturb.GraphedPass(tensors, ranks, n_terms=3)
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expected, strict=True))
+    for step in range(3):
+        seeds = [[100 * step + 10 * i + t for t in range(3)] for i in range(len(shapes))]
+        v_seeds = [7 + step + i for i in range(len(shapes))]
+        scales = [[1e-2, -2e-2 * (step + 1), 5e-3] for _ in shapes]
+        passes(seeds, v_seeds, scales)
+        for e, r, s, v, sc in zip(expected, ranks, seeds, v_seeds, scales, strict=True):
+            if r:
+                perturb.lowrank_(e, s, [v] * 3, r, sc)
+            else:
+                perturb.gaussian_(e, s, sc)
+        for t, e in zip(tensors, expected, strict=True):
+            assert torch.equal(t, e), step
+
+
+@pytest.mark.parametrize("method", ["lozo", "mezo"])
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_optimizer_graphed_passes_equal_eager_passes(method, pipeline):
+    from zofast.optim import LOZO, MeZO
+
+    def run(graphs: bool):
+        torch.manual_seed(0)
+        model = (
+            torch.nn.Sequential(
+                torch.nn.Linear(64, 48), torch.nn.LayerNorm(48), torch.nn.Linear(48, 5)
+            )
+            .cuda()
+            .to(torch.bfloat16)
+        )
+        x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+        cls, extra = (LOZO, {"rank": 2, "nu": 3}) if method == "lozo" else (MeZO, {})
+        opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **extra)
+        if not graphs:
+            opt._zo_graphs = None
+        for _ in range(7):
+            opt.step(lambda: model(x).float().pow(2).mean())
+        opt.settle()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    graphed, opt = run(True)
+    assert opt._zo_graphs, "no graph was used"
+    eager, _ = run(False)
+    for a, b in zip(graphed, eager, strict=True):
+        assert torch.equal(a, b)

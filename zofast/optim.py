@@ -84,6 +84,12 @@ Trained parameters
     ValueError from ``step`` (a trajectory covers one fixed set of trained tensors: create a new
     optimizer). Each trained tensor must be contiguous float32 / bfloat16 / float16.
 
+Speed
+    On one GPU every pass is a CUDA graph (zofast.perturb.GraphedPass) per term count, replayed
+    with the step's seeds and scales: no Python call per tensor. Passes whose low-rank terms do
+    not share one V (V-refresh steps) and LOZO-M's momentum pass run eagerly. Both give
+    bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off.
+
 Modes
     ``mode="inplace"``: the forward sees the perturbation because the weights carry it. A
     ``"virtual"`` mode, where the layers add ε·U·Vᵀ on the fly and the weights are written only by
@@ -96,13 +102,16 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 import signal
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from zofast._ext import triton_available
 from zofast.perturb import (
+    GraphedPass,
     check_weight,
     gaussian_,
     gaussian_noise,
@@ -334,6 +343,16 @@ class _ZerothOrder(torch.optim.Optimizer):
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
         self._zo_slots = slots
+        devices = {s.param.device for s in slots}
+        # On one GPU every pass replays a CUDA graph per term count (see _pass).
+        self._zo_graphs: dict[int, GraphedPass] | None = (
+            {}
+            if len(devices) == 1
+            and devices.pop().type == "cuda"
+            and triton_available()
+            and os.environ.get("ZOFAST_CUDA_GRAPHS", "1") != "0"
+            else None
+        )
 
     def _zo_check(self) -> tuple[list[float], list[float]]:
         """Validate everything a step needs before any write; return each group's lr and wd."""
@@ -405,17 +424,38 @@ class _ZerothOrder(torch.optim.Optimizer):
 
     def _shift(self, t: int, scale: float) -> None:
         """W += scale·Z_t for every trained tensor, one engine pass each."""
-        for slot in self._zo_slots:
+        self._pass([self._terms(slot, [t], [scale]) for slot in self._zo_slots])
+
+    def _terms(self, slot: _Slot, steps: list[int], scales: list[float]):
+        """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot."""
+        if slot.rank:
+            us = [self._seeds("u", s)[slot.index] for s in steps]
+            vs = [self._seeds("v", s // self._zo_nu)[slot.index] for s in steps]
+            return us, vs, scales
+        return [self._seeds("full", s)[slot.index] for s in steps], None, scales
+
+    def _pass(self, terms: list[tuple]) -> None:
+        """One engine pass: slot i gets terms[i]. Where every low-rank slot's terms share one V
+        (all but V-refresh steps), a CUDA graph of the whole pass is replayed instead of one
+        Python call per tensor; its results are bit-identical to the eager calls."""
+        n_terms = len(terms[0][0])
+        shared = all(vs is None or len(set(vs)) == 1 for _, vs, _ in terms)
+        if self._zo_graphs is not None and shared:
+            graph = self._zo_graphs.get(n_terms)
+            if graph is None:
+                params, ranks = [s.param for s in self._zo_slots], [s.rank for s in self._zo_slots]
+                graph = self._zo_graphs[n_terms] = GraphedPass(params, ranks, n_terms)
+            graph(
+                [seeds for seeds, _, _ in terms],
+                [vs[0] if vs else 0 for _, vs, _ in terms],
+                [scales for _, _, scales in terms],
+            )
+            return
+        for slot, (seeds, vs, scales) in zip(self._zo_slots, terms, strict=True):
             if slot.rank:
-                lowrank_(
-                    slot.param,
-                    self._seeds("u", t)[slot.index],
-                    self._seeds("v", t // self._zo_nu)[slot.index],
-                    slot.rank,
-                    scale,
-                )
+                lowrank_(slot.param, seeds, vs, slot.rank, scales)
             else:
-                gaussian_(slot.param, self._seeds("full", t)[slot.index], scale)
+                gaussian_(slot.param, seeds, scales)
 
     def _momentum(self, slot: _Slot, t: int, g: float):
         """New momentum buffer of a slot after step t, and the direction tensors it used."""
@@ -445,6 +485,7 @@ class _ZerothOrder(torch.optim.Optimizer):
                 buffers[slot.index], used[slot.index] = self._momentum(slot, t, g)
             if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
                 raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
+        plain = []  # the slots' terms when there is no momentum: one fused pass for all
         for slot in self._zo_slots:
             lr, wd = lrs[slot.group], wds[slot.group]
             decay = 1.0 - lr * wd
@@ -452,7 +493,13 @@ class _ZerothOrder(torch.optim.Optimizer):
             p = slot.param
             if decay != 1.0:
                 p.mul_(decay)
-            if self._zo_beta and slot.rank:
+            if not self._zo_beta:
+                steps, scales = [t, t], [restore, -lr * g]
+                if nxt is not None:
+                    steps.append(nxt)
+                    scales.append(eps)
+                plain.append(self._terms(slot, steps, scales))
+            elif slot.rank:
                 U, V = used[slot.index]
                 left, right = [U * restore, buffers[slot.index] * -lr], [V, V]
                 if nxt is not None:
@@ -460,29 +507,15 @@ class _ZerothOrder(torch.optim.Optimizer):
                     left.append(U2 * eps)
                     right.append(V2)
                 outer_add_(p, torch.cat(left, 1), torch.cat(right, 1))
-            elif self._zo_beta:
+            else:
                 cols, scales = [used[slot.index][0], buffers[slot.index]], [restore, -lr]
                 if nxt is not None:
                     cols.append(self._noise(slot, nxt))
                     scales.append(eps)
                 right = torch.tensor([scales], dtype=torch.float32, device=p.device)
                 outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)
-            elif slot.rank:
-                u = self._seeds("u", t)[slot.index]
-                v = self._seeds("v", t // self._zo_nu)[slot.index]
-                us, vs, scales = [u, u], [v, v], [restore, -lr * g]
-                if nxt is not None:
-                    us.append(self._seeds("u", nxt)[slot.index])
-                    vs.append(self._seeds("v", nxt // self._zo_nu)[slot.index])
-                    scales.append(eps)
-                lowrank_(p, us, vs, slot.rank, scales)
-            else:
-                s = self._seeds("full", t)[slot.index]
-                seeds, scales = [s, s], [restore, -lr * g]
-                if nxt is not None:
-                    seeds.append(self._seeds("full", nxt)[slot.index])
-                    scales.append(eps)
-                gaussian_(p, seeds, scales)
+        if plain:
+            self._pass(plain)
         for slot in self._zo_slots:
             if slot.index in buffers:
                 self.state[slot.param]["momentum_buffer"] = buffers[slot.index]

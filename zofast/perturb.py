@@ -48,6 +48,7 @@ __all__ = [
     "gaussian_noise",
     "lowrank_factors",
     "matrix_shape",
+    "GraphedPass",
 ]
 
 
@@ -232,7 +233,8 @@ def _merge_shared_v(u_all, v_all, v_seeds: list[int]):
     if len(groups) == len(v_seeds):
         return u_all, v_all
     u = torch.stack([functools.reduce(torch.add, (u_all[t] for t in ts)) for ts in groups.values()])
-    return u, v_all[[ts[0] for ts in groups.values()]].contiguous()
+    # Stacked views, not list indexing: no host-to-device copy (the op may be graph-captured).
+    return u, torch.stack([v_all[ts[0]] for ts in groups.values()])
 
 
 def _apply_factors(w2d: torch.Tensor, u: torch.Tensor, v: torch.Tensor, backend: str) -> None:
@@ -439,3 +441,93 @@ def lowrank_factors(
     u = _noise(m * rank, seeds_t[:1], ones[:1], row_offset * rank, backend).view(m, rank)
     v = _noise(n * rank, seeds_t[1:], ones[1:], col_offset * rank, backend).view(n, rank)
     return u.to(dtype), v.to(dtype)
+
+
+class GraphedPass:
+    """One engine pass over many tensors, captured once in a CUDA graph and replayed with new
+    seeds and scales: the per-tensor Python and launch overhead of an eager pass, gone.
+
+    Every tensor takes ``n_terms`` terms per replay. A low-rank tensor (rank r ≥ 1) takes T u
+    seeds, ONE v seed shared by its terms and T scales, and computes exactly
+    ``lowrank_(w, u_seeds, [v_seed] * T, r, scales)``; a full-rank tensor (rank 0) takes T seeds
+    and T scales, exactly ``gaussian_(w, seeds, scales)``. Seeds and scales travel in one
+    host-to-device copy per replay, into device buffers the graph reads.
+
+    Args:
+        tensors: contiguous float32 / bfloat16 / float16 CUDA tensors on one device.
+        ranks: one rank per tensor (0 = full-rank noise).
+        n_terms: T.
+
+    Example:
+        >>> passes = GraphedPass([w1, b1], ranks=[2, 0], n_terms=1)  # doctest: +SKIP
+        >>> passes([[11], [12]], [13, 0], [[1e-3], [1e-3]])  # doctest: +SKIP
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], ranks: Sequence[int], n_terms: int):
+        if len(tensors) != len(ranks) or not tensors:
+            raise ValueError("GraphedPass needs one rank per tensor and at least one tensor")
+        device = tensors[0].device
+        for i, (w, rank) in enumerate(zip(tensors, ranks, strict=True)):
+            check_weight(w, f"tensors[{i}]")
+            if w.device != device or device.type != "cuda":
+                raise ValueError("GraphedPass takes CUDA tensors on one device")
+            if rank:
+                _check_rank(rank, *matrix_shape(w.shape))
+        if isinstance(n_terms, bool) or not isinstance(n_terms, int) or n_terms < 1:
+            raise ValueError(f"n_terms must be a positive integer, got {n_terms!r}")
+        self.tensors, self.ranks, self.n_terms = list(tensors), list(ranks), n_terms
+        count = len(tensors)
+        # Row i: T u (or full-rank) seeds, then the v seed; scales apart (float32).
+        self._seeds = torch.zeros(count, n_terms + 1, dtype=torch.int64, device=device)
+        self._scales = torch.zeros(count, n_terms, dtype=torch.float32, device=device)
+        self._host_seeds = torch.zeros_like(self._seeds, device="cpu").pin_memory()
+        self._host_scales = torch.zeros_like(self._scales, device="cpu").pin_memory()
+        self._copied = torch.cuda.Event()
+        # Compile every kernel on same-shaped copies, so capture launches nothing new and the
+        # weights themselves are not touched until the first replay.
+        for i, w in enumerate(self.tensors):
+            self._apply(i, w.clone())
+        torch.cuda.synchronize(device)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            for i, w in enumerate(self.tensors):
+                self._apply(i, w)
+
+    def _apply(self, i: int, w: torch.Tensor) -> None:
+        seeds, scales = self._seeds[i], self._scales[i]
+        if self.ranks[i]:
+            lowrank_(w, seeds[:-1], seeds[-1:], self.ranks[i], scales)
+        else:
+            gaussian_(w, seeds[:-1], scales)
+
+    def __call__(
+        self,
+        seeds: Sequence[Sequence[int]],
+        v_seeds: Sequence[int],
+        scales: Sequence[Sequence[float]],
+    ) -> None:
+        """Replay: tensor i gets terms (seeds[i][t], v_seeds[i], scales[i][t]), t < T.
+
+        Args:
+            seeds: per tensor, T uint64 seeds (u seeds, or the full-rank seeds).
+            v_seeds: per tensor, its shared v seed (ignored for full-rank tensors).
+            scales: per tensor, T finite scales.
+        """
+        rows = [
+            [to_signed64(as_seed(s, "seed")) for s in row] + [to_signed64(as_seed(v, "v_seed"))]
+            for row, v in zip(seeds, v_seeds, strict=True)
+        ]
+        values = [_check_scales(row, self.n_terms) for row in scales]
+        seeds_now = torch.tensor(rows, dtype=torch.int64)
+        scales_now = torch.tensor(values, dtype=torch.float32)
+        if seeds_now.shape != self._host_seeds.shape or scales_now.shape != self._host_scales.shape:
+            raise ValueError(
+                f"expected {len(self.tensors)} rows of {self.n_terms} seeds and scales"
+            )
+        self._copied.synchronize()  # the previous replay's copy has read the pinned buffers
+        self._host_seeds.copy_(seeds_now)
+        self._host_scales.copy_(scales_now)
+        self._seeds.copy_(self._host_seeds, non_blocking=True)
+        self._scales.copy_(self._host_scales, non_blocking=True)
+        self._copied.record()
+        self._graph.replay()
