@@ -14,9 +14,9 @@ import triton.language as tl
 
 from .philox import _check_interpretable, load_seed, normal4
 
-# Measured best over BLOCK_M ∈ {16..128} × BLOCK_N ∈ {64..256} on the H200 (bench/tune_lowrank.py).
-DEFAULT_BLOCK_M = 16
-DEFAULT_BLOCK_N = 256
+# 32×128: in graph-replayed passes on the H200 it beat 16×256 at ranks 4-8 (bench/results).
+DEFAULT_BLOCK_M = 32
+DEFAULT_BLOCK_N = 128
 
 
 @triton.jit
