@@ -34,10 +34,11 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from zofast._ext import require_extension, resolve_backend
-from zofast.rng import as_seed, to_signed64
+from zofast.rng import MAX_SEED, as_seed, to_signed64
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -513,17 +514,20 @@ class GraphedPass:
             v_seeds: per tensor, its shared v seed (ignored for full-rank tensors).
             scales: per tensor, T finite scales.
         """
-        rows = [
-            [to_signed64(as_seed(s, "seed")) for s in row] + [to_signed64(as_seed(v, "v_seed"))]
-            for row, v in zip(seeds, v_seeds, strict=True)
-        ]
-        values = [_check_scales(row, self.n_terms) for row in scales]
-        seeds_now = torch.tensor(rows, dtype=torch.int64)
-        scales_now = torch.tensor(values, dtype=torch.float32)
+        rows = [[*row, v] for row, v in zip(seeds, v_seeds, strict=True)]
+        flat = [x for row in rows for x in row]
+        # One pass over plain ints (an optimizer calls this with hundreds of rows per step).
+        if not all(type(x) is int and 0 <= x <= MAX_SEED for x in flat):
+            bad = next(x for x in flat if type(x) is not int or not 0 <= x <= MAX_SEED)
+            raise ValueError(f"seeds must be integers in 0..2**64-1, got {bad!r}")
+        seeds_now = torch.from_numpy(np.array(rows, dtype=np.uint64).view(np.int64))
+        scales_now = torch.from_numpy(np.array(scales, dtype=np.float32))
         if seeds_now.shape != self._host_seeds.shape or scales_now.shape != self._host_scales.shape:
             raise ValueError(
                 f"expected {len(self.tensors)} rows of {self.n_terms} seeds and scales"
             )
+        if not torch.isfinite(scales_now).all():
+            raise ValueError("scale must be finite real numbers")
         self._copied.synchronize()  # the previous replay's copy has read the pinned buffers
         self._host_seeds.copy_(seeds_now)
         self._host_scales.copy_(scales_now)
