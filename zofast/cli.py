@@ -1,0 +1,437 @@
+"""The ``zofast`` command: train, replay, eval, demo, bench.
+
+Usage::
+
+    zofast train --task sst-2 --data ../shared/data/k-shot/SST-2/16-42 --method lozo --steps 2000
+    zofast replay --trajectory runs/sst-2-lozo-s42/trajectory-best.json --out tuned/
+    zofast eval --model tuned/ --task sst-2 --data ../shared/data/k-shot/SST-2/16-42
+    zofast eval --trajectory runs/sst-2-lozo-s42/trajectory-best.json --task sst-2 --data ...
+    zofast demo
+    zofast bench
+
+``--model`` defaults to the embedded all-MiniLM-L6-v2 everywhere. Bad input (unknown task or
+method, missing data folder, lr <= 0, rank < 1, nu < 1, a model with nothing to train, a
+trajectory that does not fit the model, ...) prints one line ``zofast: error: ...`` and exits with
+code 2 before any weight or file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "DEMO"]
+
+#: Settings of ``zofast demo`` (chosen on 2 CPU cores; see docs/demo.md for the seeds tried).
+DEMO = {
+    "task": "demo",
+    "data": "demo",
+    "method": "lozo",
+    "lr": 3e-5,
+    "steps": 800,
+    "eval_every": 50,
+    "batch_size": 16,
+    "freeze": "word_embeddings",
+    "seed": 42,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``zofast <cmd>: error: ...``) and exit code 2.
+
+    Values like ``-1e-4`` are read as negative numbers (argparse alone takes them for options), so
+    ``--lr -1e-4`` reaches the lr check and its message.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _UsageError(Exception):
+    """Bad input found by the CLI itself (exit code 2)."""
+
+
+def _config_help() -> dict[str, str]:
+    """Help text of each TrainConfig field, taken from its docstring's Args section."""
+    from zofast.train import TrainConfig
+
+    doc = TrainConfig.__doc__ or ""
+    helps: dict[str, str] = {}
+    current = None
+    in_args = False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if stripped.endswith(":") and " " not in stripped:
+            break
+        match = re.match(r"^ {8}(\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current and stripped:
+            helps[current] += " " + stripped
+    plain = {}
+    for key, text in helps.items():
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+        plain[key] = text.replace("%", "%%")
+    return plain
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from zofast.train import TrainConfig
+
+    helps = _config_help()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        default = f.default
+        help_text = helps.get(f.name, "")
+        if kind == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif kind.startswith("tuple"):
+            parser.add_argument(flag, nargs="+", default=default, metavar="WORD", help=help_text)
+        elif kind.startswith("int"):
+            parser.add_argument(flag, type=int, default=default, help=help_text)
+        elif kind.startswith("float"):
+            parser.add_argument(flag, type=float, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=str, default=default, help=help_text)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from zofast.train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["label_words"] is not None:
+        values["label_words"] = tuple(values["label_words"])
+    return TrainConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``zofast`` command (all subcommands).
+
+    Returns:
+        An ``argparse.ArgumentParser``.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--method", "mezo", "--lr", "1e-5"])
+        >>> args.method, args.lr
+        ('mezo', 1e-05)
+    """
+    parser = _Parser(
+        prog="zofast",
+        description="Zeroth-order (LOZO, LOZO-M, MeZO) and derivative-free fine-tuning.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="fine-tune a model on a task (all TrainConfig fields)")
+    _add_config_flags(p)
+
+    p = sub.add_parser("replay", help="rebuild fine-tuned weights from a trajectory")
+    p.add_argument("--model", default=None, help="base model (default: embedded MiniLM)")
+    p.add_argument("--trajectory", required=True, help="trajectory JSON from zofast train")
+    p.add_argument("--out", required=True, help="folder to write the rebuilt model to")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+
+    p = sub.add_parser("eval", help="accuracy of a model (or base + trajectory) on a task")
+    p.add_argument("--model", default=None, help="model name or folder (default: embedded MiniLM)")
+    p.add_argument("--trajectory", default=None, help="apply this trajectory to --model first")
+    p.add_argument("--task", required=True, help="built-in task name (demo, sst-2, rte, trec)")
+    p.add_argument("--data", required=True, help="'demo' or a data folder")
+    p.add_argument("--template", default=None, help="custom task template")
+    p.add_argument("--label-words", nargs="+", default=None, metavar="WORD")
+    p.add_argument("--split", nargs="+", default=None, help="splits (default: dev and test)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+
+    p = sub.add_parser("demo", help="LOZO on the bundled demo set with the embedded MiniLM")
+    p.add_argument("--output-dir", default="zofast-demo", help="where log, plot, trajectory go")
+    p.add_argument("--steps", type=int, default=DEMO["steps"])
+    p.add_argument("--seed", type=int, default=DEMO["seed"])
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    p = sub.add_parser("bench", help="run the GPU benchmarks (pytest bench --benchmark-only)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    return parser
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _load_trajectory(path: str):
+    from zofast.trajectory import Trajectory
+
+    if not Path(path).is_file():
+        raise _UsageError(f"trajectory file not found: {path}")
+    try:
+        return Trajectory.load(path)
+    except (ValueError, OSError) as error:
+        raise _UsageError(f"cannot read trajectory {path}: {error}") from None
+
+
+def _trajectory_dtype(trajectory) -> str:
+    entries = trajectory.params or []
+    dtypes = {e["dtype"] for e in entries if e.get("trained")}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def _load_with_trajectory(model: str | None, trajectory_path: str, device: str):
+    """Load the base model and replay a trajectory onto it (any mismatch is a _UsageError)."""
+    from zofast.models import load_model
+    from zofast.trajectory import replay
+
+    trajectory = _load_trajectory(trajectory_path)
+    try:
+        loaded = load_model(model, dtype=_trajectory_dtype(trajectory), device=_device(device))
+    except (OSError, ValueError, ImportError) as error:
+        raise _UsageError(f"cannot load model {model or '(default)'}: {error}") from None
+    try:
+        replay(loaded.model, trajectory)
+    except (ValueError, TypeError) as error:
+        raise _UsageError(f"trajectory does not fit the model: {error}") from None
+    return loaded
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _cmd_train(args) -> int:
+    from zofast.train import train
+
+    config = _config_from_args(args)
+    result = train(config)
+    _print_result(result)
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "  n/a" if value is None else f"{100 * value:5.1f} %"
+
+
+def _print_result(result) -> None:
+    cfg = result.config
+    print(f"method {cfg.method}, task {cfg.task}, {result.steps} steps, {result.seconds:.0f} s")
+    print(f"zero-shot: dev {_pct(result.zero_shot_dev)}   test {_pct(result.zero_shot_test)}")
+    print(
+        f"tuned:     dev {_pct(result.best_dev)}   test {_pct(result.test)}   "
+        f"(best dev at step {result.best_step})"
+    )
+    for name, path in result.files.items():
+        print(f"{name + ':':17s}{path}")
+
+
+def _cmd_replay(args) -> int:
+    from zofast.models import default_model_path
+
+    out = Path(args.out)
+    base = Path(args.model) if args.model is not None else default_model_path()
+    if base.exists() and _same_path(out, base):
+        raise _UsageError(f"--out {out} is the base model folder; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"--out {out} exists and is not a folder")
+    loaded = _load_with_trajectory(args.model, args.trajectory, args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    print(f"rebuilt weights written to {out} (safetensors)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from zofast.models import load_model
+    from zofast.scoring import Scorer
+    from zofast.train import ConfigError, TrainConfig, evaluate, load_splits, resolve_task
+
+    config = TrainConfig(
+        model=args.model,
+        task=args.task,
+        data=args.data,
+        template=args.template,
+        label_words=None if args.label_words is None else tuple(args.label_words),
+        eval_batch_size=args.batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        device=args.device,
+    ).validate()
+    task = resolve_task(config)
+    splits = load_splits(config.data, task)
+    wanted = args.split or [s for s in ("dev", "test") if s in splits]
+    missing = [s for s in wanted if s not in splits]
+    if missing:
+        raise _UsageError(f"split(s) {missing} not in {args.data} (has {sorted(splits)})")
+    if args.trajectory is not None:
+        loaded = _load_with_trajectory(args.model, args.trajectory, args.device)
+    else:
+        try:
+            loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+        except (OSError, ValueError, ImportError) as error:
+            raise _UsageError(f"cannot load model {args.model or '(default)'}: {error}") from None
+    try:
+        scorer = Scorer(loaded, task, max_length=config.max_length)
+    except (ValueError, NotImplementedError) as error:
+        raise ConfigError(f"model and task do not fit together: {error}") from None
+    results = {}
+    for split in wanted:
+        acc, loss = evaluate(scorer, splits[split], args.batch_size)
+        results[split] = {"accuracy": acc, "loss": loss, "examples": len(splits[split])}
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for split, r in results.items():
+            print(
+                f"{split}: accuracy {100 * r['accuracy']:.1f} % ({r['examples']} examples), "
+                f"loss {r['loss']:.4f}"
+            )
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import torch
+
+    from zofast.train import TrainConfig, train
+
+    if args.steps < 1:
+        raise _UsageError(f"--steps must be >= 1, got {args.steps}")
+    config = TrainConfig(
+        **{**DEMO, "steps": args.steps, "seed": args.seed},
+        output_dir=args.output_dir,
+        progress=args.progress,
+    )
+    print(
+        "zofast demo: LOZO fine-tuning of the embedded all-MiniLM-L6-v2 on zofast's bundled "
+        f"sentiment set ({config.steps} steps, batch {config.batch_size}, lr {config.lr:g}, "
+        f"{torch.get_num_threads()} CPU threads)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    result = train(config)
+    elapsed = time.perf_counter() - started
+    out = Path(result.output_dir)
+    print(f"zero-shot test accuracy: {_pct(result.zero_shot_test)}")
+    print(
+        f"tuned     test accuracy: {_pct(result.test)}   (best dev checkpoint: step "
+        f"{result.best_step}; {elapsed:.0f} s in all)"
+    )
+    print(f"log:        {out / 'log.jsonl'}")
+    print(f"plot:       {out / 'curves.png'}")
+    print(f"trajectory: {out / 'trajectory-best.json'} (whole run: {out / 'trajectory.json'})")
+    print(
+        f"rebuild the tuned weights: zofast replay --trajectory {out / 'trajectory-best.json'} "
+        f"--out {out / 'model'}"
+    )
+    return 0
+
+
+def _bench_root() -> Path | None:
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / "bench").is_dir() and (root / "pyproject.toml").is_file():
+            return root
+    return None
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "zofast bench: no CUDA GPU is visible to torch "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); the "
+            "benchmarks in bench/ time the GPU kernels and need one. Nothing was run.",
+            file=sys.stderr,
+        )
+        return 1
+    root = _bench_root()
+    if root is None:
+        raise _UsageError("bench/ not found: run zofast bench from the zofast source tree")
+    extra = [a for a in args.pytest_args if a != "--"]
+    command = [sys.executable, "-P", "-m", "pytest", "bench", "--benchmark-only", *extra]
+    print("running:", " ".join(command), flush=True)
+    return subprocess.call(command, cwd=root, env=dict(os.environ))
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Hide transformers' "Loading weights" bars, so errors and results stay readable."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "replay": _cmd_replay,
+    "eval": _cmd_eval,
+    "demo": _cmd_demo,
+    "bench": _cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``zofast`` command line.
+
+    Args:
+        argv: arguments without the program name; None = ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 2 on bad input (one-line message on stderr, nothing written),
+        1 when ``zofast bench`` finds no GPU, 130 on Ctrl-C.
+
+    Example:
+        >>> main(["train", "--method", "lozo", "--steps", "100", "--output-dir", "runs/x"])
+        0
+    """
+    from zofast.train import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args)
+        with _quiet_loading():
+            return _COMMANDS[args.command](args)
+    except (ConfigError, _UsageError) as error:
+        print(f"zofast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"zofast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

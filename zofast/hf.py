@@ -1,0 +1,288 @@
+"""Zeroth-order fine-tuning inside Hugging Face's ``Trainer``: switch one line.
+
+::
+
+    from zofast.hf import ZOTrainer, ZOTrainingArguments
+
+    args = ZOTrainingArguments("out", learning_rate=1e-6, max_steps=20_000, zo_method="lozo")
+    trainer = ZOTrainer(model=model, args=args, train_dataset=ds)   # was: Trainer(...)
+    trainer.train()
+    trainer.save_trajectory("out/trajectory.json")
+
+How it fits into Trainer's loop
+    Trainer calls ``training_step`` for each batch, then clips gradients, calls
+    ``optimizer.step()``, steps the LR scheduler and zeroes gradients. ``ZOTrainer`` overrides
+    ``training_step`` to run one whole zeroth-order step: ``opt.step(closure)`` with a closure
+    that computes the model's loss on the batch under ``torch.no_grad()`` (so no gradient is ever
+    allocated and ``backward`` is never called). The optimizer Trainer holds is a
+    :class:`TrainerOptimizer`, a view of the zofast optimizer that shares its parameter groups and
+    state (so the LR scheduler sets the learning rate the zofast optimizer uses, and checkpoints
+    hold its state) and whose plain ``step()`` does nothing: the step already happened in
+    ``training_step``. Gradient clipping is switched off (``max_grad_norm = 0``): there are no
+    gradients to clip.
+
+    The model runs in eval mode (dropout off) during the zeroth-order steps: both loss
+    evaluations of a step must see the same function, or the finite difference measures the
+    dropout noise. Gradient accumulation is refused (every batch is its own step).
+
+Choosing the optimizer
+    ``ZOTrainingArguments`` adds ``zo_method`` (``lozo``, ``lozo-m``, ``mezo``), ``zo_eps``,
+    ``zo_rank``, ``zo_nu``, ``zo_momentum`` and ``zo_seed`` to ``TrainingArguments``; the learning
+    rate and weight decay are Trainer's own ``learning_rate`` and ``weight_decay`` (decay on
+    matrices only, as :func:`zofast.optim.param_groups`). Plain ``TrainingArguments`` give LOZO
+    with its defaults. Or build the optimizer yourself and pass ``optimizers=(opt, None)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+
+from zofast.optim import LOZO, MeZO, param_groups
+
+__all__ = ["ZOTrainer", "ZOTrainingArguments", "TrainerOptimizer", "ZO_METHODS"]
+
+ZO_METHODS = ("lozo", "lozo-m", "mezo")
+
+
+@dataclass
+class ZOTrainingArguments(transformers.TrainingArguments):
+    """``TrainingArguments`` plus the zeroth-order hyperparameters.
+
+    Args:
+        zo_method: ``"lozo"``, ``"lozo-m"`` or ``"mezo"``.
+        zo_eps: perturbation scale ε.
+        zo_rank: rank of LOZO's U·Vᵀ.
+        zo_nu: steps between redraws of LOZO's V.
+        zo_momentum: β of LOZO-M (``lozo-m`` only; None = 0.9).
+        zo_seed: run seed of the noise; None = ``seed``.
+
+    Example:
+        >>> args = ZOTrainingArguments("out", learning_rate=1e-6, zo_method="mezo")
+    """
+
+    zo_method: str = field(default="lozo", metadata={"help": "lozo, lozo-m or mezo"})
+    zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale"})
+    zo_rank: int = field(default=2, metadata={"help": "rank of LOZO's U V^T"})
+    zo_nu: int = field(default=50, metadata={"help": "steps between redraws of V"})
+    zo_momentum: float | None = field(default=None, metadata={"help": "LOZO-M beta (0.9)"})
+    zo_seed: int | None = field(default=None, metadata={"help": "noise seed (default: seed)"})
+
+
+def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
+    return {
+        "method": getattr(args, "zo_method", "lozo"),
+        "eps": getattr(args, "zo_eps", 1e-3),
+        "rank": getattr(args, "zo_rank", 2),
+        "nu": getattr(args, "zo_nu", 50),
+        "momentum": getattr(args, "zo_momentum", None),
+        "seed": getattr(args, "zo_seed", None),
+    }
+
+
+def build_optimizer(model: torch.nn.Module, args: transformers.TrainingArguments):
+    """The zofast optimizer that ``args`` describe, over the model's trainable parameters.
+
+    Args:
+        model: the model (parameters with ``requires_grad=True`` are trained).
+        args: ``ZOTrainingArguments`` (or plain ``TrainingArguments``: LOZO defaults).
+
+    Returns:
+        A :class:`zofast.optim.LOZO` or :class:`zofast.optim.MeZO`.
+
+    Example:
+        >>> opt = build_optimizer(model, ZOTrainingArguments("out", learning_rate=1e-6))
+    """
+    s = _zo_settings(args)
+    if s["method"] not in ZO_METHODS:
+        raise ValueError(f"zo_method must be one of {ZO_METHODS}, got {s['method']!r}")
+    seed = args.seed if s["seed"] is None else s["seed"]
+    groups = param_groups(model, args.weight_decay)
+    common = {"lr": args.learning_rate, "eps": s["eps"], "seed": seed}
+    if s["method"] == "mezo":
+        if s["momentum"]:
+            raise ValueError("zo_momentum applies to lozo-m only")
+        return MeZO(groups, **common)
+    if s["method"] == "lozo":
+        if s["momentum"]:
+            raise ValueError("zo_momentum applies to lozo-m only (zo_method='lozo-m')")
+        momentum = 0.0
+    else:
+        momentum = 0.9 if s["momentum"] is None else s["momentum"]
+    return LOZO(groups, rank=s["rank"], nu=s["nu"], momentum=momentum, **common)
+
+
+def _delegated(name: str) -> property:
+    """An attribute read from / written to the wrapped optimizer once one is attached."""
+
+    def get(self):
+        zo = self.__dict__.get("_zo")
+        return getattr(zo, name) if zo is not None else self.__dict__[f"_own_{name}"]
+
+    def set_(self, value):
+        zo = self.__dict__.get("_zo")
+        if zo is not None:
+            setattr(zo, name, value)
+        else:
+            self.__dict__[f"_own_{name}"] = value
+
+    return property(get, set_)
+
+
+class TrainerOptimizer(torch.optim.Optimizer):
+    """What ``Trainer`` holds: a view of a zofast optimizer whose plain ``step()`` does nothing.
+
+    ``param_groups``, ``state`` and ``defaults`` are those of the zofast optimizer (an LR
+    scheduler built on this object sets the learning rate the zofast optimizer uses);
+    ``state_dict``/``load_state_dict`` are its own. ``step(closure)`` with a closure runs a
+    zeroth-order step; ``step()`` without one returns None, because ``ZOTrainer.training_step``
+    has already stepped. ``zero_grad`` does nothing (there are no gradients).
+
+    Args:
+        zo_optimizer: a :class:`zofast.optim.LOZO` or :class:`zofast.optim.MeZO`.
+
+    Example:
+        >>> view = TrainerOptimizer(LOZO(model, lr=1e-6))
+        >>> view.param_groups is view.zo_optimizer.param_groups
+        True
+    """
+
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
+
+    def __init__(self, zo_optimizer):
+        if not isinstance(zo_optimizer, (LOZO, MeZO)):
+            raise TypeError(
+                f"expected a zofast LOZO or MeZO optimizer, got {type(zo_optimizer).__name__}"
+            )
+        self.__dict__["_zo"] = None
+        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": 0.0})
+        self.__dict__["_zo"] = zo_optimizer
+        for name in ("param_groups", "state", "defaults"):
+            self.__dict__.pop(f"_own_{name}", None)
+
+    @property
+    def zo_optimizer(self):
+        """The wrapped zofast optimizer."""
+        return self.__dict__["_zo"]
+
+    def step(self, closure=None):
+        """Run a zeroth-order step if given a closure; without one, do nothing (see the class)."""
+        if closure is None:
+            return None
+        return self.zo_optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: zeroth-order steps allocate no gradients."""
+
+    def state_dict(self) -> dict:
+        """The zofast optimizer's state dict (trajectory included)."""
+        return self.zo_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict into the zofast optimizer."""
+        self.zo_optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"TrainerOptimizer({type(self.zo_optimizer).__name__})"
+
+
+class ZOTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that fine-tunes with a zofast zeroth-order optimizer.
+
+    Takes exactly Trainer's arguments. The optimizer comes from ``optimizers=(opt, None)`` when
+    ``opt`` is a zofast LOZO/MeZO, else from ``args`` (see :func:`build_optimizer`). The LR
+    scheduler of ``args`` applies (the trajectory records every step's learning rate).
+
+    Args:
+        *args: positional arguments of ``transformers.Trainer``.
+        **kwargs: keyword arguments of ``transformers.Trainer``.
+
+    Example:
+        >>> trainer = ZOTrainer(model=model, args=ZOTrainingArguments("out", max_steps=100),
+        ...                     train_dataset=ds)
+        >>> trainer.train()
+        >>> trainer.trajectory.steps
+        100
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "ZOTrainer takes one zeroth-order step per batch: set "
+                "gradient_accumulation_steps=1 (use a larger per_device_train_batch_size instead)"
+            )
+        if self.optimizer is not None and not isinstance(self.optimizer, (LOZO, MeZO)):
+            raise TypeError(
+                "ZOTrainer needs a zofast LOZO or MeZO optimizer in optimizers=(opt, None), got "
+                f"{type(self.optimizer).__name__}"
+            )
+        self.args.max_grad_norm = 0.0
+        self.zo_optimizer = self.optimizer
+
+    def create_optimizer(self, model=None):
+        """Build (or wrap) the zofast optimizer; Trainer gets a :class:`TrainerOptimizer`.
+
+        Args:
+            model: the model whose parameters are trained (default: ``self.model``).
+
+        Returns:
+            The :class:`TrainerOptimizer` stored in ``self.optimizer``.
+        """
+        if isinstance(self.optimizer, TrainerOptimizer):
+            return self.optimizer
+        if self.optimizer is None:
+            self.zo_optimizer = build_optimizer(self.model if model is None else model, self.args)
+        else:
+            self.zo_optimizer = self.optimizer
+        self.optimizer = TrainerOptimizer(self.zo_optimizer)
+        return self.optimizer
+
+    @property
+    def trajectory(self):
+        """The zofast trajectory of the run so far (None before the optimizer exists)."""
+        return None if self.zo_optimizer is None else self.zo_optimizer.trajectory
+
+    def save_trajectory(self, path) -> None:
+        """Write the trajectory as JSON; ``zofast replay`` rebuilds the weights from it.
+
+        Args:
+            path: file path.
+        """
+        if self.trajectory is None:
+            raise ValueError("no trajectory yet: train first")
+        self.trajectory.save(path)
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One zeroth-order step on a batch: two loss evaluations, no gradients.
+
+        Args:
+            model: the (possibly wrapped) model.
+            inputs: the batch, as Trainer gives it.
+            num_items_in_batch: passed on to ``compute_loss``.
+
+        Returns:
+            (L+ + L−)/2, detached, on ``args.device``.
+        """
+        if self.zo_optimizer is None:
+            self.create_optimizer()
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+
+        def closure():
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return loss.mean() if loss.numel() > 1 else loss
+
+        loss = self.zo_optimizer.step(closure)
+        return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
