@@ -257,9 +257,11 @@ def test_dfo_lora_method(tiny, tmp_path):
 def test_experiment_report_from_records(tmp_path):
     from zofast import experiments
 
+    for seed in (13, 21):  # the report reads records only; the config checks the folders exist
+        (tmp_path / "data" / "SST-2" / f"16-{seed}").mkdir(parents=True)
     grid = experiments.GridConfig(
         runs_dir=str(tmp_path / "runs"), docs_dir=str(tmp_path / "docs"), tasks=("sst-2",),
-        seeds=(13, 21), methods=("mezo", "lozo"), zo_steps=10,
+        seeds=(13, 21), methods=("mezo", "lozo"), zo_steps=10, data_root=str(tmp_path / "data"),
     )  # fmt: skip
     assert grid.train_config("sst-2", 13, "lozo", False).forward_budget == 20
     assert grid.train_config("sst-2", 13, "lozo", False).resolved_steps == 10
