@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
 def fresh_seed():
     """A new random seed per test run (printed on failure through the assertion messages)."""
     return secrets.randbits(63)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP contention on a busy 2-core CI box.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

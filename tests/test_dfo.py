@@ -22,13 +22,7 @@ from zofast.scoring import Scorer
 SMALL = {"rank": 2, "intrinsic_dim": 40, "popsize": 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are much faster on one thread (and immune to a busy second core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

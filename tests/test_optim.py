@@ -14,14 +14,7 @@ from zofast.optim import LOZO, MeZO, _deferred_interrupts, param_groups
 from zofast.perturb import gaussian_noise, lowrank_factors
 from zofast.rng import RunSeeds
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP contention on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 M, N = 24, 16  # the quadratic's matrix

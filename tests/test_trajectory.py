@@ -13,14 +13,7 @@ import torch
 from zofast.optim import LOZO, MeZO, param_groups
 from zofast.trajectory import Trajectory, param_fingerprint, replay
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP contention on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(torch.nn.Module):

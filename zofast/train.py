@@ -476,6 +476,18 @@ def _length(example: Example) -> int:
     return len(example.text_a) + len(example.text_b or "")
 
 
+def zero_shot(scorer: Scorer, dev, test, config: TrainConfig, log) -> tuple:
+    """Dev accuracy and loss and test accuracy of the untrained model (None where not asked),
+    written to the log as the "zero_shot" record."""
+    zs_dev = zs_dev_loss = zs_test = None
+    if dev:
+        zs_dev, zs_dev_loss = evaluate(scorer, dev, config.eval_batch_size)
+    if test and config.zero_shot_test:
+        zs_test = evaluate(scorer, test, config.eval_batch_size)[0]
+    log.write("zero_shot", dev_acc=zs_dev, dev_loss=zs_dev_loss, test_acc=zs_test)
+    return zs_dev, zs_dev_loss, zs_test
+
+
 @torch.no_grad()
 def evaluate(
     scorer: Scorer, examples: Sequence[Example], batch_size: int = 64
@@ -671,12 +683,7 @@ def _run(config, loaded, scorer, splits, optimizer, out_dir: Path, log: _Log) ->
     )
     started = time.perf_counter()
     ebs = config.eval_batch_size
-    zs_dev = zs_dev_loss = zs_test = None
-    if dev:
-        zs_dev, zs_dev_loss = evaluate(scorer, dev, ebs)
-    if test and config.zero_shot_test:
-        zs_test = evaluate(scorer, test, ebs)[0]
-    log.write("zero_shot", dev_acc=zs_dev, dev_loss=zs_dev_loss, test_acc=zs_test)
+    zs_dev, zs_dev_loss, zs_test = zero_shot(scorer, dev, test, config, log)
 
     history: list[dict] = []
 
@@ -876,12 +883,7 @@ def _train_dfo(config: TrainConfig, loaded: LoadedModel, scorer: Scorer, splits)
             splits={k: len(v) for k, v in splits.items()},
         )
         ebs = config.eval_batch_size
-        zs_dev = zs_dev_loss = zs_test = None
-        if dev:
-            zs_dev, zs_dev_loss = evaluate(scorer, dev, ebs)
-        if test and config.zero_shot_test:
-            zs_test = evaluate(scorer, test, ebs)[0]
-        log.write("zero_shot", dev_acc=zs_dev, dev_loss=zs_dev_loss, test_acc=zs_test)
+        zs_dev, zs_dev_loss, zs_test = zero_shot(scorer, dev, test, config, log)
         fit = dfo.fit(
             train_set,
             dev,
