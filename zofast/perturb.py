@@ -446,13 +446,19 @@ def lowrank_factors(
 
 class GraphedPass:
     """One engine pass over many tensors, captured once in a CUDA graph and replayed with new
-    seeds and scales: the per-tensor Python and launch overhead of an eager pass, gone.
+    seeds and scales: no Python call and no launch per tensor.
 
-    Every tensor takes ``n_terms`` terms per replay. A low-rank tensor (rank r ≥ 1) takes T u
-    seeds, ONE v seed shared by its terms and T scales, and computes exactly
-    ``lowrank_(w, u_seeds, [v_seed] * T, r, scales)``; a full-rank tensor (rank 0) takes T seeds
-    and T scales, exactly ``gaussian_(w, seeds, scales)``. Seeds and scales travel in one
-    host-to-device copy per replay, into device buffers the graph reads.
+    The pass runs as a few multi-tensor launches (zofast.kernels.multi: one per group of
+    full-rank tensors of a dtype, one factor launch per rank, one low-rank launch per rank and
+    dtype) that read the seeds and scales from device tables. Every tensor takes ``n_terms``
+    terms per replay. A low-rank tensor (rank r ≥ 1) takes T u seeds, ONE v seed shared by its
+    terms and T scales, and gets exactly ``lowrank_(w, u_seeds, [v_seed] * T, r, scales)``; a
+    full-rank tensor (rank 0) takes T seeds and T scales, exactly ``gaussian_(w, seeds, scales)``
+    (bit for bit: same arithmetic in the same order). Seeds and scales travel in one
+    host-to-device copy per replay.
+
+    The graph holds the tensors' addresses: if a tensor is reallocated (``model.to(...)``, a
+    load that replaces storage), ``stale`` turns True and a replay raises; build a new pass.
 
     Args:
         tensors: contiguous float32 / bfloat16 / float16 CUDA tensors on one device.
@@ -465,6 +471,8 @@ class GraphedPass:
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], ranks: Sequence[int], n_terms: int):
+        from zofast.kernels.multi import MultiPass
+
         if len(tensors) != len(ranks) or not tensors:
             raise ValueError("GraphedPass needs one rank per tensor and at least one tensor")
         device = tensors[0].device
@@ -477,6 +485,7 @@ class GraphedPass:
         if isinstance(n_terms, bool) or not isinstance(n_terms, int) or n_terms < 1:
             raise ValueError(f"n_terms must be a positive integer, got {n_terms!r}")
         self.tensors, self.ranks, self.n_terms = list(tensors), list(ranks), n_terms
+        self._addresses = [w.data_ptr() for w in self.tensors]
         count = len(tensors)
         # Row i: T u (or full-rank) seeds, then the v seed; scales apart (float32).
         self._seeds = torch.zeros(count, n_terms + 1, dtype=torch.int64, device=device)
@@ -484,22 +493,25 @@ class GraphedPass:
         self._host_seeds = torch.zeros_like(self._seeds, device="cpu").pin_memory()
         self._host_scales = torch.zeros_like(self._scales, device="cpu").pin_memory()
         self._copied = torch.cuda.Event()
-        # Compile every kernel on same-shaped copies, so capture launches nothing new and the
-        # weights themselves are not touched until the first replay.
-        for i, w in enumerate(self.tensors):
-            self._apply(i, w.clone())
+        # Compile every kernel variant on tiny stand-ins first, so that capture launches nothing
+        # new and the weights are not touched before the first replay.
+        kinds = sorted(
+            {(w.dtype, r) for w, r in zip(self.tensors, self.ranks, strict=True)}, key=str
+        )
+        stand_ins = [torch.zeros(max(r, 1), max(r, 1), dtype=d, device=device) for d, r in kinds]
+        MultiPass(stand_ins, [r for _, r in kinds], n_terms).launch(
+            self._seeds[: len(kinds)], self._scales[: len(kinds)]
+        )
+        self._plan = MultiPass(self.tensors, self.ranks, n_terms)
         torch.cuda.synchronize(device)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            for i, w in enumerate(self.tensors):
-                self._apply(i, w)
+            self._plan.launch(self._seeds, self._scales)
 
-    def _apply(self, i: int, w: torch.Tensor) -> None:
-        seeds, scales = self._seeds[i], self._scales[i]
-        if self.ranks[i]:
-            lowrank_(w, seeds[:-1], seeds[-1:], self.ranks[i], scales)
-        else:
-            gaussian_(w, seeds[:-1], scales)
+    @property
+    def stale(self) -> bool:
+        """Whether a tensor no longer lives at the address the graph writes to."""
+        return any(w.data_ptr() != a for w, a in zip(self.tensors, self._addresses, strict=True))
 
     def __call__(
         self,
@@ -528,6 +540,8 @@ class GraphedPass:
             )
         if not torch.isfinite(scales_now).all():
             raise ValueError("scale must be finite real numbers")
+        if self.stale:
+            raise RuntimeError("a tensor was reallocated since the graph was captured")
         self._copied.synchronize()  # the previous replay's copy has read the pinned buffers
         self._host_seeds.copy_(seeds_now)
         self._host_scales.copy_(scales_now)
