@@ -1,6 +1,7 @@
 """Turns a pytest-benchmark JSON of bench/ into bench/results/<name>.md and latest.json.
 
 Usage: python bench/report.py RUN.json [--steps STEPS.json] [--out bench/results]
+(STEPS.json: the pytest-benchmark JSON of bench/test_steps.py, or a list of step records.)
 latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
               "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
               "steps": [{"model", "method", "mode", "step_over_two_forwards", "peak_over_forward"}]}
@@ -25,14 +26,17 @@ def main():
     parser.add_argument("--commit", help="commit measured (default: git HEAD)")
     args = parser.parse_args()
     run = json.loads(Path(args.run).read_text())
-    kernels = []
+    kernels, tiles = [], []
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
-        if "op" in info:
+        if "pct_of_copy_by_tile" in info:
+            tiles.append(info)
+        elif "op" in info:
             kernels.append(
                 {
                     k: info[k]
                     for k in (
+                        *(("model",) if "model" in info else ()),
                         "op",
                         "backend",
                         "dtype",
@@ -54,6 +58,9 @@ def main():
     }
     gpu, copy = first["gpu"], first["copy_gbps"]
     steps = json.loads(Path(args.steps).read_text()) if args.steps else []
+    if isinstance(steps, dict):  # pytest-benchmark JSON of bench/test_steps.py
+        keys = ("model", "method", "mode", "step_over_two_forwards", "peak_over_forward")
+        steps = [{k: b["extra_info"][k] for k in keys} for b in steps["benchmarks"]]
     latest = {
         "gpu": gpu,
         "commit": meta["commit"],
@@ -78,11 +85,31 @@ def main():
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k in kernels:
+        shape = (
+            f"{k['model']}: {k['shape'][0]} tensors"
+            if "model" in k
+            else f"{k['shape'][0]}×{k['shape'][1]}"
+        )
         lines.append(
-            f"| {k['op']} | {k['backend']} | {k['dtype']} | {k['shape'][0]}×{k['shape'][1]} | "
+            f"| {k['op']} | {k['backend']} | {k['dtype']} | {shape} | "
             f"{k['rank'] or ''} | {k['terms']} | {k['device_median_us']:.1f} | {k['gbps']:.0f} | "
             f"{k['pct_of_copy']:.1f} | {k['peak_extra_bytes'] / 2**20:.2f} |"
         )
+    for t in tiles:
+        ranked = sorted(t["pct_of_copy_by_tile"].items(), key=lambda kv: -kv[1])
+        lines += ["", f"Tile sweep, {t['op']}, {t['model']}, rank {t['rank']} (% of copy): "]
+        lines[-1] += ", ".join(f"{tile} {pct}" for tile, pct in ranked)
+    if steps:
+        lines += [
+            "",
+            "| model | method | mode | step ÷ two forwards | peak ÷ forward peak |",
+            "|---|---|---|---|---|",
+        ]
+        for st in steps:
+            lines.append(
+                f"| {st['model']} | {st['method']} | {st['mode']} | "
+                f"{st['step_over_two_forwards']:.3f} | {st['peak_over_forward']:.5f} |"
+            )
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

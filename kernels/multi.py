@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .lowrank import default_tile
 from .philox import _check_interpretable, load_seed, normal4
 
 GAUSSIAN_BLOCK = 512  # counter blocks per program: 2048 elements
@@ -149,12 +150,12 @@ class MultiPass:
         tensors: contiguous float32 / bfloat16 / float16 tensors on one device.
         ranks: one per tensor.
         n_terms: T.
-        block_m, block_n: the low-rank tile.
+        tile: the low-rank (BLOCK_M, BLOCK_N); default: kernels.lowrank.default_tile(rank).
     """
 
-    def __init__(self, tensors, ranks, n_terms: int, block_m: int = 32, block_n: int = 128):
+    def __init__(self, tensors, ranks, n_terms: int, tile: tuple[int, int] | None = None):
         _check_interpretable(tensors[0])
-        self.n_terms, self.block_m, self.block_n = n_terms, block_m, block_n
+        self.n_terms = n_terms
         device = tensors[0].device
         table = np.zeros((len(tensors), TABLE_WIDTH), dtype=np.int64)
         u_size = v_size = 0
@@ -202,11 +203,13 @@ class MultiPass:
             self._factors.append((*plan(ids, counts), rank))
         self._lowrank = []
         for (rank, _), ids in groups(lambda w, r: (r, w.dtype) if r else None):
+            block_m, block_n = tile or default_tile(rank)
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
                 counts.append([triton.cdiv(m, block_m) * triton.cdiv(n, block_n)])
-            self._lowrank.append((*plan(ids, counts), rank, dtype_of[tensors[ids[0]].dtype]))
+            dtype = dtype_of[tensors[ids[0]].dtype]
+            self._lowrank.append((*plan(ids, counts), rank, dtype, block_m, block_n))
 
     def launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
         """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed) and scales[i]."""
@@ -227,7 +230,7 @@ class MultiPass:
                 RANK=rank,
                 BLOCK=FACTOR_BLOCK,
             )
-        for table, jobs, rank, w0 in self._lowrank:
+        for table, jobs, rank, w0, block_m, block_n in self._lowrank:
             _multi_lowrank_kernel[(jobs.shape[0],)](
                 table,
                 jobs,
@@ -236,6 +239,6 @@ class MultiPass:
                 w0,
                 N_TERMS=terms,
                 RANK=rank,
-                BLOCK_M=self.block_m,
-                BLOCK_N=self.block_n,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
             )

@@ -63,7 +63,7 @@ def test_multi_pass_equals_one_call_per_tensor(n_terms, fresh_seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors, ranks, seeds, scales = _setup(fresh_seed, n_terms, device)
     expected = _per_tensor(tensors, ranks, seeds, scales, n_terms)
-    plan = MultiPass(tensors, ranks, n_terms, block_m=16, block_n=32)
+    plan = MultiPass(tensors, ranks, n_terms, tile=(16, 32))
     plan._u.fill_(float("nan"))  # every factor entry a launch reads must have been written
     plan._v.fill_(float("nan"))
     seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
@@ -81,7 +81,7 @@ def test_multi_pass_replays_with_new_seeds(fresh_seed):
     expected = _per_tensor(tensors, ranks, seeds, scales, 2)
     seeds_t = torch.zeros(len(tensors), 3, dtype=torch.int64, device=device)
     scales_t = torch.zeros(len(tensors), 2, dtype=torch.float32, device=device)
-    plan = MultiPass(tensors, ranks, 2, block_m=16, block_n=32)
+    plan = MultiPass(tensors, ranks, 2, tile=(16, 32))
     before = [w.clone() for w in tensors]
     plan.launch(seeds_t, scales_t)  # zero scales: nothing moves
     assert all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
