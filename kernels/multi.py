@@ -27,20 +27,32 @@ from .philox import _check_interpretable, load_seed, normal4
 
 GAUSSIAN_BLOCK = 512  # counter blocks per program: 2048 elements
 FACTOR_BLOCK = 256  # counter blocks per factor program: 1024 numbers
-# Per-tensor table columns (int64).
-ADDRESS, ROWS, COLS, TERM_ROW, U_OFFSET, V_OFFSET = range(6)
-TABLE_WIDTH = 6
+# Per-tensor table columns (int64). Factor rows are padded to STRIDE_ALIGN numbers, so every
+# factor row starts 64-byte aligned and the kernels may say so (vectorised loads).
+ADDRESS, ROWS, COLS, TERM_ROW, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE = range(8)
+TABLE_WIDTH = 8
+STRIDE_ALIGN = 16
 
 
 @triton.jit
 def _multi_gaussian_kernel(
-    table_ptr, jobs_ptr, seeds_ptr, scales_ptr, w0_ptr, N_TERMS: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    jobs_ptr,
+    seeds_ptr,
+    scales_ptr,
+    w0_ptr,
+    N_TERMS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Job (tensor, -, chunk): 4·BLOCK elements from chunk·4·BLOCK += Σ_t s_t·normal(seed_t, ·)."""
     job = jobs_ptr + tl.program_id(0) * 3
-    row = table_ptr + tl.load(job) * 6
+    row = table_ptr + tl.load(job) * 8
     w_ptr = tl.load(row).to(w0_ptr.dtype)
     n = tl.load(row + 1)
+    if ALIGNED:  # address and size multiples of 16 (checked on the host): vector loads
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        n = tl.multiple_of(n, 16)
     term_row = tl.load(row + 3)
     blocks = tl.load(job + 2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
@@ -66,10 +78,10 @@ def _multi_factors_kernel(
     BLOCK: tl.constexpr,
 ):
     """Job = (tensor, part, chunk); part t < T: u_t[k, i] = s_t·normal(u_seed_t, i·R + k) at
-    u_ptr + u_offset + (t·R + k)·m + i; part T: V[j, k] = normal(v_seed, j·R + k) at
-    v_ptr + v_offset + k·n + j. Each job covers 4·BLOCK consecutive stream indices."""
+    u_ptr + u_offset + (t·R + k)·u_stride + i; part T: V[j, k] = normal(v_seed, j·R + k) at
+    v_ptr + v_offset + k·v_stride + j. Each job covers 4·BLOCK consecutive stream indices."""
     job = jobs_ptr + tl.program_id(0) * 3
-    row = table_ptr + tl.load(job) * 6
+    row = table_ptr + tl.load(job) * 8
     part = tl.load(job + 1)
     is_u = part < N_TERMS
     term_row = tl.load(row + 3)
@@ -80,8 +92,9 @@ def _multi_factors_kernel(
     seed_lo, seed_hi = load_seed(seeds_ptr + term_row * (N_TERMS + 1) + part)
     scale = tl.load(scales_ptr + term_row * N_TERMS + part, mask=is_u, other=1.0)
     z = normal4(seed_lo, seed_hi, blocks) * scale
-    transposed = (local % RANK) * rows + local // RANK
-    u_out = u_ptr + tl.load(row + 4) + part * RANK * rows
+    stride = tl.where(is_u, tl.load(row + 6), tl.load(row + 7))
+    transposed = (local % RANK) * stride + local // RANK
+    u_out = u_ptr + tl.load(row + 4) + part * RANK * stride
     v_out = v_ptr + tl.load(row + 5)
     tl.store(tl.where(is_u, u_out, v_out) + transposed, z, mask=mask)
 
@@ -97,15 +110,21 @@ def _multi_lowrank_kernel(
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Job = (tensor, -, tile): w[tile] += (Σ_t u_t)·Vᵀ, fma over k in order, one rounding."""
     job = jobs_ptr + tl.program_id(0) * 3
-    row = table_ptr + tl.load(job) * 6
+    row = table_ptr + tl.load(job) * 8
     w_ptr = tl.load(row).to(w0_ptr.dtype)
     m = tl.load(row + 1)
     n = tl.load(row + 2)
-    u_base = u_ptr + tl.load(row + 4)
-    v_base = v_ptr + tl.load(row + 5)
+    if ALIGNED:  # address and row length multiples of 16 (checked on the host): vector loads
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        n = tl.multiple_of(n, 16)
+    u_base = u_ptr + tl.multiple_of(tl.load(row + 4), 16)
+    v_base = v_ptr + tl.multiple_of(tl.load(row + 5), 16)
+    u_stride = tl.multiple_of(tl.load(row + 6), 16)
+    v_stride = tl.multiple_of(tl.load(row + 7), 16)
     tile = tl.load(job + 2).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
     rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,10 +135,10 @@ def _multi_lowrank_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     for k in tl.static_range(RANK):
-        u = tl.load(u_base + k * m + rows, mask=row_ok, other=0.0)
+        u = tl.load(u_base + k * u_stride + rows, mask=row_ok, other=0.0)
         for t in tl.static_range(1, N_TERMS):
-            u += tl.load(u_base + (t * RANK + k) * m + rows, mask=row_ok, other=0.0)
-        v = tl.load(v_base + k * n + cols, mask=col_ok, other=0.0)
+            u += tl.load(u_base + (t * RANK + k) * u_stride + rows, mask=row_ok, other=0.0)
+        v = tl.load(v_base + k * v_stride + cols, mask=col_ok, other=0.0)
         acc = tl.fma(u[:, None], v[None, :], acc)
     tl.store(ptrs, acc.to(w0_ptr.dtype.element_ty), mask=mask)
 
@@ -135,6 +154,16 @@ def _jobs(counts) -> np.ndarray:
 
 def _matrix(w: torch.Tensor) -> tuple[int, int]:
     return w.shape[0], w.numel() // w.shape[0]
+
+
+def _padded(count: int) -> int:
+    return triton.cdiv(count, STRIDE_ALIGN) * STRIDE_ALIGN
+
+
+def _aligned(w: torch.Tensor, rank: int) -> bool:
+    """Whether w's address (bytes) and row length (elements; full-rank: size) are multiples of
+    16, so the kernels may load and store it in vectors."""
+    return w.data_ptr() % 16 == 0 and (_matrix(w)[1] if rank else w.numel()) % 16 == 0
 
 
 class MultiPass:
@@ -163,9 +192,15 @@ class MultiPass:
             m, n = _matrix(w) if rank else (w.numel(), 1)
             table[i, [ADDRESS, ROWS, COLS, TERM_ROW]] = (w.data_ptr(), m, n, i)
             if rank:
-                table[i, [U_OFFSET, V_OFFSET]] = (u_size, v_size)
-                u_size += n_terms * rank * m
-                v_size += rank * n
+                u_stride, v_stride = _padded(m), _padded(n)
+                table[i, [U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE]] = (
+                    u_size,
+                    v_size,
+                    u_stride,
+                    v_stride,
+                )
+                u_size += n_terms * rank * u_stride
+                v_size += rank * v_stride
         self._u = torch.empty(max(u_size, 1), dtype=torch.float32, device=device)
         self._v = torch.empty(max(v_size, 1), dtype=torch.float32, device=device)
         # The kernels take their weight dtype from a small aligned stand-in, so the compiled
@@ -189,9 +224,12 @@ class MultiPass:
         self._gaussian = [
             (
                 *plan(ids, [[triton.cdiv(tensors[i].numel(), 4 * GAUSSIAN_BLOCK)] for i in ids]),
-                dtype_of[tensors[ids[0]].dtype],
+                dtype_of[dtype],
+                aligned,
             )
-            for _, ids in groups(lambda w, r: None if r else w.dtype)
+            for (dtype, aligned), ids in groups(
+                lambda w, r: None if r else (w.dtype, _aligned(w, 0))
+            )
         ]
         self._factors = []
         for rank, ids in groups(lambda w, r: r or None):
@@ -202,21 +240,31 @@ class MultiPass:
                 counts.append([u_chunks] * n_terms + [triton.cdiv(n * rank, 4 * FACTOR_BLOCK)])
             self._factors.append((*plan(ids, counts), rank))
         self._lowrank = []
-        for (rank, _), ids in groups(lambda w, r: (r, w.dtype) if r else None):
+        for (rank, dtype, aligned), ids in groups(
+            lambda w, r: (r, w.dtype, _aligned(w, r)) if r else None
+        ):
             block_m, block_n = tile or default_tile(rank)
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
                 counts.append([triton.cdiv(m, block_m) * triton.cdiv(n, block_n)])
-            dtype = dtype_of[tensors[ids[0]].dtype]
-            self._lowrank.append((*plan(ids, counts), rank, dtype, block_m, block_n))
+            self._lowrank.append(
+                (*plan(ids, counts), rank, dtype_of[dtype], aligned, (block_m, block_n))
+            )
 
     def launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
         """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed) and scales[i]."""
         terms = self.n_terms
-        for table, jobs, w0 in self._gaussian:
+        for table, jobs, w0, aligned in self._gaussian:
             _multi_gaussian_kernel[(jobs.shape[0],)](
-                table, jobs, seeds, scales, w0, N_TERMS=terms, BLOCK=GAUSSIAN_BLOCK
+                table,
+                jobs,
+                seeds,
+                scales,
+                w0,
+                N_TERMS=terms,
+                BLOCK=GAUSSIAN_BLOCK,
+                ALIGNED=aligned,
             )
         for table, jobs, rank in self._factors:
             _multi_factors_kernel[(jobs.shape[0],)](
@@ -230,7 +278,7 @@ class MultiPass:
                 RANK=rank,
                 BLOCK=FACTOR_BLOCK,
             )
-        for table, jobs, rank, w0, block_m, block_n in self._lowrank:
+        for table, jobs, rank, w0, aligned, (block_m, block_n) in self._lowrank:
             _multi_lowrank_kernel[(jobs.shape[0],)](
                 table,
                 jobs,
@@ -241,4 +289,5 @@ class MultiPass:
                 RANK=rank,
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
+                ALIGNED=aligned,
             )
