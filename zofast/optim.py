@@ -91,10 +91,37 @@ Speed
     bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off.
 
 Modes
-    ``mode="inplace"``: the forward sees the perturbation because the weights carry it. A
-    ``"virtual"`` mode, where the layers add ε·U·Vᵀ on the fly and the weights are written only by
-    the update, is planned; it plugs in at ``_shift`` (the perturbation passes) and the restore term
-    of ``_finish``. Any other mode raises ValueError.
+    ``mode="inplace"`` (default): the forwards see the perturbation because the weights carry it;
+    every step writes every trained tensor (three passes, two pipelined).
+
+    ``mode="virtual"`` (LOZO only; ``LOZO(model, ...)`` or ``LOZO(params, ..., model=model)``):
+    a trained matrix whose every use in the model is as the ``.weight`` of an ``nn.Linear``,
+    transformers' GPT-2 ``Conv1D`` or an ``nn.Embedding`` (stock forward; tied embedding / LM
+    head pairs included) is never written during a step. Forward hooks on those layers add the
+    low-rank term, ``y += (x·V)·(A + c·U_t)ᵀ`` for a Linear (see :mod:`zofast.virtual` for all
+    three), with c = +ε in the first forward, −ε in the second, 0 otherwise. A (m×r, float32,
+    ``state[p]["virtual_factor"]``, on the V epoch ``state[p]["virtual_epoch"]``) holds the
+    updates not yet written: A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N); at the end of a V-refresh
+    step the old A goes into W in one fused pass, W += A·V_oldᵀ (during that step's forwards the
+    hooks apply [A | c·U_t]·[V_old | V_new]ᵀ), and A restarts on the new V. The iterates are
+    those of in-place LOZO / LOZO-M (same seeds, same g's up to the float rounding of the
+    forwards). Every other tensor (1-D ones, matrices of other layers, e.g. OPT's learned
+    positional embedding) runs in place as above. ``opt.virtual_names`` lists the virtual ones.
+
+    * Between steps the hooks apply A·V_Aᵀ, so evaluating the model needs nothing; the STORED
+      weights lack it: ``opt.settle()`` (one pass per tensor, recorded, replayed) before saving,
+      exporting or copying the model. ``opt.detach()`` settles and removes the hooks (the
+      optimizer cannot step afterwards); ``zofast.virtual.detach(model)`` does it for a model
+      whose optimizer is gone. A second virtual optimizer on the same layers is refused.
+    * weight_decay must be 0 on the groups of virtual tensors (ValueError at construction and in
+      step): decay would need a full pass every step.
+    * Failures: nothing was written to a virtual tensor, c returns to 0: bit-identical.
+    * ``state_dict()`` holds A (float32); stored weights + optimizer state resume bit-identically.
+      The trajectory records the mode and ``virtual_indices`` (which tensors were virtual), so
+      :func:`zofast.replay` repeats the flushes and rebuilds the weights bit for bit.
+    * ``pipeline=True``: the in-place tensors pipeline as above; virtual tensors need no passes.
+    * Limits: code that reads ``layer.weight`` itself, or calls ``layer.forward`` directly, sees
+      the stored W (such models need mode="inplace"). MeZO has no virtual mode.
 """
 
 from __future__ import annotations
@@ -129,11 +156,11 @@ from zofast.trajectory import (
     Trajectory,
     param_fingerprint,
 )
+from zofast.virtual import VirtualLayers, VirtualTensor, plan
 
 __all__ = ["LOZO", "MeZO", "param_groups", "MODES"]
 
-MODES = ("inplace",)
-_PLANNED_MODES = ("virtual",)
+MODES = ("inplace", "virtual")
 _GROUP_KEYS = ("lr", "weight_decay")
 
 
@@ -238,6 +265,7 @@ class _Slot:
     group: int
     shape: tuple
     rank: int  # 0: full-rank noise
+    virtual: VirtualTensor | None = None  # mode="virtual": applied through the layers
 
 
 class _ZerothOrder(torch.optim.Optimizer):
@@ -245,28 +273,56 @@ class _ZerothOrder(torch.optim.Optimizer):
 
     method = ""
 
-    def __init__(self, params, defaults: dict, *, seed, mode, pipeline, lowrank: bool):
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        seed,
+        mode,
+        pipeline,
+        lowrank: bool,
+        model=None,
+        virtual_indices=None,
+    ):
         try:
             run_seed = as_seed(seed, "seed")
         except (TypeError, ValueError) as error:
             raise ValueError(str(error)) from None
         if mode not in MODES:
-            planned = (
-                " ('virtual' is planned, not implemented yet)" if mode in _PLANNED_MODES else ""
-            )
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{planned}")
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(pipeline, bool):
             raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
             params = list(params.named_parameters())
+        if mode == "virtual":
+            if not lowrank:
+                raise ValueError(
+                    "mode='virtual' is LOZO's: full-rank noise cannot be applied through the "
+                    "layers cheaply; use mode='inplace'"
+                )
+            if model is None and virtual_indices is None:
+                raise ValueError(
+                    "mode='virtual' needs the model whose layers apply the perturbation: pass "
+                    "model=... (or the model itself as params)"
+                )
+        elif virtual_indices is not None:
+            raise ValueError("virtual_indices is for mode='virtual' only")
         self._zo_ready = False
         self._zo_lowrank = lowrank
+        self._zo_mode = mode
+        self._zo_model = model if mode == "virtual" else None
+        self._zo_virtual_request = None if virtual_indices is None else list(virtual_indices)
+        self._zo_virtual: VirtualLayers | None = None
+        self._zo_detached = False
         super().__init__(params, defaults)
         self._zo_eps = defaults["eps"]
         self._zo_rank = defaults.get("rank", 0)
         self._zo_nu = defaults.get("nu", 1)
         self._zo_beta = defaults.get("momentum", 0.0)
-        self._zo_mode = mode
         self._zo_pipeline = pipeline
         self._zo_run = RunSeeds(run_seed)
         self._zo_step = 0
@@ -342,8 +398,17 @@ class _ZerothOrder(torch.optim.Optimizer):
             slots.append(_Slot(index, p, gi, tuple(p.shape), rank))
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        virtual = self._zo_plan_virtual(slots) if self._zo_mode == "virtual" else None
+        if self._zo_virtual is not None:  # add_param_group before the first step: plan anew
+            self._zo_virtual.remove_hooks()
+            self._zo_virtual = None
         self._zo_slots = slots
-        devices = {s.param.device for s in slots}
+        self._zo_slots_by_index = {s.index: s for s in slots}
+        self._zo_inplace = [s for s in slots if s.virtual is None]
+        if virtual is not None and self._zo_model is not None:
+            virtual.attach()
+        self._zo_virtual = virtual
+        devices = {s.param.device for s in self._zo_inplace}
         # On one GPU every pass replays a CUDA graph per term count (see _pass).
         self._zo_graphs: dict[int, GraphedPass] | None = (
             {}
@@ -353,6 +418,54 @@ class _ZerothOrder(torch.optim.Optimizer):
             and os.environ.get("ZOFAST_CUDA_GRAPHS", "1") != "0"
             else None
         )
+
+    def _zo_plan_virtual(self, slots: list[_Slot]) -> VirtualLayers:
+        """Decide which slots go virtual (mode="virtual"); mark them; raise before any hook."""
+        matrices = [s for s in slots if s.rank]
+        if self._zo_model is not None:
+            layers = plan(self._zo_model, [s.param for s in matrices])
+            chosen = {s.index: layers[id(s.param)] for s in matrices if id(s.param) in layers}
+            request = self._zo_virtual_request
+            if request is not None and sorted(request) != sorted(chosen):
+                raise ValueError(
+                    f"virtual_indices {sorted(request)} do not match the tensors this model "
+                    f"applies through its layers: {sorted(chosen)}"
+                )
+        else:  # replay: the recorded indices, no hooks (no forward runs)
+            by_index = {s.index: s for s in matrices}
+            bad = [i for i in self._zo_virtual_request if i not in by_index]
+            if bad:
+                raise ValueError(
+                    f"virtual_indices {bad[:5]} are not trained matrices of this optimizer"
+                )
+            chosen = {i: [] for i in self._zo_virtual_request}
+        names = {}
+        for group in self.param_groups:
+            names.update(zip(map(id, group["params"]), group.get("param_names", ()), strict=False))
+        if self._zo_model is not None:
+            for name, p in self._zo_model.named_parameters():
+                names.setdefault(id(p), name)
+        for slot in slots:
+            slot.virtual = None
+            if slot.index in chosen:
+                slot.virtual = VirtualTensor(
+                    slot.index,
+                    names.get(id(slot.param), f"parameter {slot.index}"),
+                    slot.param,
+                    slot.rank,
+                    chosen[slot.index],
+                )
+        self._zo_check_decay([g["weight_decay"] for g in self.param_groups], slots)
+        return VirtualLayers([s.virtual for s in slots if s.virtual is not None], owner=self)
+
+    def _zo_check_decay(self, wds: list[float], slots: list[_Slot] | None = None) -> None:
+        for slot in self._zo_slots if slots is None else slots:
+            if slot.virtual is not None and wds[slot.group]:
+                raise ValueError(
+                    f"weight_decay {wds[slot.group]} on {slot.virtual.name}, a tensor of "
+                    "mode='virtual': decay would need a full pass over it every step; use "
+                    "weight_decay=0 for the groups of virtual tensors (or mode='inplace')"
+                )
 
     def _zo_check(self) -> tuple[list[float], list[float]]:
         """Validate everything a step needs before any write; return each group's lr and wd."""
@@ -380,6 +493,18 @@ class _ZerothOrder(torch.optim.Optimizer):
             lr = _non_negative(group["lr"], "lr")
             wds.append(_non_negative(group["weight_decay"], "weight_decay"))
             lrs.append(lr)
+        if self._zo_virtual is not None:
+            self._zo_check_decay(wds)
+            if self._zo_detached:
+                raise ValueError(
+                    "this virtual-mode optimizer was detached from its model: create a new one "
+                    "(load_state_dict continues the run)"
+                )
+            if self._zo_model is None:
+                raise ValueError(
+                    "this virtual-mode optimizer was built without a model (for replay): it "
+                    "cannot step; pass model=..."
+                )
         return lrs, wds
 
     def _zo_fingerprint(self) -> None:
@@ -423,8 +548,21 @@ class _ZerothOrder(torch.optim.Optimizer):
     # The passes. Every write to the weights happens in _shift, _finish (and settle via _shift).
 
     def _shift(self, t: int, scale: float) -> None:
-        """W += scale·Z_t for every trained tensor, one engine pass each."""
-        self._pass([self._terms(slot, [t], [scale]) for slot in self._zo_slots])
+        """W += scale·Z_t for every in-place tensor, one engine pass each (virtual tensors: the
+        coefficient c, see _virtual_coef)."""
+        if self._zo_inplace:
+            self._pass([self._terms(slot, [t], [scale]) for slot in self._zo_inplace])
+
+    def _virtual_coef(self, t: int, c: float) -> None:
+        """Virtual tensors: the layers see W + A·V_Aᵀ + c·U_t·V_tᵀ (c = 0: no perturbation)."""
+        virtual = self._zo_virtual
+        if virtual is None or not virtual.attached:
+            return  # no hooks (replay): no forward runs, the factors are not needed
+        for vt in virtual.tensors:
+            if c and vt.step != t:
+                slot = self._zo_slots_by_index[vt.index]
+                vt.set_direction(t, t // self._zo_nu, *self._factors(slot, t))
+            vt.set_coef(c)
 
     def _terms(self, slot: _Slot, steps: list[int], scales: list[float]):
         """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot."""
@@ -443,7 +581,8 @@ class _ZerothOrder(torch.optim.Optimizer):
         if self._zo_graphs is not None and shared:
             graph = self._zo_graphs.get(n_terms)
             if graph is None:
-                params, ranks = [s.param for s in self._zo_slots], [s.rank for s in self._zo_slots]
+                slots = self._zo_inplace
+                params, ranks = [s.param for s in slots], [s.rank for s in slots]
                 graph = self._zo_graphs[n_terms] = GraphedPass(params, ranks, n_terms)
             graph(
                 [seeds for seeds, _, _ in terms],
@@ -451,7 +590,7 @@ class _ZerothOrder(torch.optim.Optimizer):
                 [scales for _, _, scales in terms],
             )
             return
-        for slot, (seeds, vs, scales) in zip(self._zo_slots, terms, strict=True):
+        for slot, (seeds, vs, scales) in zip(self._zo_inplace, terms, strict=True):
             if slot.rank:
                 lowrank_(slot.param, seeds, vs, slot.rank, scales)
             else:
@@ -485,8 +624,9 @@ class _ZerothOrder(torch.optim.Optimizer):
                 buffers[slot.index], used[slot.index] = self._momentum(slot, t, g)
             if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
                 raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
+        pending = self._virtual_updates(t, g, lrs, wds, buffers, used)
         plain = []  # the slots' terms when there is no momentum: one fused pass for all
-        for slot in self._zo_slots:
+        for slot in self._zo_inplace:
             lr, wd = lrs[slot.group], wds[slot.group]
             decay = 1.0 - lr * wd
             restore = decay * eps
@@ -516,6 +656,14 @@ class _ZerothOrder(torch.optim.Optimizer):
                 outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)
         if plain:
             self._pass(plain)
+        for slot, A, epoch, V in pending:  # V refresh: the old A goes into W first, one pass
+            vt = slot.virtual
+            if vt.epoch is not None and vt.epoch != epoch:
+                vt.flush()
+            vt.set_coef(0.0)
+            vt.set_pending(A, epoch, V)
+            self.state[slot.param]["virtual_factor"] = A
+            self.state[slot.param]["virtual_epoch"] = epoch
         for slot in self._zo_slots:
             if slot.index in buffers:
                 self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
@@ -523,14 +671,45 @@ class _ZerothOrder(torch.optim.Optimizer):
         self._zo_step = t + 1
         self._zo_pending = nxt
 
+    def _virtual_updates(self, t, g, lrs, wds, buffers, used) -> list[tuple]:
+        """Virtual tensors' new pending factors after step t (computed before any write):
+        A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N), where A is on V_t; a fresh A (−lr·g·U_t) on a
+        V refresh, the old one then being folded into W by _finish."""
+        out = []
+        virtual = self._zo_virtual
+        if virtual is None:
+            return out
+        self._zo_check_decay(wds)
+        epoch = t // self._zo_nu
+        for vt in virtual.tensors:
+            slot = self._zo_slots_by_index[vt.index]
+            lr = lrs[slot.group]
+            if slot.index in used:
+                U, V = used[slot.index]
+            elif vt.step == t:
+                U, V = vt.U, vt.V
+            else:
+                U, V = self._factors(slot, t)
+            delta = buffers[slot.index] * -lr if self._zo_beta else U * (-lr * g)
+            same = vt.epoch == epoch
+            out.append((slot, torch.add(vt.A, delta) if same else delta, epoch, V))
+        return out
+
     def _begin(self, t: int) -> None:
         if self._zo_pending is None:
             self._shift(t, self._zo_eps)
         elif self._zo_pending != t:
             raise RuntimeError(f"internal error: pending step {self._zo_pending}, stepping {t}")
         self._zo_pending = None
+        self._virtual_coef(t, self._zo_eps)
+
+    def _minus(self, t: int) -> None:
+        """From +ε to −ε: one pass over the in-place tensors, c = −ε for the virtual ones."""
+        self._shift(t, -2.0 * self._zo_eps)
+        self._virtual_coef(t, -self._zo_eps)
 
     def _abort(self, t: int, stage: int) -> None:
+        self._virtual_coef(t, 0.0)  # virtual tensors: nothing was written
         self._shift(t, -self._zo_eps if stage == 1 else self._zo_eps)
         self.trajectory.record(ABORT_PLUS if stage == 1 else ABORT_MINUS)
         self._zo_pending = None
@@ -603,7 +782,7 @@ class _ZerothOrder(torch.optim.Optimizer):
                 stage = 1
             loss_plus = self._loss_value(closure(), t, "+")
             with _deferred_interrupts():
-                self._shift(t, -2.0 * eps)
+                self._minus(t)
                 stage = 2
             loss_minus = self._loss_value(closure(), t, "−")
             g = _float32((loss_plus - loss_minus) / (2.0 * eps))
@@ -622,11 +801,17 @@ class _ZerothOrder(torch.optim.Optimizer):
 
     @torch.no_grad()
     def settle(self) -> None:
-        """Remove the pending +ε perturbation of a pipelined optimizer (one pass; idempotent).
+        """Make the stored weights the current iterate (idempotent; nothing to do: no-op).
 
-        With ``pipeline=True`` the weights carry the next step's perturbation between steps: call
-        this before evaluating, saving or exporting the model. Without a pending perturbation
-        (pipeline=False, or already settled) it does nothing.
+        * ``pipeline=True``: removes the next step's +ε perturbation, which the in-place weights
+          carry between steps (one pass).
+        * ``mode="virtual"``: writes the pending low-rank updates into the virtual weights,
+          W += A·V_Aᵀ, one fused pass per tensor, and A = 0. Between steps the layers already
+          compute with W + A·V_Aᵀ, so evaluation needs no settle; saving or exporting
+          ``model.state_dict()``, copying the model or reading ``.weight`` does.
+
+        Call it before evaluating (pipelined) or saving / exporting the model. It is recorded in
+        the trajectory, so replay repeats it.
 
         Example:
             >>> model = torch.nn.Linear(4, 1)
@@ -634,17 +819,58 @@ class _ZerothOrder(torch.optim.Optimizer):
             >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
             >>> opt.settle()  # model now holds the weights after step 1
         """
-        if self._zo_pending is None:
+        if self._zo_pending is None and not self.unflushed:
             return
         with _deferred_interrupts():
-            self._shift(self._zo_pending, -self._zo_eps)
+            if self._zo_pending is not None:
+                self._shift(self._zo_pending, -self._zo_eps)
+            if self._zo_virtual is not None:
+                for vt in self._zo_virtual.tensors:
+                    if vt.epoch is not None:
+                        vt.flush()
+                        state = self.state[vt.param]
+                        state.pop("virtual_factor", None)
+                        state.pop("virtual_epoch", None)
             self.trajectory.record(SETTLE)
             self._zo_pending = None
+
+    @torch.no_grad()
+    def detach(self) -> None:
+        """mode="virtual": settle(), then remove the forward hooks from the model's layers.
+
+        After this the model is a plain model holding the trained weights, and this optimizer
+        cannot step any more (a new one can continue the run through load_state_dict). In place
+        it only settles. Idempotent.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = LOZO(model, lr=1e-3, rank=1, mode="virtual")
+            >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
+            >>> opt.detach()  # model.weight holds the weights after step 1; no hooks left
+        """
+        self.settle()
+        if self._zo_virtual is not None and self._zo_virtual.attached:
+            self._zo_virtual.remove_hooks()
+            self._zo_detached = True
 
     @property
     def pending(self) -> bool:
         """Whether the weights now carry a pipelined +ε perturbation (settle() removes it)."""
         return self._zo_pending is not None
+
+    @property
+    def unflushed(self) -> bool:
+        """mode="virtual": whether updates are pending outside the stored weights (settle()
+        writes them); always False in place."""
+        virtual = self._zo_virtual
+        return virtual is not None and any(vt.epoch is not None for vt in virtual.tensors)
+
+    @property
+    def virtual_names(self) -> list[str]:
+        """mode="virtual": names of the tensors perturbed and updated through their layers (the
+        others run in place); [] in place."""
+        virtual = self._zo_virtual
+        return [] if virtual is None else [vt.name for vt in virtual.tensors]
 
     @property
     def steps(self) -> int:
@@ -667,7 +893,7 @@ class _ZerothOrder(torch.optim.Optimizer):
             if kind == ABORT_PLUS:
                 self._abort(t, 1)
                 continue
-            self._shift(t, -2.0 * self._zo_eps)
+            self._minus(t)
             if kind == ABORT_MINUS:
                 self._abort(t, 2)
             elif kind == STEP:
@@ -726,15 +952,28 @@ class _ZerothOrder(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         flat = [p for _, p in self._zo_flat()]
         for key, value in state_dict["state"].items():
-            buffer = value.get("momentum_buffer")
-            if buffer is not None:
-                p = flat[key]
-                self.state[p]["momentum_buffer"] = buffer.to(p.device, torch.float32).clone()
+            for name in ("momentum_buffer", "virtual_factor"):
+                buffer = value.get(name)
+                if buffer is not None:
+                    p = flat[key]
+                    self.state[p][name] = buffer.to(p.device, torch.float32).clone()
         self._zo_run = RunSeeds(int(extra["run_seed"]))
         self._zo_seed_cache = {}
         self._zo_step = int(extra["step"])
         self._zo_pending = None if extra["pending"] is None else int(extra["pending"])
         self.trajectory = trajectory
+        if self._zo_virtual is not None:
+            for vt in self._zo_virtual.tensors:
+                state = self.state[vt.param]
+                vt.set_coef(0.0)
+                vt.set_direction(None, None, None, None)
+                if "virtual_factor" in state:
+                    epoch = int(state["virtual_epoch"])
+                    slot = self._zo_slots_by_index[vt.index]
+                    V = self._factors(slot, epoch * self._zo_nu, epoch)[1]
+                    vt.set_pending(state["virtual_factor"], epoch, V)
+                else:
+                    vt.set_pending(None, None, None)
 
 
 class LOZO(_ZerothOrder):
@@ -754,15 +993,27 @@ class LOZO(_ZerothOrder):
         momentum: β in [0, 1); > 0 gives LOZO-M.
         weight_decay: default decay (≥ 0) for groups that do not set one.
         seed: run seed, an integer in 0..2**64-1.
-        mode: "inplace" ("virtual" is planned).
+        mode: "inplace" (the weights carry the perturbations) or "virtual" (the model's layers
+            apply them and the pending updates; see the module docstring and zofast.virtual).
         pipeline: fuse the next step's perturbation into the update (call settle() before
             evaluating or saving).
+        model: mode="virtual": the module whose forward the closure runs (default: `params`
+            when it is a module). Ignored in place.
+        virtual_indices: set by :func:`zofast.replay` from the trajectory (the flat indices
+            of the tensors a run kept virtual); an optimizer built with it and no model can
+            only replay. With a model it must match what the model gives.
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
         >>> opt = LOZO(param_groups(model, 0.0), lr=1e-3, rank=2, nu=50, seed=7)
         >>> x, y = torch.randn(32, 16), torch.randn(32, 4)
         >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        >>> net = torch.nn.Linear(16, 4)
+        >>> opt = LOZO(net, lr=1e-3, mode="virtual")  # net.weight goes through the layer
+        >>> opt.virtual_names
+        ['weight']
+        >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
+        >>> opt.settle()  # before saving net.state_dict(): W += A·Vᵀ
     """
 
     method = "LOZO"
@@ -779,6 +1030,8 @@ class LOZO(_ZerothOrder):
         seed: int = 0,
         mode: str = "inplace",
         pipeline: bool = False,
+        model: torch.nn.Module | None = None,
+        virtual_indices: list[int] | None = None,
     ):
         momentum = _real(momentum, "momentum")
         if not 0.0 <= momentum < 1.0:
@@ -791,10 +1044,25 @@ class LOZO(_ZerothOrder):
             "nu": _count(nu, "nu"),
             "momentum": momentum,
         }
-        super().__init__(params, defaults, seed=seed, mode=mode, pipeline=pipeline, lowrank=True)
+        if virtual_indices is not None:
+            items = virtual_indices if isinstance(virtual_indices, (list, tuple)) else [None]
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
+                raise ValueError(
+                    f"virtual_indices must be a list of integers, got {virtual_indices!r}"
+                )
+        super().__init__(
+            params,
+            defaults,
+            seed=seed,
+            mode=mode,
+            pipeline=pipeline,
+            lowrank=True,
+            model=model,
+            virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
+        )
 
     def _zo_hyperparameters(self) -> dict:
-        return {
+        hyper = {
             "eps": self._zo_eps,
             "rank": self._zo_rank,
             "nu": self._zo_nu,
@@ -802,6 +1070,9 @@ class LOZO(_ZerothOrder):
             "mode": self._zo_mode,
             "pipeline": self._zo_pipeline,
         }
+        if self._zo_mode == "virtual":  # replay needs them: it has no model to find them in
+            hyper["virtual_indices"] = [vt.index for vt in self._zo_virtual.tensors]
+        return hyper
 
 
 class MeZO(_ZerothOrder):
@@ -813,7 +1084,8 @@ class MeZO(_ZerothOrder):
         eps: perturbation scale ε (> 0).
         weight_decay: default decay (≥ 0) for groups that do not set one.
         seed: run seed, an integer in 0..2**64-1.
-        mode: "inplace" ("virtual" is planned).
+        mode: "inplace" (MeZO's full-rank noise cannot go through the layers cheaply: no
+            "virtual" mode; ValueError).
         pipeline: fuse the next step's perturbation into the update (call settle() before
             evaluating or saving).
 
