@@ -179,7 +179,7 @@ class MultiPass:
         tensors: contiguous float32 / bfloat16 / float16 tensors on one device.
         ranks: one per tensor.
         n_terms: T.
-        tile: the low-rank (BLOCK_M, BLOCK_N); default: kernels.lowrank.default_tile(rank).
+        tile: the low-rank (BLOCK_M, BLOCK_N); default: kernels.lowrank.default_tile.
     """
 
     def __init__(self, tensors, ranks, n_terms: int, tile: tuple[int, int] | None = None):
@@ -243,7 +243,7 @@ class MultiPass:
         for (rank, dtype, aligned), ids in groups(
             lambda w, r: (r, w.dtype, _aligned(w, r)) if r else None
         ):
-            block_m, block_n = tile or default_tile(rank)
+            block_m, block_n = tile or default_tile(rank, many_tensors=True)
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
