@@ -160,14 +160,18 @@ class VirtualTensor:
         return pair
 
     def factors(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
-        """(L, R) in `dtype` on `device`, cast once per change of A, direction or c."""
-        pair = self.pair()
-        if pair is None:
-            return None
-        key = (dtype, device)
-        cast = self._cast.get(key)
+        """(L, R) in `dtype` on `device`, cast once per change of A, direction or c.
+
+        Built outside inference mode and autograd (a first forward under
+        ``torch.inference_mode()`` must not leave inference tensors for a later one with grad)."""
+        cast = self._cast.get((dtype, device)) if self._fresh else None
         if cast is None:
-            cast = self._cast[key] = tuple(t.to(device=device, dtype=dtype) for t in pair)
+            with torch.inference_mode(False), torch.no_grad():
+                pair = self.pair()
+                if pair is None:
+                    return None
+                cast = tuple(t.to(device=device, dtype=dtype) for t in pair)
+            self._cast[(dtype, device)] = cast
         return cast
 
     def flush(self) -> None:
