@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import _check_interpretable, load_seed, normal4, sample_ref
+from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4, sample_ref
 
 DEFAULT_BLOCK = 512  # counter blocks per program: 2048 elements
 
@@ -43,7 +43,7 @@ def gaussian_triton(
     n = w.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
     _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
-        w, seeds, scales, n, offset, N_TERMS=seeds.numel(), BLOCK=block
+        w, seeds, scales, n, offset, N_TERMS=seeds.numel(), BLOCK=block, **CONTRACT_OPTIONS
     )
     return w
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import _check_interpretable, load_seed, normal4
+from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4
 
 
 def default_tile(rank: int, many_tensors: bool = False) -> tuple[int, int]:
@@ -117,6 +117,7 @@ def factors_triton(
         N_TERMS=terms,
         RANK=rank,
         BLOCK=block,
+        **CONTRACT_OPTIONS,
     )
     return u, v
 

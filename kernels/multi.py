@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .lowrank import default_tile
-from .philox import _check_interpretable, load_seed, normal4
+from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4
 
 GAUSSIAN_BLOCK = 512  # counter blocks per program: 2048 elements
 FACTOR_BLOCK = 256  # counter blocks per factor program: 1024 numbers
@@ -265,6 +265,7 @@ class MultiPass:
                 N_TERMS=terms,
                 BLOCK=GAUSSIAN_BLOCK,
                 ALIGNED=aligned,
+                **CONTRACT_OPTIONS,
             )
         for table, jobs, rank in self._factors:
             _multi_factors_kernel[(jobs.shape[0],)](
@@ -277,6 +278,7 @@ class MultiPass:
                 N_TERMS=terms,
                 RANK=rank,
                 BLOCK=FACTOR_BLOCK,
+                **CONTRACT_OPTIONS,
             )
         for table, jobs, rank, w0, aligned, (block_m, block_n) in self._lowrank:
             _multi_lowrank_kernel[(jobs.shape[0],)](

@@ -27,6 +27,10 @@ UNIFORM_SCALE = 4.6566127342e-10
 TWO_PI = 6.283185307179586
 MIN_UNIFORM = 1.0e-7
 MASK32 = 0xFFFFFFFF
+# Launch options of every kernel that computes normals. Box-Muller's libdevice log / sin / cos
+# come out bit-exact with the CUDA ops (nvcc contracts mul + add into fma by default) only with
+# Triton's FP fusion on; Triton 3.9 warns that 3.10 turns it off by default, so it is pinned.
+CONTRACT_OPTIONS = {"enable_fp_fusion": True}
 
 
 @triton.jit
@@ -174,7 +178,9 @@ def sample_triton(offsets: torch.Tensor, seed: torch.Tensor, *, normal: bool, ou
     )
     n = offsets.numel()
     block = 512
-    _sample_kernel[(triton.cdiv(n, block),)](offsets, seed, out, n, BLOCK=block, NORMAL=normal)
+    _sample_kernel[(triton.cdiv(n, block),)](
+        offsets, seed, out, n, BLOCK=block, NORMAL=normal, **CONTRACT_OPTIONS
+    )
     return out
 
 
@@ -185,7 +191,9 @@ def noise_triton(
     _check_interpretable(out)
     n = out.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
-    _noise_kernel[(triton.cdiv(n_blocks, block),)](out, seed, scale, n, offset, BLOCK=block)
+    _noise_kernel[(triton.cdiv(n_blocks, block),)](
+        out, seed, scale, n, offset, BLOCK=block, **CONTRACT_OPTIONS
+    )
     return out
 
 

@@ -302,8 +302,8 @@ def test_bad_hyperparameters_raise_and_leave_weights(cls, kwargs, name):
     assert same(model, snap)
 
 
-def test_virtual_mode_is_announced_as_planned():
-    with pytest.raises(ValueError, match="planned"):
+def test_virtual_mode_needs_the_model():
+    with pytest.raises(ValueError, match="model"):
         LOZO(small_model().parameters(), lr=1e-3, mode="virtual")
 
 

@@ -62,7 +62,9 @@ Failures inside a step
     evaluation, +ε after the second) and the exception propagates; the step counter does not
     advance and the trajectory records the abort (its passes round the weights, so replay repeats
     them). KeyboardInterrupts arriving during an engine pass are held until the pass is over
-    (main thread only).
+    (main thread only). A loss returned as a CUDA tensor is read (synchronised) only after the
+    second evaluation has been queued, so a NaN L+ from the GPU is caught after the second
+    evaluation and undone from there (+ε).
 
     Rounding bound of such a restore, per element, with M = |w| + 2ε·|Z| the largest magnitude
     the element passes through (ulp taken at M): an engine pass rounds once per fused
@@ -717,7 +719,9 @@ class _ZerothOrder(torch.optim.Optimizer):
     # Public API.
 
     @staticmethod
-    def _loss_value(loss, t: int, which: str) -> float:
+    def _loss_scalar(loss):
+        """Check a closure result without reading it: a one-element real tensor (returned as it
+        is, so a GPU loss is not synchronised yet) or a Python real (returned as a float)."""
         if isinstance(loss, torch.Tensor):
             if loss.requires_grad:
                 raise ValueError(
@@ -730,14 +734,16 @@ class _ZerothOrder(torch.optim.Optimizer):
                 )
             if loss.is_complex() or loss.dtype == torch.bool:
                 raise ValueError(f"closure must return a real loss, got dtype {loss.dtype}")
-            value = float(loss.item())
-        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            value = float(loss)
-        else:
-            raise ValueError(
-                "closure must return a Python number or a one-element tensor, got "
-                f"{type(loss).__name__}"
-            )
+            return loss
+        if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            return float(loss)
+        kind = type(loss).__name__
+        raise ValueError(f"closure must return a Python number or a one-element tensor, got {kind}")
+
+    @staticmethod
+    def _loss_value(loss, t: int, which: str) -> float:
+        """The float of a checked closure result; FloatingPointError if it is not finite."""
+        value = float(loss.item()) if isinstance(loss, torch.Tensor) else loss
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"the loss at the {which}ε perturbation of step {t} is {value}; the weights were "
@@ -780,11 +786,17 @@ class _ZerothOrder(torch.optim.Optimizer):
             with _deferred_interrupts():
                 self._begin(t)
                 stage = 1
-            loss_plus = self._loss_value(closure(), t, "+")
+            loss_plus = self._loss_scalar(closure())
+            if not (isinstance(loss_plus, torch.Tensor) and loss_plus.is_cuda):
+                loss_plus = self._loss_value(loss_plus, t, "+")
             with _deferred_interrupts():
                 self._minus(t)
                 stage = 2
-            loss_minus = self._loss_value(closure(), t, "−")
+            # A GPU L+ is read only now: the −2ε pass and the second forward were queued behind
+            # the first without waiting for it (one host sync per evaluation pair, not two).
+            loss_minus = self._loss_scalar(closure())
+            loss_plus = self._loss_value(loss_plus, t, "+")
+            loss_minus = self._loss_value(loss_minus, t, "−")
             g = _float32((loss_plus - loss_minus) / (2.0 * eps))
             if not math.isfinite(g):
                 raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
