@@ -582,7 +582,7 @@ class _ZerothOrder(torch.optim.Optimizer):
         shared = all(vs is None or len(set(vs)) == 1 for _, vs, _ in terms)
         if self._zo_graphs is not None and shared:
             graph = self._zo_graphs.get(n_terms)
-            if graph is None:
+            if graph is None or graph.stale:  # first use, or a parameter was reallocated
                 slots = self._zo_inplace
                 params, ranks = [s.param for s in slots], [s.rank for s in slots]
                 graph = self._zo_graphs[n_terms] = GraphedPass(params, ranks, n_terms)
