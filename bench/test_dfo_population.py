@@ -12,9 +12,15 @@ non-zero incumbent (as during a search, so every layer's hooks are active).
   :class:`~zofast.dfo.population.PopulationEvaluator` (input of the searched layer cached, the
   layers above run on the 20 stacked copies); includes turning search vectors into factors
   (projection regeneration when the projections are not cached: GPT-2-large's are not).
+  The batched path runs with its defaults: the last layer's per-token tail on the scored rows
+  only and the one-kernel tanh-GELU (:mod:`zofast.dfo.population`, steps 3 and 4). The same
+  round is also timed with both switched off (``batched_plain_*`` in extra_info), to attribute
+  the gain.
 * sequential: the published code's loop, one forward of the whole model per candidate (the
-  same factors), timed on 20 candidates of each of 4 layers (its cost does not depend on the
-  layer).
+  same factors, the model as it is), timed on 20 candidates of each of 4 layers (its cost does
+  not depend on the layer); median of 3 repetitions. For transparency the same loop is also
+  timed with the one-kernel tanh-GELU (``sequential_fused_*``; GPT-2 only, RoBERTa has no
+  tanh-GELU), so the speed-up from batching alone can be read off as well.
 
 Search vectors: incumbents 0.02·N(0, 1), candidates 0.05·N(0, 1) with ``init="random"``
 (factor entries of std 0.02 and 0.05: updates of the order of the projections themselves, as
@@ -26,11 +32,16 @@ first with the model in float32 (tolerance 1e-3: they must agree up to rounding)
 (loose tolerance: bf16 rounding through 24-36 layers of random weights, with different kernels
 for 32 and 640 rows, moves the losses by a few 1e-2; the maximum is stored in extra_info).
 extra_info also holds evals/s of both, the speed-up and the peak memory.
-Runs in well under two minutes on an H200; needs no cma (no optimizer runs).
+Runs in well under two minutes on an H200; needs no cma (no optimizer runs). With the
+environment variable ``DFO_BENCH_OUT`` set to a file name, every shape's record is also written
+there as soon as it is measured (JSON list; ``ZOFAST_COMMIT`` is recorded as the commit, for
+machines without ``.git``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -170,10 +181,23 @@ def test_population_speedup(benchmark, shape):
         one_round()
         sequential_loop()
         torch.cuda.reset_peak_memory_stats()
-        seq_seconds = _sync_time(sequential_loop)
+        seq_seconds = float(np.median([_sync_time(sequential_loop) for _ in range(3)]))
         seq_rate = POPSIZE * len(layers) / seq_seconds
         round_seconds = [_sync_time(one_round) for _ in range(3)]
         peak = torch.cuda.max_memory_allocated()
+        seq_fused_rate = None
+        if evaluator._activations:
+            with evaluator.fused_activations():
+                sequential_loop()
+                fused_s = float(np.median([_sync_time(sequential_loop) for _ in range(3)]))
+            seq_fused_rate = POPSIZE * len(layers) / fused_s
+        plain = PopulationEvaluator(
+            scorer, dfo.arch, dfo.hooks, [batch], trim=False, fuse_activations=False
+        )
+        dfo.evaluator = plain
+        one_round()
+        plain_round_s = float(np.median([_sync_time(one_round) for _ in range(3)]))
+        dfo.evaluator = evaluator
 
         def synchronised():
             one_round()
@@ -196,16 +220,34 @@ def test_population_speedup(benchmark, shape):
         batched_evals_per_s=batched_rate,
         sequential_evals_per_s=seq_rate,
         speedup=batched_rate / seq_rate,
+        trimmed=evaluator.trimmed,
+        trim_reason=evaluator.trim_reason,
+        fused_activation_modules=len(evaluator._activations),
+        batched_plain_round_s=plain_round_s,
+        batched_plain_evals_per_s=POPSIZE * dfo.num_layers / plain_round_s,
+        sequential_fused_evals_per_s=seq_fused_rate,
+        speedup_vs_sequential_fused=None
+        if seq_fused_rate is None
+        else batched_rate / seq_fused_rate,
         max_loss_diff_fp32=fp32_err,
         max_loss_diff_bf16=bf16_err,
         peak_bytes=peak,
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         transformers=transformers.__version__,
+        commit=os.environ.get("ZOFAST_COMMIT"),
     )
+    out = os.environ.get("DFO_BENCH_OUT")
+    if out:
+        path = Path(out)
+        records = json.loads(path.read_text()) if path.is_file() else []
+        records.append(dict(benchmark.extra_info))
+        path.write_text(json.dumps(records, indent=1) + "\n")
     print(
         f"\n{shape}: batched {batched_rate:.0f} evals/s, sequential {seq_rate:.0f} evals/s, "
-        f"speed-up {batched_rate / seq_rate:.1f}x, mode {evaluator.mode}, "
+        f"speed-up {batched_rate / seq_rate:.1f}x (plain batched "
+        f"{POPSIZE * dfo.num_layers / plain_round_s:.0f} evals/s, sequential fused "
+        f"{seq_fused_rate}), mode {evaluator.mode}, trimmed {evaluator.trimmed}, "
         f"peak {peak / 2**30:.1f} GiB, max |batched - sequential| loss fp32 {fp32_err:.2g}, "
         f"bf16 {bf16_err:.2g}"
     )

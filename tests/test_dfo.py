@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -109,6 +110,53 @@ def test_length_buckets_give_the_same_loss(tiny_paths, demo):
     zs = np.random.default_rng(2).standard_normal((4, dfo.intrinsic_dim))
     mats = dfo.factors(1, zs)
     torch.testing.assert_close(one.losses(1, mats), four.losses(1, mats), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "gpt2", "llama", "bert-encoder"])
+def test_trimmed_last_layer_and_fused_gelu(tiny_paths, demo, arch):
+    lm = _load(tiny_paths, arch)
+    scorer = Scorer(lm, "demo")
+    dfo = DFOLoRA(lm, init="random", seed=4, **SMALL)
+    rng = np.random.default_rng(4)
+    dfo.set_z(0.5 * rng.standard_normal((dfo.num_layers, dfo.intrinsic_dim)))
+    batch = scorer.encode(demo["train"])
+    ev = PopulationEvaluator(scorer, dfo.arch, dfo.hooks, [batch])
+    plain = PopulationEvaluator(
+        scorer, dfo.arch, dfo.hooks, [batch], trim=False, fuse_activations=False
+    )
+    assert ev.trimmed == (arch != "bert-encoder"), ev.trim_reason
+    assert plain.trim_reason == "disabled"
+    assert (len(ev._activations) > 0) == (arch == "gpt2")
+    seen = []
+    tail = lm.model.get_submodule(dfo.arch.tail_names[-1])
+    handle = tail.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    zs = rng.standard_normal((3, dfo.intrinsic_dim))
+    for layer in range(dfo.num_layers):
+        mats = dfo.factors(layer, zs)
+        seen.clear()
+        fast = ev.losses(layer, mats)
+        assert seen == [1 if ev.trimmed else batch.input_ids.shape[1]]
+        torch.testing.assert_close(fast, plain.losses(layer, mats), rtol=1e-5, atol=1e-5)
+    handle.remove()
+    if arch == "gpt2":  # gelu_new's formula equals the one-kernel tanh-GELU
+        x = torch.linspace(-8, 8, 1001)
+        act = ev._activations[0]
+        with ev.fused_activations():
+            fused = act(x)
+        assert "forward" not in act.__dict__
+        torch.testing.assert_close(fused, act(x), rtol=1e-6, atol=1e-6)
+    if arch == "roberta":  # a tail that is not per-token fails the self-check: trim stays off
+        bad = dataclasses.replace(dfo.arch, tail_names=(dfo.arch.targets[-1]["key"].module_name,))
+        off = PopulationEvaluator(scorer, bad, dfo.hooks, [batch])
+        assert not off.trimmed and off.trim_reason.startswith("the trimmed last layer")
+        mats = dfo.factors(0, zs)
+        torch.testing.assert_close(off.losses(0, mats), plain.losses(0, mats))
+    assert _no_hooks_but(lm.model, dfo)
+
+
+def _no_hooks_but(model, dfo) -> bool:
+    """Only DFOLoRA's own forward hooks remain (the evaluators' pre-hooks are temporary)."""
+    return all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_gpt2_update_only_touches_query_and_key(tiny_paths):

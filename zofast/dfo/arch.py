@@ -57,6 +57,7 @@ class _Family:
     paths: Mapping[str, str] | None
     fused: str | None
     final: tuple[str, ...]
+    tail: tuple[str, ...] = ()
 
 
 _FAMILIES = (
@@ -70,14 +71,16 @@ _FAMILIES = (
         },
         None,
         (),
+        ("attention.output.dense", "intermediate.dense"),
     ),
-    _Family("gpt2", "h", None, "attn.c_attn", ("ln_f",)),
+    _Family("gpt2", "h", None, "attn.c_attn", ("ln_f",), ("attn.c_proj", "mlp.c_fc")),
     _Family(
         "opt",
         "decoder.layers",
         {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj"},
         None,
         ("decoder.final_layer_norm", "decoder.project_out"),
+        ("self_attn.out_proj",),
     ),
     _Family(
         "llama",
@@ -85,6 +88,7 @@ _FAMILIES = (
         {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj"},
         None,
         ("norm",),
+        ("self_attn.o_proj", "mlp"),
     ),
 )
 
@@ -131,6 +135,14 @@ class Architecture:
         num_layers: number of transformer layers.
         targets: ``targets[layer][name]`` for every layer and every name in ``TARGET_NAMES``.
         final_names: qualified names of the modules applied after the last layer (existing ones).
+        tail_names: qualified names of modules of the *last* layer that act on each token
+            separately and whose outputs only reach the layer's output through per-token
+            operations and a residual sum (BERT ``attention.output.dense`` and
+            ``intermediate.dense``, GPT-2 ``attn.c_proj`` and ``mlp.c_fc``, OPT
+            ``self_attn.out_proj``, Llama ``self_attn.o_proj`` and ``mlp``): when only a few
+            positions of the last hidden state are read, their inputs can be cut to those
+            positions and the residual sum broadcasts the result back (rows at the other
+            positions are then meaningless; see :mod:`zofast.dfo.population`).
 
     Example:
         >>> arch = find_architecture(model)
@@ -144,6 +156,7 @@ class Architecture:
     num_layers: int
     targets: tuple[Mapping[str, Target], ...]
     final_names: tuple[str, ...]
+    tail_names: tuple[str, ...] = ()
 
     def describe(self, names: Sequence[str]) -> list[list[list]]:
         """JSON-able description of the targets ``names`` of every layer (for checkpoints).
@@ -256,6 +269,9 @@ def find_architecture(model: nn.Module) -> Architecture:
         if targets is None:
             continue
         finals = tuple(_join(base_name, name) for name in fam.final if _get(base, name) is not None)
+        last = _join(base_name, fam.layers, str(len(targets) - 1))
+        layer = _get(base, _join(fam.layers, str(len(targets) - 1)))
+        tails = tuple(_join(last, name) for name in fam.tail if _get(layer, name) is not None)
         return Architecture(
             family=fam.name,
             base_name=base_name,
@@ -263,6 +279,7 @@ def find_architecture(model: nn.Module) -> Architecture:
             num_layers=len(targets),
             targets=targets,
             final_names=finals,
+            tail_names=tails,
         )
     raise ValueError(
         f"{type(model).__name__} has no recognised attention layers: DFO-LoRA supports "
@@ -326,6 +343,8 @@ class LowRankHooks:
             mats = self._single[layer]
             if mats is None:
                 return None
+        if not torch.is_grad_enabled() and output.is_contiguous():
+            return self._apply_inplace(targets, mats, x, output)
         for t in targets:
             a, b = mats[t.name]
             if a.dim() == 2:
@@ -340,6 +359,37 @@ class LowRankHooks:
                 start, stop = t.out_slice
                 output = output.clone() if torch.is_grad_enabled() else output
                 output[..., start:stop] += delta
+        return output
+
+    @staticmethod
+    def _apply_inplace(targets: tuple[Target, ...], mats, x: torch.Tensor, output: torch.Tensor):
+        """The no-autograd path: one pass over ``x`` and an in-place ``addmm``/``baddbmm``.
+
+        ``x·[A_1 … A_k]`` is one product for all targets of the module (GPT-2's Q and K read
+        ``x`` once), and each ``(x·A)·B`` is accumulated into the output (or its column slice)
+        by the matrix product itself (``beta = 1``), so no ``delta`` tensor is written and read
+        back. Same arithmetic as the general path up to the rounding of the sum.
+        """
+        width = output.shape[-1]
+        out = output.view(-1, width)
+        a_all = [mats[t.name][0] for t in targets]
+        r = a_all[0].shape[-1]
+        a_cat = a_all[0] if len(a_all) == 1 else torch.cat(a_all, dim=-1)
+        population = a_cat.dim() == 3
+        if population:
+            p = a_cat.shape[0]
+            xa = torch.bmm(x.reshape(p, -1, x.shape[-1]), a_cat)
+            out = out.unflatten(0, (p, -1))
+        else:
+            xa = x.reshape(-1, x.shape[-1]) @ a_cat
+        for j, t in enumerate(targets):
+            b = mats[t.name][1]
+            part = xa[..., j * r : (j + 1) * r]
+            dest = out if t.out_slice is None else out[..., t.out_slice[0] : t.out_slice[1]]
+            if population:
+                dest.baddbmm_(part, b)
+            else:
+                dest.addmm_(part, b)
         return output
 
     def set_layer(self, layer: int, mats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None):
