@@ -59,8 +59,11 @@ def main():
     gpu, copy = first["gpu"], first["copy_gbps"]
     steps = json.loads(Path(args.steps).read_text()) if args.steps else []
     if isinstance(steps, dict):  # pytest-benchmark JSON of bench/test_steps.py
-        keys = ("model", "method", "mode", "step_over_two_forwards", "peak_over_forward")
-        steps = [{k: b["extra_info"][k] for k in keys} for b in steps["benchmarks"]]
+        keys = ("model", "method", "mode", "batch", "step_over_two_forwards", "peak_over_forward")
+        steps = [
+            {k: b["extra_info"][k] for k in keys if k in b["extra_info"]}
+            for b in steps["benchmarks"]
+        ]
     latest = {
         "gpu": gpu,
         "commit": meta["commit"],
@@ -102,12 +105,12 @@ def main():
     if steps:
         lines += [
             "",
-            "| model | method | mode | step ÷ two forwards | peak ÷ forward peak |",
-            "|---|---|---|---|---|",
+            "| model | method | mode | batch | step ÷ two forwards | peak ÷ forward peak |",
+            "|---|---|---|---|---|---|",
         ]
         for st in steps:
             lines.append(
-                f"| {st['model']} | {st['method']} | {st['mode']} | "
+                f"| {st['model']} | {st['method']} | {st['mode']} | {st.get('batch', '16x256')} | "
                 f"{st['step_over_two_forwards']:.3f} | {st['peak_over_forward']:.5f} |"
             )
     (out / "kernels.md").write_text("\n".join(lines) + "\n")

@@ -22,6 +22,7 @@ OPT_SHAPES = {
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32),
 }
 BATCH, SEQ = 16, 256
+SMALL_BATCH = 2  # where weight passes weigh most against the forwards: virtual mode's case
 
 
 @pytest.fixture(scope="module", params=list(OPT_SHAPES))
@@ -34,6 +35,9 @@ def opt_model(request):
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), device="cuda", generator=gen)
     yield request.param, model, ids
+    from zofast.virtual import detach
+
+    detach(model)
     del model
     torch.cuda.empty_cache()
 
@@ -78,9 +82,20 @@ def mezo_pattern_step(model, closure, seed, eps=1e-3, lr=1e-7):
     return loss_plus
 
 
-@pytest.mark.parametrize("method", ["mezo_pattern", "mezo", "lozo"])
-def test_step(benchmark, opt_model, method):
+METHODS = [
+    ("mezo_pattern", BATCH),
+    ("mezo", BATCH),
+    ("lozo", BATCH),
+    ("lozo_virtual", BATCH),
+    ("lozo", SMALL_BATCH),
+    ("lozo_virtual", SMALL_BATCH),
+]
+
+
+@pytest.mark.parametrize("method,batch", METHODS, ids=[f"{m}-b{b}" for m, b in METHODS])
+def test_step(benchmark, opt_model, method, batch):
     name, model, ids = opt_model
+    ids = ids[:batch]
 
     @torch.no_grad()
     def closure():
@@ -91,19 +106,25 @@ def test_step(benchmark, opt_model, method):
     if method == "mezo_pattern":
         step = lambda: mezo_pattern_step(model, closure, seed=1)  # noqa: E731
     else:
-        cls = {"mezo": MeZO, "lozo": LOZO}[method]
-        kwargs = {"rank": 2, "nu": 50} if method == "lozo" else {}
+        cls = MeZO if method == "mezo" else LOZO
+        kwargs = {"rank": 2, "nu": 50} if cls is LOZO else {}
+        if method == "lozo_virtual":
+            kwargs.update(mode="virtual", model=model)
         opt = cls(model.parameters(), lr=1e-7, eps=1e-3, seed=1, pipeline=True, **kwargs)
         step = lambda: opt.step(closure)  # noqa: E731
     step()
     step_ms = median_ms(step)
     step_peak = peak_bytes(step)
+    benchmark.pedantic(step, rounds=3, iterations=1)
     if method != "mezo_pattern":
         opt.settle()
+        if method == "lozo_virtual":
+            opt.detach()
     benchmark.extra_info.update(
         model=name,
-        method=method,
-        mode="inplace",
+        method=method.removesuffix("_virtual"),
+        mode="virtual" if method.endswith("_virtual") else "inplace",
+        batch=f"{batch}x{SEQ}",
         forward_ms=forward_ms,
         step_ms=step_ms,
         step_over_two_forwards=step_ms / (2 * forward_ms),
@@ -113,4 +134,3 @@ def test_step(benchmark, opt_model, method):
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
     )
-    benchmark.pedantic(step, rounds=3, iterations=1)

@@ -1,0 +1,59 @@
+"""Where a ZO step's time goes on the GPU: torch.profiler over a few steps of an OPT-shaped model
+(random weights, bf16), printing wall time per step, GPU-busy time per step (sum of kernel
+times: the rest is the GPU waiting for the host) and the kernels that take the most time.
+
+Usage (on a GPU machine): python bench/profile_step.py [opt-1.3b] [batch]"""
+
+import sys
+import time
+
+import torch
+from test_steps import OPT_SHAPES, SEQ
+from torch.profiler import ProfilerActivity, profile
+
+from zofast.optim import LOZO, MeZO
+
+
+def main():
+    name = sys.argv[1] if len(sys.argv) > 1 else "opt-1.3b"
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **OPT_SHAPES[name])
+    with torch.device("cuda"):
+        model = OPTForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, SEQ), device="cuda")
+
+    @torch.no_grad()
+    def closure():
+        return model(input_ids=ids, labels=ids).loss
+
+    runs = [("mezo", MeZO, {}), ("lozo", LOZO, {"rank": 2})]
+    runs.append(("lozo_virtual", LOZO, {"rank": 2, "mode": "virtual", "model": model}))
+    for label, cls, kwargs in runs:
+        opt = cls(model.parameters(), lr=1e-7, seed=1, pipeline=True, **kwargs)
+        for _ in range(3):
+            opt.step(closure)
+        torch.cuda.synchronize()
+        steps = 5
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step(closure)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / steps * 1e3
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        busy = sum(e.self_device_time_total for e in events) / steps / 1e3
+        print(f"{name} b{batch} {label}: wall {wall:.2f} ms/step, GPU busy {busy:.2f} ms/step")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+            print(
+                f"   {e.self_device_time_total / steps / 1e3:7.2f} ms  {e.count // steps:5d}x  "
+                f"{e.key[:90]}"
+            )
+        opt.settle()
+        if label == "lozo_virtual":
+            opt.detach()
+
+
+if __name__ == "__main__":
+    main()
