@@ -6,12 +6,15 @@ Usage (on a GPU machine): python bench/profile_step.py [opt-1.3b] [batch]"""
 
 import sys
 import time
+from pathlib import Path
 
 import torch
-from test_steps import OPT_SHAPES, SEQ
 from torch.profiler import ProfilerActivity, profile
 
 from zofast.optim import LOZO, MeZO
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_steps import OPT_SHAPES, SEQ  # noqa: E402
 
 
 def main():
@@ -36,18 +39,26 @@ def main():
             opt.step(closure)
         torch.cuda.synchronize()
         steps = 5
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(steps):
                 opt.step(closure)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / steps * 1e3
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        averages = prof.key_averages()
+        events = [e for e in averages if e.self_device_time_total > 0]
         busy = sum(e.self_device_time_total for e in events) / steps / 1e3
         print(f"{name} b{batch} {label}: wall {wall:.2f} ms/step, GPU busy {busy:.2f} ms/step")
+        print("  GPU time by kernel:")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
             print(
                 f"   {e.self_device_time_total / steps / 1e3:7.2f} ms  {e.count // steps:5d}x  "
+                f"{e.key[:90]}"
+            )
+        print("  host time by op (self):")
+        for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:10]:
+            print(
+                f"   {e.self_cpu_time_total / steps / 1e3:7.2f} ms  {e.count // steps:5d}x  "
                 f"{e.key[:90]}"
             )
         opt.settle()
