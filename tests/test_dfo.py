@@ -393,6 +393,10 @@ def test_save_load_resume(tiny_paths, demo, tmp_path):
         assert len(res2.history) > len(res.history)
         resumed.append((back.incumbents, res2.train_loss))
     assert np.array_equal(resumed[0][0], resumed[1][0]) and resumed[0][1] == resumed[1][1]
+    # the optimizers' states (CMA-ES and Fireworks) are restored: resuming is the same search
+    uninterrupted = dfo.fit(demo["train"], demo["dev"], budget=second, task="demo", progress=False)
+    assert np.array_equal(dfo.incumbents, resumed[0][0])
+    assert uninterrupted.train_loss == resumed[0][1]
 
     other = _load(tiny_paths, "gpt2")
     with pytest.raises(ValueError, match="different architecture"):
@@ -463,3 +467,41 @@ def test_bare_model_with_scorer(tiny_paths, demo):
     assert res.calls == 25
     with pytest.raises(ValueError, match="wrap the model"):
         dfo.fit(demo["train"], None, budget=50, scorer=Scorer(_load(tiny_paths, "gpt2"), "demo"))
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_cma_state_round_trip_continues_identically(diagonal):
+    cma = pytest.importorskip("cma")
+    from zofast.dfo.state import cma_state, set_cma_state
+
+    def make():
+        rng = np.random.Generator(np.random.PCG64(3))
+        opts = {
+            "popsize": 8,
+            "seed": np.nan,
+            "randn": lambda *shape: rng.standard_normal(shape),
+            "CMA_diagonal": diagonal,
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+        }
+        return cma.CMAEvolutionStrategy(np.zeros(12), 0.7, opts), rng
+
+    def f(x):
+        return float(np.sum((x - 1.0) ** 2 * np.arange(1, 13)))
+
+    es, rng = make()
+    for _ in range(5):
+        xs = es.ask()
+        es.tell(xs, [f(x) for x in xs])
+    tags, arrays = cma_state(es)
+    tags = json.loads(json.dumps(tags, allow_nan=False))
+    twin, twin_rng = make()
+    set_cma_state(twin, tags, {k: v.copy() for k, v in arrays.items()})
+    twin_rng.bit_generator.state = json.loads(json.dumps(rng.bit_generator.state))
+    for _ in range(20):
+        xa, xb = es.ask(), twin.ask()
+        assert all(np.array_equal(a, b) for a, b in zip(xa, xb, strict=True))
+        es.tell(xa, [f(x) for x in xa])
+        twin.tell(xb, [f(x) for x in xb])
+    assert twin.sigma == es.sigma and twin.result.fbest == es.result.fbest

@@ -402,3 +402,28 @@ def test_minimal_amplitude_schedule():
     es.countevals = 500
     expected = 0.1 * a_hat - (0.095 * a_hat) / 1000 * math.sqrt(1500 * 500)
     assert es._amp_min() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reevaluate", [False, True])
+def test_state_round_trip_continues_identically(reevaluate):
+    import json
+
+    shift = np.linspace(-1, 1, 8)
+    opts = {"seed": 11, "popsize": 12, "reevaluate": reevaluate, "bounds": [-3, 3]}
+    es = Fireworks(np.zeros(8), 0.8, opts)
+    optimize(es, rastrigin, shift, max_gens=6)
+    es.inject([np.full(8, 0.5)])  # a pending injection travels with the state
+    scalars, arrays = es.get_state()
+    scalars = json.loads(json.dumps(scalars, allow_nan=False))
+    twin = Fireworks(np.zeros(8), 0.8, opts)
+    twin.set_state(scalars, {k: v.copy() for k, v in arrays.items()})
+    assert twin.result.fbest == es.result.fbest and twin.sigma == es.sigma
+    a = optimize(es, rastrigin, shift, max_gens=15)
+    b = optimize(twin, rastrigin, shift, max_gens=15)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert twin.countevals == es.countevals and twin.stop() == es.stop()
+    es.ask()
+    with pytest.raises(RuntimeError, match="tell first"):
+        es.get_state()
+    with pytest.raises(ValueError, match="does not fit"):
+        Fireworks(np.zeros(3), 0.8, opts).set_state(scalars, arrays)

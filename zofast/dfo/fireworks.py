@@ -625,6 +625,79 @@ class Fireworks:
         self._fw = pool_x[keep].copy()
         self._fw_f = pool_f[keep].copy()
 
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The search state between generations, as JSON values and float64 arrays (no pickle).
+
+        Together with the constructor arguments (``x0``, ``sigma0``, the options, ``seed``
+        included) it is everything that :meth:`ask` and :meth:`tell` read: the fireworks and
+        their values, the core amplitude, pending injections, counters, best solution, the
+        ``tolfun`` history and the random generator's state. A restored instance continues
+        exactly as the saved one would have.
+
+        Returns:
+            ``(scalars, arrays)``: a JSON-able dict and a dict of numpy arrays.
+
+        Raises:
+            RuntimeError: between :meth:`ask` and :meth:`tell`.
+
+        Example:
+            >>> scalars, arrays = es.get_state()
+            >>> twin = Fireworks(x0, sigma0, opts); twin.set_state(scalars, arrays)
+        """
+        if self._pending is not None:
+            raise RuntimeError("get_state between ask() and tell(): tell first")
+        scalars = {
+            "rng": self._rng.bit_generator.state,
+            "amp_core": self._amp_core,
+            "countevals": self.countevals,
+            "countiter": self.countiter,
+            "fbest": None if math.isinf(self._fbest) else self._fbest,
+            "evals_best": self._evals_best,
+            "hist": list(self._hist),
+            "n_injected": len(self._injected),
+        }
+        arrays = {"fw": self._fw, "last_f": self._last_f}
+        if self._fw_f is not None:
+            arrays["fw_f"] = self._fw_f
+        if self._xbest is not None:
+            arrays["xbest"] = self._xbest
+        if self._injected:
+            arrays["injected"] = np.stack(self._injected)
+        return scalars, {k: np.array(v, dtype=np.float64) for k, v in arrays.items()}
+
+    def set_state(self, scalars: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`get_state` returned (on an instance built with the same arguments).
+
+        Args:
+            scalars, arrays: as returned by :meth:`get_state` (after a JSON/safetensors round
+                trip: non-finite fitness values are stored as ``inf`` in the arrays).
+
+        Raises:
+            ValueError: if the arrays do not fit this instance's dimension.
+
+        Example:
+            >>> twin.set_state(*es.get_state())
+        """
+        fw = np.array(arrays["fw"], dtype=float)
+        if fw.ndim != 2 or fw.shape[1] != self.N:
+            raise ValueError(f"fireworks state of shape {fw.shape} does not fit N = {self.N}")
+        self._rng.bit_generator.state = scalars["rng"]
+        self._amp_core = float(scalars["amp_core"])
+        self.countevals = int(scalars["countevals"])
+        self.countiter = int(scalars["countiter"])
+        fbest = scalars["fbest"]
+        self._fbest = math.inf if fbest is None else float(fbest)
+        self._evals_best = int(scalars["evals_best"])
+        self._hist.clear()
+        self._hist.extend(float(v) for v in scalars["hist"])
+        self._fw = fw
+        self._fw_f = np.array(arrays["fw_f"], dtype=float) if "fw_f" in arrays else None
+        self._last_f = np.array(arrays["last_f"], dtype=float)
+        self._xbest = np.array(arrays["xbest"], dtype=float) if "xbest" in arrays else None
+        n_inj = int(scalars["n_injected"])
+        self._injected = [np.array(x, dtype=float) for x in arrays["injected"]] if n_inj else []
+        self._pending = None
+
     def stop(self) -> dict[str, Any]:
         """Termination criteria that are met, as ``{name: threshold}``; empty if none, as pycma.
 

@@ -96,14 +96,19 @@ loss, then earlier) is applied to the model when :meth:`DFOLoRA.fit` returns, an
 Checkpoints and resume
 ----------------------
 :meth:`DFOLoRA.save` writes ``dfo_lora.json`` (configuration, architecture, ``σ_l``, round and
-layer position, calls, current loss, step sizes, restart counters, dev history) and
-``dfo_lora.safetensors`` (the incumbents, the best-dev snapshot and the applied vectors, float64):
-no pickle. pycma's optimizer state is a pickle-only object, so resume does **not** restore the
-optimizers: :meth:`DFOLoRA.load` followed by :meth:`DFOLoRA.fit` continues at the saved round and
-layer with the saved incumbents, calls, current loss and best-dev snapshot, and re-creates each
-optimizer lazily at its layer's incumbent with the step size it had when saved (covariance,
-evolution paths, fireworks and random-generator states restart; the restart counter in its seed
-is incremented, so a resumed run is reproducible but not identical to an uninterrupted one).
+layer position, calls, current loss, step sizes, restart counters, hand-over flags, dev history,
+and the optimizers' scalar state) and ``dfo_lora.safetensors`` (the incumbents, the best-dev
+snapshot, the applied vectors and the optimizers' array state, float64): no pickle. Every live
+optimizer is saved with its constructor arguments (seed, ``x0``, step size) and its state between
+generations: for CMA-ES the numeric attributes of pycma's strategy and its helper objects
+(mean, step size, evolution paths, covariance or diagonal scaling, counters, best solution,
+stopping histories; :mod:`zofast.dfo.state`) and its random generator's state; for FWA
+:meth:`Fireworks.get_state`. :meth:`DFOLoRA.load` rebuilds each optimizer with the same
+arguments and writes its state back, so :meth:`DFOLoRA.fit` after a load continues the search
+exactly as an uninterrupted run would (tested: same incumbents and losses). A checkpoint written
+before optimizer states were saved (no ``optimizers`` entry) still loads: its optimizers are
+re-created lazily at the incumbents with the saved step sizes and the restart counter in their
+seeds incremented (reproducible, not identical to an uninterrupted run).
 
 Example:
     >>> from zofast.models import load_model, default_model_path
@@ -135,6 +140,7 @@ from zofast.dfo.arch import TARGET_NAMES, Architecture, LowRankHooks, find_archi
 from zofast.dfo.fireworks import DEFAULT_OPTIONS as FWA_DEFAULT_OPTIONS
 from zofast.dfo.fireworks import Fireworks
 from zofast.dfo.population import MODES, PopulationEvaluator, clipped_std
+from zofast.dfo.state import cma_state, set_cma_state
 from zofast.models import LoadedModel
 from zofast.perturb import gaussian_noise
 from zofast.rng import RunSeeds, as_seed
@@ -395,6 +401,8 @@ class DFOLoRA:
         self._sigmas = np.full((self.num_layers, n_opt), np.nan)
         self._synced = np.zeros((self.num_layers, n_opt), dtype=bool)
         self._es: dict[tuple[int, int], Any] = {}
+        self._created: dict[tuple[int, int], tuple[int, float, np.ndarray]] = {}
+        self._rngs: dict[tuple[int, int], np.random.Generator] = {}
         self.history: list[dict] = []
         self.evaluator: PopulationEvaluator | None = None
 
@@ -565,16 +573,20 @@ class DFOLoRA:
         s = self._seeds.seed(layer, OPTIMIZER_SEED_OFFSET + o + len(OPTIMIZERS) * k, "search")
         return s or 1
 
-    def _optimizer(self, layer: int, o: int):
+    def _optimizer(self, layer: int, o: int, created: tuple | None = None):
         key = (layer, o)
         es = self._es.get(key)
         if es is not None:
             return es
-        seed = self._optimizer_seed(layer, o)
-        sigma0 = float(self._sigmas[layer, o])
-        if not (math.isfinite(sigma0) and sigma0 > 0):
-            sigma0 = self.sigma
-        x0 = self._z[layer].copy()
+        if created is None:
+            seed = self._optimizer_seed(layer, o)
+            sigma0 = float(self._sigmas[layer, o])
+            if not (math.isfinite(sigma0) and sigma0 > 0):
+                sigma0 = self.sigma
+            x0 = self._z[layer].copy()
+        else:
+            seed, sigma0, x0 = created
+        self._created[key] = (seed, sigma0, x0.copy())
         if OPTIMIZERS[o] == "cma":
             import cma
 
@@ -590,6 +602,7 @@ class DFOLoRA:
             }
             opts.update(self.cma_options)
             es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
+            self._rngs[key] = rng
         else:
             es = Fireworks(x0, sigma0, {**self.fwa_options, "seed": seed, "popsize": self.popsize})
         self._es[key] = es
@@ -686,6 +699,8 @@ class DFOLoRA:
         self._sigmas[layer, o] = float(es.sigma)
         if es.stop():
             del self._es[(layer, o)]
+            self._created.pop((layer, o), None)
+            self._rngs.pop((layer, o), None)
             self._restarts[layer, o] += 1
             self._sigmas[layer, o] = np.nan
         finite = losses[np.isfinite(losses)]
@@ -1045,6 +1060,29 @@ class DFOLoRA:
         arrays = {"incumbents": self._z, "applied": self._applied}
         if best is not None:
             arrays["best"] = best["z"]
+        optimizers = []
+        for (layer, o), es in sorted(self._es.items()):
+            seed, sigma0, x0 = self._created[(layer, o)]
+            prefix = f"optimizer.{layer}.{o}."
+            if OPTIMIZERS[o] == "cma":
+                tags, opt_arrays = cma_state(es)
+                extra = {"tags": tags, "rng": self._rngs[(layer, o)].bit_generator.state}
+            else:
+                scalars, opt_arrays = es.get_state()
+                extra = {"scalars": scalars}
+            arrays[prefix + "x0"] = x0
+            arrays.update({prefix + "state." + k: v for k, v in opt_arrays.items()})
+            optimizers.append(
+                {
+                    "layer": layer,
+                    "optimizer": OPTIMIZERS[o],
+                    "seed": seed,
+                    "sigma0": sigma0,
+                    **extra,
+                }
+            )
+        state["state"]["optimizers"] = optimizers
+        state["state"]["synced"] = self._synced.tolist()
         save_file(
             {k: np.ascontiguousarray(v) for k, v in arrays.items()},
             str(path / "dfo_lora.safetensors"),
@@ -1057,8 +1095,8 @@ class DFOLoRA:
         """Rebuild a search saved by :meth:`save` on ``model`` (same architecture).
 
         The applied vectors are applied (``init="hidden"`` scales come from the checkpoint);
-        :meth:`fit` continues the search (module docstring: the optimizers restart from the
-        incumbents with their saved step sizes).
+        :meth:`fit` continues the search where it stopped, optimizer states included (module
+        docstring).
 
         Args:
             path: the folder.
@@ -1105,7 +1143,10 @@ class DFOLoRA:
         obj._generation, obj._calls = int(s["generation"]), int(s["calls"])
         obj._f_cur = None if s["loss"] is None else float(s["loss"])
         obj._elapsed = float(s["elapsed"])
-        obj._restarts = np.array(s["restarts"], dtype=np.int64) + 1
+        saved_optimizers = s.get("optimizers")
+        obj._restarts = np.array(s["restarts"], dtype=np.int64)
+        if saved_optimizers is None:  # a checkpoint without optimizer states: restart them
+            obj._restarts += 1
         obj._sigmas = np.array(
             [[np.nan if v is None else v for v in row] for row in s["sigmas"]], dtype=np.float64
         )
@@ -1116,4 +1157,21 @@ class DFOLoRA:
             with torch.no_grad():
                 for layer in range(obj.num_layers):
                     obj._apply_layer(layer, arrays["applied"][layer])
+        for rec in saved_optimizers or ():
+            layer, o = int(rec["layer"]), OPTIMIZERS.index(rec["optimizer"])
+            prefix = f"optimizer.{layer}.{o}."
+            x0 = arrays[prefix + "x0"].astype(np.float64)
+            es = obj._optimizer(layer, o, (int(rec["seed"]), float(rec["sigma0"]), x0))
+            opt_arrays = {
+                k[len(prefix) + 6 :]: v
+                for k, v in arrays.items()
+                if k.startswith(prefix + "state.")
+            }
+            if rec["optimizer"] == "cma":
+                set_cma_state(es, rec["tags"], opt_arrays)
+                obj._rngs[(layer, o)].bit_generator.state = rec["rng"]
+            else:
+                es.set_state(rec["scalars"], opt_arrays)
+        if "synced" in s:
+            obj._synced = np.array(s["synced"], dtype=bool)
         return obj
