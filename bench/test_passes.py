@@ -92,11 +92,36 @@ def test_multi_lowrank_tiles(benchmark, copy_gbps, opt_weights, rank):
     scales = torch.full((len(matrices), 1), 1e-3, device="cuda")
     total = 2 * sum(w.numel() * w.element_size() for w in matrices)
     found = {}
-    for tile in [(16, 256), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64), (128, 128)]:
-        plan = MultiPass(matrices, [rank] * len(matrices), 1, tile=tile)
-        ms = device_median_ms(lambda plan=plan: plan.launch(seeds, scales))
-        found[f"{tile[0]}x{tile[1]}"] = round(100 * total / ms / 1e6 / copy_gbps, 1)
+    tiles = [(16, 256), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64), (128, 128)]
+    for tile in tiles:
+        for warps in (4, 8):
+            plan = MultiPass(matrices, [rank] * len(matrices), 1, tile=tile, num_warps=warps)
+            ms = device_median_ms(lambda plan=plan: plan.launch(seeds, scales))
+            found[f"{tile[0]}x{tile[1]}/w{warps}"] = round(100 * total / ms / 1e6 / copy_gbps, 1)
     benchmark.extra_info.update(
         op="multi_lowrank_tiles", model=name, rank=rank, pct_of_copy_by_tile=found
+    )
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+@pytest.mark.parametrize("terms", [1, 2])
+def test_multi_gaussian_blocks(benchmark, copy_gbps, opt_weights, terms):
+    """The multi-tensor full-rank pass (MeZO's) over every weight for several program sizes."""
+    from zofast.kernels.multi import MultiPass
+
+    name, tensors = opt_weights
+    seeds = torch.arange(len(tensors) * (terms + 1), device="cuda").view(len(tensors), -1)
+    scales = torch.full((len(tensors), terms), 1e-3, device="cuda")
+    total = 2 * sum(w.numel() * w.element_size() for w in tensors)
+    found = {}
+    for block in (128, 256, 512, 1024):
+        for warps in (4, 8):
+            plan = MultiPass(
+                tensors, [0] * len(tensors), terms, gaussian_block=block, num_warps=warps
+            )
+            ms = device_median_ms(lambda plan=plan: plan.launch(seeds, scales))
+            found[f"{4 * block}/w{warps}"] = round(100 * total / ms / 1e6 / copy_gbps, 1)
+    benchmark.extra_info.update(
+        op=f"multi_gaussian_blocks_T{terms}", model=name, rank=0, pct_of_copy_by_tile=found
     )
     benchmark.pedantic(lambda: None, rounds=1)

@@ -180,11 +180,21 @@ class MultiPass:
         ranks: one per tensor.
         n_terms: T.
         tile: the low-rank (BLOCK_M, BLOCK_N); default: kernels.lowrank.default_tile.
+        gaussian_block: counter blocks (4 elements each) per full-rank program.
+        num_warps: warps per program of the full-rank and low-rank launches.
     """
 
-    def __init__(self, tensors, ranks, n_terms: int, tile: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        tensors,
+        ranks,
+        n_terms: int,
+        tile: tuple[int, int] | None = None,
+        gaussian_block: int = GAUSSIAN_BLOCK,
+        num_warps: int = 4,
+    ):
         _check_interpretable(tensors[0])
-        self.n_terms = n_terms
+        self.n_terms, self.gaussian_block, self.num_warps = n_terms, gaussian_block, num_warps
         device = tensors[0].device
         table = np.zeros((len(tensors), TABLE_WIDTH), dtype=np.int64)
         u_size = v_size = 0
@@ -223,7 +233,7 @@ class MultiPass:
 
         self._gaussian = [
             (
-                *plan(ids, [[triton.cdiv(tensors[i].numel(), 4 * GAUSSIAN_BLOCK)] for i in ids]),
+                *plan(ids, [[triton.cdiv(tensors[i].numel(), 4 * gaussian_block)] for i in ids]),
                 dtype_of[dtype],
                 aligned,
             )
@@ -263,8 +273,9 @@ class MultiPass:
                 scales,
                 w0,
                 N_TERMS=terms,
-                BLOCK=GAUSSIAN_BLOCK,
+                BLOCK=self.gaussian_block,
                 ALIGNED=aligned,
+                num_warps=self.num_warps,
                 **CONTRACT_OPTIONS,
             )
         for table, jobs, rank in self._factors:
@@ -292,4 +303,5 @@ class MultiPass:
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 ALIGNED=aligned,
+                num_warps=self.num_warps,
             )
