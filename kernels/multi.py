@@ -3,18 +3,19 @@ lowrank_, with results bit-identical to one call per tensor.
 
 A pass over a model is hundreds of tensors, most of them small (biases, norms, 2048² matrices);
 one launch per tensor (and per factor) costs more in launch gaps and grid tails than the bytes
-themselves. Here every launch covers a whole group of tensors: a host-built job table maps each
-program to (tensor, part, chunk), and a per-tensor table holds the tensor's address, shape, row
-of the seed / scale tables and factor offsets. Groups: full-rank tensors of one dtype (one
-gaussian launch), low-rank tensors of one rank (one factor launch) and of one rank and dtype (one
-low-rank launch).
+themselves. Here every launch covers a whole group of tensors: a host-built job list maps each
+program to its tensor (and, for factors, to a part and chunk), and a per-tensor table holds the
+tensor's address, shape, row of the seed / scale tables, factor offsets and first job. Groups:
+full-rank tensors of one dtype (one gaussian launch), low-rank tensors of one rank (one factor
+launch) and of one rank and dtype (one low-rank launch).
 
 Terms (T per tensor, read from device tables, so a CUDA graph of the launches replays with new
 seeds): seeds (count, T + 1) int64: T u (or full-rank) seeds, then the tensor's one v seed;
-scales (count, T) float32. Low-rank terms share V, so their u's merge: the factor launch stores
-u_t = fl(s_t · U_t) for every t and V once; the low-rank launch sums the u_t in term order as it
-loads them, then acc = fma(u[k, i], v[k, j], acc) for k in order: the arithmetic of lowrank_
-with a one-element v_seed (zofast.perturb's contract), in the same order.
+scales (count, T) float32. Low-rank terms share V, so their u's merge, as lowrank_ merges them
+with a one-element v_seed (zofast.perturb's contract): the factor launch computes
+u = fl(…fl(fl(s_1·U_1) + fl(s_2·U_2)) … + fl(s_T·U_T)), each product and sum rounded (no fused
+multiply-add: on the GPU the products go through `mul.rn`, which the compiler cannot contract),
+and V once; the low-rank launch then does acc = fma(u[k, i], v[k, j], acc) for k in order.
 """
 
 import numpy as np
@@ -23,14 +24,14 @@ import triton
 import triton.language as tl
 
 from .lowrank import default_tile
-from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4
+from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4, triton_interpreting
 
 GAUSSIAN_BLOCK = 512  # counter blocks per program: 2048 elements
 FACTOR_BLOCK = 256  # counter blocks per factor program: 1024 numbers
 # Per-tensor table columns (int64). Factor rows are padded to STRIDE_ALIGN numbers, so every
 # factor row starts 64-byte aligned and the kernels may say so (vectorised loads).
-ADDRESS, ROWS, COLS, TERM_ROW, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE = range(8)
-TABLE_WIDTH = 8
+ADDRESS, ROWS, COLS, TERM_ROW, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE, FIRST_JOB = range(9)
+TABLE_WIDTH = 9
 STRIDE_ALIGN = 16
 
 
@@ -45,16 +46,16 @@ def _multi_gaussian_kernel(
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Job (tensor, -, chunk): 4·BLOCK elements from chunk·4·BLOCK += Σ_t s_t·normal(seed_t, ·)."""
-    job = jobs_ptr + tl.program_id(0) * 3
-    row = table_ptr + tl.load(job) * 8
+    """Job = tensor: its chunk pid − first_job, 4·BLOCK elements, += Σ_t s_t·normal(seed_t, ·)."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(jobs_ptr + pid) * 9
     w_ptr = tl.load(row).to(w0_ptr.dtype)
     n = tl.load(row + 1)
     if ALIGNED:  # address and size multiples of 16 (checked on the host): vector loads
         w_ptr = tl.multiple_of(w_ptr, 16)
         n = tl.multiple_of(n, 16)
     term_row = tl.load(row + 3)
-    blocks = tl.load(job + 2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    blocks = (pid - tl.load(row + 8)) * BLOCK + tl.arange(0, BLOCK)
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < n
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
@@ -63,6 +64,25 @@ def _multi_gaussian_kernel(
         scale = tl.load(scales_ptr + term_row * N_TERMS + t)
         acc = tl.fma(scale, normal4(seed_lo, seed_hi, blocks), acc)
     tl.store(w_ptr + local, acc.to(w0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rounded_product(a, b, EXACT: tl.constexpr):
+    """fl(a·b) that no later addition can fuse into a multiply-add (EXACT: through PTX mul.rn;
+    Triton's interpreter evaluates in numpy, which never fuses)."""
+    if EXACT:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return a * b
+
+
+@triton.jit
+def _scaled_normals(seed_ptr, scale_ptr, blocks, EXACT: tl.constexpr):
+    """fl(scale · normals 4·blocks .. 4·blocks + 3), (BLOCK, 4), safe to sum without fusion."""
+    seed_lo, seed_hi = load_seed(seed_ptr)
+    noise = normal4(seed_lo, seed_hi, blocks)
+    return _rounded_product(tl.broadcast_to(tl.load(scale_ptr), noise.shape), noise, EXACT)
 
 
 @triton.jit
@@ -76,27 +96,34 @@ def _multi_factors_kernel(
     N_TERMS: tl.constexpr,
     RANK: tl.constexpr,
     BLOCK: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
-    """Job = (tensor, part, chunk); part t < T: u_t[k, i] = s_t·normal(u_seed_t, i·R + k) at
-    u_ptr + u_offset + (t·R + k)·u_stride + i; part T: V[j, k] = normal(v_seed, j·R + k) at
-    v_ptr + v_offset + k·v_stride + j. Each job covers 4·BLOCK consecutive stream indices."""
+    """Job = (tensor, part, chunk), 4·BLOCK consecutive stream indices. Part 0: the merged
+    u[k, i] = Σ_t fl(s_t·normal(u_seed_t, i·R + k)) (module docstring) at
+    u_ptr + u_offset + k·u_stride + i; part 1: V[j, k] = normal(v_seed, j·R + k) at
+    v_ptr + v_offset + k·v_stride + j."""
     job = jobs_ptr + tl.program_id(0) * 3
-    row = table_ptr + tl.load(job) * 8
-    part = tl.load(job + 1)
-    is_u = part < N_TERMS
+    row = table_ptr + tl.load(job) * 9
+    is_u = tl.load(job + 1) == 0
     term_row = tl.load(row + 3)
     rows = tl.where(is_u, tl.load(row + 1), tl.load(row + 2))
     blocks = tl.load(job + 2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < rows * RANK
-    seed_lo, seed_hi = load_seed(seeds_ptr + term_row * (N_TERMS + 1) + part)
-    scale = tl.load(scales_ptr + term_row * N_TERMS + part, mask=is_u, other=1.0)
-    z = normal4(seed_lo, seed_hi, blocks) * scale
-    stride = tl.where(is_u, tl.load(row + 6), tl.load(row + 7))
-    transposed = (local % RANK) * stride + local // RANK
-    u_out = u_ptr + tl.load(row + 4) + part * RANK * stride
-    v_out = v_ptr + tl.load(row + 5)
-    tl.store(tl.where(is_u, u_out, v_out) + transposed, z, mask=mask)
+    seeds = seeds_ptr + term_row * (N_TERMS + 1)
+    if is_u:
+        scales = scales_ptr + term_row * N_TERMS
+        z = _scaled_normals(seeds, scales, blocks, EXACT)
+        for t in tl.static_range(1, N_TERMS):
+            z += _scaled_normals(seeds + t, scales + t, blocks, EXACT)
+        out = u_ptr + tl.load(row + 4)
+        stride = tl.load(row + 6)
+    else:
+        seed_lo, seed_hi = load_seed(seeds + N_TERMS)
+        z = normal4(seed_lo, seed_hi, blocks)
+        out = v_ptr + tl.load(row + 5)
+        stride = tl.load(row + 7)
+    tl.store(out + (local % RANK) * stride + local // RANK, z, mask=mask)
 
 
 @triton.jit
@@ -106,15 +133,14 @@ def _multi_lowrank_kernel(
     u_ptr,
     v_ptr,
     w0_ptr,
-    N_TERMS: tl.constexpr,
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Job = (tensor, -, tile): w[tile] += (Σ_t u_t)·Vᵀ, fma over k in order, one rounding."""
-    job = jobs_ptr + tl.program_id(0) * 3
-    row = table_ptr + tl.load(job) * 8
+    """Job = tensor: its tile pid − first_job += u·Vᵀ, fma over k in order, one rounding."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(jobs_ptr + pid) * 9
     w_ptr = tl.load(row).to(w0_ptr.dtype)
     m = tl.load(row + 1)
     n = tl.load(row + 2)
@@ -125,7 +151,7 @@ def _multi_lowrank_kernel(
     v_base = v_ptr + tl.multiple_of(tl.load(row + 5), 16)
     u_stride = tl.multiple_of(tl.load(row + 6), 16)
     v_stride = tl.multiple_of(tl.load(row + 7), 16)
-    tile = tl.load(job + 2).to(tl.int64)
+    tile = (pid - tl.load(row + 8)).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
     rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,15 +162,19 @@ def _multi_lowrank_kernel(
     acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     for k in tl.static_range(RANK):
         u = tl.load(u_base + k * u_stride + rows, mask=row_ok, other=0.0)
-        for t in tl.static_range(1, N_TERMS):
-            u += tl.load(u_base + (t * RANK + k) * u_stride + rows, mask=row_ok, other=0.0)
         v = tl.load(v_base + k * v_stride + cols, mask=col_ok, other=0.0)
         acc = tl.fma(u[:, None], v[None, :], acc)
     tl.store(ptrs, acc.to(w0_ptr.dtype.element_ty), mask=mask)
 
 
-def _jobs(counts) -> np.ndarray:
-    """(P, 3) int32 job rows (tensor, part, chunk): counts[i][part] chunks of tensor i's part."""
+def _owners(counts) -> tuple[np.ndarray, np.ndarray]:
+    """int32 job → tensor list (tensor i owns counts[i] consecutive jobs), and first jobs."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.repeat(np.arange(len(counts)), counts).astype(np.int32), np.cumsum(counts) - counts
+
+
+def _factor_jobs(counts) -> np.ndarray:
+    """(P, 3) int32 factor jobs (tensor, part, chunk): counts[i][part] chunks of tensor i's part."""
     parts = [(i, part, c) for i, per_part in enumerate(counts) for part, c in enumerate(per_part)]
     tensor, part, count = (np.array(column, dtype=np.int64) for column in zip(*parts, strict=True))
     first = np.repeat(np.cumsum(count) - count, count)
@@ -160,7 +190,7 @@ def _padded(count: int) -> int:
     return triton.cdiv(count, STRIDE_ALIGN) * STRIDE_ALIGN
 
 
-def _aligned(w: torch.Tensor, rank: int) -> bool:
+def vector_aligned(w: torch.Tensor, rank: int) -> bool:
     """Whether w's address (bytes) and row length (elements; full-rank: size) are multiples of
     16, so the kernels may load and store it in vectors."""
     return w.data_ptr() % 16 == 0 and (_matrix(w)[1] if rank else w.numel()) % 16 == 0
@@ -182,6 +212,9 @@ class MultiPass:
         tile: the low-rank (BLOCK_M, BLOCK_N); default: kernels.lowrank.default_tile.
         gaussian_block: counter blocks (4 elements each) per full-rank program.
         num_warps: warps per program of the full-rank and low-rank launches.
+        share: another MultiPass over the same tensors and ranks (any n_terms) whose tables, jobs
+            and factor buffers this one reuses: the passes of one optimizer cost that memory once
+            (they run one after another on one stream).
     """
 
     def __init__(
@@ -192,9 +225,21 @@ class MultiPass:
         tile: tuple[int, int] | None = None,
         gaussian_block: int = GAUSSIAN_BLOCK,
         num_warps: int = 4,
+        share: "MultiPass | None" = None,
     ):
         _check_interpretable(tensors[0])
-        self.n_terms, self.gaussian_block, self.num_warps = n_terms, gaussian_block, num_warps
+        self.n_terms = n_terms
+        self._key = ([w.data_ptr() for w in tensors], list(ranks), tile, gaussian_block, num_warps)
+        if share is not None and share._key == self._key:
+            self.gaussian_block, self.num_warps = share.gaussian_block, share.num_warps
+            self._u, self._v = share._u, share._v
+            self._gaussian, self._factors, self._lowrank = (
+                share._gaussian,
+                share._factors,
+                share._lowrank,
+            )
+            return
+        self.gaussian_block, self.num_warps = gaussian_block, num_warps
         device = tensors[0].device
         table = np.zeros((len(tensors), TABLE_WIDTH), dtype=np.int64)
         u_size = v_size = 0
@@ -209,7 +254,7 @@ class MultiPass:
                     u_stride,
                     v_stride,
                 )
-                u_size += n_terms * rank * u_stride
+                u_size += rank * u_stride
                 v_size += rank * v_stride
         self._u = torch.empty(max(u_size, 1), dtype=torch.float32, device=device)
         self._v = torch.empty(max(v_size, 1), dtype=torch.float32, device=device)
@@ -225,41 +270,38 @@ class MultiPass:
                     found.setdefault(k, []).append(i)
             return found.items()
 
-        def plan(members, counts):
-            return (
-                torch.from_numpy(table[members]).to(device),
-                torch.from_numpy(_jobs(counts)).to(device),
-            )
+        def owned(members, counts):
+            """(sub-table, job → row list) of a group whose tensor k has counts[k] jobs."""
+            jobs, first = _owners(counts)
+            sub = table[members].copy()
+            sub[:, FIRST_JOB] = first
+            return torch.from_numpy(sub).to(device), torch.from_numpy(jobs).to(device)
 
-        self._gaussian = [
-            (
-                *plan(ids, [[triton.cdiv(tensors[i].numel(), 4 * gaussian_block)] for i in ids]),
-                dtype_of[dtype],
-                aligned,
-            )
-            for (dtype, aligned), ids in groups(
-                lambda w, r: None if r else (w.dtype, _aligned(w, 0))
-            )
-        ]
+        self._gaussian = []
+        for (dtype, aligned), ids in groups(
+            lambda w, r: None if r else (w.dtype, vector_aligned(w, 0))
+        ):
+            counts = [triton.cdiv(tensors[i].numel(), 4 * gaussian_block) for i in ids]
+            self._gaussian.append((*owned(ids, counts), dtype_of[dtype], aligned))
         self._factors = []
         for rank, ids in groups(lambda w, r: r or None):
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
-                u_chunks = triton.cdiv(m * rank, 4 * FACTOR_BLOCK)
-                counts.append([u_chunks] * n_terms + [triton.cdiv(n * rank, 4 * FACTOR_BLOCK)])
-            self._factors.append((*plan(ids, counts), rank))
+                counts.append([triton.cdiv(x * rank, 4 * FACTOR_BLOCK) for x in (m, n)])
+            jobs = torch.from_numpy(_factor_jobs(counts)).to(device)
+            self._factors.append((torch.from_numpy(table[ids]).to(device), jobs, rank))
         self._lowrank = []
         for (rank, dtype, aligned), ids in groups(
-            lambda w, r: (r, w.dtype, _aligned(w, r)) if r else None
+            lambda w, r: (r, w.dtype, vector_aligned(w, r)) if r else None
         ):
             block_m, block_n = tile or default_tile(rank, many_tensors=True)
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
-                counts.append([triton.cdiv(m, block_m) * triton.cdiv(n, block_n)])
+                counts.append(triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
             self._lowrank.append(
-                (*plan(ids, counts), rank, dtype_of[dtype], aligned, (block_m, block_n))
+                (*owned(ids, counts), rank, dtype_of[dtype], aligned, (block_m, block_n))
             )
 
     def launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
@@ -289,6 +331,7 @@ class MultiPass:
                 N_TERMS=terms,
                 RANK=rank,
                 BLOCK=FACTOR_BLOCK,
+                EXACT=not triton_interpreting(),
                 **CONTRACT_OPTIONS,
             )
         for table, jobs, rank, w0, aligned, (block_m, block_n) in self._lowrank:
@@ -298,7 +341,6 @@ class MultiPass:
                 self._u,
                 self._v,
                 w0,
-                N_TERMS=terms,
                 RANK=rank,
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,

@@ -585,7 +585,10 @@ class _ZerothOrder(torch.optim.Optimizer):
             if graph is None or graph.stale:  # first use, or a parameter was reallocated
                 slots = self._zo_inplace
                 params, ranks = [s.param for s in slots], [s.rank for s in slots]
-                graph = self._zo_graphs[n_terms] = GraphedPass(params, ranks, n_terms)
+                others = [g for g in self._zo_graphs.values() if not g.stale]
+                graph = self._zo_graphs[n_terms] = GraphedPass(
+                    params, ranks, n_terms, share_with=others[0] if others else None
+                )
             graph(
                 [seeds for seeds, _, _ in terms],
                 [vs[0] if vs else 0 for _, vs, _ in terms],

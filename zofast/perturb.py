@@ -464,14 +464,22 @@ class GraphedPass:
         tensors: contiguous float32 / bfloat16 / float16 CUDA tensors on one device.
         ranks: one rank per tensor (0 = full-rank noise).
         n_terms: T.
+        share_with: a GraphedPass over the same tensors and ranks (another T) whose tables and
+            factor buffers this one reuses (passes replayed one after another on one stream).
 
     Example:
         >>> passes = GraphedPass([w1, b1], ranks=[2, 0], n_terms=1)  # doctest: +SKIP
         >>> passes([[11], [12]], [13, 0], [[1e-3], [1e-3]])  # doctest: +SKIP
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], ranks: Sequence[int], n_terms: int):
-        from zofast.kernels.multi import MultiPass
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        ranks: Sequence[int],
+        n_terms: int,
+        share_with: GraphedPass | None = None,
+    ):
+        from zofast.kernels.multi import MultiPass, vector_aligned
 
         if len(tensors) != len(ranks) or not tensors:
             raise ValueError("GraphedPass needs one rank per tensor and at least one tensor")
@@ -493,16 +501,29 @@ class GraphedPass:
         self._host_seeds = torch.zeros_like(self._seeds, device="cpu").pin_memory()
         self._host_scales = torch.zeros_like(self._scales, device="cpu").pin_memory()
         self._copied = torch.cuda.Event()
-        # Compile every kernel variant on tiny stand-ins first, so that capture launches nothing
-        # new and the weights are not touched before the first replay.
+        # Compile every kernel variant on tiny stand-ins first (same dtype, rank and alignment),
+        # so that capture compiles nothing and the weights are untouched until the first replay.
         kinds = sorted(
-            {(w.dtype, r) for w, r in zip(self.tensors, self.ranks, strict=True)}, key=str
+            {
+                (w.dtype, r, vector_aligned(w, r))
+                for w, r in zip(self.tensors, self.ranks, strict=True)
+            },
+            key=str,
         )
-        stand_ins = [torch.zeros(max(r, 1), max(r, 1), dtype=d, device=device) for d, r in kinds]
-        MultiPass(stand_ins, [r for _, r in kinds], n_terms).launch(
+        stand_ins = [
+            torch.zeros(
+                *((max(r, 1),) if r else ()),
+                16 * -(-max(r, 1) // 16) + (not ok),
+                dtype=d,
+                device=device,
+            )
+            for d, r, ok in kinds
+        ]
+        MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms).launch(
             self._seeds[: len(kinds)], self._scales[: len(kinds)]
         )
-        self._plan = MultiPass(self.tensors, self.ranks, n_terms)
+        share = share_with._plan if share_with is not None and not share_with.stale else None
+        self._plan = MultiPass(self.tensors, self.ranks, n_terms, share=share)
         torch.cuda.synchronize(device)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
