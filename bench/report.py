@@ -1,6 +1,6 @@
 """Turns a pytest-benchmark JSON of bench/ into bench/results/<name>.md and latest.json.
 
-Usage: python bench/report.py RUN.json [--steps STEPS.json] [--out bench/results]
+Usage: python bench/report.py RUN.json [RUN2.json ...] [--steps STEPS.json] [--out bench/results]
 (STEPS.json: the pytest-benchmark JSON of bench/test_steps.py, or a list of step records.)
 latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
               "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
@@ -20,12 +20,16 @@ def git_commit() -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("run")
+    parser.add_argument("run", nargs="+", help="pytest-benchmark JSON file(s) of one run")
     parser.add_argument("--steps", help="JSON list of ZO step measurements (bench/steps.py)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--commit", help="commit measured (default: git HEAD)")
     args = parser.parse_args()
-    run = json.loads(Path(args.run).read_text())
+    runs = [json.loads(Path(path).read_text()) for path in args.run]
+    run = {
+        "datetime": runs[0]["datetime"],
+        "benchmarks": [b for r in runs for b in r["benchmarks"]],
+    }
     kernels, tiles = [], []
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
