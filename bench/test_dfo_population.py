@@ -13,9 +13,12 @@ non-zero incumbent (as during a search, so every layer's hooks are active).
   layers above run on the 20 stacked copies); includes turning search vectors into factors
   (projection regeneration when the projections are not cached: GPT-2-large's are not).
   The batched path runs with its defaults: the last layer's per-token tail on the scored rows
-  only and the one-kernel tanh-GELU (:mod:`zofast.dfo.population`, steps 3 and 4). The same
-  round is also timed with both switched off (``batched_plain_*`` in extra_info), to attribute
-  the gain.
+  only, the one-kernel tanh-GELU and the incumbents merged into swapped-in weights
+  (:mod:`zofast.dfo.population`, steps 3-5). The same round is also timed with all three
+  switched off (``batched_plain_*`` in extra_info), without the merge only
+  (``batched_no_merge_*``), and with the defaults on the rows split by length into two batches
+  of 16, each as wide as its longest row (``batched_buckets2_*``: less padding, two forwards per
+  generation; the sequential loop keeps the one 64-wide batch), to attribute the gains.
 * sequential: the published code's loop, one forward of the whole model per candidate (the
   same factors, the model as it is), timed on 20 candidates of each of 4 layers (its cost does
   not depend on the layer); median of 3 repetitions. For transparency the same loop is also
@@ -110,6 +113,26 @@ def _batch(scorer: Scorer, kind: str, tokenizer, gen: torch.Generator) -> Batch:
     ).to("cuda")
 
 
+def _split_by_length(batch: Batch, parts: int) -> list[Batch]:
+    """The rows sorted by length in ``parts`` batches, each as wide as its longest row."""
+    lengths = batch.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    out = []
+    for idx in torch.tensor_split(order, parts):
+        width = int(lengths[idx].max())
+        out.append(
+            Batch(
+                input_ids=batch.input_ids[idx, :width],
+                attention_mask=batch.attention_mask[idx, :width],
+                labels=batch.labels[idx],
+                positions=batch.positions[idx],
+                num_examples=len(idx),
+                rows_per_copy=len(idx),
+            )
+        )
+    return out
+
+
 def _sync_time(fn) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -191,13 +214,22 @@ def test_population_speedup(benchmark, shape):
                 sequential_loop()
                 fused_s = float(np.median([_sync_time(sequential_loop) for _ in range(3)]))
             seq_fused_rate = POPSIZE * len(layers) / fused_s
-        plain = PopulationEvaluator(
-            scorer, dfo.arch, dfo.hooks, [batch], trim=False, fuse_activations=False
-        )
-        dfo.evaluator = plain
-        one_round()
-        plain_round_s = float(np.median([_sync_time(one_round) for _ in range(3)]))
+        variant_round_s = {}
+        variants = {
+            "plain": ([batch], {"trim": False, "fuse_activations": False, "merge": False}),
+            "no_merge": ([batch], {"merge": False}),
+            "buckets2": (_split_by_length(batch, 2), {}),
+        }
+        for name, (batches, options) in variants.items():
+            dfo.evaluator = PopulationEvaluator(scorer, dfo.arch, dfo.hooks, batches, **options)
+            one_round()
+            variant_round_s[name] = float(np.median([_sync_time(one_round) for _ in range(3)]))
+            if name == "buckets2":
+                mats = dfo.factors(layers[1], zs)
+                diff = dfo.evaluator.losses(layers[1], mats) - evaluator.losses(layers[1], mats)
+                assert float(diff.abs().max()) <= BF16_TOL, name
         dfo.evaluator = evaluator
+        plain_round_s = variant_round_s["plain"]
 
         def synchronised():
             one_round()
@@ -225,6 +257,9 @@ def test_population_speedup(benchmark, shape):
         fused_activation_modules=len(evaluator._activations),
         batched_plain_round_s=plain_round_s,
         batched_plain_evals_per_s=POPSIZE * dfo.num_layers / plain_round_s,
+        batched_no_merge_evals_per_s=POPSIZE * dfo.num_layers / variant_round_s["no_merge"],
+        batched_buckets2_evals_per_s=POPSIZE * dfo.num_layers / variant_round_s["buckets2"],
+        speedup_buckets2=POPSIZE * dfo.num_layers / variant_round_s["buckets2"] / seq_rate,
         sequential_fused_evals_per_s=seq_fused_rate,
         speedup_vs_sequential_fused=None
         if seq_fused_rate is None

@@ -113,7 +113,7 @@ def test_length_buckets_give_the_same_loss(tiny_paths, demo):
 
 
 @pytest.mark.parametrize("arch", ["roberta", "gpt2", "llama", "bert-encoder"])
-def test_trimmed_last_layer_and_fused_gelu(tiny_paths, demo, arch):
+def test_trimmed_tail_fused_gelu_and_merged_incumbents(tiny_paths, demo, arch):
     lm = _load(tiny_paths, arch)
     scorer = Scorer(lm, "demo")
     dfo = DFOLoRA(lm, init="random", seed=4, **SMALL)
@@ -122,11 +122,16 @@ def test_trimmed_last_layer_and_fused_gelu(tiny_paths, demo, arch):
     batch = scorer.encode(demo["train"])
     ev = PopulationEvaluator(scorer, dfo.arch, dfo.hooks, [batch])
     plain = PopulationEvaluator(
-        scorer, dfo.arch, dfo.hooks, [batch], trim=False, fuse_activations=False
+        scorer, dfo.arch, dfo.hooks, [batch], trim=False, fuse_activations=False, merge=False
     )
     assert ev.trimmed == (arch != "bert-encoder"), ev.trim_reason
     assert plain.trim_reason == "disabled"
     assert (len(ev._activations) > 0) == (arch == "gpt2")
+    params = {name: (p, p.detach().clone()) for name, p in lm.model.named_parameters()}
+    with dfo.hooks.merged():  # incumbents merged into swapped-in weights: same logits
+        merged_logits = scorer.logits(batch)
+        assert any(p is not params[n][0] for n, p in lm.model.named_parameters())
+    torch.testing.assert_close(merged_logits, scorer.logits(batch), rtol=1e-5, atol=1e-5)
     seen = []
     tail = lm.model.get_submodule(dfo.arch.tail_names[-1])
     handle = tail.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
@@ -138,6 +143,8 @@ def test_trimmed_last_layer_and_fused_gelu(tiny_paths, demo, arch):
         assert seen == [1 if ev.trimmed else batch.input_ids.shape[1]]
         torch.testing.assert_close(fast, plain.losses(layer, mats), rtol=1e-5, atol=1e-5)
     handle.remove()
+    for name, p in lm.model.named_parameters():  # the model's own weights: same objects, values
+        assert p is params[name][0] and torch.equal(p, params[name][1])
     if arch == "gpt2":  # gelu_new's formula equals the one-kernel tanh-GELU
         x = torch.linspace(-8, 8, 1001)
         act = ev._activations[0]

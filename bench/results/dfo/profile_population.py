@@ -3,9 +3,10 @@
 Same models, batch and search vectors as ``bench/test_dfo_population.py`` (RoBERTa-large and
 GPT-2-large shapes, random bf16 weights, 32 × 64 tokens, popsize 20, every layer with an
 incumbent). For each shape: one generation at layer 0 (the whole stack runs on the 20 copies)
-with the evaluator's defaults and with ``trim=False, fuse_activations=False``; prints the kernels
-that take the most GPU time, and the share of matrix products. Writes ``profile_<shape>.txt``
-into the folder given as the first argument (default: the current one). Needs a CUDA GPU.
+with the evaluator's defaults and with ``trim=False, fuse_activations=False, merge=False``;
+prints the kernels that take the most GPU time, and the share of matrix products. Writes
+``profile_<shape>.txt`` into the folder given as the first argument (default: the current one).
+Needs a CUDA GPU.
 
     python bench/results/dfo/profile_population.py $OUT
 """
@@ -77,7 +78,10 @@ def main() -> None:
         dfo.set_z(Z_INCUMBENT * rng.standard_normal((dfo.num_layers, dfo.intrinsic_dim)))
         zs = Z_CANDIDATE * rng.standard_normal((POPSIZE, dfo.intrinsic_dim))
         text = []
-        for name, kw in (("defaults", {}), ("plain", {"trim": False, "fuse_activations": False})):
+        for name, kw in (
+            ("defaults", {}),
+            ("plain", {"trim": False, "fuse_activations": False, "merge": False}),
+        ):
             ev = PopulationEvaluator(scorer, dfo.arch, dfo.hooks, [batch], **kw)
             table, ms = _profile(ev, dfo, zs)
             text.append(f"== {shape}, generation at layer 0, {name} ({ms:.2f} ms GPU)\n{table}")
