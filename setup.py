@@ -19,17 +19,23 @@ if os.environ.get("ZOFAST_NO_EXTENSION") != "1":
 
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     sources = ["csrc/zofast_cpu.cpp"]
-    cxx_flags = ["-O3", "-ffp-contract=off", f"-DZOFAST_WITH_CUDA={int(with_cuda)}"]
+    # -fopenmp: at::parallel_for in the C++ ops runs serially without it (measured in
+    # bench/results/cpu-2026-11-22: 1 and 2 threads took the same time).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DZOFAST_WITH_CUDA={int(with_cuda)}"]
+    link_flags = ["-fopenmp"]
     if with_cuda:
         sources.append("csrc/zofast_cuda.cu")
         # Normals bit-identical to Triton's need exactly these (FACTS §1): no fast math, ever.
         nvcc_flags = ["-O3", "-ftz=true", "-prec-sqrt=false", "-prec-div=true"]
         extension = cpp_extension.CUDAExtension(
-            "zofast._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}
+            "zofast._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         extension = cpp_extension.CppExtension(
-            "zofast._C", sources, extra_compile_args={"cxx": cxx_flags}
+            "zofast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
     ext_modules = [extension]
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -26,7 +26,10 @@ import triton.language as tl
 from .lowrank import default_tile
 from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4, triton_interpreting
 
-GAUSSIAN_BLOCK = 512  # counter blocks per program: 2048 elements
+# Counter blocks per full-rank program (1024 elements): the H200 sweep over OPT weights
+# (results/2026-11-22-suite-2) gave 20.5 % of copy at two terms against 17.1 % for 2048
+# elements, and the same 39 % at one term.
+GAUSSIAN_BLOCK = 256
 FACTOR_BLOCK = 256  # counter blocks per factor program: 1024 numbers
 # Per-tensor table columns (int64). Factor rows are padded to STRIDE_ALIGN numbers, so every
 # factor row starts 64-byte aligned and the kernels may say so (vectorised loads).

@@ -184,4 +184,4 @@ def test_virtual_mode_same_iterates_as_inplace_on_gpu(momentum):
     (loss_in, w_in), (loss_v, w_v) = runs
     torch.testing.assert_close(loss_v, loss_in, rtol=1e-4, atol=0)  # g: ΔL / 2ε amplifies
     for a, b in zip(w_v, w_in, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
