@@ -136,6 +136,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from zofast._ext import triton_available
@@ -525,9 +526,18 @@ class _ZerothOrder(torch.optim.Optimizer):
         key = (role, index)
         seeds = self._zo_seed_cache.get(key)
         if seeds is None:
-            if len(self._zo_seed_cache) >= 16:
+            if len(self._zo_seed_cache) >= 32:
                 self._zo_seed_cache.clear()
             seeds = self._zo_run.seeds(index, self._zo_n_params, role)
+            self._zo_seed_cache[key] = seeds
+        return seeds
+
+    def _seed_array(self, role: str, index: int) -> np.ndarray:
+        """_seeds as a uint64 numpy array (cached alongside), for building pass tables."""
+        key = ("array", role, index)
+        seeds = self._zo_seed_cache.get(key)
+        if seeds is None:
+            seeds = np.array(self._seeds(role, index), dtype=np.uint64)
             self._zo_seed_cache[key] = seeds
         return seeds
 
@@ -553,7 +563,7 @@ class _ZerothOrder(torch.optim.Optimizer):
         """W += scale·Z_t for every in-place tensor, one engine pass each (virtual tensors: the
         coefficient c, see _virtual_coef)."""
         if self._zo_inplace:
-            self._pass([self._terms(slot, [t], [scale]) for slot in self._zo_inplace])
+            self._pass([t], [[scale]] * len(self.param_groups))
 
     def _virtual_coef(self, t: int, c: float) -> None:
         """Virtual tensors: the layers see W + A·V_Aᵀ + c·U_t·V_tᵀ (c = 0: no perturbation)."""
@@ -574,28 +584,38 @@ class _ZerothOrder(torch.optim.Optimizer):
             return us, vs, scales
         return [self._seeds("full", s)[slot.index] for s in steps], None, scales
 
-    def _pass(self, terms: list[tuple]) -> None:
-        """One engine pass: slot i gets terms[i]. Where every low-rank slot's terms share one V
-        (all but V-refresh steps), a CUDA graph of the whole pass is replayed instead of one
-        Python call per tensor; its results are bit-identical to the eager calls."""
-        n_terms = len(terms[0][0])
-        shared = all(vs is None or len(set(vs)) == 1 for _, vs, _ in terms)
-        if self._zo_graphs is not None and shared:
-            graph = self._zo_graphs.get(n_terms)
+    def _pass(self, steps: list[int], group_scales: list[list[float]]) -> None:
+        """One engine pass over the in-place tensors: every one gets the terms
+        scale_k·Z_(steps[k]), with its group's scales group_scales[group][k].
+
+        Where the steps share one V epoch (all but LOZO's V-refresh steps), a CUDA graph of the
+        whole pass is replayed with a seed table built in numpy (no Python call per tensor); its
+        results are bit-identical to the eager calls."""
+        slots = self._zo_inplace
+        one_v = len({s // self._zo_nu for s in steps}) == 1 or not any(s.rank for s in slots)
+        if self._zo_graphs is not None and one_v:
+            graph = self._zo_graphs.get(len(steps))
             if graph is None or graph.stale:  # first use, or a parameter was reallocated
-                slots = self._zo_inplace
                 params, ranks = [s.param for s in slots], [s.rank for s in slots]
                 others = [g for g in self._zo_graphs.values() if not g.stale]
-                graph = self._zo_graphs[n_terms] = GraphedPass(
-                    params, ranks, n_terms, share_with=others[0] if others else None
+                graph = self._zo_graphs[len(steps)] = GraphedPass(
+                    params, ranks, len(steps), share_with=others[0] if others else None
                 )
-            graph(
-                [seeds for seeds, _, _ in terms],
-                [vs[0] if vs else 0 for _, vs, _ in terms],
-                [scales for _, _, scales in terms],
-            )
+            index = np.array([s.index for s in slots])
+            lowrank = np.array([s.rank > 0 for s in slots])
+            table = np.zeros((len(slots), len(steps) + 1), dtype=np.uint64)
+            for k, step in enumerate(steps):
+                full = self._seed_array("full", step)[index] if not lowrank.all() else 0
+                u = self._seed_array("u", step)[index] if lowrank.any() else 0
+                table[:, k] = np.where(lowrank, u, full)
+            if lowrank.any():
+                v = self._seed_array("v", steps[0] // self._zo_nu)[index]
+                table[:, -1] = np.where(lowrank, v, 0)
+            groups = np.array([s.group for s in slots])
+            graph.replay_table(table, np.asarray(group_scales, dtype=np.float32)[groups])
             return
-        for slot, (seeds, vs, scales) in zip(self._zo_inplace, terms, strict=True):
+        for slot in slots:
+            seeds, vs, scales = self._terms(slot, steps, group_scales[slot.group])
             if slot.rank:
                 lowrank_(slot.param, seeds, vs, slot.rank, scales)
             else:
@@ -630,7 +650,6 @@ class _ZerothOrder(torch.optim.Optimizer):
             if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
                 raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
         pending = self._virtual_updates(t, g, lrs, wds, buffers, used)
-        plain = []  # the slots' terms when there is no momentum: one fused pass for all
         for slot in self._zo_inplace:
             lr, wd = lrs[slot.group], wds[slot.group]
             decay = 1.0 - lr * wd
@@ -639,12 +658,8 @@ class _ZerothOrder(torch.optim.Optimizer):
             if decay != 1.0:
                 p.mul_(decay)
             if not self._zo_beta:
-                steps, scales = [t, t], [restore, -lr * g]
-                if nxt is not None:
-                    steps.append(nxt)
-                    scales.append(eps)
-                plain.append(self._terms(slot, steps, scales))
-            elif slot.rank:
+                continue  # one fused pass for all, below
+            if slot.rank:
                 U, V = used[slot.index]
                 left, right = [U * restore, buffers[slot.index] * -lr], [V, V]
                 if nxt is not None:
@@ -659,8 +674,13 @@ class _ZerothOrder(torch.optim.Optimizer):
                     scales.append(eps)
                 right = torch.tensor([scales], dtype=torch.float32, device=p.device)
                 outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)
-        if plain:
-            self._pass(plain)
+        if not self._zo_beta and self._zo_inplace:
+            steps = [t, t] if nxt is None else [t, t, nxt]
+            group_scales = [
+                [(1.0 - lr * wd) * eps, -lr * g] + ([] if nxt is None else [eps])
+                for lr, wd in zip(lrs, wds, strict=True)
+            ]
+            self._pass(steps, group_scales)
         for slot, A, epoch, V in pending:  # V refresh: the old A goes into W first, one pass
             vt = slot.virtual
             if vt.epoch is not None and vt.epoch != epoch:

@@ -553,8 +553,16 @@ class GraphedPass:
         if not all(type(x) is int and 0 <= x <= MAX_SEED for x in flat):
             bad = next(x for x in flat if type(x) is not int or not 0 <= x <= MAX_SEED)
             raise ValueError(f"seeds must be integers in 0..2**64-1, got {bad!r}")
-        seeds_now = torch.from_numpy(np.array(rows, dtype=np.uint64).view(np.int64))
-        scales_now = torch.from_numpy(np.array(scales, dtype=np.float32))
+        self.replay_table(np.array(rows, dtype=np.uint64), np.array(scales, dtype=np.float32))
+
+    def replay_table(self, seeds: np.ndarray, scales: np.ndarray) -> None:
+        """Replay from arrays: seeds (count, T + 1) uint64 (row i: tensor i's T seeds, then its
+        v seed), scales (count, T) float32 (finite). What an optimizer builds without a Python
+        loop over tensors."""
+        if seeds.dtype != np.uint64 or scales.dtype != np.float32:
+            raise ValueError("seeds must be a uint64 array and scales a float32 array")
+        seeds_now = torch.from_numpy(seeds.view(np.int64))
+        scales_now = torch.from_numpy(scales)
         if seeds_now.shape != self._host_seeds.shape or scales_now.shape != self._host_scales.shape:
             raise ValueError(
                 f"expected {len(self.tensors)} rows of {self.n_terms} seeds and scales"
