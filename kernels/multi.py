@@ -229,13 +229,15 @@ class MultiPass:
         gaussian_block: int = GAUSSIAN_BLOCK,
         num_warps: int = 4,
         share: "MultiPass | None" = None,
+        factors_only: bool = False,
     ):
         _check_interpretable(tensors[0])
         self.n_terms = n_terms
         self._key = ([w.data_ptr() for w in tensors], list(ranks), tile, gaussian_block, num_warps)
         if share is not None and share._key == self._key:
             self.gaussian_block, self.num_warps = share.gaussian_block, share.num_warps
-            self._u, self._v = share._u, share._v
+            self._u, self._v, self._layout = share._u, share._v, share._layout
+            self._shapes = share._shapes
             self._gaussian, self._factors, self._lowrank = (
                 share._gaussian,
                 share._factors,
@@ -243,6 +245,10 @@ class MultiPass:
             )
             return
         self.gaussian_block, self.num_warps = gaussian_block, num_warps
+        self._shapes = [
+            (*_matrix(w), r) if r else (w.numel(), 1, 0)
+            for w, r in zip(tensors, ranks, strict=True)
+        ]
         device = tensors[0].device
         table = np.zeros((len(tensors), TABLE_WIDTH), dtype=np.int64)
         u_size = v_size = 0
@@ -280,9 +286,13 @@ class MultiPass:
             sub[:, FIRST_JOB] = first
             return torch.from_numpy(sub).to(device), torch.from_numpy(jobs).to(device)
 
+        self._layout = [
+            (int(row[U_OFFSET]), int(row[V_OFFSET]), int(row[U_STRIDE]), int(row[V_STRIDE]))
+            for row in table
+        ]
         self._gaussian = []
         for (dtype, aligned), ids in groups(
-            lambda w, r: None if r else (w.dtype, vector_aligned(w, 0))
+            lambda w, r: None if r or factors_only else (w.dtype, vector_aligned(w, 0))
         ):
             counts = [triton.cdiv(tensors[i].numel(), 4 * gaussian_block) for i in ids]
             self._gaussian.append((*owned(ids, counts), dtype_of[dtype], aligned))
@@ -296,7 +306,7 @@ class MultiPass:
             self._factors.append((torch.from_numpy(table[ids]).to(device), jobs, rank))
         self._lowrank = []
         for (rank, dtype, aligned), ids in groups(
-            lambda w, r: (r, w.dtype, vector_aligned(w, r)) if r else None
+            lambda w, r: (r, w.dtype, vector_aligned(w, r)) if r and not factors_only else None
         ):
             block_m, block_n = tile or default_tile(rank, many_tensors=True)
             counts = []
@@ -323,20 +333,7 @@ class MultiPass:
                 num_warps=self.num_warps,
                 **CONTRACT_OPTIONS,
             )
-        for table, jobs, rank in self._factors:
-            _multi_factors_kernel[(jobs.shape[0],)](
-                table,
-                jobs,
-                seeds,
-                scales,
-                self._u,
-                self._v,
-                N_TERMS=terms,
-                RANK=rank,
-                BLOCK=FACTOR_BLOCK,
-                EXACT=not triton_interpreting(),
-                **CONTRACT_OPTIONS,
-            )
+        self._launch_factors(seeds, scales, self._u, self._v)
         for table, jobs, rank, w0, aligned, (block_m, block_n) in self._lowrank:
             _multi_lowrank_kernel[(jobs.shape[0],)](
                 table,
@@ -350,3 +347,41 @@ class MultiPass:
                 ALIGNED=aligned,
                 num_warps=self.num_warps,
             )
+
+    def _launch_factors(self, seeds, scales, u, v) -> None:
+        for table, jobs, rank in self._factors:
+            _multi_factors_kernel[(jobs.shape[0],)](
+                table,
+                jobs,
+                seeds,
+                scales,
+                u,
+                v,
+                N_TERMS=self.n_terms,
+                RANK=rank,
+                BLOCK=FACTOR_BLOCK,
+                EXACT=not triton_interpreting(),
+                **CONTRACT_OPTIONS,
+            )
+
+    def factors(self, seeds: torch.Tensor, scales: torch.Tensor) -> list:
+        """Only the factors, into new buffers: per tensor (u, V) as (m, r) and (n, r) float32
+        views (None for full-rank tensors), u the terms' merged u (module docstring), V the
+        tensor's. With one term of scale 1 they are lowrank_factors' (U, V), bit for bit."""
+        u = torch.empty_like(self._u)
+        v = torch.empty_like(self._v)
+        self._launch_factors(seeds, scales, u, v)
+        out = []
+        for (u_off, v_off, u_stride, v_stride), (m, n, rank) in zip(
+            self._layout, self._shapes, strict=True
+        ):
+            if not rank:
+                out.append(None)
+                continue
+            out.append(
+                (
+                    u[u_off : u_off + rank * u_stride].view(rank, u_stride)[:, :m].t(),
+                    v[v_off : v_off + rank * v_stride].view(rank, v_stride)[:, :n].t(),
+                )
+            )
+        return out

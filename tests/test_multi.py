@@ -89,3 +89,23 @@ def test_multi_pass_replays_with_new_seeds(fresh_seed):
     scales_t.copy_(torch.tensor(scales))
     plan.launch(seeds_t, scales_t)
     assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True))
+
+
+def test_multi_factors_equal_lowrank_factors(fresh_seed):
+    """MultiPass.factors with one term of scale 1 gives lowrank_factors' (U, V) bit for bit
+    (what LOZO's virtual mode draws per step for all its matrices at once)."""
+    from zofast.kernels.multi import MultiPass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, ranks, seeds, _ = _setup(fresh_seed, 1, device)
+    plan = MultiPass(tensors, ranks, 1, factors_only=True)
+    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
+    got = plan.factors(seeds_t, torch.ones(len(tensors), 1, device=device))
+    for w, rank, row, pair in zip(tensors, ranks, seeds, got, strict=True):
+        if not rank:
+            assert pair is None
+            continue
+        want = perturb.lowrank_factors(
+            w.shape, row[0], row[1], rank, device=device, backend="triton"
+        )
+        assert torch.equal(pair[0], want[0]) and torch.equal(pair[1], want[1])

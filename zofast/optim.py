@@ -411,15 +411,17 @@ class _ZerothOrder(torch.optim.Optimizer):
         if virtual is not None and self._zo_model is not None:
             virtual.attach()
         self._zo_virtual = virtual
+        on_gpu = triton_available() and os.environ.get("ZOFAST_CUDA_GRAPHS", "1") != "0"
+        # Virtual tensors on one GPU draw each step's (U, V) for all of them in one launch.
+        virtual_devices = {vt.param.device for vt in virtual.tensors} if virtual else set()
+        self._zo_directions = None
+        self._zo_batched_directions = (
+            on_gpu and len(virtual_devices) == 1 and virtual_devices.pop().type == "cuda"
+        )
         devices = {s.param.device for s in self._zo_inplace}
         # On one GPU every pass replays a CUDA graph per term count (see _pass).
         self._zo_graphs: dict[int, GraphedPass] | None = (
-            {}
-            if len(devices) == 1
-            and devices.pop().type == "cuda"
-            and triton_available()
-            and os.environ.get("ZOFAST_CUDA_GRAPHS", "1") != "0"
-            else None
+            {} if on_gpu and len(devices) == 1 and devices.pop().type == "cuda" else None
         )
 
     def _zo_plan_virtual(self, slots: list[_Slot]) -> VirtualLayers:
@@ -570,11 +572,31 @@ class _ZerothOrder(torch.optim.Optimizer):
         virtual = self._zo_virtual
         if virtual is None or not virtual.attached:
             return  # no hooks (replay): no forward runs, the factors are not needed
+        if c and any(vt.step != t for vt in virtual.tensors):
+            for vt, (U, V) in zip(virtual.tensors, self._directions(t), strict=True):
+                vt.set_direction(t, t // self._zo_nu, U, V)
         for vt in virtual.tensors:
-            if c and vt.step != t:
-                slot = self._zo_slots_by_index[vt.index]
-                vt.set_direction(t, t // self._zo_nu, *self._factors(slot, t))
             vt.set_coef(c)
+
+    def _directions(self, t: int) -> list:
+        """(U_t, V) of every virtual tensor: one launch on a GPU (zofast.kernels.multi, bit for
+        bit lowrank_factors' numbers), one lowrank_factors call per tensor elsewhere."""
+        slots = [self._zo_slots_by_index[vt.index] for vt in self._zo_virtual.tensors]
+        if not self._zo_batched_directions:
+            return [self._factors(slot, t) for slot in slots]
+        from zofast.kernels.multi import MultiPass
+
+        if self._zo_directions is None:
+            params, ranks = [s.param for s in slots], [s.rank for s in slots]
+            self._zo_directions = MultiPass(params, ranks, 1, factors_only=True)
+        index = np.array([s.index for s in slots])
+        table = np.stack(
+            [self._seed_array("u", t)[index], self._seed_array("v", t // self._zo_nu)[index]], 1
+        )
+        device = slots[0].param.device
+        seeds = torch.from_numpy(table.view(np.int64)).pin_memory().to(device, non_blocking=True)
+        ones = torch.ones(len(slots), 1, device=device)
+        return self._zo_directions.factors(seeds, ones)
 
     def _terms(self, slot: _Slot, steps: list[int], scales: list[float]):
         """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot."""

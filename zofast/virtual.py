@@ -162,15 +162,21 @@ class VirtualTensor:
     def factors(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
         """(L, R) in `dtype` on `device`, cast once per change of A, direction or c.
 
-        Built outside inference mode and autograd (a first forward under
-        ``torch.inference_mode()`` must not leave inference tensors for a later one with grad)."""
+        Their columns are zero-padded to a multiple of 8 on a GPU, so that every operand of the
+        hooks' rank-r matrix products is 16-byte aligned (cuBLAS otherwise falls back to slow
+        2-element-aligned kernels at rank 2; the zero columns add exact zeros). Built outside
+        inference mode and autograd (a first forward under ``torch.inference_mode()`` must not
+        leave inference tensors for a later one with grad)."""
         cast = self._cast.get((dtype, device)) if self._fresh else None
         if cast is None:
             with torch.inference_mode(False), torch.no_grad():
                 pair = self.pair()
                 if pair is None:
                     return None
+                pad = -pair[0].shape[1] % 8 if device.type == "cuda" else 0
                 cast = tuple(t.to(device=device, dtype=dtype) for t in pair)
+                if pad:
+                    cast = tuple(torch.nn.functional.pad(t, (0, pad)) for t in cast)
             self._cast[(dtype, device)] = cast
         return cast
 
