@@ -63,7 +63,16 @@ def main():
     gpu, copy = first["gpu"], first["copy_gbps"]
     steps = json.loads(Path(args.steps).read_text()) if args.steps else []
     if isinstance(steps, dict):  # pytest-benchmark JSON of bench/test_steps.py
-        keys = ("model", "method", "mode", "batch", "step_over_two_forwards", "peak_over_forward")
+        keys = (
+            "model",
+            "method",
+            "mode",
+            "batch",
+            "forward_ms",
+            "step_ms",
+            "step_over_two_forwards",
+            "peak_over_forward",
+        )
         steps = [
             {k: b["extra_info"][k] for k in keys if k in b["extra_info"]}
             for b in steps["benchmarks"]
@@ -107,14 +116,17 @@ def main():
         lines += ["", f"Tile sweep, {t['op']}, {t['model']}, rank {t['rank']} (% of copy): "]
         lines[-1] += ", ".join(f"{tile} {pct}" for tile, pct in ranked)
     if steps:
+        nan = float("nan")
         lines += [
             "",
-            "| model | method | mode | batch | step ÷ two forwards | peak ÷ forward peak |",
-            "|---|---|---|---|---|---|",
+            "| model | method | mode | batch | forward ms | step ms | step ÷ two forwards "
+            "| peak ÷ forward peak |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for st in steps:
             lines.append(
                 f"| {st['model']} | {st['method']} | {st['mode']} | {st.get('batch', '16x256')} | "
+                f"{st.get('forward_ms', nan):.2f} | {st.get('step_ms', nan):.2f} | "
                 f"{st['step_over_two_forwards']:.3f} | {st['peak_over_forward']:.5f} |"
             )
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
