@@ -490,3 +490,25 @@ def test_virtual_indices_are_checked():
     with pytest.raises(ValueError, match="without a model"):
         replay_only.step(toy_loss(model))
     assert math.isfinite(toy_loss(model)().item())
+
+
+def test_bf16_weights_do_not_drift_in_virtual_mode():
+    """With a nil update (lr = 1e-30), in-place steps still round bf16 weights at every
+    perturb / restore pass and they drift; virtual mode never writes them during a step, and its
+    flushes add nothing: bit-identical (bench/drift_bf16.py measures 1000 steps)."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    drift = {}
+    for mode in ("inplace", "virtual"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+        start = model.weight.detach().clone()
+        opt = LOZO(model, lr=1e-30, eps=1e-3, rank=2, nu=20, seed=1, mode=mode)
+        for _ in range(60):  # three V refreshes: three flushes in virtual mode
+            opt.step(lambda model=model: model(x).float().pow(2).mean())
+        opt.settle()
+        if mode == "virtual":
+            assert torch.equal(model.weight, start)
+            opt.detach()
+        drift[mode] = ((model.weight.float() - start.float()).norm() / start.float().norm()).item()
+    assert drift["virtual"] == 0.0
+    assert drift["inplace"] > 1e-3
