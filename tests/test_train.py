@@ -86,6 +86,18 @@ def test_zeroth_order_run_writes_log_plot_and_trajectories(tiny, tmp_path, metho
     assert all(torch.equal(p, tuned[n]) for n, p in fresh.named_parameters())
 
 
+def test_virtual_mode_run_replays_and_leaves_a_plain_model(tiny, tmp_path):
+    loaded = load_model(tiny)
+    result = train(_config(tiny, tmp_path, mode="virtual"), loaded=loaded)
+    assert not any(m._forward_hooks for m in loaded.model.modules()), "hooks left behind"
+    best = Trajectory.load(result.files["trajectory_best"])
+    assert best.hyperparameters["mode"] == "virtual"
+    fresh = load_model(tiny).model
+    replay(fresh, best)
+    tuned = dict(loaded.model.named_parameters())
+    assert all(torch.equal(p, tuned[n]) for n, p in fresh.named_parameters())
+
+
 def test_runs_are_reproducible_and_seeded(tiny, tmp_path):
     loaded = load_model(tiny)
     base = _params(loaded.model)
@@ -153,6 +165,9 @@ def test_freeze_keeps_matching_parameters(tiny, tmp_path):
         ({"dtype": "int8"}, "dtype must be one of"),
         ({"freeze": "("}, "freeze is not a valid regex"),
         ({"template": "{text_a} {mask}"}, "needs both template and label_words"),
+        ({"mode": "sideways"}, "mode must be 'inplace' or 'virtual'"),
+        ({"mode": "virtual", "method": "mezo"}, "mode 'virtual' is LOZO's"),
+        ({"mode": "virtual", "weight_decay": 0.1}, "needs weight_decay 0"),
     ],
 )
 def test_bad_configs_are_refused_before_anything_is_written(tiny, tmp_path, kwargs, message):

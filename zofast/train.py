@@ -142,6 +142,8 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
+        mode: ``"inplace"`` or, for lozo / lozo-m, ``"virtual"`` (the layers apply the
+            perturbation and the pending updates: bf16 weights do not drift, see docs/usage.md).
         pipeline: fuse the next step's perturbation into the update (2 weight passes per ZO step
             instead of 3); the optimizer settles before every evaluation and at the end, so
             the results are those of an unpipelined run up to rounding.
@@ -186,6 +188,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     freeze: str | None = None
+    mode: str = "inplace"
     pipeline: bool = True
     save_model: bool = False
     zero_shot_test: bool = True
@@ -228,6 +231,12 @@ class TrainConfig:
                 raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
             if self.momentum > 0 and self.method != "lozo-m":
                 raise ConfigError(f"momentum applies to lozo-m only (method is {self.method})")
+        if self.mode not in ("inplace", "virtual"):
+            raise ConfigError(f"mode must be 'inplace' or 'virtual', got {self.mode!r}")
+        if self.mode == "virtual" and self.method not in ("lozo", "lozo-m"):
+            raise ConfigError(f"mode 'virtual' is LOZO's (method is {self.method})")
+        if self.mode == "virtual" and self.weight_decay:
+            raise ConfigError("mode 'virtual' needs weight_decay 0 (decay is a pass per step)")
         if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
@@ -602,7 +611,15 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module):
     common = {"lr": lr, "eps": config.eps, "seed": config.seed, "pipeline": config.pipeline}
     if config.method == "mezo":
         return MeZO(groups, **common)
-    return LOZO(groups, rank=config.rank, nu=config.nu, momentum=config.resolved_momentum, **common)
+    virtual = {"mode": "virtual", "model": model} if config.mode == "virtual" else {}
+    return LOZO(
+        groups,
+        rank=config.rank,
+        nu=config.nu,
+        momentum=config.resolved_momentum,
+        **virtual,
+        **common,
+    )
 
 
 def _setup(
@@ -753,6 +770,8 @@ def _run(config, loaded, scorer, splits, optimizer, out_dir: Path, log: _Log) ->
             bar.close()
         if zo:
             optimizer.settle()
+            if config.mode == "virtual":
+                optimizer.detach()  # the hooks come off: a plain model from here on
 
     if not dev:
         best["step"] = steps
