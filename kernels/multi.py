@@ -31,8 +31,9 @@ from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4, 
 # elements, and the same 39 % at one term.
 GAUSSIAN_BLOCK = 256
 FACTOR_BLOCK = 256  # counter blocks per factor program: 1024 numbers
-# Per-tensor table columns (int64). Factor rows are padded to STRIDE_ALIGN numbers, so every
-# factor row starts 64-byte aligned and the kernels may say so (vectorised loads).
+# Per-tensor table columns (int64; the kernels read them at these offsets, row width 9). Factor
+# rows are padded to STRIDE_ALIGN numbers, so every factor row starts 64-byte aligned and the
+# kernels may say so (vectorised loads).
 ADDRESS, ROWS, COLS, TERM_ROW, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE, FIRST_JOB = range(9)
 TABLE_WIDTH = 9
 STRIDE_ALIGN = 16
@@ -218,6 +219,7 @@ class MultiPass:
         share: another MultiPass over the same tensors and ranks (any n_terms) whose tables, jobs
             and factor buffers this one reuses: the passes of one optimizer cost that memory once
             (they run one after another on one stream).
+        factors_only: plan only the factor launch, for :meth:`factors`; no pass.
     """
 
     def __init__(
@@ -233,7 +235,8 @@ class MultiPass:
     ):
         _check_interpretable(tensors[0])
         self.n_terms = n_terms
-        self._key = ([w.data_ptr() for w in tensors], list(ranks), tile, gaussian_block, num_warps)
+        addresses = [w.data_ptr() for w in tensors]
+        self._key = (addresses, list(ranks), tile, gaussian_block, num_warps, factors_only)
         if share is not None and share._key == self._key:
             self.gaussian_block, self.num_warps = share.gaussian_block, share.num_warps
             self._u, self._v, self._layout = share._u, share._v, share._layout
