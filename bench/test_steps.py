@@ -1,8 +1,9 @@
 """A whole ZO step against two plain forward passes, and its peak memory against a forward's,
 on OPT-shaped models with random weights (bf16, batch 16×256), beside the MeZO pattern.
 
-step_over_two_forwards = median step time / (2 × median forward time); the floor is 1 plus two
-weight passes at the copy ceiling. peak_over_forward = peak memory of a step / of a forward."""
+step_over_two_forwards = median step time / (2 × median forward time), forwards and steps timed
+in alternation; the floor is 1 plus two weight passes at the copy ceiling.
+peak_over_forward = peak memory of a step / of a forward."""
 
 import pytest
 import torch
@@ -42,16 +43,20 @@ def opt_model(request):
     torch.cuda.empty_cache()
 
 
-def median_ms(fn, reps=10) -> float:
-    times = []
+def interleaved_ms(fns, reps=10) -> list[float]:
+    """Median device-event milliseconds of each fn, timed in alternation (fn 1, fn 2, fn 1, ...)
+    so that a slow phase of a shared machine hits all of them alike; two warm-up rounds."""
+    times = [[] for _ in fns]
     for _ in range(reps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times[2:])[reps // 2]
+        for fn, found in zip(fns, times, strict=True):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            found.append(start.elapsed_time(end))
+    return [sorted(found[2:])[reps // 2] for found in times]
 
 
 def peak_bytes(fn) -> int:
@@ -101,7 +106,6 @@ def test_step(benchmark, opt_model, method, batch):
     def closure():
         return model(input_ids=ids, labels=ids).loss
 
-    forward_ms = median_ms(closure)
     forward_peak = peak_bytes(closure)
     if method == "mezo_pattern":
         step = lambda: mezo_pattern_step(model, closure, seed=1)  # noqa: E731
@@ -113,7 +117,7 @@ def test_step(benchmark, opt_model, method, batch):
         opt = cls(model.parameters(), lr=1e-7, eps=1e-3, seed=1, pipeline=True, **kwargs)
         step = lambda: opt.step(closure)  # noqa: E731
     step()
-    step_ms = median_ms(step)
+    forward_ms, step_ms = interleaved_ms([closure, step])
     step_peak = peak_bytes(step)
     benchmark.pedantic(step, rounds=3, iterations=1)
     if method != "mezo_pattern":
