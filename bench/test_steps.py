@@ -109,6 +109,7 @@ def test_step(benchmark, opt_model, method, batch):
         return model(input_ids=ids, labels=ids).loss
 
     forward_peak = peak_bytes(closure)
+    forward_before = times_ms(closure)
     if method == "mezo_pattern":
         step = lambda: mezo_pattern_step(model, closure, seed=1)  # noqa: E731
     else:
@@ -118,7 +119,6 @@ def test_step(benchmark, opt_model, method, batch):
             kwargs.update(mode="virtual", model=model)
         opt = cls(model.parameters(), lr=1e-7, eps=1e-3, seed=1, pipeline=True, **kwargs)
         step = lambda: opt.step(closure)  # noqa: E731
-    forward_before = times_ms(closure)
     step()
     step_ms = median(times_ms(step))
     step_peak = peak_bytes(step)
