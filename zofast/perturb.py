@@ -510,15 +510,12 @@ class GraphedPass:
             },
             key=str,
         )
-        stand_ins = [
-            torch.zeros(
-                *((max(r, 1),) if r else ()),
-                16 * -(-max(r, 1) // 16) + (not ok),
-                dtype=d,
-                device=device,
-            )
-            for d, r, ok in kinds
-        ]
+        stand_ins = []
+        for dtype, rank, aligned in kinds:
+            # Rows of a multiple of 16 elements exactly when the variant is the aligned one.
+            length = 16 * math.ceil(max(rank, 1) / 16) + (0 if aligned else 1)
+            shape = (rank, length) if rank else (length,)
+            stand_ins.append(torch.zeros(shape, dtype=dtype, device=device))
         MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms).launch(
             self._seeds[: len(kinds)], self._scales[: len(kinds)]
         )
