@@ -598,8 +598,10 @@ def test_pipelined_run_matches_unpipelined(cls, kwargs):
         assert not opt.pending
         runs.append((snapshot(model), opt.trajectory))
     (plain, traj_plain), (piped, traj_piped) = runs
-    for a, b in zip(plain, piped, strict=True):  # g amplifies ulp differences by |∇f|/ε
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # g amplifies ulp differences by |∇f|/ε: on another machine's libm (the H200 host) one weight
+    # of 48 was off by 1.35e-6 after 20 steps, so the bound leaves room for that.
+    for a, b in zip(plain, piped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)
     assert traj_piped.events.count("settle") == 1
     torch.testing.assert_close(traj_plain.g, traj_piped.g, rtol=1e-3, atol=1e-3)
 
