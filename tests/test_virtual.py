@@ -512,18 +512,3 @@ def test_bf16_weights_do_not_drift_in_virtual_mode():
         drift[mode] = ((model.weight.float() - start.float()).norm() / start.float().norm()).item()
     assert drift["virtual"] == 0.0
     assert drift["inplace"] > 1e-3
-
-
-def test_padded_factor_buffers_copy_only_what_changed():
-    """The GPU path's padded copies of L and R (zofast.virtual.VirtualTensor._padded, exercised
-    here on CPU tensors): zero beyond the rank, reused without a copy for the same tensor,
-    re-zeroed when a wider factor (a V-refresh step's [A | c·U]) is followed by a narrow one."""
-    lin = torch.nn.Linear(3, 5)
-    vt = zofast.virtual.VirtualTensor(0, "w", lin.weight, 2, [])
-    wide, narrow = torch.randn(5, 4), torch.randn(5, 2)
-    buffer = vt._padded(wide, "L", torch.float32, torch.device("cpu"))
-    assert buffer.shape == (5, 8) and torch.equal(buffer[:, :4], wide) and not buffer[:, 4:].any()
-    buffer[0, 0] = 123.0  # a second call with the same tensor does not copy again
-    assert vt._padded(wide, "L", torch.float32, torch.device("cpu"))[0, 0] == 123.0
-    again = vt._padded(narrow, "L", torch.float32, torch.device("cpu"))
-    assert again is buffer and torch.equal(again[:, :2], narrow) and not again[:, 2:].any()

@@ -128,7 +128,6 @@ class VirtualTensor:
         self._pair: tuple | None = None  # float32 (L, R), None when W_eff = W
         self._fresh = True  # _pair is current
         self._cast: dict = {}
-        self._buffers: dict = {}  # GPU: padded copies of L and R (see factors)
 
     def set_pending(self, A, epoch, V_A) -> None:
         self.A, self.epoch, self.V_A = A, epoch, V_A
@@ -163,44 +162,23 @@ class VirtualTensor:
     def factors(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
         """(L, R) in `dtype` on `device`, cast once per change of A, direction or c.
 
-        On a GPU they are copied into persistent buffers whose columns are zero-padded to a
-        multiple of 8, so that every operand of the hooks' rank-r matrix products is 16-byte
-        aligned (cuBLAS otherwise falls back to slow 2-element-aligned kernels at rank 2; the
-        zero columns add exact zeros), and R, which changes once per step at most, is copied
-        only when it changed. Built outside inference mode and autograd (a first forward under
-        ``torch.inference_mode()`` must not leave inference tensors for a later one with
-        grad)."""
+        Their columns are zero-padded to a multiple of 8 on a GPU, so that every operand of the
+        hooks' rank-r matrix products is 16-byte aligned (cuBLAS otherwise falls back to slow
+        2-element-aligned kernels at rank 2; the zero columns add exact zeros). Built outside
+        inference mode and autograd (a first forward under ``torch.inference_mode()`` must not
+        leave inference tensors for a later one with grad)."""
         cast = self._cast.get((dtype, device)) if self._fresh else None
         if cast is None:
             with torch.inference_mode(False), torch.no_grad():
                 pair = self.pair()
                 if pair is None:
                     return None
-                if device.type == "cuda":
-                    cast = tuple(
-                        self._padded(t, side, dtype, device)
-                        for t, side in zip(pair, "LR", strict=True)
-                    )
-                else:
-                    cast = tuple(t.to(device=device, dtype=dtype) for t in pair)
+                pad = -pair[0].shape[1] % 8 if device.type == "cuda" else 0
+                cast = tuple(t.to(device=device, dtype=dtype) for t in pair)
+                if pad:
+                    cast = tuple(torch.nn.functional.pad(t, (0, pad)) for t in cast)
             self._cast[(dtype, device)] = cast
         return cast
-
-    def _padded(self, t: torch.Tensor, side: str, dtype, device) -> torch.Tensor:
-        """t copied into the persistent (rows, 8·⌈r/8⌉) buffer of `side` ("L" or "R"), zero
-        beyond column r; no copy when t is the tensor copied last time (A, U and V are never
-        modified in place, and the buffer holds a reference, so identity is enough)."""
-        rows, rank = t.shape
-        width = -(-rank // 8) * 8
-        buffer, source = self._buffers.get((side, dtype, device), (None, None))
-        if buffer is None or buffer.shape != (rows, width):
-            buffer, source = torch.zeros(rows, width, dtype=dtype, device=device), None
-        if source is not t:
-            if source is not None and source.shape[1] > rank:
-                buffer[:, rank:].zero_()
-            buffer[:, :rank].copy_(t)
-            self._buffers[(side, dtype, device)] = (buffer, t)
-        return buffer
 
     def flush(self) -> None:
         """W += A·V_Aᵀ in one engine pass, then A = 0 (nothing pending)."""
