@@ -29,7 +29,7 @@ __attribute__((target_clones("fma", "default"))) void fma_row(float* acc, float 
 // conversions (widening is exact; narrowing rounds to nearest even, NaN -> 0x7FC0), written so
 // that the compiler vectorises them; c10's per-element conversion does not vectorise and was
 // the bound of bf16 lowrank_ (36 % of copy against 97 % for fp32, bench/results/cpu-...-openmp).
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void widen_bf16_row(
+__attribute__((target_clones("avx2", "default"))) void widen_bf16_row(
     float* out, const uint16_t* in, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t bits = uint32_t(in[j]) << 16;
@@ -37,7 +37,7 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void widen_bf16_row(
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void narrow_bf16_row(
+__attribute__((target_clones("avx2", "default"))) void narrow_bf16_row(
     uint16_t* out, const float* in, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     uint32_t bits;
