@@ -200,34 +200,19 @@ def _input(args, kwargs):
 
 
 def _make_hook(vt: VirtualTensor, kind: str):
-    if kind == "linear":  # W: (out = m, in = n); y += (x·R)·Lᵀ
+    """The forward hook adding vt's low-rank term L·Rᵀ (W viewed as m×n) to a `kind` layer."""
 
-        def hook(module, args, kwargs, out):
-            f = vt.factors(out.dtype, out.device)
-            if f is None:
-                return None
-            L, R = f
-            x = _input(args, kwargs).reshape(-1, vt.n).to(out.dtype)
-            return _add(out, x @ R, L.T)
-
-    elif kind == "conv1d":  # W: (in = m, out = n); y += (x·L)·Rᵀ
-
-        def hook(module, args, kwargs, out):
-            f = vt.factors(out.dtype, out.device)
-            if f is None:
-                return None
-            L, R = f
-            x = _input(args, kwargs).reshape(-1, vt.m).to(out.dtype)
-            return _add(out, x @ L, R.T)
-
-    else:  # embedding, W: (vocab = m, dim = n); y += L[ids]·Rᵀ
-
-        def hook(module, args, kwargs, out):
-            f = vt.factors(out.dtype, out.device)
-            if f is None:
-                return None
-            L, R = f
-            return _add(out, L[_input(args, kwargs).reshape(-1)], R.T)
+    def hook(module, args, kwargs, out):
+        f = vt.factors(out.dtype, out.device)
+        if f is None:
+            return None
+        L, R = f
+        x = _input(args, kwargs)
+        if kind == "linear":  # W: (out = m, in = n); y += (x·R)·Lᵀ
+            return _add(out, x.reshape(-1, vt.n).to(out.dtype) @ R, L.T)
+        if kind == "conv1d":  # W: (in = m, out = n); y += (x·L)·Rᵀ
+            return _add(out, x.reshape(-1, vt.m).to(out.dtype) @ L, R.T)
+        return _add(out, L[x.reshape(-1)], R.T)  # embedding, W: (vocab = m, dim = n); L[ids]·Rᵀ
 
     return hook
 
