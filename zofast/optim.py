@@ -408,6 +408,10 @@ class _ZerothOrder(torch.optim.Optimizer):
         self._zo_slots = slots
         self._zo_slots_by_index = {s.index: s for s in slots}
         self._zo_inplace = [s for s in slots if s.virtual is None]
+        # Per in-place slot, as arrays: what a graphed pass's seed / scale tables are built from.
+        self._zo_inplace_index = np.array([s.index for s in self._zo_inplace], dtype=np.int64)
+        self._zo_inplace_lowrank = np.array([s.rank > 0 for s in self._zo_inplace], dtype=bool)
+        self._zo_inplace_group = np.array([s.group for s in self._zo_inplace], dtype=np.int64)
         if virtual is not None and self._zo_model is not None:
             virtual.attach()
         self._zo_virtual = virtual
@@ -589,7 +593,7 @@ class _ZerothOrder(torch.optim.Optimizer):
         if self._zo_directions is None:
             params, ranks = [s.param for s in slots], [s.rank for s in slots]
             self._zo_directions = MultiPass(params, ranks, 1, factors_only=True)
-        index = np.array([s.index for s in slots])
+        index = np.array([vt.index for vt in self._zo_virtual.tensors])
         table = np.stack(
             [self._seed_array("u", t)[index], self._seed_array("v", t // self._zo_nu)[index]], 1
         )
@@ -613,8 +617,8 @@ class _ZerothOrder(torch.optim.Optimizer):
         Where the steps share one V epoch (all but LOZO's V-refresh steps), a CUDA graph of the
         whole pass is replayed with a seed table built in numpy (no Python call per tensor); its
         results are bit-identical to the eager calls."""
-        slots = self._zo_inplace
-        one_v = len({s // self._zo_nu for s in steps}) == 1 or not any(s.rank for s in slots)
+        slots, index, lowrank = self._zo_inplace, self._zo_inplace_index, self._zo_inplace_lowrank
+        one_v = len({s // self._zo_nu for s in steps}) == 1 or not lowrank.any()
         if self._zo_graphs is not None and one_v:
             graph = self._zo_graphs.get(len(steps))
             if graph is None or graph.stale:  # first use, or a parameter was reallocated
@@ -623,8 +627,6 @@ class _ZerothOrder(torch.optim.Optimizer):
                 graph = self._zo_graphs[len(steps)] = GraphedPass(
                     params, ranks, len(steps), share_with=others[0] if others else None
                 )
-            index = np.array([s.index for s in slots])
-            lowrank = np.array([s.rank > 0 for s in slots])
             table = np.zeros((len(slots), len(steps) + 1), dtype=np.uint64)
             for k, step in enumerate(steps):
                 full = self._seed_array("full", step)[index] if not lowrank.all() else 0
@@ -633,8 +635,8 @@ class _ZerothOrder(torch.optim.Optimizer):
             if lowrank.any():
                 v = self._seed_array("v", steps[0] // self._zo_nu)[index]
                 table[:, -1] = np.where(lowrank, v, 0)
-            groups = np.array([s.group for s in slots])
-            graph.replay_table(table, np.asarray(group_scales, dtype=np.float32)[groups])
+            scales = np.asarray(group_scales, dtype=np.float32)[self._zo_inplace_group]
+            graph.replay_table(table, scales)
             return
         for slot in slots:
             seeds, vs, scales = self._terms(slot, steps, group_scales[slot.group])
