@@ -40,6 +40,20 @@ STRIDE_ALIGN = 16
 
 
 @triton.jit
+def _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED: tl.constexpr):
+    """This program's tensor (gaussian and low-rank launches): its table row, its data pointer,
+    its row length (a full-rank tensor is one row) and the job's index within the tensor."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(jobs_ptr + pid) * 9
+    w_ptr = tl.load(row).to(w0_ptr.dtype)
+    n = tl.load(row + 2)
+    if ALIGNED:  # address and row length multiples of 16 (checked on the host): vector loads
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        n = tl.multiple_of(n, 16)
+    return row, w_ptr, n, (pid - tl.load(row + 8)).to(tl.int64)
+
+
+@triton.jit
 def _multi_gaussian_kernel(
     table_ptr,
     jobs_ptr,
@@ -51,15 +65,9 @@ def _multi_gaussian_kernel(
     ALIGNED: tl.constexpr,
 ):
     """Job = tensor: its chunk pid − first_job, 4·BLOCK elements, += Σ_t s_t·normal(seed_t, ·)."""
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(jobs_ptr + pid) * 9
-    w_ptr = tl.load(row).to(w0_ptr.dtype)
-    n = tl.load(row + 1)
-    if ALIGNED:  # address and size multiples of 16 (checked on the host): vector loads
-        w_ptr = tl.multiple_of(w_ptr, 16)
-        n = tl.multiple_of(n, 16)
+    row, w_ptr, n, chunk = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
     term_row = tl.load(row + 3)
-    blocks = (pid - tl.load(row + 8)) * BLOCK + tl.arange(0, BLOCK)
+    blocks = chunk * BLOCK + tl.arange(0, BLOCK)
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < n
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
@@ -143,19 +151,12 @@ def _multi_lowrank_kernel(
     ALIGNED: tl.constexpr,
 ):
     """Job = tensor: its tile pid − first_job += u·Vᵀ, fma over k in order, one rounding."""
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(jobs_ptr + pid) * 9
-    w_ptr = tl.load(row).to(w0_ptr.dtype)
+    row, w_ptr, n, tile = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
     m = tl.load(row + 1)
-    n = tl.load(row + 2)
-    if ALIGNED:  # address and row length multiples of 16 (checked on the host): vector loads
-        w_ptr = tl.multiple_of(w_ptr, 16)
-        n = tl.multiple_of(n, 16)
     u_base = u_ptr + tl.multiple_of(tl.load(row + 4), 16)
     v_base = v_ptr + tl.multiple_of(tl.load(row + 5), 16)
     u_stride = tl.multiple_of(tl.load(row + 6), 16)
     v_stride = tl.multiple_of(tl.load(row + 7), 16)
-    tile = (pid - tl.load(row + 8)).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
     rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,25 +239,16 @@ class MultiPass:
         addresses = [w.data_ptr() for w in tensors]
         self._key = (addresses, list(ranks), tile, gaussian_block, num_warps, factors_only)
         if share is not None and share._key == self._key:
-            self.gaussian_block, self.num_warps = share.gaussian_block, share.num_warps
-            self._u, self._v, self._layout = share._u, share._v, share._layout
-            self._shapes = share._shapes
-            self._gaussian, self._factors, self._lowrank = (
-                share._gaussian,
-                share._factors,
-                share._lowrank,
-            )
+            self.__dict__.update(share.__dict__)  # the same plan, another term count
+            self.n_terms = n_terms
             return
         self.gaussian_block, self.num_warps = gaussian_block, num_warps
-        self._shapes = [
-            (*_matrix(w), r) if r else (w.numel(), 1, 0)
-            for w, r in zip(tensors, ranks, strict=True)
-        ]
+        self._ranks = list(ranks)
         device = tensors[0].device
         table = np.zeros((len(tensors), TABLE_WIDTH), dtype=np.int64)
         u_size = v_size = 0
         for i, (w, rank) in enumerate(zip(tensors, ranks, strict=True)):
-            m, n = _matrix(w) if rank else (w.numel(), 1)
+            m, n = _matrix(w) if rank else (1, w.numel())  # full-rank: one row
             table[i, [ADDRESS, ROWS, COLS, TERM_ROW]] = (w.data_ptr(), m, n, i)
             if rank:
                 u_stride, v_stride = _padded(m), _padded(n)
@@ -289,10 +281,7 @@ class MultiPass:
             sub[:, FIRST_JOB] = first
             return torch.from_numpy(sub).to(device), torch.from_numpy(jobs).to(device)
 
-        self._layout = [
-            (int(row[U_OFFSET]), int(row[V_OFFSET]), int(row[U_STRIDE]), int(row[V_STRIDE]))
-            for row in table
-        ]
+        self._table = table
         self._gaussian = []
         for (dtype, aligned), ids in groups(
             lambda w, r: None if r or factors_only else (w.dtype, vector_aligned(w, 0))
@@ -375,12 +364,13 @@ class MultiPass:
         v = torch.empty_like(self._v)
         self._launch_factors(seeds, scales, u, v)
         out = []
-        for (u_off, v_off, u_stride, v_stride), (m, n, rank) in zip(
-            self._layout, self._shapes, strict=True
-        ):
+        for row, rank in zip(self._table, self._ranks, strict=True):
             if not rank:
                 out.append(None)
                 continue
+            m, n, u_off, v_off, u_stride, v_stride = (
+                int(x) for x in row[[ROWS, COLS, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE]]
+            )
             out.append(
                 (
                     u[u_off : u_off + rank * u_stride].view(rank, u_stride)[:, :m].t(),
