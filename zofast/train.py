@@ -832,8 +832,14 @@ def _run(config, loaded, scorer, splits, optimizer, out_dir: Path, log: _Log) ->
         files=files,
         history=history,
     )
-    files["result"] = str(out_dir / "result.json")
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return _saved(result)
+
+
+def _saved(result: TrainResult) -> TrainResult:
+    """result, written to <output_dir>/result.json (a path its own files list names)."""
+    path = Path(result.output_dir) / "result.json"
+    result.files["result"] = str(path)
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
@@ -961,6 +967,4 @@ def _train_dfo(config: TrainConfig, loaded: LoadedModel, scorer: Scorer, splits)
         files=files,
         history=history,
     )
-    files["result"] = str(out_dir / "result.json")
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return result
+    return _saved(result)
