@@ -136,13 +136,23 @@ def test_optimizer_graphed_passes_equal_eager_passes(method, pipeline):
         opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **extra)
         if not graphs:
             opt._zo_graphs = None
-        for _ in range(7):
+        for i in range(7):
+            calls = []
+
+            def closure(calls=calls, nan=i == 4):  # step 4: a NaN second loss, then a retry
+                calls.append(1)
+                return model(x).float().pow(2).mean() * (float("nan") if nan and calls[1:] else 1)
+
+            if i == 4:
+                with pytest.raises(FloatingPointError):
+                    opt.step(closure)
             opt.step(lambda: model(x).float().pow(2).mean())
         opt.settle()
         return [p.detach().clone() for p in model.parameters()], opt
 
     graphed, opt = run(True)
     assert opt._zo_graphs, "no graph was used"
+    assert opt._zo_loss_host is not None, "the last pass was never queued behind the forward"
     eager, _ = run(False)
     for a, b in zip(graphed, eager, strict=True):
         assert torch.equal(a, b)

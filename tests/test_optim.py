@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zofast.optim import LOZO, MeZO, _deferred_interrupts, param_groups
-from zofast.perturb import gaussian_noise, lowrank_factors
+from zofast.perturb import gaussian_, gaussian_noise, lowrank_, lowrank_factors
 from zofast.rng import RunSeeds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -700,3 +700,86 @@ def test_graphed_pass_tables_equal_the_per_tensor_terms(method):
     # Steps 3 and 4 straddle a V refresh (nu = 4): LOZO goes eager, MeZO (no V) stays graphed.
     opt._pass([3, 4], [scales[:2] for scales in group_scales])
     assert len(recorder.tables) == (2 if method == "mezo" else 1)
+
+
+class _EagerGraph:
+    """Stands in for a GraphedPass on the CPU: applies a replayed table with one engine call per
+    tensor (what the graph's launches compute, bit for bit), after the optimizer's scale edit."""
+
+    stale = False
+
+    def __init__(self, opt):
+        self.opt, self.edits = opt, 0
+
+    def replay_table(self, seeds, scales, edit_scales=None):
+        scales = torch.from_numpy(scales.copy())
+        if edit_scales is not None:
+            edit_scales(scales)
+            self.edits += 1
+        for row, slot in enumerate(self.opt._zo_inplace):
+            terms = [int(x) for x in seeds[row, :-1]]
+            if slot.rank:
+                v_seeds = [int(seeds[row, -1])] * len(terms)
+                lowrank_(slot.param, terms, v_seeds, slot.rank, scales[row].tolist())
+            else:
+                gaussian_(slot.param, terms, scales[row].tolist())
+
+
+def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
+    """Two optimizers on two copies of a model: one with graph stand-ins (tensor losses: the
+    queued finish), one plain (the host reads the losses, then _finish)."""
+    pair = []
+    for queued in (True, False):
+        model = small_model(dtype)
+        kwargs = {"rank": 2, "nu": 3} if method == "lozo" else {}
+        cls = LOZO if method == "lozo" else MeZO
+        opt = cls(model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **kwargs)
+        if queued:
+            stand_in = _EagerGraph(opt)
+            opt._zo_graphs = {n: stand_in for n in (1, 2, 3)}
+        pair.append((model, opt))
+    return pair, stand_in
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("method", ["lozo", "mezo"])
+def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
+    (queued, host), stand_in = _queued_and_host(method, pipeline)
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    for step in range(5):  # nu = 3: step 3 draws a new V (its pass runs eagerly, host path)
+        results = []
+        for model, opt in (queued, host):
+            loss = opt.step(lambda model=model: model(x).float().pow(2).mean())
+            results.append((loss, opt.last_losses, snapshot(model)))
+        assert results[0][:2] == results[1][:2], step
+        assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
+    assert stand_in.edits == (4 if method == "lozo" and pipeline else 5)
+    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
+
+
+@pytest.mark.parametrize("method", ["lozo", "mezo"])
+def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
+    (queued, host), stand_in = _queued_and_host(method, pipeline=True)
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    for model, opt in (queued, host):
+        opt.step(lambda model=model: model(x).float().pow(2).mean())
+        opt.settle()
+        before = snapshot(model)
+        calls = []
+
+        def nan_second(model=model, calls=calls):
+            calls.append(1)
+            return model(x).float().pow(2).mean() * (float("nan") if len(calls) == 2 else 1.0)
+
+        with pytest.raises(FloatingPointError, match="−ε perturbation of step 1"):
+            opt.step(nan_second)
+        assert opt.steps == 1 and not opt.pending
+        # Back at step 1's weights within the bf16 rounding of +ε, −2ε, +ε (a few ulps).
+        for p, b in zip(model.parameters(), before, strict=True):
+            assert torch.allclose(p.float(), b.float(), atol=0.01, rtol=0)
+        opt.step(lambda model=model: model(x).float().pow(2).mean())
+    assert stand_in.edits == 3  # steps 0, 1 (NaN) and 1 again
+    assert all(
+        torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
+    )
+    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()

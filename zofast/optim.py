@@ -90,7 +90,10 @@ Speed
     On one GPU every pass is a CUDA graph (zofast.perturb.GraphedPass) per term count, replayed
     with the step's seeds and scales: no Python call per tensor. Passes whose low-rank terms do
     not share one V (V-refresh steps) and LOZO-M's momentum pass run eagerly. Both give
-    bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off.
+    bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off. When the closure returns
+    its loss as a GPU tensor, the step's last pass is queued right behind the second forward,
+    its −lr·g computed on the GPU (no momentum, virtual tensors or weight decay): the GPU does
+    not idle while the host reads the losses.
 
 Modes
     ``mode="inplace"`` (default): the forwards see the perturbation because the weights carry it;
@@ -331,6 +334,7 @@ class _ZerothOrder(torch.optim.Optimizer):
         self._zo_step = 0
         self._zo_pending: int | None = None
         self._zo_seed_cache: dict = {}
+        self._zo_loss_host: torch.Tensor | None = None  # _finish_queued's read-back buffer
         self.last_losses: tuple[float, float] | None = None
         self._zo_build_slots()
         self.trajectory = Trajectory(
@@ -610,6 +614,31 @@ class _ZerothOrder(torch.optim.Optimizer):
             return us, vs, scales
         return [self._seeds("full", s)[slot.index] for s in steps], None, scales
 
+    def _graph_plan(self, steps: list[int], group_scales: list[list[float]]):
+        """(graph, seed table, scale table) of a pass over the in-place tensors that a CUDA graph
+        can replay (see _pass), or None: no graphs, or low-rank terms on two V epochs."""
+        slots, index, lowrank = self._zo_inplace, self._zo_inplace_index, self._zo_inplace_lowrank
+        one_v = len({s // self._zo_nu for s in steps}) == 1 or not lowrank.any()
+        if self._zo_graphs is None or not one_v:
+            return None
+        graph = self._zo_graphs.get(len(steps))
+        if graph is None or graph.stale:  # first use, or a parameter was reallocated
+            params, ranks = [s.param for s in slots], [s.rank for s in slots]
+            others = [g for g in self._zo_graphs.values() if not g.stale]
+            graph = self._zo_graphs[len(steps)] = GraphedPass(
+                params, ranks, len(steps), share_with=others[0] if others else None
+            )
+        table = np.zeros((len(slots), len(steps) + 1), dtype=np.uint64)
+        for k, step in enumerate(steps):
+            full = self._seed_array("full", step)[index] if not lowrank.all() else 0
+            u = self._seed_array("u", step)[index] if lowrank.any() else 0
+            table[:, k] = np.where(lowrank, u, full)
+        if lowrank.any():
+            v = self._seed_array("v", steps[0] // self._zo_nu)[index]
+            table[:, -1] = np.where(lowrank, v, 0)
+        scales = np.asarray(group_scales, dtype=np.float32)[self._zo_inplace_group]
+        return graph, table, scales
+
     def _pass(self, steps: list[int], group_scales: list[list[float]]) -> None:
         """One engine pass over the in-place tensors: every one gets the terms
         scale_k·Z_(steps[k]), with its group's scales group_scales[group][k].
@@ -617,28 +646,12 @@ class _ZerothOrder(torch.optim.Optimizer):
         Where the steps share one V epoch (all but LOZO's V-refresh steps), a CUDA graph of the
         whole pass is replayed with a seed table built in numpy (no Python call per tensor); its
         results are bit-identical to the eager calls."""
-        slots, index, lowrank = self._zo_inplace, self._zo_inplace_index, self._zo_inplace_lowrank
-        one_v = len({s // self._zo_nu for s in steps}) == 1 or not lowrank.any()
-        if self._zo_graphs is not None and one_v:
-            graph = self._zo_graphs.get(len(steps))
-            if graph is None or graph.stale:  # first use, or a parameter was reallocated
-                params, ranks = [s.param for s in slots], [s.rank for s in slots]
-                others = [g for g in self._zo_graphs.values() if not g.stale]
-                graph = self._zo_graphs[len(steps)] = GraphedPass(
-                    params, ranks, len(steps), share_with=others[0] if others else None
-                )
-            table = np.zeros((len(slots), len(steps) + 1), dtype=np.uint64)
-            for k, step in enumerate(steps):
-                full = self._seed_array("full", step)[index] if not lowrank.all() else 0
-                u = self._seed_array("u", step)[index] if lowrank.any() else 0
-                table[:, k] = np.where(lowrank, u, full)
-            if lowrank.any():
-                v = self._seed_array("v", steps[0] // self._zo_nu)[index]
-                table[:, -1] = np.where(lowrank, v, 0)
-            scales = np.asarray(group_scales, dtype=np.float32)[self._zo_inplace_group]
+        plan = self._graph_plan(steps, group_scales)
+        if plan is not None:
+            graph, table, scales = plan
             graph.replay_table(table, scales)
             return
-        for slot in slots:
+        for slot in self._zo_inplace:
             seeds, vs, scales = self._terms(slot, steps, group_scales[slot.group])
             if slot.rank:
                 lowrank_(slot.param, seeds, vs, slot.rank, scales)
@@ -716,9 +729,68 @@ class _ZerothOrder(torch.optim.Optimizer):
         for slot in self._zo_slots:
             if slot.index in buffers:
                 self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
+        self._end_step(t, g, lrs, wds)
+
+    def _end_step(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
         self.trajectory.record_step(g, lrs, wds)
         self._zo_step = t + 1
-        self._zo_pending = nxt
+        self._zo_pending = t + 1 if self._zo_pipeline else None
+
+    def _finish_queued(self, t: int, loss_plus, loss_minus, lrs: list[float], wds: list[float]):
+        """_finish with g computed where the losses are, so that the last pass of step t is
+        queued right behind the second forward: the GPU does not wait for the host to read the
+        losses, which it does (from a copy queued before the pass) while the pass runs.
+
+        Only for a graphed pass (zofast.perturb.GraphedPass) with both losses tensors on the
+        weights' device, no momentum, no virtual tensors and no weight decay; returns None
+        otherwise (the caller reads the losses and runs _finish). Returns the losses as floats.
+
+        The pass's terms are those of _finish, the update's scale −lr·g computed on the device
+        in the same float64 arithmetic (so bit for bit the same). A non-finite g (a non-finite
+        loss gives one) zeroes the update and next-step terms on the device: the pass is then
+        the restore alone, bit for bit _abort's one-term pass (the zero terms add exact zeros),
+        and is recorded as that abort; the caller raises."""
+        device = self._zo_inplace[0].param.device if self._zo_inplace else None
+        on_device = all(
+            isinstance(x, torch.Tensor) and x.device == device for x in (loss_plus, loss_minus)
+        )
+        if not on_device or self._zo_beta or self._zo_virtual is not None or any(wds):
+            return None
+        eps, nxt = self._zo_eps, (t + 1 if self._zo_pipeline else None)
+        steps = [t, t] if nxt is None else [t, t, nxt]
+        plan = self._graph_plan(steps, [[eps, 0.0] + ([] if nxt is None else [eps])] * len(lrs))
+        if plan is None:
+            return None
+        graph, table, scales = plan
+        losses = torch.stack([loss_plus.reshape(()).double(), loss_minus.reshape(()).double()])
+        g = ((losses[0] - losses[1]) / (2.0 * eps)).float()
+        finite = torch.isfinite(g)
+        lr_rows = np.asarray(lrs, dtype=np.float64)[self._zo_inplace_group]
+        lr_rows = torch.from_numpy(lr_rows).to(device, non_blocking=True)
+
+        def set_update(device_scales):  # columns: restore, update, (next)
+            update = (lr_rows * -g.double()).float()
+            device_scales[:, 1] = torch.where(finite, update, 0.0)
+            device_scales[:, 2:] *= finite
+
+        if self._zo_loss_host is None:
+            self._zo_loss_host = torch.empty(
+                2, dtype=torch.float64, pin_memory=device.type == "cuda"
+            )
+        self._zo_loss_host.copy_(losses, non_blocking=True)
+        copied = torch.cuda.Event() if device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        graph.replay_table(table, scales, set_update)
+        if copied is not None:
+            copied.synchronize()
+        loss_plus, loss_minus = self._zo_loss_host.tolist()
+        g_host = _float32((loss_plus - loss_minus) / (2.0 * eps))
+        if math.isfinite(g_host):
+            self._end_step(t, g_host, lrs, wds)
+        else:
+            self.trajectory.record(ABORT_MINUS)
+        return loss_plus, loss_minus
 
     def _virtual_updates(self, t, g, lrs, wds, buffers, used) -> list[tuple]:
         """Virtual tensors' new pending factors after step t (computed before any write):
@@ -834,7 +906,12 @@ class _ZerothOrder(torch.optim.Optimizer):
                 self._begin(t)
                 stage = 1
             loss_plus = self._loss_scalar(closure())
-            if not (isinstance(loss_plus, torch.Tensor) and loss_plus.is_cuda):
+            # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
+            # passes may take as it is (_finish_queued).
+            if not (
+                isinstance(loss_plus, torch.Tensor)
+                and (loss_plus.is_cuda or self._zo_graphs is not None)
+            ):
                 loss_plus = self._loss_value(loss_plus, t, "+")
             with _deferred_interrupts():
                 self._minus(t)
@@ -842,14 +919,20 @@ class _ZerothOrder(torch.optim.Optimizer):
             # A GPU L+ is read only now: the −2ε pass and the second forward were queued behind
             # the first without waiting for it (one host sync per evaluation pair, not two).
             loss_minus = self._loss_scalar(closure())
+            with _deferred_interrupts():
+                read = self._finish_queued(t, loss_plus, loss_minus, lrs, wds)
+                if read is not None:
+                    stage = 3  # finished, or restored and recorded as an abort
+                    loss_plus, loss_minus = read
             loss_plus = self._loss_value(loss_plus, t, "+")
             loss_minus = self._loss_value(loss_minus, t, "−")
             g = _float32((loss_plus - loss_minus) / (2.0 * eps))
             if not math.isfinite(g):
                 raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
-            with _deferred_interrupts():
-                self._finish(t, g, lrs, wds)
-                stage = 3
+            if stage == 2:
+                with _deferred_interrupts():
+                    self._finish(t, g, lrs, wds)
+                    stage = 3
         except BaseException:
             if stage in (1, 2):
                 with _deferred_interrupts():

@@ -552,10 +552,14 @@ class GraphedPass:
             raise ValueError(f"seeds must be integers in 0..2**64-1, got {bad!r}")
         self.replay_table(np.array(rows, dtype=np.uint64), np.array(scales, dtype=np.float32))
 
-    def replay_table(self, seeds: np.ndarray, scales: np.ndarray) -> None:
+    def replay_table(self, seeds: np.ndarray, scales: np.ndarray, edit_scales=None) -> None:
         """Replay from arrays: seeds (count, T + 1) uint64 (row i: tensor i's T seeds, then its
         v seed), scales (count, T) float32 (finite). What an optimizer builds without a Python
-        loop over tensors."""
+        loop over tensors.
+
+        edit_scales: called with the device scale table (count, T) after the upload, before the
+        replay, on the current stream: scales computed on the GPU (an optimizer's −lr·g) go in
+        there without a round trip through the host."""
         if seeds.dtype != np.uint64 or scales.dtype != np.float32:
             raise ValueError("seeds must be a uint64 array and scales a float32 array")
         seeds_now = torch.from_numpy(seeds.view(np.int64))
@@ -574,4 +578,6 @@ class GraphedPass:
         self._seeds.copy_(self._host_seeds, non_blocking=True)
         self._scales.copy_(self._host_scales, non_blocking=True)
         self._copied.record()
+        if edit_scales is not None:
+            edit_scales(self._scales)
         self._graph.replay()
