@@ -12,14 +12,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4, sample_ref
+from .philox import (
+    CONTRACT_OPTIONS,
+    _check_interpretable,
+    load_seed,
+    narrow,
+    normal4,
+    sample_ref,
+    triton_interpreting,
+)
 
 DEFAULT_BLOCK = 512  # counter blocks per program: 2048 elements
 
 
 @triton.jit
 def _gaussian_kernel(
-    w_ptr, seeds_ptr, scales_ptr, n, offset, N_TERMS: tl.constexpr, BLOCK: tl.constexpr
+    w_ptr,
+    seeds_ptr,
+    scales_ptr,
+    n,
+    offset,
+    N_TERMS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     blocks = offset // 4 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = (blocks * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
@@ -28,7 +43,7 @@ def _gaussian_kernel(
     for t in tl.static_range(N_TERMS):
         seed_lo, seed_hi = load_seed(seeds_ptr + t)
         acc = tl.fma(tl.load(scales_ptr + t), normal4(seed_lo, seed_hi, blocks), acc)
-    tl.store(w_ptr + local, acc.to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + local, narrow(acc, w_ptr, EXACT), mask=mask)
 
 
 def gaussian_triton(
@@ -43,7 +58,15 @@ def gaussian_triton(
     n = w.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
     _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
-        w, seeds, scales, n, offset, N_TERMS=seeds.numel(), BLOCK=block, **CONTRACT_OPTIONS
+        w,
+        seeds,
+        scales,
+        n,
+        offset,
+        N_TERMS=seeds.numel(),
+        BLOCK=block,
+        EXACT=not triton_interpreting(),
+        **CONTRACT_OPTIONS,
     )
     return w
 

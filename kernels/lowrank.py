@@ -12,7 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4
+from .philox import (
+    CONTRACT_OPTIONS,
+    _check_interpretable,
+    load_seed,
+    narrow,
+    normal4,
+    triton_interpreting,
+)
 
 
 def default_tile(rank: int, many_tensors: bool = False) -> tuple[int, int]:
@@ -34,6 +41,7 @@ def _lowrank_kernel(
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EXACT: tl.constexpr = True,  # launchers pass it; the default is the GPU's (bench/ scripts)
 ):
     pid = tl.program_id(0).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
@@ -49,7 +57,7 @@ def _lowrank_kernel(
             u = tl.load(u_ptr + (t * RANK + k) * m + rows, mask=row_ok, other=0.0)
             v = tl.load(v_ptr + (t * RANK + k) * n + cols, mask=col_ok, other=0.0)
             acc = tl.fma(u[:, None], v[None, :], acc)
-    tl.store(ptrs, acc.to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, narrow(acc, w_ptr, EXACT), mask=mask)
 
 
 @triton.jit
@@ -137,7 +145,16 @@ def lowrank_triton(
         block_m, block_n = default_tile(u.shape[1])
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _lowrank_kernel[grid](
-        w, u, v, m, n, N_TERMS=u.shape[0], RANK=u.shape[1], BLOCK_M=block_m, BLOCK_N=block_n
+        w,
+        u,
+        v,
+        m,
+        n,
+        N_TERMS=u.shape[0],
+        RANK=u.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        EXACT=not triton_interpreting(),
     )
     return w
 

@@ -24,7 +24,14 @@ import triton
 import triton.language as tl
 
 from .lowrank import default_tile
-from .philox import CONTRACT_OPTIONS, _check_interpretable, load_seed, normal4, triton_interpreting
+from .philox import (
+    CONTRACT_OPTIONS,
+    _check_interpretable,
+    load_seed,
+    narrow,
+    normal4,
+    triton_interpreting,
+)
 
 # Counter blocks per full-rank program (1024 elements): the H200 sweep over OPT weights
 # (results/2026-11-22-suite-2) gave 20.5 % of copy at two terms against 17.1 % for 2048
@@ -63,6 +70,7 @@ def _multi_gaussian_kernel(
     N_TERMS: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Job = tensor: its chunk pid − first_job, 4·BLOCK elements, += Σ_t s_t·normal(seed_t, ·)."""
     row, w_ptr, n, chunk = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
@@ -75,7 +83,7 @@ def _multi_gaussian_kernel(
         seed_lo, seed_hi = load_seed(seeds_ptr + term_row * (N_TERMS + 1) + t)
         scale = tl.load(scales_ptr + term_row * N_TERMS + t)
         acc = tl.fma(scale, normal4(seed_lo, seed_hi, blocks), acc)
-    tl.store(w_ptr + local, acc.to(w0_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + local, narrow(acc, w0_ptr, EXACT), mask=mask)
 
 
 @triton.jit
@@ -149,6 +157,7 @@ def _multi_lowrank_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Job = tensor: its tile pid − first_job += u·Vᵀ, fma over k in order, one rounding."""
     row, w_ptr, n, tile = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
@@ -169,7 +178,7 @@ def _multi_lowrank_kernel(
         u = tl.load(u_base + k * u_stride + rows, mask=row_ok, other=0.0)
         v = tl.load(v_base + k * v_stride + cols, mask=col_ok, other=0.0)
         acc = tl.fma(u[:, None], v[None, :], acc)
-    tl.store(ptrs, acc.to(w0_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, narrow(acc, w0_ptr, EXACT), mask=mask)
 
 
 def _owners(counts) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +331,7 @@ class MultiPass:
                 N_TERMS=terms,
                 BLOCK=self.gaussian_block,
                 ALIGNED=aligned,
+                EXACT=not triton_interpreting(),
                 num_warps=self.num_warps,
                 **CONTRACT_OPTIONS,
             )
@@ -337,6 +347,7 @@ class MultiPass:
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 ALIGNED=aligned,
+                EXACT=not triton_interpreting(),
                 num_warps=self.num_warps,
             )
 

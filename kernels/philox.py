@@ -93,6 +93,22 @@ def normal4(seed_lo, seed_hi, block):
 
 
 @triton.jit
+def narrow(x, ptr, EXACT: tl.constexpr):
+    """float32 x rounded to nearest even into ptr's element type, the one rounding of a store.
+
+    EXACT (compiled for a GPU): the plain conversion (cvt.rn). Triton's interpreter truncates
+    float32 -> bfloat16 instead (3.9, fp_downcast_rounding="rtne" too), so there a bfloat16 is
+    rounded on the bits, as torch does: + 0x7FFF + the kept lsb, keep the top half (overflow
+    carries into inf); NaN -> the GPU's canonical 0x7FFF. numpy rounds float16 correctly."""
+    if not EXACT and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        bits = tl.where(nan, 0x7FFF0000, bits + 0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _philox_kernel(counters_ptr, key_ptr, out_ptr, n_rows, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < n_rows

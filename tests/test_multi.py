@@ -72,6 +72,25 @@ def test_multi_pass_equals_one_call_per_tensor(n_terms, fresh_seed):
         assert torch.equal(got, want), f"tensor {i} {TENSORS[i]}, seed {fresh_seed}"
 
 
+def test_multi_pass_narrow_tensors_take_the_float32_results_rounded_once(fresh_seed):
+    """bf16 / fp16 tensors end as the same pass over float32 copies, rounded once by torch (the
+    interpreter's own float32 -> bf16 conversion truncates: kernels.philox.narrow)."""
+    from zofast.kernels.multi import MultiPass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, ranks, seeds, scales = _setup(fresh_seed, 2, device)
+    wide = [w.float() for w in tensors]
+    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
+    scales_t = torch.tensor(scales, dtype=torch.float32, device=device)
+    MultiPass(tensors, ranks, 2, tile=(16, 32)).launch(seeds_t, scales_t)
+    MultiPass(wide, ranks, 2, tile=(16, 32)).launch(seeds_t, scales_t)
+    for i, (got, want) in enumerate(zip(tensors, wide, strict=True)):
+        as_int = torch.int16 if got.element_size() == 2 else torch.int32
+        assert torch.equal(got.view(as_int), want.to(got.dtype).view(as_int)), (
+            f"tensor {i} {TENSORS[i]} {got.dtype}, seed {fresh_seed}"
+        )
+
+
 def test_multi_pass_replays_with_new_seeds(fresh_seed):
     """The plan reads seeds and scales from the tables at every launch (graph-replay form)."""
     from zofast.kernels.multi import MultiPass

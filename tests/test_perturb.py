@@ -27,8 +27,10 @@ def weights(shape, dtype, seed):
 
 
 def assert_close_to(result, reference64, dtype, terms, message):
-    """|result - reference| within one rounding to `dtype` plus float32 rounding of each fma."""
-    eps = torch.finfo(dtype).eps
+    """|result - reference| within one rounding to `dtype` plus float32 rounding of each fma.
+    A narrow dtype is rounded to nearest, half an ulp (<= eps / 2 relative); float32 results keep
+    the relative slack of the fmas' own roundings."""
+    eps = torch.finfo(dtype).eps / (1 if dtype == torch.float32 else 2)
     bound = eps * reference64.abs() + (terms + 1) * torch.finfo(torch.float32).eps * terms
     bound = bound + torch.finfo(dtype).tiny
     err = (result.double() - reference64).abs()
@@ -61,16 +63,29 @@ def test_lowrank_matches_materialised_product(backend, shape, dtype, rank, fresh
     assert_close_to(out.reshape(m, n), expected, dtype, rank, f"seed {fresh_seed}")
 
 
+def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 rounding steps (ulps) between two bf16 tensors."""
+    ia, ib = (x.view(torch.int16).long() for x in (a, b))
+    ia, ib = (torch.where(i < 0, -(i & 0x7FFF), i) for i in (ia, ib))
+    return int((ia - ib).abs().max())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS[:-1])
 def test_backends_agree_with_reference(backend):
     w = weights((45, 67), torch.bfloat16, 3)
-    ref_g = perturb.gaussian_(w.clone(), [1, 2], [1e-2, -3e-2], backend="torch")
-    out_g = perturb.gaussian_(w.clone(), [1, 2], [1e-2, -3e-2], backend=backend)
-    # Normals may differ in their last bits between libms: at most one bf16 rounding step apart.
-    assert (out_g.float() - ref_g.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * 4
-    ref_l = perturb.lowrank_(w.clone(), 5, 6, 3, 1e-2, backend="torch")
-    out_l = perturb.lowrank_(w.clone(), 5, 6, 3, 1e-2, backend=backend)
-    assert (out_l.float() - ref_l.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * 4
+    ops = [
+        lambda x, b: perturb.gaussian_(x, [1, 2], [1e-2, -3e-2], backend=b),
+        lambda x, b: perturb.lowrank_(x, 5, 6, 3, 1e-2, backend=b),
+    ]
+    for op in ops:
+        out, ref = op(w.clone(), backend), op(w.clone(), "torch")
+        # Each backend rounds its float32 result once, to nearest even (tests/test_rounding.py),
+        # so the bf16 results agree wherever the float32 ones do. Normals may differ in their
+        # last bits between libms (test_rng), which moves a result across a rounding boundary
+        # now and then: at most one bf16 step apart.
+        same = op(w.float(), backend) == op(w.float(), "torch")
+        assert torch.equal(out[same], ref[same])
+        assert bf16_steps(out, ref) <= 1
 
 
 def test_noise_is_fully_written_over_poison():
