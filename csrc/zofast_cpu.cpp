@@ -145,9 +145,10 @@ void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scal
           const int64_t i = base + lane;
           acc[lane] = (i >= 0 && i < n) ? float(data[i]) : 0.0f;
         }
+        float z[4];
         for (int64_t t = 0; t < terms; ++t) {
-          float z[4];
-          normal4(uint64_t(seed[t]), block, z);
+          // A term on the previous term's seed (MeZO's restore + update) reuses its normals.
+          if (t == 0 || seed[t] != seed[t - 1]) normal4(uint64_t(seed[t]), block, z);
           for (int lane = 0; lane < 4; ++lane) acc[lane] = std::fma(scale[t], z[lane], acc[lane]);
         }
         for (int lane = 0; lane < 4; ++lane) {

@@ -59,9 +59,10 @@ __global__ void gaussian_kernel(scalar_t* w, int64_t n, const int64_t* seeds, co
     const int64_t i = base + lane;
     acc[lane] = (i >= 0 && i < n) ? float(w[i]) : 0.0f;
   }
+  float z[4];
   for (int64_t t = 0; t < terms; ++t) {
-    float z[4];
-    normal4(uint64_t(seeds[t]), block, z);
+    // A term on the previous term's seed (MeZO's restore + update) reuses its normals.
+    if (t == 0 || seeds[t] != seeds[t - 1]) normal4(uint64_t(seeds[t]), block, z);
     const float s = scales[t];
     for (int lane = 0; lane < 4; ++lane) acc[lane] = fmaf(s, z[lane], acc[lane]);
   }

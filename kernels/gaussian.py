@@ -15,9 +15,8 @@ import triton.language as tl
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
-    load_seed,
+    add_normals,
     narrow,
-    normal4,
     sample_ref,
     triton_interpreting,
 )
@@ -40,9 +39,7 @@ def _gaussian_kernel(
     local = (blocks * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
     mask = (local >= 0) & (local < n)
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    for t in tl.static_range(N_TERMS):
-        seed_lo, seed_hi = load_seed(seeds_ptr + t)
-        acc = tl.fma(tl.load(scales_ptr + t), normal4(seed_lo, seed_hi, blocks), acc)
+    acc = add_normals(acc, seeds_ptr, scales_ptr, blocks, N_TERMS)
     tl.store(w_ptr + local, narrow(acc, w_ptr, EXACT), mask=mask)
 
 

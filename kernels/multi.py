@@ -27,6 +27,7 @@ from .lowrank import default_tile
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
+    add_normals,
     load_seed,
     narrow,
     normal4,
@@ -79,10 +80,8 @@ def _multi_gaussian_kernel(
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < n
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    for t in tl.static_range(N_TERMS):
-        seed_lo, seed_hi = load_seed(seeds_ptr + term_row * (N_TERMS + 1) + t)
-        scale = tl.load(scales_ptr + term_row * N_TERMS + t)
-        acc = tl.fma(scale, normal4(seed_lo, seed_hi, blocks), acc)
+    seeds, scales = seeds_ptr + term_row * (N_TERMS + 1), scales_ptr + term_row * N_TERMS
+    acc = add_normals(acc, seeds, scales, blocks, N_TERMS)
     tl.store(w_ptr + local, narrow(acc, w0_ptr, EXACT), mask=mask)
 
 

@@ -91,6 +91,29 @@ def test_multi_pass_narrow_tensors_take_the_float32_results_rounded_once(fresh_s
         )
 
 
+def test_multi_pass_repeated_seed_terms_equal_one_pass_per_term(fresh_seed):
+    """Full-rank terms on the previous term's seed reuse its normals: on float32 tensors a pass
+    with seeds (a, a, b) equals three one-term passes bit for bit."""
+    from zofast.kernels.multi import MultiPass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, ranks, seeds, scales = _setup(fresh_seed, 3, device)
+    tensors = [w.float() for w in tensors]
+    seeds = [[row[0], row[0], row[1], row[3]] for row in seeds]
+    one_by_one = [w.clone() for w in tensors]
+    for t in range(3):
+        rows = [[row[t], row[3]] for row in seeds]
+        seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in rows], device=device)
+        scales_t = torch.tensor([[row[t]] for row in scales], dtype=torch.float32, device=device)
+        MultiPass(one_by_one, ranks, 1, tile=(16, 32)).launch(seeds_t, scales_t)
+    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
+    scales_t = torch.tensor(scales, dtype=torch.float32, device=device)
+    MultiPass(tensors, ranks, 3, tile=(16, 32)).launch(seeds_t, scales_t)
+    for i, rank in enumerate(ranks):
+        if not rank:  # low-rank terms merge their u's first: not a sum of one-term passes
+            assert torch.equal(tensors[i], one_by_one[i]), f"tensor {i}, seed {fresh_seed}"
+
+
 def test_multi_pass_replays_with_new_seeds(fresh_seed):
     """The plan reads seeds and scales from the tables at every launch (graph-replay form)."""
     from zofast.kernels.multi import MultiPass

@@ -292,3 +292,20 @@ def test_one_device_v_seed_is_shared_and_merged_like_equal_integer_seeds(backend
             torch.tensor([0.5, -0.25, 1.0]),
             backend=backend,
         )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_seed_terms_equal_one_call_per_term(backend, fresh_seed):
+    """Terms on the same seed as the previous term (MeZO's restore + update) reuse its normals
+    in the Triton kernels: float32 results equal one single-term call per term, bit for bit
+    (in float32 every term is one fma rounded to float32 either way)."""
+    w = weights((37, 29), torch.float32, fresh_seed % 2**32)
+    a = fresh_seed
+    # Neighbours that differ from the previous seed in the low word only, or the high word only.
+    seeds = [a, a, 2**64 - 1 - a, a ^ 1, a ^ 1, a ^ 1 ^ 2**40]
+    scales = [0.5, -0.25, 0.125, 1.0, -2.0, 0.75]
+    fused = perturb.gaussian_(w.clone(), seeds, scales, backend=backend)
+    one_by_one = w.clone()
+    for seed, scale in zip(seeds, scales, strict=True):
+        perturb.gaussian_(one_by_one, seed, scale, backend=backend)
+    assert torch.equal(fused, one_by_one)
