@@ -127,7 +127,8 @@ class VirtualTensor:
         self.c = 0.0
         self._pair: tuple | None = None  # float32 (L, R), None when W_eff = W
         self._fresh = True  # _pair is current
-        self._cast: dict = {}
+        self._cast: dict = {}  # (dtype, device) -> the hooks' (L, R)
+        self._cast_R: dict = {}  # (dtype, device) -> (R, its cast): R changes only with V
 
     def set_pending(self, A, epoch, V_A) -> None:
         self.A, self.epoch, self.V_A = A, epoch, V_A
@@ -167,17 +168,19 @@ class VirtualTensor:
         2-element-aligned kernels at rank 2; the zero columns add exact zeros). Built outside
         inference mode and autograd (a first forward under ``torch.inference_mode()`` must not
         leave inference tensors for a later one with grad)."""
-        cast = self._cast.get((dtype, device)) if self._fresh else None
+        key = (dtype, device)
+        cast = self._cast.get(key) if self._fresh else None
         if cast is None:
             with torch.inference_mode(False), torch.no_grad():
                 pair = self.pair()
                 if pair is None:
                     return None
-                pad = -pair[0].shape[1] % 8 if device.type == "cuda" else 0
-                cast = tuple(t.to(device=device, dtype=dtype) for t in pair)
-                if pad:
-                    cast = tuple(torch.nn.functional.pad(t, (0, pad)) for t in cast)
-            self._cast[(dtype, device)] = cast
+                L, R = pair
+                held = self._cast_R.get(key)
+                if held is None or held[0] is not R:  # R is V (or [V_A | V]): new with V only
+                    held = self._cast_R[key] = (R, _padded(R, dtype, device))
+                cast = (_padded(L, dtype, device), held[1])
+            self._cast[key] = cast
         return cast
 
     def flush(self) -> None:
@@ -185,6 +188,13 @@ class VirtualTensor:
         if self.A is not None:
             outer_add_(self.param, self.A, self.V_A)
         self.set_pending(None, None, None)
+
+
+def _padded(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """t in dtype on device; on a GPU its columns zero-padded to a multiple of 8."""
+    t = t.to(device=device, dtype=dtype)
+    pad = -t.shape[1] % 8 if device.type == "cuda" else 0
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
 
 
 def _add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
