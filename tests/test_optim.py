@@ -783,3 +783,23 @@ def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
         torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
     )
     assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
+
+
+@pytest.mark.parametrize("method", ["lozo", "mezo"])
+def test_an_update_that_overflows_float32_restores_the_weights_on_both_paths(method):
+    (queued, host), stand_in = _queued_and_host(method, pipeline=True)
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    for model, opt in (queued, host):
+        opt.step(lambda model=model: model(x).float().pow(2).mean())
+        opt.param_groups[0]["lr"] = 1e300  # −lr·g is far beyond float32's range
+        with pytest.raises(FloatingPointError, match="overflows float32"):
+            opt.step(lambda model=model: model(x).float().pow(2).mean())
+        assert opt.steps == 1 and not opt.pending
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        opt.param_groups[0]["lr"] = 1e-2
+        opt.step(lambda model=model: model(x).float().pow(2).mean())
+    assert stand_in.edits == 3
+    assert all(
+        torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
+    )
+    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()

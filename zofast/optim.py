@@ -203,6 +203,11 @@ def _float32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float64).to(torch.float32).item()
 
 
+def _update_finite(g: float, lrs: list[float]) -> bool:
+    """Whether g and every group's update scale −lr·g are finite float32 numbers."""
+    return math.isfinite(g) and all(math.isfinite(_float32(-lr * g)) for lr in lrs)
+
+
 @contextlib.contextmanager
 def _deferred_interrupts():
     """Hold SIGINT (KeyboardInterrupt) until the block is over, so no pass stops half-way."""
@@ -334,7 +339,8 @@ class _ZerothOrder(torch.optim.Optimizer):
         self._zo_step = 0
         self._zo_pending: int | None = None
         self._zo_seed_cache: dict = {}
-        self._zo_loss_host: torch.Tensor | None = None  # _finish_queued's read-back buffer
+        self._zo_host_buffers: dict[str, torch.Tensor] = {}  # _finish_queued's, see _zo_pinned
+        self._zo_group_index: torch.Tensor | None = None
         self.last_losses: tuple[float, float] | None = None
         self._zo_build_slots()
         self.trajectory = Trajectory(
@@ -746,10 +752,10 @@ class _ZerothOrder(torch.optim.Optimizer):
         otherwise (the caller reads the losses and runs _finish). Returns the losses as floats.
 
         The pass's terms are those of _finish, the update's scale −lr·g computed on the device
-        in the same float64 arithmetic (so bit for bit the same). A non-finite g (a non-finite
-        loss gives one) zeroes the update and next-step terms on the device: the pass is then
-        the restore alone, bit for bit _abort's one-term pass (the zero terms add exact zeros),
-        and is recorded as that abort; the caller raises."""
+        in the same float64 arithmetic (so bit for bit the same). If g or any group's −lr·g is
+        not finite in float32 (a non-finite loss gives such a g), the device zeroes the update
+        and next-step terms: the pass is then the restore alone, bit for bit _abort's one-term
+        pass (the zero terms add exact zeros), and is recorded as that abort; step() raises."""
         device = self._zo_inplace[0].param.device if self._zo_inplace else None
         on_device = all(
             isinstance(x, torch.Tensor) and x.device == device for x in (loss_plus, loss_minus)
@@ -764,33 +770,51 @@ class _ZerothOrder(torch.optim.Optimizer):
         graph, table, scales = plan
         losses = torch.stack([loss_plus.reshape(()).double(), loss_minus.reshape(()).double()])
         g = ((losses[0] - losses[1]) / (2.0 * eps)).float()
-        finite = torch.isfinite(g)
-        lr_rows = np.asarray(lrs, dtype=np.float64)[self._zo_inplace_group]
-        lr_rows = torch.from_numpy(lr_rows).to(device, non_blocking=True)
+        # Host -> device through pinned memory: a pageable copy could wait for the forward.
+        lr_host = self._zo_pinned("lrs", len(lrs), device)
+        lr_host.copy_(torch.tensor(lrs, dtype=torch.float64))
+        lr_groups = lr_host.to(device, non_blocking=True)
+        updates = (lr_groups * -g.double()).float()  # per group, as _finish's float32 scales
+        finite = torch.isfinite(g) & torch.isfinite(updates).all()
 
         def set_update(device_scales):  # columns: restore, update, (next)
-            update = (lr_rows * -g.double()).float()
-            device_scales[:, 1] = torch.where(finite, update, 0.0)
+            row_updates = updates[self._zo_inplace_group_index(device)]
+            device_scales[:, 1] = torch.where(finite, row_updates, 0.0)
             device_scales[:, 2:] *= finite
 
-        if self._zo_loss_host is None:
-            self._zo_loss_host = torch.empty(
-                2, dtype=torch.float64, pin_memory=device.type == "cuda"
-            )
-        self._zo_loss_host.copy_(losses, non_blocking=True)
+        loss_host = self._zo_pinned("losses", 2, device)
+        loss_host.copy_(losses, non_blocking=True)
         copied = torch.cuda.Event() if device.type == "cuda" else None
         if copied is not None:
             copied.record()
         graph.replay_table(table, scales, set_update)
         if copied is not None:
             copied.synchronize()
-        loss_plus, loss_minus = self._zo_loss_host.tolist()
+        loss_plus, loss_minus = loss_host.tolist()
         g_host = _float32((loss_plus - loss_minus) / (2.0 * eps))
-        if math.isfinite(g_host):
+        if _update_finite(g_host, lrs):
             self._end_step(t, g_host, lrs, wds)
         else:
             self.trajectory.record(ABORT_MINUS)
         return loss_plus, loss_minus
+
+    def _zo_pinned(self, name: str, size: int, device) -> torch.Tensor:
+        """A float64 host buffer of _finish_queued, pinned for a GPU; reused across steps (the
+        copies that read or fill it are over when the step returns)."""
+        buffer = self._zo_host_buffers.get(name)
+        if buffer is None or buffer.numel() != size:
+            pinned = device.type == "cuda"
+            buffer = self._zo_host_buffers[name] = torch.empty(
+                size, dtype=torch.float64, pin_memory=pinned
+            )
+        return buffer
+
+    def _zo_inplace_group_index(self, device) -> torch.Tensor:
+        """The group of every in-place tensor (rows of a graphed pass), on `device`."""
+        cached = self._zo_group_index
+        if cached is None or cached.device != device:
+            cached = self._zo_group_index = torch.from_numpy(self._zo_inplace_group).to(device)
+        return cached
 
     def _virtual_updates(self, t, g, lrs, wds, buffers, used) -> list[tuple]:
         """Virtual tensors' new pending factors after step t (computed before any write):
@@ -929,6 +953,11 @@ class _ZerothOrder(torch.optim.Optimizer):
             g = _float32((loss_plus - loss_minus) / (2.0 * eps))
             if not math.isfinite(g):
                 raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
+            if not _update_finite(g, lrs):
+                raise FloatingPointError(
+                    f"the update −lr·g of step {t} overflows float32 (g = {g}, lr = {max(lrs)}); "
+                    "the weights were restored"
+                )
             if stage == 2:
                 with _deferred_interrupts():
                     self._finish(t, g, lrs, wds)
