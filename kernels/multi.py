@@ -16,6 +16,11 @@ with a one-element v_seed (zofast.perturb's contract): the factor launch compute
 u = fl(…fl(fl(s_1·U_1) + fl(s_2·U_2)) … + fl(s_T·U_T)), each product and sum rounded (no fused
 multiply-add: on the GPU the products go through `mul.rn`, which the compiler cannot contract),
 and V once; the low-rank launch then does acc = fma(u[k, i], v[k, j], acc) for k in order.
+
+A pass with `v_split` = s > 0 (LOZO's V-refresh step: restore and update on the old V, the next
+perturbation on the new one) has two V's: seeds rows (count, T + 2) end with both v seeds, the
+terms before s merge into the first u and the others into the second, and the low-rank launch
+runs at rank 2R over [u_1 | u_2]·[V_1 | V_2]ᵀ: what lowrank_ does with two distinct v seeds.
 """
 
 import numpy as np
@@ -72,6 +77,7 @@ def _multi_gaussian_kernel(
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
     EXACT: tl.constexpr,
+    V_SEEDS: tl.constexpr,
 ):
     """Job = tensor: its chunk pid − first_job, 4·BLOCK elements, += Σ_t s_t·normal(seed_t, ·)."""
     row, w_ptr, n, chunk = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
@@ -80,7 +86,8 @@ def _multi_gaussian_kernel(
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < n
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    seeds, scales = seeds_ptr + term_row * (N_TERMS + 1), scales_ptr + term_row * N_TERMS
+    seeds = seeds_ptr + term_row * (N_TERMS + V_SEEDS)
+    scales = scales_ptr + term_row * N_TERMS
     acc = add_normals(acc, seeds, scales, blocks, N_TERMS)
     tl.store(w_ptr + local, narrow(acc, w0_ptr, EXACT), mask=mask)
 
@@ -105,6 +112,15 @@ def _scaled_normals(seed_ptr, scale_ptr, blocks, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _merged_u(seeds, scales, blocks, FIRST: tl.constexpr, END: tl.constexpr, EXACT: tl.constexpr):
+    """Σ_t fl(s_t·normals of u_seed_t) over terms FIRST .. END − 1, in order."""
+    z = _scaled_normals(seeds + FIRST, scales + FIRST, blocks, EXACT)
+    for t in tl.static_range(FIRST + 1, END):
+        z += _scaled_normals(seeds + t, scales + t, blocks, EXACT)
+    return z
+
+
+@triton.jit
 def _multi_factors_kernel(
     table_ptr,
     jobs_ptr,
@@ -116,32 +132,40 @@ def _multi_factors_kernel(
     RANK: tl.constexpr,
     BLOCK: tl.constexpr,
     EXACT: tl.constexpr,
+    V_SPLIT: tl.constexpr,
 ):
-    """Job = (tensor, part, chunk), 4·BLOCK consecutive stream indices. Part 0: the merged
-    u[k, i] = Σ_t fl(s_t·normal(u_seed_t, i·R + k)) (module docstring) at
-    u_ptr + u_offset + k·u_stride + i; part 1: V[j, k] = normal(v_seed, j·R + k) at
-    v_ptr + v_offset + k·v_stride + j."""
+    """Job = (tensor, part, chunk), 4·BLOCK consecutive stream indices. Part 2g: group g's
+    merged u[k, i] = Σ_t fl(s_t·normal(u_seed_t, i·R + k)) (module docstring) at
+    u_ptr + u_offset + (g·R + k)·u_stride + i; part 2g + 1: V_g[j, k] = normal(v_seed_g, j·R + k)
+    at v_ptr + v_offset + (g·R + k)·v_stride + j. One group (V_SPLIT = 0): every term; two:
+    terms before V_SPLIT, then the others."""
     job = jobs_ptr + tl.program_id(0) * 3
     row = table_ptr + tl.load(job) * 9
-    is_u = tl.load(job + 1) == 0
+    part = tl.load(job + 1)
+    is_u = part % 2 == 0
+    group = part // 2
     term_row = tl.load(row + 3)
     rows = tl.where(is_u, tl.load(row + 1), tl.load(row + 2))
     blocks = tl.load(job + 2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < rows * RANK
-    seeds = seeds_ptr + term_row * (N_TERMS + 1)
+    seeds = seeds_ptr + term_row * (N_TERMS + (2 if V_SPLIT else 1))
     if is_u:
         scales = scales_ptr + term_row * N_TERMS
-        z = _scaled_normals(seeds, scales, blocks, EXACT)
-        for t in tl.static_range(1, N_TERMS):
-            z += _scaled_normals(seeds + t, scales + t, blocks, EXACT)
+        if V_SPLIT == 0:
+            z = _merged_u(seeds, scales, blocks, 0, N_TERMS, EXACT)
+        elif group == 0:
+            z = _merged_u(seeds, scales, blocks, 0, V_SPLIT, EXACT)
+        else:
+            z = _merged_u(seeds, scales, blocks, V_SPLIT, N_TERMS, EXACT)
         out = u_ptr + tl.load(row + 4)
         stride = tl.load(row + 6)
     else:
-        seed_lo, seed_hi = load_seed(seeds + N_TERMS)
+        seed_lo, seed_hi = load_seed(seeds + N_TERMS + group)
         z = normal4(seed_lo, seed_hi, blocks)
         out = v_ptr + tl.load(row + 5)
         stride = tl.load(row + 7)
+    out += group * RANK * stride
     tl.store(out + (local % RANK) * stride + local // RANK, z, mask=mask)
 
 
@@ -229,6 +253,7 @@ class MultiPass:
             and factor buffers this one reuses: the passes of one optimizer cost that memory once
             (they run one after another on one stream).
         factors_only: plan only the factor launch, for :meth:`factors`; no pass.
+        v_split: 0, or s (1 ≤ s < T): the terms from s on take a second V (module docstring).
     """
 
     def __init__(
@@ -241,14 +266,18 @@ class MultiPass:
         num_warps: int = 4,
         share: "MultiPass | None" = None,
         factors_only: bool = False,
+        v_split: int = 0,
     ):
         _check_interpretable(tensors[0])
-        self.n_terms = n_terms
+        if not 0 <= v_split < n_terms or (v_split and factors_only):
+            raise ValueError(f"v_split must be 0 or in 1..{n_terms - 1} (and 0 for factors)")
+        self.n_terms, self.v_split = n_terms, v_split
+        v_count = 2 if v_split else 1  # V's per tensor
         addresses = [w.data_ptr() for w in tensors]
-        self._key = (addresses, list(ranks), tile, gaussian_block, num_warps, factors_only)
+        self._key = (addresses, list(ranks), tile, gaussian_block, num_warps, factors_only, v_count)
         if share is not None and share._key == self._key:
             self.__dict__.update(share.__dict__)  # the same plan, another term count
-            self.n_terms = n_terms
+            self.n_terms, self.v_split = n_terms, v_split
             return
         self.gaussian_block, self.num_warps = gaussian_block, num_warps
         self._ranks = list(ranks)
@@ -266,8 +295,8 @@ class MultiPass:
                     u_stride,
                     v_stride,
                 )
-                u_size += rank * u_stride
-                v_size += rank * v_stride
+                u_size += v_count * rank * u_stride
+                v_size += v_count * rank * v_stride
         self._u = torch.empty(max(u_size, 1), dtype=torch.float32, device=device)
         self._v = torch.empty(max(v_size, 1), dtype=torch.float32, device=device)
         # The kernels take their weight dtype from a small aligned stand-in, so the compiled
@@ -301,24 +330,24 @@ class MultiPass:
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
-                counts.append([triton.cdiv(x * rank, 4 * FACTOR_BLOCK) for x in (m, n)])
+                counts.append([triton.cdiv(x * rank, 4 * FACTOR_BLOCK) for x in (m, n)] * v_count)
             jobs = torch.from_numpy(_factor_jobs(counts)).to(device)
             self._factors.append((torch.from_numpy(table[ids]).to(device), jobs, rank))
         self._lowrank = []
         for (rank, dtype, aligned), ids in groups(
             lambda w, r: (r, w.dtype, vector_aligned(w, r)) if r and not factors_only else None
         ):
-            block_m, block_n = tile or default_tile(rank, many_tensors=True)
+            block_m, block_n = tile or default_tile(v_count * rank, many_tensors=True)
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
                 counts.append(triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
             self._lowrank.append(
-                (*owned(ids, counts), rank, dtype_of[dtype], aligned, (block_m, block_n))
+                (*owned(ids, counts), v_count * rank, dtype_of[dtype], aligned, (block_m, block_n))
             )
 
     def launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
-        """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed) and scales[i]."""
+        """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed or two) and scales[i]."""
         terms = self.n_terms
         for table, jobs, w0, aligned in self._gaussian:
             _multi_gaussian_kernel[(jobs.shape[0],)](
@@ -331,6 +360,7 @@ class MultiPass:
                 BLOCK=self.gaussian_block,
                 ALIGNED=aligned,
                 EXACT=not triton_interpreting(),
+                V_SEEDS=2 if self.v_split else 1,
                 num_warps=self.num_warps,
                 **CONTRACT_OPTIONS,
             )
@@ -363,6 +393,7 @@ class MultiPass:
                 RANK=rank,
                 BLOCK=FACTOR_BLOCK,
                 EXACT=not triton_interpreting(),
+                V_SPLIT=self.v_split,
                 **CONTRACT_OPTIONS,
             )
 

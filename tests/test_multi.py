@@ -114,6 +114,31 @@ def test_multi_pass_repeated_seed_terms_equal_one_pass_per_term(fresh_seed):
             assert torch.equal(tensors[i], one_by_one[i]), f"tensor {i}, seed {fresh_seed}"
 
 
+@pytest.mark.parametrize("v_split", [1, 2])
+def test_multi_pass_on_two_v_equals_one_call_per_tensor(v_split, fresh_seed):
+    """A V-refresh pass (terms before v_split on one V, the others on a second) equals lowrank_
+    with those two v seeds per tensor, bit for bit (full-rank tensors ignore the v seeds)."""
+    from zofast.kernels.multi import MultiPass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, ranks, seeds, scales = _setup(fresh_seed, 3, device)
+    seeds = [row + [(row[3] + 104729) % 2**64] for row in seeds]  # u0, u1, u2, v_a, v_b
+    expected = [w.clone() for w in tensors]
+    for w, rank, row, scale in zip(expected, ranks, seeds, scales, strict=True):
+        if rank:
+            v_seeds = [row[3] if t < v_split else row[4] for t in range(3)]
+            perturb.lowrank_(w, row[:3], v_seeds, rank, scale, backend="triton")
+        else:
+            perturb.gaussian_(w, row[:3], scale, backend="triton")
+    plan = MultiPass(tensors, ranks, 3, tile=(16, 32), v_split=v_split)
+    plan._u.fill_(float("nan"))
+    plan._v.fill_(float("nan"))
+    seeds_t = torch.tensor([[to_signed64(x) for x in row] for row in seeds], device=device)
+    plan.launch(seeds_t, torch.tensor(scales, dtype=torch.float32, device=device))
+    for i, (got, want) in enumerate(zip(tensors, expected, strict=True)):
+        assert torch.equal(got, want), f"tensor {i} {TENSORS[i]}, seed {fresh_seed}"
+
+
 def test_multi_pass_replays_with_new_seeds(fresh_seed):
     """The plan reads seeds and scales from the tables at every launch (graph-replay form)."""
     from zofast.kernels.multi import MultiPass

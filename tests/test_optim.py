@@ -672,11 +672,16 @@ class _RecordingGraph:
 
     stale = False
 
-    def __init__(self):
-        self.tables = []
+    def __init__(self, tables, v_split=0):
+        self.tables, self.v_split = tables, v_split
 
     def replay_table(self, seeds, scales):
-        self.tables.append((seeds.copy(), scales.copy()))
+        self.tables.append((self.v_split, seeds.copy(), scales.copy()))
+
+
+def _stand_ins(make) -> dict:
+    """Graph stand-ins for every (term count, v_split) an optimizer's passes use."""
+    return {(n, split): make(split) for n in (1, 2, 3) for split in range(n)}
 
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
@@ -686,20 +691,22 @@ def test_graphed_pass_tables_equal_the_per_tensor_terms(method):
     model = small_model()
     groups = param_groups(model, 0.1)
     opt = LOZO(groups, lr=1e-3, rank=2, nu=4) if method == "lozo" else MeZO(groups, lr=1e-3)
-    recorder = _RecordingGraph()
-    opt._zo_graphs = {n: recorder for n in (1, 2, 3)}
-    steps, group_scales = [5, 5, 6], [[0.5, -0.25, 0.125], [1.0, 2.0, 3.0]]
-    opt._pass(steps, group_scales)
-    ((seeds, scales),) = recorder.tables
-    assert seeds.dtype == np.uint64 and scales.dtype == np.float32
-    for row, slot in enumerate(opt._zo_inplace):
-        us, vs, expected_scales = opt._terms(slot, steps, group_scales[slot.group])
-        assert seeds[row, :3].tolist() == us
-        assert seeds[row, 3] == (vs[0] if vs else 0)
-        assert scales[row].tolist() == np.float32(expected_scales).tolist()
-    # Steps 3 and 4 straddle a V refresh (nu = 4): LOZO goes eager, MeZO (no V) stays graphed.
-    opt._pass([3, 4], [scales[:2] for scales in group_scales])
-    assert len(recorder.tables) == (2 if method == "mezo" else 1)
+    tables = []
+    opt._zo_graphs = _stand_ins(lambda split: _RecordingGraph(tables, split))
+    # Steps 5, 5, 6 share V (nu = 4); 7, 7, 8 are a V-refresh step's (two V's for LOZO).
+    for steps in ([5, 5, 6], [7, 7, 8]):
+        group_scales = [[0.5, -0.25, 0.125], [1.0, 2.0, 3.0]]
+        opt._pass(steps, group_scales)
+        split, seeds, scales = tables[-1]
+        assert split == (2 if method == "lozo" and steps[0] == 7 else 0)
+        assert seeds.dtype == np.uint64 and scales.dtype == np.float32
+        for row, slot in enumerate(opt._zo_inplace):
+            us, vs, expected_scales = opt._terms(slot, steps, group_scales[slot.group])
+            assert seeds[row, :3].tolist() == us
+            distinct_v = list(dict.fromkeys(vs)) if vs else [0] * (1 + (split > 0))
+            assert seeds[row, 3:].tolist() == distinct_v
+            assert scales[row].tolist() == np.float32(expected_scales).tolist()
+    assert len(tables) == 2
 
 
 class _EagerGraph:
@@ -708,18 +715,21 @@ class _EagerGraph:
 
     stale = False
 
-    def __init__(self, opt):
-        self.opt, self.edits = opt, 0
+    def __init__(self, opt, counts, v_split=0):
+        self.opt, self.counts, self.v_split = opt, counts, v_split
 
     def replay_table(self, seeds, scales, edit_scales=None):
         scales = torch.from_numpy(scales.copy())
         if edit_scales is not None:
             edit_scales(scales)
-            self.edits += 1
+            self.counts["edits"] += 1
+        self.counts["split" if self.v_split else "one v"] += 1
+        n = scales.shape[1]
         for row, slot in enumerate(self.opt._zo_inplace):
-            terms = [int(x) for x in seeds[row, :-1]]
+            terms = [int(x) for x in seeds[row, :n]]
             if slot.rank:
-                v_seeds = [int(seeds[row, -1])] * len(terms)
+                v = [int(x) for x in seeds[row, n:]]
+                v_seeds = [v[1] if self.v_split and t >= self.v_split else v[0] for t in range(n)]
                 lowrank_(slot.param, terms, v_seeds, slot.rank, scales[row].tolist())
             else:
                 gaussian_(slot.param, terms, scales[row].tolist())
@@ -735,16 +745,18 @@ def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
         cls = LOZO if method == "lozo" else MeZO
         opt = cls(model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **kwargs)
         if queued:
-            stand_in = _EagerGraph(opt)
-            opt._zo_graphs = {n: stand_in for n in (1, 2, 3)}
+            counts = {"edits": 0, "split": 0, "one v": 0}
+            opt._zo_graphs = _stand_ins(
+                lambda split, opt=opt, counts=counts: _EagerGraph(opt, counts, split)
+            )
         pair.append((model, opt))
-    return pair, stand_in
+    return pair, counts
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
 def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
-    (queued, host), stand_in = _queued_and_host(method, pipeline)
+    (queued, host), counts = _queued_and_host(method, pipeline)
     x = torch.randn(5, 6).to(torch.bfloat16)
     for step in range(5):  # nu = 3: step 3 draws a new V (its pass runs eagerly, host path)
         results = []
@@ -753,13 +765,15 @@ def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
             results.append((loss, opt.last_losses, snapshot(model)))
         assert results[0][:2] == results[1][:2], step
         assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
-    assert stand_in.edits == (4 if method == "lozo" and pipeline else 5)
+    # Every step's last pass is queued, the V-refresh one (step 2: 3 // nu) on two V's.
+    assert counts["edits"] == 5
+    assert counts["split"] == (1 if method == "lozo" and pipeline else 0)
     assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
 
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
 def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
-    (queued, host), stand_in = _queued_and_host(method, pipeline=True)
+    (queued, host), counts = _queued_and_host(method, pipeline=True)
     x = torch.randn(5, 6).to(torch.bfloat16)
     for model, opt in (queued, host):
         opt.step(lambda model=model: model(x).float().pow(2).mean())
@@ -778,7 +792,7 @@ def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
         for p, b in zip(model.parameters(), before, strict=True):
             assert torch.allclose(p.float(), b.float(), atol=0.01, rtol=0)
         opt.step(lambda model=model: model(x).float().pow(2).mean())
-    assert stand_in.edits == 3  # steps 0, 1 (NaN) and 1 again
+    assert counts["edits"] == 3  # steps 0, 1 (NaN) and 1 again
     assert all(
         torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
     )
@@ -787,7 +801,7 @@ def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
 def test_an_update_that_overflows_float32_restores_the_weights_on_both_paths(method):
-    (queued, host), stand_in = _queued_and_host(method, pipeline=True)
+    (queued, host), counts = _queued_and_host(method, pipeline=True)
     x = torch.randn(5, 6).to(torch.bfloat16)
     for model, opt in (queued, host):
         opt.step(lambda model=model: model(x).float().pow(2).mean())
@@ -798,7 +812,7 @@ def test_an_update_that_overflows_float32_restores_the_weights_on_both_paths(met
         assert all(torch.isfinite(p).all() for p in model.parameters())
         opt.param_groups[0]["lr"] = 1e-2
         opt.step(lambda model=model: model(x).float().pow(2).mean())
-    assert stand_in.edits == 3
+    assert counts["edits"] == 3
     assert all(
         torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
     )

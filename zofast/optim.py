@@ -88,12 +88,12 @@ Trained parameters
 
 Speed
     On one GPU every pass is a CUDA graph (zofast.perturb.GraphedPass) per term count, replayed
-    with the step's seeds and scales: no Python call per tensor. Passes whose low-rank terms do
-    not share one V (V-refresh steps) and LOZO-M's momentum pass run eagerly. Both give
-    bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off. When the closure returns
-    its loss as a GPU tensor, the step's last pass is queued right behind the second forward,
-    its −lr·g computed on the GPU (no momentum, virtual tensors or weight decay): the GPU does
-    not idle while the host reads the losses.
+    with the step's seeds and scales: no Python call per tensor (a V-refresh step's last pass,
+    whose terms span the old and the new V, is a graph of its own). LOZO-M's momentum pass runs
+    eagerly. Both give bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off. When
+    the closure returns its loss as a GPU tensor, the step's last pass is queued right behind
+    the second forward, its −lr·g computed on the GPU (no momentum, virtual tensors or weight
+    decay): the GPU does not idle while the host reads the losses.
 
 Modes
     ``mode="inplace"`` (default): the forwards see the perturbation because the weights carry it;
@@ -434,7 +434,7 @@ class _ZerothOrder(torch.optim.Optimizer):
         )
         devices = {s.param.device for s in self._zo_inplace}
         # On one GPU every pass replays a CUDA graph per term count (see _pass).
-        self._zo_graphs: dict[int, GraphedPass] | None = (
+        self._zo_graphs: dict[tuple[int, int], GraphedPass] | None = (
             {} if on_gpu and len(devices) == 1 and devices.pop().type == "cuda" else None
         )
 
@@ -622,26 +622,33 @@ class _ZerothOrder(torch.optim.Optimizer):
 
     def _graph_plan(self, steps: list[int], group_scales: list[list[float]]):
         """(graph, seed table, scale table) of a pass over the in-place tensors that a CUDA graph
-        can replay (see _pass), or None: no graphs, or low-rank terms on two V epochs."""
+        can replay (see _pass), or None: no graphs, or low-rank terms on V epochs that are not
+        one run, then at most one other (a V-refresh step's restore + update, then next)."""
         slots, index, lowrank = self._zo_inplace, self._zo_inplace_index, self._zo_inplace_lowrank
-        one_v = len({s // self._zo_nu for s in steps}) == 1 or not lowrank.any()
-        if self._zo_graphs is None or not one_v:
+        epochs = [s // self._zo_nu for s in steps] if lowrank.any() else [0] * len(steps)
+        split = epochs.index(epochs[-1])  # the first term on the last V: 0 if one V
+        if self._zo_graphs is None or epochs[:split] != [epochs[0]] * split:
             return None
-        graph = self._zo_graphs.get(len(steps))
+        if split:
+            v_pair = [self._seed_array("v", e)[index] for e in (epochs[0], epochs[-1])]
+            if np.any((v_pair[0] == v_pair[1]) & lowrank):
+                return None  # one V after all: lowrank_ merges every term (eager path)
+        key = (len(steps), split)
+        graph = self._zo_graphs.get(key)
         if graph is None or graph.stale:  # first use, or a parameter was reallocated
             params, ranks = [s.param for s in slots], [s.rank for s in slots]
-            others = [g for g in self._zo_graphs.values() if not g.stale]
-            graph = self._zo_graphs[len(steps)] = GraphedPass(
-                params, ranks, len(steps), share_with=others[0] if others else None
+            same = [g for g in self._zo_graphs.values() if not g.stale and g.v_split == split]
+            graph = self._zo_graphs[key] = GraphedPass(
+                params, ranks, len(steps), share_with=same[0] if same else None, v_split=split
             )
-        table = np.zeros((len(slots), len(steps) + 1), dtype=np.uint64)
+        table = np.zeros((len(slots), len(steps) + (2 if split else 1)), dtype=np.uint64)
         for k, step in enumerate(steps):
             full = self._seed_array("full", step)[index] if not lowrank.all() else 0
             u = self._seed_array("u", step)[index] if lowrank.any() else 0
             table[:, k] = np.where(lowrank, u, full)
         if lowrank.any():
-            v = self._seed_array("v", steps[0] // self._zo_nu)[index]
-            table[:, -1] = np.where(lowrank, v, 0)
+            for j, epoch in enumerate(sorted(set(epochs))):
+                table[:, len(steps) + j] = np.where(lowrank, self._seed_array("v", epoch)[index], 0)
         scales = np.asarray(group_scales, dtype=np.float32)[self._zo_inplace_group]
         return graph, table, scales
 
@@ -649,9 +656,9 @@ class _ZerothOrder(torch.optim.Optimizer):
         """One engine pass over the in-place tensors: every one gets the terms
         scale_k·Z_(steps[k]), with its group's scales group_scales[group][k].
 
-        Where the steps share one V epoch (all but LOZO's V-refresh steps), a CUDA graph of the
-        whole pass is replayed with a seed table built in numpy (no Python call per tensor); its
-        results are bit-identical to the eager calls."""
+        On one GPU a CUDA graph of the whole pass is replayed with a seed table built in numpy
+        (no Python call per tensor; see _graph_plan); its results are bit-identical to the eager
+        calls."""
         plan = self._graph_plan(steps, group_scales)
         if plan is not None:
             graph, table, scales = plan

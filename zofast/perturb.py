@@ -455,7 +455,9 @@ class GraphedPass:
     terms and T scales, and gets exactly ``lowrank_(w, u_seeds, [v_seed] * T, r, scales)``; a
     full-rank tensor (rank 0) takes T seeds and T scales, exactly ``gaussian_(w, seeds, scales)``
     (bit for bit: same arithmetic in the same order). Seeds and scales travel in one
-    host-to-device copy per replay.
+    host-to-device copy per replay. With ``v_split`` = s ≥ 1 a low-rank tensor takes two v seeds,
+    the first for terms 0 .. s − 1 and the second for the others (LOZO's V-refresh step): exactly
+    ``lowrank_`` with those v seeds; call it through :meth:`replay_table`.
 
     The graph holds the tensors' addresses: if a tensor is reallocated (``model.to(...)``, a
     load that replaces storage), ``stale`` turns True and a replay raises; build a new pass.
@@ -466,6 +468,7 @@ class GraphedPass:
         n_terms: T.
         share_with: a GraphedPass over the same tensors and ranks (another T) whose tables and
             factor buffers this one reuses (passes replayed one after another on one stream).
+        v_split: 0 (one v seed per tensor) or s in 1 .. T − 1 (two; see above).
 
     Example:
         >>> passes = GraphedPass([w1, b1], ranks=[2, 0], n_terms=1)  # doctest: +SKIP
@@ -478,6 +481,7 @@ class GraphedPass:
         ranks: Sequence[int],
         n_terms: int,
         share_with: GraphedPass | None = None,
+        v_split: int = 0,
     ):
         from zofast.kernels.multi import MultiPass, vector_aligned
 
@@ -492,11 +496,15 @@ class GraphedPass:
                 _check_rank(rank, *matrix_shape(w.shape))
         if isinstance(n_terms, bool) or not isinstance(n_terms, int) or n_terms < 1:
             raise ValueError(f"n_terms must be a positive integer, got {n_terms!r}")
+        if isinstance(v_split, bool) or not isinstance(v_split, int) or not 0 <= v_split < n_terms:
+            raise ValueError(f"v_split must be 0 or in 1..{n_terms - 1}, got {v_split!r}")
         self.tensors, self.ranks, self.n_terms = list(tensors), list(ranks), n_terms
+        self.v_split = v_split
         self._addresses = [w.data_ptr() for w in self.tensors]
         count = len(tensors)
-        # Row i: T u (or full-rank) seeds, then the v seed; scales apart (float32).
-        self._seeds = torch.zeros(count, n_terms + 1, dtype=torch.int64, device=device)
+        # Row i: T u (or full-rank) seeds, then the v seed (two with v_split); scales apart.
+        v_seeds = 2 if v_split else 1
+        self._seeds = torch.zeros(count, n_terms + v_seeds, dtype=torch.int64, device=device)
         self._scales = torch.zeros(count, n_terms, dtype=torch.float32, device=device)
         self._host_seeds = torch.zeros_like(self._seeds, device="cpu").pin_memory()
         self._host_scales = torch.zeros_like(self._scales, device="cpu").pin_memory()
@@ -516,11 +524,11 @@ class GraphedPass:
             length = 16 * math.ceil(max(rank, 1) / 16) + (0 if aligned else 1)
             shape = (rank, length) if rank else (length,)
             stand_ins.append(torch.zeros(shape, dtype=dtype, device=device))
-        MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms).launch(
+        MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms, v_split=v_split).launch(
             self._seeds[: len(kinds)], self._scales[: len(kinds)]
         )
         share = share_with._plan if share_with is not None and not share_with.stale else None
-        self._plan = MultiPass(self.tensors, self.ranks, n_terms, share=share)
+        self._plan = MultiPass(self.tensors, self.ranks, n_terms, share=share, v_split=v_split)
         torch.cuda.synchronize(device)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
@@ -541,10 +549,14 @@ class GraphedPass:
 
         Args:
             seeds: per tensor, T uint64 seeds (u seeds, or the full-rank seeds).
-            v_seeds: per tensor, its shared v seed (ignored for full-rank tensors).
+            v_seeds: per tensor, its shared v seed, or with v_split its pair of v seeds
+                (ignored for full-rank tensors).
             scales: per tensor, T finite scales.
         """
-        rows = [[*row, v] for row, v in zip(seeds, v_seeds, strict=True)]
+        rows = [
+            [*row, *(v if isinstance(v, (list, tuple)) else [v])]
+            for row, v in zip(seeds, v_seeds, strict=True)
+        ]
         flat = [x for row in rows for x in row]
         # One pass over plain ints (an optimizer calls this with hundreds of rows per step).
         if not all(type(x) is int and 0 <= x <= MAX_SEED for x in flat):
@@ -554,8 +566,8 @@ class GraphedPass:
 
     def replay_table(self, seeds: np.ndarray, scales: np.ndarray, edit_scales=None) -> None:
         """Replay from arrays: seeds (count, T + 1) uint64 (row i: tensor i's T seeds, then its
-        v seed), scales (count, T) float32 (finite). What an optimizer builds without a Python
-        loop over tensors.
+        v seed; T + 2 with v_split: both v seeds), scales (count, T) float32 (finite). What an
+        optimizer builds without a Python loop over tensors.
 
         edit_scales: called with the device scale table (count, T) after the upload, before the
         replay, on the current stream: scales computed on the GPU (an optimizer's −lr·g) go in
