@@ -128,6 +128,7 @@ METHODS = [
     ("mezo_pattern", BATCH),
     ("mezo", BATCH),
     ("lozo", BATCH),
+    ("lozo_m", BATCH),
     ("lozo_virtual", BATCH),
     ("lozo", SMALL_BATCH),
     ("lozo_virtual", SMALL_BATCH),
@@ -151,6 +152,8 @@ def test_step(benchmark, opt_model, method, batch):
     else:
         cls = MeZO if method == "mezo" else LOZO
         kwargs = {"rank": 2, "nu": 50} if cls is LOZO else {}
+        if method == "lozo_m":
+            kwargs["momentum"] = 0.9
         if method == "lozo_virtual":
             kwargs.update(mode="virtual", model=model)
         opt = cls(model.parameters(), lr=1e-7, eps=1e-3, seed=1, pipeline=True, **kwargs)
