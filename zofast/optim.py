@@ -700,7 +700,6 @@ class _ZerothOrder(torch.optim.Optimizer):
             if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
                 raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
         pending = self._virtual_updates(t, g, lrs, wds, buffers, used)
-        rights: dict = {}  # full-rank slots' scale rows, one host-to-device copy per group
         for slot in self._zo_inplace:
             lr, wd = lrs[slot.group], wds[slot.group]
             decay = 1.0 - lr * wd
@@ -723,12 +722,7 @@ class _ZerothOrder(torch.optim.Optimizer):
                 if nxt is not None:
                     cols.append(self._noise(slot, nxt))
                     scales.append(eps)
-                key = (slot.group, p.device)
-                if key not in rights:  # torch.tensor(..., device=cuda) would sync every time
-                    row = torch.tensor([scales], dtype=torch.float32)
-                    pinned = row.pin_memory() if p.device.type == "cuda" else row
-                    rights[key] = pinned.to(p.device, non_blocking=True)
-                right = rights[key]
+                right = torch.tensor([scales], dtype=torch.float32, device=p.device)
                 outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)
         if not self._zo_beta and self._zo_inplace:
             steps = [t, t] if nxt is None else [t, t, nxt]
