@@ -44,30 +44,41 @@ def _setup(seed: int, n_terms: int, device: str):
     return tensors, ranks, seeds, scales
 
 
-def _per_tensor(tensors, ranks, seeds, scales, n_terms):
+def _per_tensor(tensors, ranks, seeds, scales, n_terms, v_split=0):
+    """One Triton call per tensor on copies; with v_split, terms from v_split on take the row's
+    second v seed."""
     out = [w.clone() for w in tensors]
     for w, rank, row, scale in zip(out, ranks, seeds, scales, strict=True):
         if rank:
-            perturb.lowrank_(
-                w, row[:n_terms], [row[n_terms]] * n_terms, rank, scale, backend="triton"
-            )
+            v = row[n_terms:]
+            v_seeds = [v[1] if v_split and t >= v_split else v[0] for t in range(n_terms)]
+            perturb.lowrank_(w, row[:n_terms], v_seeds, rank, scale, backend="triton")
         else:
             perturb.gaussian_(w, row[:n_terms], scale, backend="triton")
     return out
 
 
-@pytest.mark.parametrize("n_terms", [1, 3])
-def test_multi_pass_equals_one_call_per_tensor(n_terms, fresh_seed):
+def _tables(seeds, scales, device):
+    """A plan's device tables: int64 seed rows (uint64 bit patterns), float32 scales."""
+    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
+    return seeds_t, torch.tensor(scales, dtype=torch.float32, device=device)
+
+
+@pytest.mark.parametrize("n_terms,v_split", [(1, 0), (3, 0), (3, 1), (3, 2)])
+def test_multi_pass_equals_one_call_per_tensor(n_terms, v_split, fresh_seed):
+    """Bit for bit; with v_split (a V-refresh pass: terms before it on one V, the others on a
+    second) lowrank_ takes those two v seeds per tensor (full-rank tensors ignore them)."""
     from zofast.kernels.multi import MultiPass
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors, ranks, seeds, scales = _setup(fresh_seed, n_terms, device)
-    expected = _per_tensor(tensors, ranks, seeds, scales, n_terms)
-    plan = MultiPass(tensors, ranks, n_terms, tile=(16, 32))
+    if v_split:
+        seeds = [row + [(row[-1] + 104729) % 2**64] for row in seeds]  # a second v seed
+    expected = _per_tensor(tensors, ranks, seeds, scales, n_terms, v_split)
+    plan = MultiPass(tensors, ranks, n_terms, tile=(16, 32), v_split=v_split)
     plan._u.fill_(float("nan"))  # every factor entry a launch reads must have been written
     plan._v.fill_(float("nan"))
-    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
-    plan.launch(seeds_t, torch.tensor(scales, dtype=torch.float32, device=device))
+    plan.launch(*_tables(seeds, scales, device))
     for i, (got, want) in enumerate(zip(tensors, expected, strict=True)):
         assert torch.equal(got, want), f"tensor {i} {TENSORS[i]}, seed {fresh_seed}"
 
@@ -80,8 +91,7 @@ def test_multi_pass_narrow_tensors_take_the_float32_results_rounded_once(fresh_s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors, ranks, seeds, scales = _setup(fresh_seed, 2, device)
     wide = [w.float() for w in tensors]
-    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
-    scales_t = torch.tensor(scales, dtype=torch.float32, device=device)
+    seeds_t, scales_t = _tables(seeds, scales, device)
     MultiPass(tensors, ranks, 2, tile=(16, 32)).launch(seeds_t, scales_t)
     MultiPass(wide, ranks, 2, tile=(16, 32)).launch(seeds_t, scales_t)
     for i, (got, want) in enumerate(zip(tensors, wide, strict=True)):
@@ -103,40 +113,12 @@ def test_multi_pass_repeated_seed_terms_equal_one_pass_per_term(fresh_seed):
     one_by_one = [w.clone() for w in tensors]
     for t in range(3):
         rows = [[row[t], row[3]] for row in seeds]
-        seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in rows], device=device)
-        scales_t = torch.tensor([[row[t]] for row in scales], dtype=torch.float32, device=device)
-        MultiPass(one_by_one, ranks, 1, tile=(16, 32)).launch(seeds_t, scales_t)
-    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
-    scales_t = torch.tensor(scales, dtype=torch.float32, device=device)
-    MultiPass(tensors, ranks, 3, tile=(16, 32)).launch(seeds_t, scales_t)
+        term = _tables(rows, [[row[t]] for row in scales], device)
+        MultiPass(one_by_one, ranks, 1, tile=(16, 32)).launch(*term)
+    MultiPass(tensors, ranks, 3, tile=(16, 32)).launch(*_tables(seeds, scales, device))
     for i, rank in enumerate(ranks):
         if not rank:  # low-rank terms merge their u's first: not a sum of one-term passes
             assert torch.equal(tensors[i], one_by_one[i]), f"tensor {i}, seed {fresh_seed}"
-
-
-@pytest.mark.parametrize("v_split", [1, 2])
-def test_multi_pass_on_two_v_equals_one_call_per_tensor(v_split, fresh_seed):
-    """A V-refresh pass (terms before v_split on one V, the others on a second) equals lowrank_
-    with those two v seeds per tensor, bit for bit (full-rank tensors ignore the v seeds)."""
-    from zofast.kernels.multi import MultiPass
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tensors, ranks, seeds, scales = _setup(fresh_seed, 3, device)
-    seeds = [row + [(row[3] + 104729) % 2**64] for row in seeds]  # u0, u1, u2, v_a, v_b
-    expected = [w.clone() for w in tensors]
-    for w, rank, row, scale in zip(expected, ranks, seeds, scales, strict=True):
-        if rank:
-            v_seeds = [row[3] if t < v_split else row[4] for t in range(3)]
-            perturb.lowrank_(w, row[:3], v_seeds, rank, scale, backend="triton")
-        else:
-            perturb.gaussian_(w, row[:3], scale, backend="triton")
-    plan = MultiPass(tensors, ranks, 3, tile=(16, 32), v_split=v_split)
-    plan._u.fill_(float("nan"))
-    plan._v.fill_(float("nan"))
-    seeds_t = torch.tensor([[to_signed64(x) for x in row] for row in seeds], device=device)
-    plan.launch(seeds_t, torch.tensor(scales, dtype=torch.float32, device=device))
-    for i, (got, want) in enumerate(zip(tensors, expected, strict=True)):
-        assert torch.equal(got, want), f"tensor {i} {TENSORS[i]}, seed {fresh_seed}"
 
 
 def test_multi_pass_replays_with_new_seeds(fresh_seed):
@@ -152,8 +134,8 @@ def test_multi_pass_replays_with_new_seeds(fresh_seed):
     before = [w.clone() for w in tensors]
     plan.launch(seeds_t, scales_t)  # zero scales: nothing moves
     assert all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
-    seeds_t.copy_(torch.tensor([[to_signed64(s) for s in row] for row in seeds]))
-    scales_t.copy_(torch.tensor(scales))
+    for table, values in zip((seeds_t, scales_t), _tables(seeds, scales, device), strict=True):
+        table.copy_(values)
     plan.launch(seeds_t, scales_t)
     assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True))
 
@@ -166,8 +148,7 @@ def test_multi_factors_equal_lowrank_factors(fresh_seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors, ranks, seeds, _ = _setup(fresh_seed, 1, device)
     plan = MultiPass(tensors, ranks, 1, factors_only=True)
-    seeds_t = torch.tensor([[to_signed64(s) for s in row] for row in seeds], device=device)
-    got = plan.factors(seeds_t, torch.ones(len(tensors), 1, device=device))
+    got = plan.factors(*_tables(seeds, [[1.0]] * len(tensors), device))
     for w, rank, row, pair in zip(tensors, ranks, seeds, got, strict=True):
         if not rank:
             assert pair is None

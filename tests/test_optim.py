@@ -753,12 +753,19 @@ def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
     return pair, counts
 
 
+def _assert_same_run(queued, host):
+    """The two (model, optimizer) pairs hold the same weights and trajectories, bit for bit."""
+    pairs = zip(queued[0].parameters(), host[0].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
+
+
 @pytest.mark.parametrize("pipeline", [True, False])
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
 def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
     (queued, host), counts = _queued_and_host(method, pipeline)
     x = torch.randn(5, 6).to(torch.bfloat16)
-    for step in range(5):  # nu = 3: step 3 draws a new V (its pass runs eagerly, host path)
+    for step in range(5):  # nu = 3: step 2's last pass spans the old and the new V
         results = []
         for model, opt in (queued, host):
             loss = opt.step(lambda model=model: model(x).float().pow(2).mean())
@@ -768,7 +775,7 @@ def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
     # Every step's last pass is queued, the V-refresh one (step 2: 3 // nu) on two V's.
     assert counts["edits"] == 5
     assert counts["split"] == (1 if method == "lozo" and pipeline else 0)
-    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
+    _assert_same_run(queued, host)
 
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
@@ -793,10 +800,7 @@ def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
             assert torch.allclose(p.float(), b.float(), atol=0.01, rtol=0)
         opt.step(lambda model=model: model(x).float().pow(2).mean())
     assert counts["edits"] == 3  # steps 0, 1 (NaN) and 1 again
-    assert all(
-        torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
-    )
-    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
+    _assert_same_run(queued, host)
 
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
@@ -813,7 +817,4 @@ def test_an_update_that_overflows_float32_restores_the_weights_on_both_paths(met
         opt.param_groups[0]["lr"] = 1e-2
         opt.step(lambda model=model: model(x).float().pow(2).mean())
     assert counts["edits"] == 3
-    assert all(
-        torch.equal(a, b) for a, b in zip(queued[0].parameters(), host[0].parameters(), strict=True)
-    )
-    assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
+    _assert_same_run(queued, host)

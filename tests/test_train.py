@@ -53,6 +53,14 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _assert_replays_to(tiny, trajectory, model):
+    """A fresh copy of the tiny model, replayed along `trajectory`, equals `model` bit for bit."""
+    fresh = load_model(tiny).model
+    replay(fresh, trajectory)
+    tuned = dict(model.named_parameters())
+    assert all(torch.equal(p, tuned[n]) for n, p in fresh.named_parameters())
+
+
 @pytest.mark.parametrize("method", ["lozo", "lozo-m", "mezo"])
 def test_zeroth_order_run_writes_log_plot_and_trajectories(tiny, tmp_path, method):
     rng_before = torch.random.get_rng_state()
@@ -80,10 +88,7 @@ def test_zeroth_order_run_writes_log_plot_and_trajectories(tiny, tmp_path, metho
     assert full.method == ("MeZO" if method == "mezo" else "LOZO")
 
     # The model now holds the best dev checkpoint, which the best prefix rebuilds bit for bit.
-    fresh = load_model(tiny).model
-    replay(fresh, best)
-    tuned = dict(loaded.model.named_parameters())
-    assert all(torch.equal(p, tuned[n]) for n, p in fresh.named_parameters())
+    _assert_replays_to(tiny, best, loaded.model)
 
 
 def test_virtual_mode_run_replays_and_leaves_a_plain_model(tiny, tmp_path):
@@ -92,10 +97,7 @@ def test_virtual_mode_run_replays_and_leaves_a_plain_model(tiny, tmp_path):
     assert not any(m._forward_hooks for m in loaded.model.modules()), "hooks left behind"
     best = Trajectory.load(result.files["trajectory_best"])
     assert best.hyperparameters["mode"] == "virtual"
-    fresh = load_model(tiny).model
-    replay(fresh, best)
-    tuned = dict(loaded.model.named_parameters())
-    assert all(torch.equal(p, tuned[n]) for n, p in fresh.named_parameters())
+    _assert_replays_to(tiny, best, loaded.model)
 
 
 def test_runs_are_reproducible_and_seeded(tiny, tmp_path):

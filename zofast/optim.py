@@ -629,10 +629,10 @@ class _ZerothOrder(torch.optim.Optimizer):
         split = epochs.index(epochs[-1])  # the first term on the last V: 0 if one V
         if self._zo_graphs is None or epochs[:split] != [epochs[0]] * split:
             return None
-        if split:
-            v_pair = [self._seed_array("v", e)[index] for e in (epochs[0], epochs[-1])]
-            if np.any((v_pair[0] == v_pair[1]) & lowrank):
-                return None  # one V after all: lowrank_ merges every term (eager path)
+        # The v seeds per V (one column of zeros without low-rank tensors).
+        v_rows = [self._seed_array("v", e)[index] for e in dict.fromkeys(epochs)]
+        if split and np.any((v_rows[0] == v_rows[1]) & lowrank):
+            return None  # one V after all: lowrank_ merges every term (eager path)
         key = (len(steps), split)
         graph = self._zo_graphs.get(key)
         if graph is None or graph.stale:  # first use, or a parameter was reallocated
@@ -641,14 +641,13 @@ class _ZerothOrder(torch.optim.Optimizer):
             graph = self._zo_graphs[key] = GraphedPass(
                 params, ranks, len(steps), share_with=same[0] if same else None, v_split=split
             )
-        table = np.zeros((len(slots), len(steps) + (2 if split else 1)), dtype=np.uint64)
+        table = np.zeros((len(slots), len(steps) + len(v_rows)), dtype=np.uint64)
         for k, step in enumerate(steps):
             full = self._seed_array("full", step)[index] if not lowrank.all() else 0
             u = self._seed_array("u", step)[index] if lowrank.any() else 0
             table[:, k] = np.where(lowrank, u, full)
-        if lowrank.any():
-            for j, epoch in enumerate(sorted(set(epochs))):
-                table[:, len(steps) + j] = np.where(lowrank, self._seed_array("v", epoch)[index], 0)
+        for j, v in enumerate(v_rows):
+            table[:, len(steps) + j] = np.where(lowrank, v, 0)
         scales = np.asarray(group_scales, dtype=np.float32)[self._zo_inplace_group]
         return graph, table, scales
 

@@ -42,7 +42,7 @@ def apply_launch(kind, w, u, v, rank, bm, bn, warps):
     if kind == "current":
         kernel, extra = lowrank._lowrank_kernel[grid], {"N_TERMS": 1}
     else:
-        kernel, extra = variants.lowrank_even[grid], {"EVEN": True}
+        kernel, extra = variants.lowrank_even[grid], {}
     return functools.partial(
         kernel, w, u, v, m, n, RANK=rank, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **extra
     )

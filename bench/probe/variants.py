@@ -16,28 +16,17 @@ def lowrank_even(
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    EVEN: tl.constexpr,
 ):
+    """The apply kernel with 2-D u / v loads and no masks: shapes that divide by the tile."""
     pid = tl.program_id(0).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
     rows = ((pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = ((pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     ptrs = w_ptr + rows * n + cols
-    if EVEN:
-        acc = tl.load(ptrs).to(tl.float32)
-        for k in tl.static_range(RANK):
-            acc = tl.fma(tl.load(u_ptr + k * m + rows), tl.load(v_ptr + k * n + cols), acc)
-        tl.store(ptrs, acc.to(w_ptr.dtype.element_ty))
-    else:
-        row_ok = rows < m
-        col_ok = cols < n
-        mask = row_ok & col_ok
-        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        for k in tl.static_range(RANK):
-            u = tl.load(u_ptr + k * m + rows, mask=row_ok, other=0.0)
-            v = tl.load(v_ptr + k * n + cols, mask=col_ok, other=0.0)
-            acc = tl.fma(u, v, acc)
-        tl.store(ptrs, acc.to(w_ptr.dtype.element_ty), mask=mask)
+    acc = tl.load(ptrs).to(tl.float32)
+    for k in tl.static_range(RANK):
+        acc = tl.fma(tl.load(u_ptr + k * m + rows), tl.load(v_ptr + k * n + cols), acc)
+    tl.store(ptrs, acc.to(w_ptr.dtype.element_ty))
 
 
 @triton.jit
