@@ -9,7 +9,8 @@ from helpers_models import make_tiny_model
 
 from zofast.hf import TrainerOptimizer, ZOTrainer, ZOTrainingArguments, build_optimizer
 from zofast.optim import LOZO, MeZO, param_groups
-from zofast.trajectory import Trajectory, replay
+from zofast.replay import replay
+from zofast.trajectory import Trajectory
 
 STEPS = 4
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from zofast.optim import LOZO, MeZO, _deferred_interrupts, param_groups
+from zofast.optim import LOZO, MeZO, param_groups
+from zofast.optim.checks import deferred_interrupts as _deferred_interrupts
 from zofast.perturb import gaussian_, gaussian_noise, lowrank_, lowrank_factors
 from zofast.rng import RunSeeds
 
@@ -692,16 +693,16 @@ def test_graphed_pass_tables_equal_the_per_tensor_terms(method):
     groups = param_groups(model, 0.1)
     opt = LOZO(groups, lr=1e-3, rank=2, nu=4) if method == "lozo" else MeZO(groups, lr=1e-3)
     tables = []
-    opt._zo_graphs = _stand_ins(lambda split: _RecordingGraph(tables, split))
+    opt._inplace.graphs = _stand_ins(lambda split: _RecordingGraph(tables, split))
     # Steps 5, 5, 6 share V (nu = 4); 7, 7, 8 are a V-refresh step's (two V's for LOZO).
     for steps in ([5, 5, 6], [7, 7, 8]):
         group_scales = [[0.5, -0.25, 0.125], [1.0, 2.0, 3.0]]
-        opt._pass(steps, group_scales)
+        opt._inplace.run_pass(steps, group_scales)
         split, seeds, scales = tables[-1]
         assert split == (2 if method == "lozo" and steps[0] == 7 else 0)
         assert seeds.dtype == np.uint64 and scales.dtype == np.float32
-        for row, slot in enumerate(opt._zo_inplace):
-            us, vs, expected_scales = opt._terms(slot, steps, group_scales[slot.group])
+        for row, slot in enumerate(opt._inplace.slots):
+            us, vs, expected_scales = opt._noise.terms(slot, steps, group_scales[slot.group])
             assert seeds[row, :3].tolist() == us
             distinct_v = list(dict.fromkeys(vs)) if vs else [0] * (1 + (split > 0))
             assert seeds[row, 3:].tolist() == distinct_v
@@ -725,7 +726,7 @@ class _EagerGraph:
             self.counts["edits"] += 1
         self.counts["split" if self.v_split else "one v"] += 1
         n = scales.shape[1]
-        for row, slot in enumerate(self.opt._zo_inplace):
+        for row, slot in enumerate(self.opt._inplace.slots):
             terms = [int(x) for x in seeds[row, :n]]
             if slot.rank:
                 v = [int(x) for x in seeds[row, n:]]
@@ -746,7 +747,7 @@ def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
         opt = cls(model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **kwargs)
         if queued:
             counts = {"edits": 0, "split": 0, "one v": 0}
-            opt._zo_graphs = _stand_ins(
+            opt._inplace.graphs = _stand_ins(
                 lambda split, opt=opt, counts=counts: _EagerGraph(opt, counts, split)
             )
         pair.append((model, opt))

@@ -11,6 +11,7 @@ from helpers_models import make_tiny_model
 
 from zofast import plot
 from zofast.models import load_model
+from zofast.replay import replay
 from zofast.train import (
     ConfigError,
     TrainConfig,
@@ -20,7 +21,7 @@ from zofast.train import (
     trainable_parameters,
     trajectory_prefix,
 )
-from zofast.trajectory import Trajectory, replay
+from zofast.trajectory import Trajectory
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from zofast.optim import LOZO, MeZO, param_groups
-from zofast.trajectory import Trajectory, param_fingerprint, replay
+from zofast.replay import replay
+from zofast.trajectory import Trajectory, param_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

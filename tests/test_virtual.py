@@ -18,8 +18,9 @@ import zofast
 import zofast.virtual
 from zofast.optim import LOZO, MeZO, param_groups
 from zofast.perturb import lowrank_factors
+from zofast.replay import replay
 from zofast.rng import RunSeeds
-from zofast.trajectory import Trajectory, replay
+from zofast.trajectory import Trajectory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,7 +184,7 @@ def test_layers_see_the_perturbed_weights_and_stored_weights_stay(arch):
     loss = {"toy": toy_loss, "gpt2": lm_loss, "opt": lm_loss}[arch]
     eps, nu = 1e-2, 3
     opt = LOZO(model, lr=2e-2, eps=eps, rank=2, nu=nu, momentum=0.5, seed=6, mode="virtual")
-    virtual = opt._zo_virtual.tensors
+    virtual = opt._virtual.layers.tensors
     kinds = {kind for vt in virtual for _, kind in vt.layers}
     if arch == "gpt2":
         assert kinds == {"embedding", "linear", "conv1d"}

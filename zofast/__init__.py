@@ -7,8 +7,9 @@ low-rank (U·Vᵀ) or full-rank, as a pure function of (seed, element index).
 from zofast import perturb, rng
 from zofast.optim import LOZO, MeZO
 from zofast.perturb import gaussian_, gaussian_noise, lowrank_, lowrank_factors, outer_add_
+from zofast.replay import replay
 from zofast.rng import RunSeeds
-from zofast.trajectory import Trajectory, replay
+from zofast.trajectory import Trajectory
 
 __version__ = "0.1.0"
 

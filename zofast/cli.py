@@ -205,7 +205,7 @@ def _trajectory_dtype(trajectory) -> str:
 def _load_with_trajectory(model: str | None, trajectory_path: str, device: str):
     """Load the base model and replay a trajectory onto it (any mismatch is a _UsageError)."""
     from zofast.models import load_model
-    from zofast.trajectory import replay
+    from zofast.replay import replay
 
     trajectory = _load_trajectory(trajectory_path)
     try:

@@ -14,15 +14,15 @@ hyperparameters, the run seed, a fingerprint of the parameter list, and the list
 
 Momentum needs nothing more: LOZO-M's state is a function of the g's and the seeds.
 
-:func:`replay` rebuilds the fine-tuned weights from the base weights by re-running exactly the
-engine calls of training, with the recorded g's in place of the forward passes: on the same device
-type and dtype the result is bit-identical to the trained weights. A 20,000-step run is a few
+:func:`zofast.replay` rebuilds the fine-tuned weights from the base weights by re-running exactly
+the engine calls of training, with the recorded g's in place of the forward passes: on the same
+device type and dtype the result is bit-identical to the trained weights. A 20,000-step run is a few
 hundred kB of JSON (arrays are little-endian, zlib-compressed and base64-encoded); there is no
 pickle anywhere.
 
 Example:
     >>> import torch
-    >>> from zofast.optim import LOZO
+    >>> from zofast import LOZO, replay
     >>> model = torch.nn.Linear(8, 4)
     >>> base = [p.detach().clone() for p in model.parameters()]
     >>> opt = LOZO(model, lr=1e-2, rank=1, seed=3)
@@ -45,7 +45,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 import zlib
 from array import array
 
@@ -54,7 +53,7 @@ import torch
 
 from zofast.rng import as_seed
 
-__all__ = ["Trajectory", "replay", "param_fingerprint"]
+__all__ = ["Trajectory", "param_fingerprint"]
 
 FORMAT = "zofast.trajectory"
 VERSION = 1
@@ -401,109 +400,3 @@ class Trajectory:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} is not a JSON trajectory: {error}") from error
         return cls.from_dict(data)
-
-
-def _resolve_params(model_or_params, entries: list[dict]) -> list[torch.Tensor]:
-    """The tensors of `model_or_params` in the order the run's optimizer had them."""
-    names = [e["name"] for e in entries]
-    by_name = all(n is not None for n in names)
-    if isinstance(model_or_params, torch.nn.Module):
-        if by_name:
-            named = dict(model_or_params.named_parameters())
-            missing = [n for n in names if n not in named]
-            if missing:
-                raise ValueError(f"the model has no parameters named {missing[:5]}")
-            return [named[n] for n in names]
-        return list(model_or_params.parameters())
-    if isinstance(model_or_params, torch.Tensor):
-        raise TypeError("pass a module or a list of tensors, not a single tensor")
-    items = []
-    for item in model_or_params:
-        if isinstance(item, dict):
-            items.extend(item["params"])
-        else:
-            items.append(item)
-    pairs = [isinstance(item, tuple) for item in items]
-    if any(pairs) and not all(pairs):
-        raise ValueError("pass either tensors or (name, tensor) pairs, not a mix")
-    if items and all(pairs):
-        if by_name:
-            named = dict(items)
-            missing = [n for n in names if n not in named]
-            if missing:
-                raise ValueError(f"no parameters named {missing[:5]} were given")
-            return [named[n] for n in names]
-        items = [t for _, t in items]
-    for t in items:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"expected tensors, got {type(t).__name__}")
-    return items
-
-
-@torch.no_grad()
-def replay(model_or_params, trajectory, *, settle: bool = True):
-    """Rebuild fine-tuned weights from the base weights and a trajectory, in place.
-
-    Re-runs exactly the engine calls of training (perturbations, restores, updates, weight decay,
-    momentum), with the recorded g's instead of forward passes. Given the base weights on the same
-    device type and dtype as training, the result is bit-identical to the trained weights (after
-    ``opt.settle()`` for pipelined runs). On another device type the noise differs in the last bits
-    of the normals (see zofast.rng), so a warning is issued and the result is close, not identical.
-
-    Args:
-        model_or_params: an nn.Module (parameters matched by name when the run recorded names, by
-            order otherwise), or the tensors / (name, tensor) pairs / param groups in the run's
-            optimizer order. They must hold the base weights the run started from.
-        trajectory: a :class:`Trajectory` or the path of a saved one.
-        settle: remove a pending pipelined perturbation at the end (the weights then equal the
-            trained weights after ``opt.settle()``). With False the weights are left exactly as the
-            trained ones were when the trajectory was taken.
-
-    Returns:
-        `model_or_params`, whose tensors now hold the fine-tuned weights.
-
-    Raises:
-        ValueError: the tensors do not match the trajectory's fingerprint (count, names, shapes,
-            dtypes, or values other than the base weights).
-
-    Example:
-        See the module docstring.
-    """
-    if not isinstance(trajectory, Trajectory):
-        trajectory = Trajectory.load(trajectory)
-    if trajectory.params is None:
-        return model_or_params
-    from zofast.optim import METHODS
-
-    if trajectory.method not in METHODS:
-        raise ValueError(f"unknown method {trajectory.method!r} (known: {sorted(METHODS)})")
-    tensors = _resolve_params(model_or_params, trajectory.params)
-    trajectory.check_params(tensors)
-    devices = {t.device.type for t in tensors}
-    if trajectory.device is not None and devices != {trajectory.device}:
-        warnings.warn(
-            f"the trajectory was recorded on {trajectory.device}, replaying on {sorted(devices)}: "
-            "the result will be close to, not bit-identical with, the trained weights",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    groups = [{"params": []} for _ in range(trajectory.n_groups)]
-    for t, entry in zip(tensors, trajectory.params, strict=True):
-        groups[entry["group"]]["params"].append(t)
-    flags = [t.requires_grad for t in tensors]
-    try:
-        for t, entry in zip(tensors, trajectory.params, strict=True):
-            t.requires_grad_(entry["trained"])
-        try:
-            opt = METHODS[trajectory.method](
-                groups, lr=1.0, seed=trajectory.run_seed, **trajectory.hyperparameters
-            )
-        except TypeError as error:
-            raise ValueError(f"malformed trajectory hyperparameters: {error}") from None
-    finally:
-        for t, flag in zip(tensors, flags, strict=True):
-            t.requires_grad_(flag)
-    opt._zo_replay(trajectory)
-    if settle:
-        opt.settle()
-    return model_or_params

@@ -1,0 +1,574 @@
+"""The zeroth-order step protocol, over parts that each apply the perturbation their own way.
+
+``step(closure)``: validate (nothing written yet) → begin (+ε) → L+ → minus (−ε) → L− →
+g = (L+ − L−)/(2ε) → finish (restore, update); any failure after begin → abort (undo the
+perturbation) and re-raise. The parts:
+
+* :class:`zofast.optim.inplace.InPlace`: tensors that carry the perturbation (engine passes);
+* :class:`zofast.optim.virtual.Virtual`: LOZO's matrices applied through their layers' hooks;
+* :class:`zofast.optim.momentum.Momentum`: LOZO-M's buffers, computed before any write;
+* :class:`zofast.optim.noise.NoisePlan`: which seeds every tensor gets at every step.
+
+The methods (zofast.optim.methods) only add their hyperparameters.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from zofast.optim.checks import (
+    deferred_interrupts,
+    float32,
+    non_negative,
+    positive,
+    update_finite,
+)
+from zofast.optim.inplace import InPlace
+from zofast.optim.momentum import Momentum
+from zofast.optim.noise import NoisePlan, Slot
+from zofast.optim.virtual import Virtual
+from zofast.perturb import check_weight, matrix_shape
+from zofast.rng import as_seed
+from zofast.trajectory import ABORT_MINUS, ABORT_PLUS, SETTLE, STEP, Trajectory, param_fingerprint
+
+MODES = ("inplace", "virtual")
+GROUP_KEYS = ("lr", "weight_decay")
+
+
+def _loss_scalar(loss):
+    """Check a closure result without reading it: a one-element real tensor (returned as it is,
+    so a GPU loss is not synchronised yet) or a Python real (returned as a float)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.requires_grad:
+            raise ValueError(
+                "closure returned a tensor that requires grad: the closure must run under "
+                "torch.no_grad() (step() calls it under no_grad; do not re-enable grad inside)"
+            )
+        if loss.numel() != 1:
+            raise ValueError(
+                f"closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
+            )
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise ValueError(f"closure must return a real loss, got dtype {loss.dtype}")
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    kind = type(loss).__name__
+    raise ValueError(f"closure must return a Python number or a one-element tensor, got {kind}")
+
+
+def _loss_value(loss, t: int, which: str) -> float:
+    """The float of a checked closure result; FloatingPointError if it is not finite."""
+    value = float(loss.item()) if isinstance(loss, torch.Tensor) else loss
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"the loss at the {which}ε perturbation of step {t} is {value}; the weights were "
+            "restored"
+        )
+    return value
+
+
+class ZerothOrder(torch.optim.Optimizer):
+    """The step protocol shared by LOZO and MeZO (see zofast.optim's docstring)."""
+
+    method = ""
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        seed,
+        mode,
+        pipeline,
+        lowrank: bool,
+        model=None,
+        virtual_indices=None,
+    ):
+        try:
+            run_seed = as_seed(seed, "seed")
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error)) from None
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(pipeline, bool):
+            raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
+            params = list(params.named_parameters())
+        if mode == "virtual":
+            if not lowrank:
+                raise ValueError(
+                    "mode='virtual' is LOZO's: full-rank noise cannot be applied through the "
+                    "layers cheaply; use mode='inplace'"
+                )
+            if model is None and virtual_indices is None:
+                raise ValueError(
+                    "mode='virtual' needs the model whose layers apply the perturbation: pass "
+                    "model=... (or the model itself as params)"
+                )
+        elif virtual_indices is not None:
+            raise ValueError("virtual_indices is for mode='virtual' only")
+        self._ready = False
+        self._lowrank = lowrank
+        self._mode = mode
+        self._model = model if mode == "virtual" else None
+        self._virtual_request = None if virtual_indices is None else list(virtual_indices)
+        self._virtual: Virtual | None = None
+        super().__init__(params, defaults)
+        self._eps = defaults["eps"]
+        self._rank = defaults.get("rank", 0)
+        self._nu = defaults.get("nu", 1)
+        self._beta = defaults.get("momentum", 0.0)
+        self._pipeline = pipeline
+        self._run_seed = run_seed
+        self._step_count = 0
+        self._pending: int | None = None
+        self.last_losses: tuple[float, float] | None = None
+        self._build_slots()
+        self.trajectory = self._new_trajectory()
+        self._ready = True
+
+    # Setup and validation.
+
+    def _hyperparameters(self) -> dict:
+        raise NotImplementedError
+
+    def _new_trajectory(self) -> Trajectory:
+        return Trajectory(
+            self.method, self._hyperparameters(), self._run_seed, len(self.param_groups)
+        )
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (before the first step only: seeds and the trajectory index tensors).
+
+        Groups may set "lr" and "weight_decay"; the other hyperparameters are optimizer-wide.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if getattr(self, "_ready", False) and (
+            self._step_count or len(self.trajectory.events) or self._pending is not None
+        ):
+            raise ValueError("parameter groups cannot be added after the first step")
+        for key in param_group:
+            fixed = key in self.defaults and key not in GROUP_KEYS and key != "params"
+            if fixed and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{key} is optimizer-wide: a group cannot set it to {param_group[key]!r}"
+                )
+        if "lr" in param_group:
+            positive(param_group["lr"], "lr")
+        if "weight_decay" in param_group:
+            non_negative(param_group["weight_decay"], "weight_decay")
+        super().add_param_group(param_group)
+        if getattr(self, "_ready", False):
+            self._build_slots()
+            self.trajectory = self._new_trajectory()
+
+    def _flat(self) -> list[tuple[int, torch.Tensor]]:
+        return [(gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]]
+
+    def _names(self) -> dict[int, str]:
+        names = {}
+        for group in self.param_groups:
+            names.update(zip(map(id, group["params"]), group.get("param_names", ()), strict=False))
+        if self._model is not None:
+            for name, p in self._model.named_parameters():
+                names.setdefault(id(p), name)
+        return names
+
+    def _build_slots(self) -> None:
+        flat = self._flat()
+        seen = set()
+        for _, p in flat:
+            if id(p) in seen:
+                raise ValueError("a parameter appears more than once in the optimizer")
+            seen.add(id(p))
+        self._n_params = len(flat)
+        self._trained = [p.requires_grad for _, p in flat]
+        slots = []
+        for index, (gi, p) in enumerate(flat):
+            if not p.requires_grad:
+                continue
+            try:
+                check_weight(p, f"parameter {index}")
+            except TypeError as error:
+                raise ValueError(str(error)) from None
+            rank = 0
+            if self._lowrank and p.dim() >= 2:
+                m, n = matrix_shape(p.shape)
+                rank = min(self._rank, m, n)
+            slots.append(Slot(index, p, gi, tuple(p.shape), rank))
+        if not slots:
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
+        virtual = None
+        if self._mode == "virtual":
+            virtual = Virtual(
+                slots,
+                self._noise,
+                self._model,
+                self._virtual_request,
+                self._names(),
+                owner=self,
+            )
+            virtual.check_decay([g["weight_decay"] for g in self.param_groups])
+        if self._virtual is not None:  # add_param_group before the first step: plan anew
+            self._virtual.layers.remove_hooks()
+        self._slots = slots
+        self._inplace = InPlace([s for s in slots if s.virtual is None], self._noise)
+        self._momentum = Momentum(self._beta, self._noise) if self._beta else None
+        if virtual is not None:
+            virtual.attach()
+        self._virtual = virtual
+
+    def _check(self) -> tuple[list[float], list[float]]:
+        """Validate everything a step needs before any write; return each group's lr and wd."""
+        flat = self._flat()
+        if len(flat) != self._n_params:
+            raise ValueError("the optimizer's parameter list changed since it was created")
+        changed = [i for i, (_, p) in enumerate(flat) if p.requires_grad != self._trained[i]]
+        if changed:
+            raise ValueError(
+                f"requires_grad of parameter(s) {changed[:5]} changed since the optimizer was "
+                "created; a trajectory covers one fixed set of trained tensors: call settle() and "
+                "create a new optimizer"
+            )
+        for slot in self._slots:
+            try:
+                check_weight(slot.param, f"parameter {slot.index}")
+            except TypeError as error:
+                raise ValueError(str(error)) from None
+            if tuple(slot.param.shape) != slot.shape:
+                raise ValueError(
+                    f"parameter {slot.index} changed shape to {tuple(slot.param.shape)}"
+                )
+        lrs, wds = [], []
+        for group in self.param_groups:
+            lrs.append(non_negative(group["lr"], "lr"))
+            wds.append(non_negative(group["weight_decay"], "weight_decay"))
+        if self._virtual is not None:
+            self._virtual.check_decay(wds)
+            self._virtual.check_step()
+        return lrs, wds
+
+    def _fingerprint(self) -> None:
+        flat = self._flat()
+        names = []
+        for group in self.param_groups:
+            names.extend(group.get("param_names", [None] * len(group["params"])))
+        self.trajectory.params = param_fingerprint(
+            [p for _, p in flat], names, [gi for gi, _ in flat], self._trained
+        )
+        self.trajectory.device = self._slots[0].param.device.type
+
+    # The protocol. Every write to the weights happens in the parts, called from here.
+
+    def _shift(self, t: int, scale: float) -> None:
+        self._inplace.shift(t, scale, len(self.param_groups))
+
+    def _coef(self, t: int, c: float) -> None:
+        if self._virtual is not None:
+            self._virtual.coef(t, c)
+
+    def _begin(self, t: int) -> None:
+        if self._pending is None:
+            self._shift(t, self._eps)
+        elif self._pending != t:
+            raise RuntimeError(f"internal error: pending step {self._pending}, stepping {t}")
+        self._pending = None
+        self._coef(t, self._eps)
+
+    def _minus(self, t: int) -> None:
+        """From +ε to −ε."""
+        self._shift(t, -2.0 * self._eps)
+        self._coef(t, -self._eps)
+
+    def _abort(self, t: int, stage: int) -> None:
+        self._coef(t, 0.0)  # virtual tensors: nothing was written
+        self._shift(t, -self._eps if stage == 1 else self._eps)
+        self.trajectory.record(ABORT_PLUS if stage == 1 else ABORT_MINUS)
+        self._pending = None
+
+    def _finish(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
+        """Restore and update (pipelined: perturb for step t + 1): new state first, then writes."""
+        nxt = t + 1 if self._pipeline else None
+        buffers, used = {}, {}
+        if self._momentum is not None:  # all state first: a failure leaves the weights untouched
+            buffers, used = self._momentum.buffers(self._slots, self.state, t, g)
+        pending = []
+        if self._virtual is not None:
+            self._virtual.check_decay(wds)
+            pending = self._virtual.updates(t, g, lrs, buffers, used)
+        self._inplace.finish(t, g, lrs, wds, self._eps, nxt, self._momentum, buffers, used)
+        if self._virtual is not None:
+            self._virtual.commit(pending, self.state)
+        for slot in self._slots:
+            if slot.index in buffers:
+                self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
+        self._end_step(t, g, lrs, wds)
+
+    def _end_step(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
+        self.trajectory.record_step(g, lrs, wds)
+        self._step_count = t + 1
+        self._pending = t + 1 if self._pipeline else None
+
+    def _finish_queued(self, t: int, loss_plus, loss_minus, lrs, wds):
+        """The in-place part's queued finish where it applies (no momentum, virtual tensors or
+        weight decay; see InPlace.finish_queued); None otherwise. Records the step, or an abort
+        when g or an update is not finite."""
+        if self._momentum is not None or self._virtual is not None or any(wds):
+            return None
+        nxt = t + 1 if self._pipeline else None
+        read = self._inplace.finish_queued(t, loss_plus, loss_minus, lrs, self._eps, nxt)
+        if read is None:
+            return None
+        loss_plus, loss_minus = read
+        g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
+        if update_finite(g, lrs):
+            self._end_step(t, g, lrs, wds)
+        else:
+            self.trajectory.record(ABORT_MINUS)
+        return loss_plus, loss_minus
+
+    # Public API.
+
+    @torch.no_grad()
+    def step(self, closure) -> float:
+        """One zeroth-order step (see zofast.optim's docstring for the exact sequence).
+
+        Args:
+            closure: callable with no arguments that evaluates the loss of ONE batch (the same
+                batch both times it is called in a step) and returns it as a Python number or a
+                one-element tensor. It is called twice, under torch.no_grad().
+
+        Returns:
+            (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²).
+
+        Raises:
+            ValueError: no closure, a closure result that is not a real scalar or requires grad,
+                an invalid group lr / weight_decay, changed requires_grad (weights untouched, or
+                restored when detected after perturbing).
+            FloatingPointError: NaN / inf loss or g (weights restored).
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = MeZO(model.parameters(), lr=1e-3)
+            >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+            >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        """
+        if closure is None or not callable(closure):
+            raise ValueError("step() needs a closure that returns the loss of one batch")
+        lrs, wds = self._check()
+        if self.trajectory.params is None:
+            self._fingerprint()
+        t, eps = self._step_count, self._eps
+        stage = 0
+        try:
+            with deferred_interrupts():
+                self._begin(t)
+                stage = 1
+            loss_plus = _loss_scalar(closure())
+            # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
+            # passes may take as it is (the queued finish).
+            if not (
+                isinstance(loss_plus, torch.Tensor)
+                and (loss_plus.is_cuda or self._inplace.graphs is not None)
+            ):
+                loss_plus = _loss_value(loss_plus, t, "+")
+            with deferred_interrupts():
+                self._minus(t)
+                stage = 2
+            # A GPU L+ is read only now: the −2ε pass and the second forward were queued behind
+            # the first without waiting for it (one host sync per evaluation pair, not two).
+            loss_minus = _loss_scalar(closure())
+            with deferred_interrupts():
+                read = self._finish_queued(t, loss_plus, loss_minus, lrs, wds)
+                if read is not None:
+                    stage = 3  # finished, or restored and recorded as an abort
+                    loss_plus, loss_minus = read
+            loss_plus = _loss_value(loss_plus, t, "+")
+            loss_minus = _loss_value(loss_minus, t, "−")
+            g = float32((loss_plus - loss_minus) / (2.0 * eps))
+            if not math.isfinite(g):
+                raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
+            if not update_finite(g, lrs):
+                raise FloatingPointError(
+                    f"the update −lr·g of step {t} overflows float32 (g = {g}, lr = {max(lrs)}); "
+                    "the weights were restored"
+                )
+            if stage == 2:
+                with deferred_interrupts():
+                    self._finish(t, g, lrs, wds)
+                    stage = 3
+        except BaseException:
+            if stage in (1, 2):
+                with deferred_interrupts():
+                    self._abort(t, stage)
+            raise
+        self.last_losses = (loss_plus, loss_minus)
+        return 0.5 * (loss_plus + loss_minus)
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Make the stored weights the current iterate (idempotent; nothing to do: no-op).
+
+        * ``pipeline=True``: removes the next step's +ε perturbation, which the in-place weights
+          carry between steps (one pass).
+        * ``mode="virtual"``: writes the pending low-rank updates into the virtual weights,
+          W += A·V_Aᵀ, one fused pass per tensor, and A = 0. Between steps the layers already
+          compute with W + A·V_Aᵀ, so evaluation needs no settle; saving or exporting
+          ``model.state_dict()``, copying the model or reading ``.weight`` does.
+
+        Call it before evaluating (pipelined) or saving / exporting the model. It is recorded in
+        the trajectory, so replay repeats it.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = MeZO(model.parameters(), lr=1e-3, pipeline=True)
+            >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
+            >>> opt.settle()  # model now holds the weights after step 1
+        """
+        if self._pending is None and not self.unflushed:
+            return
+        with deferred_interrupts():
+            if self._pending is not None:
+                self._shift(self._pending, -self._eps)
+            if self._virtual is not None:
+                self._virtual.settle(self.state)
+            self.trajectory.record(SETTLE)
+            self._pending = None
+
+    @torch.no_grad()
+    def detach(self) -> None:
+        """mode="virtual": settle(), then remove the forward hooks from the model's layers.
+
+        After this the model is a plain model holding the trained weights, and this optimizer
+        cannot step any more (a new one can continue the run through load_state_dict). In place
+        it only settles. Idempotent.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = LOZO(model, lr=1e-3, rank=1, mode="virtual")
+            >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
+            >>> opt.detach()  # model.weight holds the weights after step 1; no hooks left
+        """
+        self.settle()
+        if self._virtual is not None:
+            self._virtual.detach()
+
+    @property
+    def pending(self) -> bool:
+        """Whether the weights now carry a pipelined +ε perturbation (settle() removes it)."""
+        return self._pending is not None
+
+    @property
+    def unflushed(self) -> bool:
+        """mode="virtual": whether updates are pending outside the stored weights (settle()
+        writes them); always False in place."""
+        return self._virtual is not None and self._virtual.unflushed
+
+    @property
+    def virtual_names(self) -> list[str]:
+        """mode="virtual": names of the tensors perturbed and updated through their layers (the
+        others run in place); [] in place."""
+        virtual = self._virtual
+        return [] if virtual is None else [s.virtual.name for s in virtual.slots]
+
+    @property
+    def steps(self) -> int:
+        """Number of completed steps."""
+        return self._step_count
+
+    @property
+    def run_seed(self) -> int:
+        """The seed every perturbation of this run derives from."""
+        return self._run_seed
+
+    def replay(self, trajectory: Trajectory) -> None:
+        """Re-run the engine calls of `trajectory` (used by zofast.replay)."""
+        for kind, g, lrs, wds in trajectory.iter_events():
+            t = self._step_count
+            if kind == SETTLE:
+                self.settle()
+                continue
+            self._begin(t)
+            if kind == ABORT_PLUS:
+                self._abort(t, 1)
+                continue
+            self._minus(t)
+            if kind == ABORT_MINUS:
+                self._abort(t, 2)
+            elif kind == STEP:
+                self._finish(t, g, lrs, wds)
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus zofast's: step, run seed, pending perturbation, trajectory.
+
+        Momentum buffers are in ``state`` (float32, whatever the weight dtype); the returned dict
+        is a snapshot (later steps do not change it). With pipelining, ``pending`` says the weights
+        carry the next step's +ε perturbation: save them together, or settle() first.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = LOZO(model, lr=1e-3, rank=1)
+            >>> sorted(opt.state_dict()["zofast"])
+            ['hyperparameters', 'method', 'pending', 'run_seed', 'step', 'trajectory']
+        """
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        sd["zofast"] = {
+            "method": self.method,
+            "hyperparameters": self._hyperparameters(),
+            "run_seed": str(self._run_seed),
+            "step": self._step_count,
+            "pending": self._pending,
+            "trajectory": self.trajectory.to_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict`; continuing is bit-identical to never having stopped.
+
+        Load the weights saved with it (unsettled ones if ``pending``). Raises ValueError if the
+        method or fixed hyperparameters differ.
+
+        Example:
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = LOZO(model, lr=1e-3, rank=1)
+            >>> opt.load_state_dict(opt.state_dict())
+        """
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("zofast", None)
+        if extra is None:
+            raise ValueError("not a zofast optimizer state_dict (no 'zofast' entry)")
+        if extra["method"] != self.method:
+            raise ValueError(
+                f"state_dict is for {extra['method']}, this optimizer is {self.method}"
+            )
+        if extra["hyperparameters"] != self._hyperparameters():
+            raise ValueError(
+                f"state_dict hyperparameters {extra['hyperparameters']} differ from this "
+                f"optimizer's {self._hyperparameters()}"
+            )
+        trajectory = Trajectory.from_dict(extra["trajectory"])
+        super().load_state_dict(state_dict)
+        flat = [p for _, p in self._flat()]
+        for key, value in state_dict["state"].items():
+            for name in ("momentum_buffer", "virtual_factor"):
+                buffer = value.get(name)
+                if buffer is not None:
+                    p = flat[key]
+                    self.state[p][name] = buffer.to(p.device, torch.float32).clone()
+        self._run_seed = int(extra["run_seed"])
+        self._noise.reseed(self._run_seed)
+        self._step_count = int(extra["step"])
+        self._pending = None if extra["pending"] is None else int(extra["pending"])
+        self.trajectory = trajectory
+        if self._virtual is not None:
+            self._virtual.load(self.state)

@@ -1,0 +1,193 @@
+"""The optimizers: LOZO (with momentum: LOZO-M) and MeZO, each its hyperparameters on the shared
+step protocol (zofast.optim.base), and param_groups."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from zofast.optim.base import ZerothOrder
+from zofast.optim.checks import count, non_negative, positive, real
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups with weight decay on matrices only (biases and norm weights exempt).
+
+    Trainable tensors with ndim ≥ 2 go in a group with `weight_decay`, the 1-D ones (biases,
+    LayerNorm / RMSNorm weights) and scalars in a group with weight_decay 0. Parameters are given
+    with their names, so the optimizer's trajectory records names and :func:`zofast.replay` can
+    match a module by name. Empty groups are left out.
+
+    Args:
+        model: the module.
+        weight_decay: decay of the matrices (≥ 0).
+
+    Returns:
+        A list of param-group dicts for LOZO / MeZO (or any torch optimizer).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> [len(g["params"]) for g in param_groups(model, 0.01)]  # Linear.weight | bias, LN w, b
+        [1, 3]
+        >>> opt = LOZO(param_groups(model, 0.01), lr=1e-3)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    weight_decay = non_negative(weight_decay, "weight_decay")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append((name, p))
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class LOZO(ZerothOrder):
+    """Low-rank zeroth-order SGD (LOZO, arXiv 2410.07698), with momentum LOZO-M.
+
+    Matrices (ndim ≥ 2) are perturbed by ε·U·Vᵀ, U redrawn every step and V every `nu` steps;
+    vectors by full-rank ε·z. See the module docstring for the step, momentum, weight decay,
+    pipelining and failure handling.
+
+    Args:
+        params: an nn.Module, an iterable of tensors or (name, tensor) pairs, or param groups
+            (groups may set "lr" and "weight_decay"; see :func:`param_groups`).
+        lr: learning rate (> 0; schedulers may later set any value ≥ 0).
+        eps: perturbation scale ε (> 0).
+        rank: r of U·Vᵀ (≥ 1; clamped to min(m, n) per tensor).
+        nu: steps between V redraws (≥ 1).
+        momentum: β in [0, 1); > 0 gives LOZO-M.
+        weight_decay: default decay (≥ 0) for groups that do not set one.
+        seed: run seed, an integer in 0..2**64-1.
+        mode: "inplace" (the weights carry the perturbations) or "virtual" (the model's layers
+            apply them and the pending updates; see the module docstring and zofast.virtual).
+        pipeline: fuse the next step's perturbation into the update (call settle() before
+            evaluating or saving).
+        model: mode="virtual": the module whose forward the closure runs (default: `params`
+            when it is a module). Ignored in place.
+        virtual_indices: set by :func:`zofast.replay` from the trajectory (the flat indices
+            of the tensors a run kept virtual); an optimizer built with it and no model can
+            only replay. With a model it must match what the model gives.
+
+    Example:
+        >>> model = torch.nn.Linear(16, 4)
+        >>> opt = LOZO(param_groups(model, 0.0), lr=1e-3, rank=2, nu=50, seed=7)
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 4)
+        >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        >>> net = torch.nn.Linear(16, 4)
+        >>> opt = LOZO(net, lr=1e-3, mode="virtual")  # net.weight goes through the layer
+        >>> opt.virtual_names
+        ['weight']
+        >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
+        >>> opt.settle()  # before saving net.state_dict(): W += A·Vᵀ
+    """
+
+    method = "LOZO"
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        rank: int = 2,
+        nu: int = 50,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        mode: str = "inplace",
+        pipeline: bool = False,
+        model: torch.nn.Module | None = None,
+        virtual_indices: list[int] | None = None,
+    ):
+        momentum = real(momentum, "momentum")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        defaults = {
+            "lr": positive(lr, "lr"),
+            "weight_decay": non_negative(weight_decay, "weight_decay"),
+            "eps": positive(eps, "eps"),
+            "rank": count(rank, "rank"),
+            "nu": count(nu, "nu"),
+            "momentum": momentum,
+        }
+        if virtual_indices is not None:
+            items = virtual_indices if isinstance(virtual_indices, (list, tuple)) else [None]
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items):
+                raise ValueError(
+                    f"virtual_indices must be a list of integers, got {virtual_indices!r}"
+                )
+        super().__init__(
+            params,
+            defaults,
+            seed=seed,
+            mode=mode,
+            pipeline=pipeline,
+            lowrank=True,
+            model=model,
+            virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
+        )
+
+    def _hyperparameters(self) -> dict:
+        hyper = {
+            "eps": self._eps,
+            "rank": self._rank,
+            "nu": self._nu,
+            "momentum": self._beta,
+            "mode": self._mode,
+            "pipeline": self._pipeline,
+        }
+        if self._mode == "virtual":  # replay needs them: it has no model to find them in
+            hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
+        return hyper
+
+
+class MeZO(ZerothOrder):
+    """Memory-efficient zeroth-order SGD (MeZO, arXiv 2305.17333): full-rank Gaussian noise.
+
+    Args:
+        params: an nn.Module, an iterable of tensors or (name, tensor) pairs, or param groups.
+        lr: learning rate (> 0; schedulers may later set any value ≥ 0).
+        eps: perturbation scale ε (> 0).
+        weight_decay: default decay (≥ 0) for groups that do not set one.
+        seed: run seed, an integer in 0..2**64-1.
+        mode: "inplace" (MeZO's full-rank noise cannot go through the layers cheaply: no
+            "virtual" mode; ValueError).
+        pipeline: fuse the next step's perturbation into the update (call settle() before
+            evaluating or saving).
+
+    Example:
+        >>> model = torch.nn.Linear(16, 4)
+        >>> opt = MeZO(model, lr=1e-3, seed=1)
+        >>> x = torch.randn(32, 16)
+        >>> loss = opt.step(lambda: model(x).pow(2).mean())
+    """
+
+    method = "MeZO"
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        mode: str = "inplace",
+        pipeline: bool = False,
+    ):
+        defaults = {
+            "lr": positive(lr, "lr"),
+            "weight_decay": non_negative(weight_decay, "weight_decay"),
+            "eps": positive(eps, "eps"),
+        }
+        super().__init__(params, defaults, seed=seed, mode=mode, pipeline=pipeline, lowrank=False)
+
+    def _hyperparameters(self) -> dict:
+        return {"eps": self._eps, "mode": self._mode, "pipeline": self._pipeline}
+
+
+METHODS = {"LOZO": LOZO, "MeZO": MeZO}

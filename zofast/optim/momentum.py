@@ -1,0 +1,75 @@
+"""LOZO-M's momentum (``momentum`` = β > 0).
+
+Matrices keep N (m×r, float32), the left factor of the momentum N·Vᵀ; 1-D tensors keep a
+full-size float32 buffer m, as in the authors' code (g·U is the left factor of the estimate
+g·U·Vᵀ):
+
+* first step of the run: N = g·U (the authors' initialisation; same for m = g·z);
+* steps inside a V epoch: N ← β·N + (1 − β)·g·U;
+* V-refresh steps (step % nu == 0): N ← β·N·(V_oldᵀ·V_new)/n + (1 − β)·g·U, i.e. the old
+  momentum N·V_oldᵀ is projected onto the new subspace (V_newᵀ·V_new ≈ n·I for Gaussian V),
+  as in the authors' code (computed in float64, rounded once to float32);
+* update: W ← W − lr·N·Vᵀ (1-D: b ← b − lr·m), through ``outer_add_`` in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zofast.optim.noise import NoisePlan, Slot
+from zofast.perturb import outer_add_
+
+
+class Momentum:
+    """New buffers of a step (computed before any write) and the passes that apply them."""
+
+    def __init__(self, beta: float, noise: NoisePlan):
+        self.beta, self.noise = beta, noise
+
+    def buffers(self, slots: list[Slot], state, t: int, g: float):
+        """({index: new buffer}, {index: the direction tensors it used}) of every slot after
+        step t; FloatingPointError (nothing written) if a buffer is not finite."""
+        buffers, used = {}, {}
+        for slot in slots:
+            buffers[slot.index], used[slot.index] = self._step(slot, state, t, g)
+        if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
+            raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
+        return buffers, used
+
+    def _step(self, slot: Slot, state, t: int, g: float):
+        beta, nu = self.beta, self.noise.nu
+        old = state[slot.param].get("momentum_buffer")
+        if slot.rank:
+            U, V = self.noise.factors(slot, t)
+            if old is None:
+                new = U * g
+            elif t % nu == 0:
+                _, V_old = self.noise.factors(slot, t, t // nu - 1)
+                carry = (old.double() @ (V_old.double().T @ V.double())) * (beta / V.shape[0])
+                new = (carry + U.double() * ((1.0 - beta) * g)).float()
+            else:
+                new = torch.add(old * beta, U, alpha=(1.0 - beta) * g)
+            return new, (U, V)
+        z = self.noise.noise(slot, t)
+        new = z * g if old is None else torch.add(old * beta, z, alpha=(1.0 - beta) * g)
+        return new, (z,)
+
+    def apply(self, slot: Slot, used, buffer, restore: float, lr: float, eps: float, nxt):
+        """One pass over an in-place slot: W += restore·Z_t − lr·(momentum), + ε·Z_nxt where
+        nxt is not None (pipelined)."""
+        p = slot.param
+        if slot.rank:
+            U, V = used
+            left, right = [U * restore, buffer * -lr], [V, V]
+            if nxt is not None:
+                U2, V2 = self.noise.factors(slot, nxt)
+                left.append(U2 * eps)
+                right.append(V2)
+            outer_add_(p, torch.cat(left, 1), torch.cat(right, 1))
+            return
+        cols, scales = [used[0], buffer], [restore, -lr]
+        if nxt is not None:
+            cols.append(self.noise.noise(slot, nxt))
+            scales.append(eps)
+        right = torch.tensor([scales], dtype=torch.float32, device=p.device)
+        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)

@@ -1,0 +1,91 @@
+"""Which noise each trained tensor gets at each step: slots, seeds and materialised factors.
+
+Seeds come from ``zofast.rng.RunSeeds(seed)`` with tensor index = the tensor's position in the
+optimizer's flat parameter list (frozen tensors included, so freezing does not shift seeds).
+Low-rank slots: U_t from role "u" at index t, V from role "v" at index t // nu; full-rank slots:
+z_t from role "full" at index t; stochastic rounding of an update: role "round" at index t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zofast.perturb import gaussian_noise, lowrank_factors
+from zofast.rng import RunSeeds
+
+
+@dataclass
+class Slot:
+    """A trained tensor: its flat index (seeds), group, and how it is perturbed."""
+
+    index: int
+    param: torch.Tensor
+    group: int
+    shape: tuple
+    rank: int  # 0: full-rank noise
+    virtual: object | None = None  # a zofast.virtual.VirtualTensor: applied through the layers
+
+
+class NoisePlan:
+    """Seeds of one run (cached per (role, step)) and the factors they give.
+
+    Args:
+        run_seed: the run seed.
+        n_params: length of the optimizer's flat parameter list.
+        nu: steps per V epoch (LOZO; 1 for MeZO).
+    """
+
+    def __init__(self, run_seed: int, n_params: int, nu: int):
+        self.n_params, self.nu = n_params, nu
+        self.reseed(run_seed)
+
+    def reseed(self, run_seed: int) -> None:
+        """Derive every seed from `run_seed` from now on (a loaded optimizer state's)."""
+        self.run = RunSeeds(run_seed)
+        self._cache: dict = {}
+
+    def seeds(self, role: str, index: int) -> list[int]:
+        key = (role, index)
+        seeds = self._cache.get(key)
+        if seeds is None:
+            if len(self._cache) >= 32:
+                self._cache.clear()
+            seeds = self.run.seeds(index, self.n_params, role)
+            self._cache[key] = seeds
+        return seeds
+
+    def seed_array(self, role: str, index: int) -> np.ndarray:
+        """seeds() as a uint64 numpy array (cached alongside), for building pass tables."""
+        key = ("array", role, index)
+        seeds = self._cache.get(key)
+        if seeds is None:
+            seeds = np.array(self.seeds(role, index), dtype=np.uint64)
+            self._cache[key] = seeds
+        return seeds
+
+    def factors(self, slot: Slot, t: int, epoch: int | None = None):
+        """Materialised (U_t, V_epoch) of a low-rank slot (epoch defaults to t // nu)."""
+        epoch = t // self.nu if epoch is None else epoch
+        return lowrank_factors(
+            slot.shape,
+            self.seeds("u", t)[slot.index],
+            self.seeds("v", epoch)[slot.index],
+            slot.rank,
+            device=slot.param.device,
+        )
+
+    def noise(self, slot: Slot, t: int) -> torch.Tensor:
+        """Materialised full-rank z_t of a slot, flattened."""
+        seed = self.seeds("full", t)[slot.index]
+        return gaussian_noise((slot.param.numel(),), seed, device=slot.param.device)
+
+    def terms(self, slot: Slot, steps: list[int], scales: list[float]):
+        """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot."""
+        if slot.rank:
+            us = [self.seeds("u", s)[slot.index] for s in steps]
+            vs = [self.seeds("v", s // self.nu)[slot.index] for s in steps]
+            return us, vs, scales
+        return [self.seeds("full", s)[slot.index] for s in steps], None, scales

@@ -1,0 +1,182 @@
+"""LOZO's virtual part: matrices perturbed and updated through their layers (zofast.virtual).
+
+A trained matrix whose every use in the model is as the ``.weight`` of an ``nn.Linear``,
+transformers' GPT-2 ``Conv1D`` or an ``nn.Embedding`` is never written during a step: hooks add
+``(x·V)·(A + c·U_t)ᵀ`` (c = ±ε during the forwards, 0 otherwise). A (m×r, float32,
+``state[p]["virtual_factor"]``, on the V epoch ``state[p]["virtual_epoch"]``) holds the updates
+not yet written: A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N); at the end of a V-refresh step the old
+A goes into W in one pass, W += A·V_oldᵀ, and A restarts on the new V.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from zofast.optim.inplace import graphs_enabled
+from zofast.optim.noise import NoisePlan
+from zofast.virtual import VirtualLayers, VirtualTensor, plan
+
+
+class Virtual:
+    """The virtual slots of one optimizer and their hooks.
+
+    Args:
+        slots: every trained slot; the matrices the model applies through supported layers are
+            marked (``slot.virtual``) and kept.
+        noise: the run's seeds.
+        model: the module whose forward the closure runs; None for a replay-only optimizer.
+        request: the flat indices a recorded run kept virtual (replay), or None.
+        names: {id(param): name} for error messages.
+        owner: the optimizer (held weakly by the hooks' registry).
+    """
+
+    def __init__(self, slots, noise: NoisePlan, model, request, names, owner):
+        matrices = [s for s in slots if s.rank]
+        if model is not None:
+            layers = plan(model, [s.param for s in matrices])
+            chosen = {s.index: layers[id(s.param)] for s in matrices if id(s.param) in layers}
+            if request is not None and sorted(request) != sorted(chosen):
+                raise ValueError(
+                    f"virtual_indices {sorted(request)} do not match the tensors this model "
+                    f"applies through its layers: {sorted(chosen)}"
+                )
+        else:  # replay: the recorded indices, no hooks (no forward runs)
+            by_index = {s.index: s for s in matrices}
+            bad = [i for i in request if i not in by_index]
+            if bad:
+                raise ValueError(
+                    f"virtual_indices {bad[:5]} are not trained matrices of this optimizer"
+                )
+            chosen = {i: [] for i in request}
+        for slot in slots:
+            slot.virtual = None
+            if slot.index in chosen:
+                name = names.get(id(slot.param), f"parameter {slot.index}")
+                slot.virtual = VirtualTensor(
+                    slot.index, name, slot.param, slot.rank, chosen[slot.index]
+                )
+        self.slots = [s for s in slots if s.virtual is not None]
+        self.noise, self.model = noise, model
+        self.layers = VirtualLayers([s.virtual for s in self.slots], owner=owner)
+        # On one GPU each step's (U, V) of every virtual tensor come from one launch.
+        self._batched = graphs_enabled(self.slots)
+        self._directions = None
+        self.detached = False
+
+    def attach(self) -> None:
+        if self.model is not None:
+            self.layers.attach()
+
+    def check_decay(self, wds: list[float]) -> None:
+        for slot in self.slots:
+            if wds[slot.group]:
+                raise ValueError(
+                    f"weight_decay {wds[slot.group]} on {slot.virtual.name}, a tensor of "
+                    "mode='virtual': decay would need a full pass over it every step; use "
+                    "weight_decay=0 for the groups of virtual tensors (or mode='inplace')"
+                )
+
+    def check_step(self) -> None:
+        if self.detached:
+            raise ValueError(
+                "this virtual-mode optimizer was detached from its model: create a new one "
+                "(load_state_dict continues the run)"
+            )
+        if self.model is None:
+            raise ValueError(
+                "this virtual-mode optimizer was built without a model (for replay): it "
+                "cannot step; pass model=..."
+            )
+
+    def coef(self, t: int, c: float) -> None:
+        """The layers see W + A·V_Aᵀ + c·U_t·V_tᵀ (c = 0: no perturbation)."""
+        if not self.layers.attached:
+            return  # no hooks (replay): no forward runs, the factors are not needed
+        tensors = self.layers.tensors
+        if c and any(vt.step != t for vt in tensors):
+            for vt, (U, V) in zip(tensors, self._step_directions(t), strict=True):
+                vt.set_direction(t, t // self.noise.nu, U, V)
+        for vt in tensors:
+            vt.set_coef(c)
+
+    def _step_directions(self, t: int) -> list:
+        """(U_t, V) of every virtual tensor: one launch on a GPU (zofast.kernels.multi, bit for
+        bit lowrank_factors' numbers), one lowrank_factors call per tensor elsewhere."""
+        if not self._batched:
+            return [self.noise.factors(slot, t) for slot in self.slots]
+        from zofast.kernels.multi import MultiPass
+
+        if self._directions is None:
+            params, ranks = [s.param for s in self.slots], [s.rank for s in self.slots]
+            self._directions = MultiPass(params, ranks, 1, factors_only=True)
+        index = np.array([s.index for s in self.slots])
+        nu = self.noise.nu
+        table = np.stack(
+            [self.noise.seed_array("u", t)[index], self.noise.seed_array("v", t // nu)[index]], 1
+        )
+        device = self.slots[0].param.device
+        seeds = torch.from_numpy(table.view(np.int64)).pin_memory().to(device, non_blocking=True)
+        ones = torch.ones(len(self.slots), 1, device=device)
+        return self._directions.factors(seeds, ones)
+
+    def updates(self, t, g, lrs, buffers, used) -> list[tuple]:
+        """Every virtual tensor's new pending factor after step t, computed before any write:
+        A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N), where A is on V_t; a fresh A (−lr·g·U_t) on a
+        V refresh, the old one then being folded into W by :meth:`commit`."""
+        out = []
+        epoch = t // self.noise.nu
+        for slot in self.slots:
+            vt, lr = slot.virtual, lrs[slot.group]
+            if slot.index in used:
+                U, V = used[slot.index]
+            elif vt.step == t:
+                U, V = vt.U, vt.V
+            else:
+                U, V = self.noise.factors(slot, t)
+            delta = buffers[slot.index] * -lr if buffers else U * (-lr * g)
+            same = vt.epoch == epoch
+            out.append((slot, torch.add(vt.A, delta) if same else delta, epoch, V))
+        return out
+
+    def commit(self, pending: list[tuple], state) -> None:
+        """Install :meth:`updates`' factors (on a V refresh the old A goes into W first)."""
+        for slot, A, epoch, V in pending:
+            vt = slot.virtual
+            if vt.epoch is not None and vt.epoch != epoch:
+                vt.flush()
+            vt.set_coef(0.0)
+            vt.set_pending(A, epoch, V)
+            state[slot.param]["virtual_factor"] = A
+            state[slot.param]["virtual_epoch"] = epoch
+
+    @property
+    def unflushed(self) -> bool:
+        return any(slot.virtual.epoch is not None for slot in self.slots)
+
+    def settle(self, state) -> None:
+        """W += A·V_Aᵀ for every tensor with a pending A (one pass each), then A = 0."""
+        for slot in self.slots:
+            vt = slot.virtual
+            if vt.epoch is not None:
+                vt.flush()
+                state[vt.param].pop("virtual_factor", None)
+                state[vt.param].pop("virtual_epoch", None)
+
+    def detach(self) -> None:
+        if self.layers.attached:
+            self.layers.remove_hooks()
+            self.detached = True
+
+    def load(self, state) -> None:
+        """Rebuild the pending factors from a loaded optimizer state."""
+        for slot in self.slots:
+            vt, entry = slot.virtual, state[slot.param]
+            vt.set_coef(0.0)
+            vt.set_direction(None, None, None, None)
+            if "virtual_factor" in entry:
+                epoch = int(entry["virtual_epoch"])
+                V = self.noise.factors(slot, epoch * self.noise.nu, epoch)[1]
+                vt.set_pending(entry["virtual_factor"], epoch, V)
+            else:
+                vt.set_pending(None, None, None)
