@@ -135,7 +135,7 @@ def test_optimizer_graphed_passes_equal_eager_passes(method, pipeline):
         cls, extra = (LOZO, {"rank": 2, "nu": 3}) if method == "lozo" else (MeZO, {})
         opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **extra)
         if not graphs:
-            opt._inplace.graphs = None
+            opt._inplace.passes.graphs = None
         for i in range(7):
             calls = []
 
@@ -151,8 +151,8 @@ def test_optimizer_graphed_passes_equal_eager_passes(method, pipeline):
         return [p.detach().clone() for p in model.parameters()], opt
 
     graphed, opt = run(True)
-    assert opt._inplace.graphs, "no graph was used"
-    queued = "losses" in opt._inplace.host_buffers
+    assert opt._inplace.passes.graphs, "no graph was used"
+    queued = "losses" in opt._inplace.passes.host_buffers
     assert queued, "the last pass was never queued behind the forward"
     eager, _ = run(False)
     for a, b in zip(graphed, eager, strict=True):
@@ -190,7 +190,8 @@ def test_virtual_mode_same_iterates_as_inplace_on_gpu(momentum):
             losses.append(opt.last_losses)
         opt.settle()
         if mode == "virtual":
-            assert opt.virtual_names and opt._inplace.graphs, "virtual tensors and a graphed pass"
+            graphed = opt._inplace.passes.graphs
+            assert opt.virtual_names and graphed, "virtual tensors and a graphed pass"
             opt.detach()
         runs.append((torch.tensor(losses, dtype=torch.float64), list(model.parameters())))
     (loss_in, w_in), (loss_v, w_v) = runs

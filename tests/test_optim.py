@@ -431,7 +431,7 @@ def test_failing_closure_restores_weights(kind, stage, cls, kwargs, pipeline):
 def test_failing_closure_restores_low_precision_weights(dtype, stage):
     model = small_model(dtype)
     snap = snapshot(model)
-    opt = LOZO(model.parameters(), lr=1e-3, rank=2, seed=8)
+    opt = LOZO(model.parameters(), lr=1e-3, rank=2, seed=8, mode="inplace", rounding="nearest")
     with pytest.raises(ZeroDivisionError):
         opt.step(failing_closure("exception", stage))
     assert_restored(model, snap, restore_bound(model, 8, 1e-3, dtype, 2, stage))
@@ -529,7 +529,7 @@ def train(model, opt, sched, start, stop):
 )
 def test_state_dict_resume_is_bit_identical(cls, kwargs, dtype, tmp_path):
     model = small_model(dtype)
-    opt = cls(param_groups(model, 0.1), lr=1e-2, seed=9, **kwargs)
+    opt = cls(param_groups(model, 0.1), lr=1e-2, seed=9, model=model, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     train(model, opt, sched, 0, 6)
     torch.save(
@@ -543,7 +543,7 @@ def test_state_dict_resume_is_bit_identical(cls, kwargs, dtype, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model_b = small_model(dtype)
     model_b.load_state_dict(ckpt["model"])
-    opt_b = cls(param_groups(model_b, 0.1), lr=1e-2, seed=123, **kwargs)
+    opt_b = cls(param_groups(model_b, 0.1), lr=1e-2, seed=123, model=model_b, **kwargs)
     sched_b = torch.optim.lr_scheduler.StepLR(opt_b, step_size=3, gamma=0.5)
     opt_b.load_state_dict(ckpt["opt"])
     sched_b.load_state_dict(ckpt["sched"])
@@ -681,8 +681,9 @@ class _RecordingGraph:
 
 
 def _stand_ins(make) -> dict:
-    """Graph stand-ins for every (term count, v_split) an optimizer's passes use."""
-    return {(n, split): make(split) for n in (1, 2, 3) for split in range(n)}
+    """Graph stand-ins for every (term count, v_split) an optimizer's in-place passes use
+    (rounded to nearest, no weight scale)."""
+    return {(n, split, False, False): make(split) for n in (1, 2, 3) for split in range(n)}
 
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
@@ -693,11 +694,11 @@ def test_graphed_pass_tables_equal_the_per_tensor_terms(method):
     groups = param_groups(model, 0.1)
     opt = LOZO(groups, lr=1e-3, rank=2, nu=4) if method == "lozo" else MeZO(groups, lr=1e-3)
     tables = []
-    opt._inplace.graphs = _stand_ins(lambda split: _RecordingGraph(tables, split))
+    opt._inplace.passes.graphs = _stand_ins(lambda split: _RecordingGraph(tables, split))
     # Steps 5, 5, 6 share V (nu = 4); 7, 7, 8 are a V-refresh step's (two V's for LOZO).
     for steps in ([5, 5, 6], [7, 7, 8]):
         group_scales = [[0.5, -0.25, 0.125], [1.0, 2.0, 3.0]]
-        opt._inplace.run_pass(steps, group_scales)
+        opt._inplace.passes.run(steps, group_scales)
         split, seeds, scales = tables[-1]
         assert split == (2 if method == "lozo" and steps[0] == 7 else 0)
         assert seeds.dtype == np.uint64 and scales.dtype == np.float32
@@ -744,10 +745,13 @@ def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
         model = small_model(dtype)
         kwargs = {"rank": 2, "nu": 3} if method == "lozo" else {}
         cls = LOZO if method == "lozo" else MeZO
-        opt = cls(model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, **kwargs)
+        opt = cls(
+            model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, mode="inplace", rounding="nearest",
+            **kwargs,
+        )  # fmt: skip
         if queued:
             counts = {"edits": 0, "split": 0, "one v": 0}
-            opt._inplace.graphs = _stand_ins(
+            opt._inplace.passes.graphs = _stand_ins(
                 lambda split, opt=opt, counts=counts: _EagerGraph(opt, counts, split)
             )
         pair.append((model, opt))

@@ -69,12 +69,24 @@ def fails_second_call(closure):
     return broken
 
 
-def run(method, dtype, pipeline, steps=30, model=None):
+# How a run applies its perturbations: in place (rounding to nearest, as before stochastic
+# rounding existed), in place pipelined, or the default (exact for bf16: shadow mode).
+SETTINGS = {
+    "inplace": {"mode": "inplace", "rounding": "nearest"},
+    "pipelined": {"mode": "inplace", "rounding": "nearest", "pipeline": True},
+    "default": {},
+}
+
+
+def run(method, dtype, setting, steps=30, model=None):
     """Train with a scheduler, weight decay, one aborted step at each stage and (pipelined) a
     mid-run settle(), like a real run with evaluations."""
     model = model if model is not None else make_net(dtype)
     cls, kwargs = METHODS[method]
-    opt = cls(param_groups(model, 0.1), lr=5e-3, seed=31, pipeline=pipeline, **kwargs)
+    extra = dict(SETTINGS[setting])
+    if setting == "default":
+        extra["model"] = model
+    opt = cls(param_groups(model, 0.1), lr=5e-3, seed=31, **extra, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
     for k in range(steps):
         tokens, labels = batch(k)
@@ -99,9 +111,9 @@ def assert_same(a: torch.nn.Module, b: torch.nn.Module):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_replay_is_bit_identical(method, dtype, pipeline, tmp_path):
-    model, opt = run(method, dtype, pipeline)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_replay_is_bit_identical(method, dtype, setting, tmp_path):
+    model, opt = run(method, dtype, setting)
     opt.settle()
     events = opt.trajectory.events
     assert events.count("step") == 30 and "abort-" in events and "abort+" in events
@@ -123,7 +135,7 @@ def test_replay_is_bit_identical(method, dtype, pipeline, tmp_path):
 
 
 def test_replay_without_settle_reproduces_the_unsettled_weights():
-    model, opt = run("LOZO", torch.float32, pipeline=True, steps=12)
+    model, opt = run("LOZO", torch.float32, "pipelined", steps=12)
     assert opt.pending
     base = make_net()
     replay(base, opt.trajectory, settle=False)
@@ -131,7 +143,7 @@ def test_replay_without_settle_reproduces_the_unsettled_weights():
 
 
 def test_replay_of_a_resumed_run(tmp_path):
-    model, opt = run("LOZO-M", torch.float32, pipeline=True, steps=12)
+    model, opt = run("LOZO-M", torch.float32, "pipelined", steps=12)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     resumed = make_net()
@@ -166,7 +178,7 @@ def test_replay_with_a_parameter_list_and_frozen_inference_copy():
 
 
 def test_replay_refuses_a_mismatched_model():
-    model, opt = run("LOZO", torch.float32, pipeline=False, steps=3)
+    model, opt = run("LOZO", torch.float32, "inplace", steps=3)
     traj = opt.trajectory
     with pytest.raises(ValueError, match="base weights"):
         replay(model, traj)  # the fine-tuned model is not the base
@@ -186,7 +198,7 @@ def test_replay_refuses_a_mismatched_model():
 
 
 def test_trajectory_records_what_replay_needs():
-    model, opt = run("LOZO-M", torch.float32, pipeline=False, steps=8)
+    model, opt = run("LOZO-M", torch.float32, "inplace", steps=8)
     traj = opt.trajectory
     assert traj.method == "LOZO" and traj.run_seed == 31
     assert traj.hyperparameters == {
@@ -195,6 +207,7 @@ def test_trajectory_records_what_replay_needs():
         "nu": 4,
         "momentum": 0.8,
         "mode": "inplace",
+        "rounding": "nearest",
         "pipeline": False,
     }
     assert traj.g.dtype == np.float32 and traj.g.shape == (8,)
@@ -233,7 +246,7 @@ def test_twenty_thousand_steps_fit_in_one_megabyte(tmp_path):
 
 
 def test_files_are_json_and_malformed_ones_are_refused(tmp_path):
-    _, opt = run("MeZO", torch.float32, pipeline=False, steps=3)
+    _, opt = run("MeZO", torch.float32, "inplace", steps=3)
     path = tmp_path / "t.json"
     opt.trajectory.save(path)
     data = json.loads(path.read_text())  # plain JSON, no pickle

@@ -102,8 +102,10 @@ def replay(model_or_params, trajectory, *, settle: bool = True):
         for t, entry in zip(tensors, trajectory.params, strict=True):
             t.requires_grad_(entry["trained"])
         try:
+            # Runs recorded before stochastic rounding existed rounded to nearest.
+            hyperparameters = {"rounding": "nearest", **trajectory.hyperparameters}
             opt = METHODS[trajectory.method](
-                groups, lr=1.0, seed=trajectory.run_seed, **trajectory.hyperparameters
+                groups, lr=1.0, seed=trajectory.run_seed, **hyperparameters
             )
         except TypeError as error:
             raise ValueError(f"malformed trajectory hyperparameters: {error}") from None

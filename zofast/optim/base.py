@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -29,13 +30,32 @@ from zofast.optim.checks import (
 from zofast.optim.inplace import InPlace
 from zofast.optim.momentum import Momentum
 from zofast.optim.noise import NoisePlan, Slot
+from zofast.optim.shadow import Shadow
 from zofast.optim.virtual import Virtual
 from zofast.perturb import check_weight, matrix_shape
 from zofast.rng import as_seed
 from zofast.trajectory import ABORT_MINUS, ABORT_PLUS, SETTLE, STEP, Trajectory, param_fingerprint
 
-MODES = ("inplace", "virtual")
+MODES = ("auto", "inplace", "shadow", "virtual")
+ROUNDINGS = ("auto", "nearest", "stochastic")
 GROUP_KEYS = ("lr", "weight_decay")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_warned_inplace = False
+
+
+def _warn_inplace() -> None:
+    """Once per process: in-place perturbation of bf16 / fp16 weights does not train well."""
+    global _warned_inplace
+    if not _warned_inplace:
+        _warned_inplace = True
+        warnings.warn(
+            "mode='inplace' on bfloat16 / float16 weights: every perturbation pass rounds the "
+            "weights and the roundings random-walk (12.8 % relative drift after 1,000 steps at "
+            "lr = 0 in bf16, bench/precision.py drift), larger than the updates at usual "
+            "learning rates; mode='auto' (the default) applies the perturbation exactly",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _loss_scalar(loss):
@@ -83,6 +103,7 @@ class ZerothOrder(torch.optim.Optimizer):
         *,
         seed,
         mode,
+        rounding,
         pipeline,
         lowrank: bool,
         model=None,
@@ -94,6 +115,8 @@ class ZerothOrder(torch.optim.Optimizer):
             raise ValueError(str(error)) from None
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if not isinstance(pipeline, bool):
             raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -101,26 +124,21 @@ class ZerothOrder(torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = list(params.named_parameters())
-        if mode == "virtual":
-            if not lowrank:
-                raise ValueError(
-                    "mode='virtual' is LOZO's: full-rank noise cannot be applied through the "
-                    "layers cheaply; use mode='inplace'"
-                )
-            if model is None and virtual_indices is None:
-                raise ValueError(
-                    "mode='virtual' needs the model whose layers apply the perturbation: pass "
-                    "model=... (or the model itself as params)"
-                )
-        elif virtual_indices is not None:
+        if mode == "virtual" and not lowrank:
+            raise ValueError(
+                "mode='virtual' is LOZO's: full-rank noise cannot be applied through the "
+                "layers cheaply; use mode='shadow' (exact) or mode='inplace'"
+            )
+        if virtual_indices is not None and mode != "virtual":
             raise ValueError("virtual_indices is for mode='virtual' only")
         self._ready = False
         self._lowrank = lowrank
-        self._mode = mode
-        self._model = model if mode == "virtual" else None
         self._virtual_request = None if virtual_indices is None else list(virtual_indices)
         self._virtual: Virtual | None = None
+        self._shadow: Shadow | None = None
         super().__init__(params, defaults)
+        self._mode, self._rounding = self._resolve(mode, rounding, pipeline, model)
+        self._model = model if self._mode in ("virtual", "shadow") else None
         self._eps = defaults["eps"]
         self._rank = defaults.get("rank", 0)
         self._nu = defaults.get("nu", 1)
@@ -133,6 +151,41 @@ class ZerothOrder(torch.optim.Optimizer):
         self._build_slots()
         self.trajectory = self._new_trajectory()
         self._ready = True
+
+    def _resolve(self, mode: str, rounding: str, pipeline: bool, model) -> tuple[str, str]:
+        """The mode and rounding that "auto" stands for with these weights (see the docstring):
+        an exact mode and stochastic rounding for bf16 / fp16, in place and nearest for float32."""
+        trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        low = any(p.dtype in LOW_PRECISION for p in trained)
+        if mode == "auto":
+            if low and pipeline:
+                raise ValueError(
+                    "pipeline=True keeps a perturbation in the stored weights, which bf16 / fp16 "
+                    "weights cannot hold exactly: drop pipeline=True (the default exact mode "
+                    "writes the weights once per step), or pass mode='inplace'"
+                )
+            if low and model is None:
+                raise ValueError(
+                    "bf16 / fp16 weights need an exact mode, which applies the perturbation "
+                    "through the model's forward: pass the model (LOZO(model, ...) or "
+                    "model=model), or mode='inplace' to accept the rounding drift"
+                )
+            mode = "shadow" if low else "inplace"
+        if mode == "virtual" and model is None and self._virtual_request is None:
+            raise ValueError(
+                "mode='virtual' needs the model whose layers apply the perturbation: pass "
+                "model=... (or the model itself as params)"
+            )
+        if mode == "shadow" and pipeline:
+            raise ValueError(
+                "pipeline=True is for mode='inplace': mode='shadow' never leaves a perturbation "
+                "in the stored weights, so there is nothing to fuse"
+            )
+        if mode == "inplace" and low:
+            _warn_inplace()
+        if rounding == "auto":
+            rounding = "stochastic" if low else "nearest"
+        return mode, rounding
 
     # Setup and validation.
 
@@ -218,14 +271,21 @@ class ZerothOrder(torch.optim.Optimizer):
                 owner=self,
             )
             virtual.check_decay([g["weight_decay"] for g in self.param_groups])
-        if self._virtual is not None:  # add_param_group before the first step: plan anew
-            self._virtual.layers.remove_hooks()
+        stochastic = self._rounding == "stochastic"
+        shadow = None
+        if self._mode == "shadow":
+            shadow = Shadow(slots, self._noise, self._model, self._names(), stochastic, self)
+        for part in (self._virtual, self._shadow):  # add_param_group before the first step
+            if part is not None:
+                part.layers.remove_hooks()
         self._slots = slots
-        self._inplace = InPlace([s for s in slots if s.virtual is None], self._noise)
+        in_place = [] if shadow is not None else [s for s in slots if s.virtual is None]
+        self._inplace = InPlace(in_place, self._noise, stochastic)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
-        if virtual is not None:
-            virtual.attach()
-        self._virtual = virtual
+        for part in (virtual, shadow):
+            if part is not None:
+                part.attach()
+        self._virtual, self._shadow = virtual, shadow
 
     def _check(self) -> tuple[list[float], list[float]]:
         """Validate everything a step needs before any write; return each group's lr and wd."""
@@ -255,6 +315,8 @@ class ZerothOrder(torch.optim.Optimizer):
         if self._virtual is not None:
             self._virtual.check_decay(wds)
             self._virtual.check_step()
+        if self._shadow is not None:
+            self._shadow.check_step()
         return lrs, wds
 
     def _fingerprint(self) -> None:
@@ -273,8 +335,10 @@ class ZerothOrder(torch.optim.Optimizer):
         self._inplace.shift(t, scale, len(self.param_groups))
 
     def _coef(self, t: int, c: float) -> None:
-        if self._virtual is not None:
-            self._virtual.coef(t, c)
+        """Virtual and shadow tensors: the forwards see W + c·Z_t (nothing is written)."""
+        for part in (self._virtual, self._shadow):
+            if part is not None:
+                part.coef(t, c)
 
     def _begin(self, t: int) -> None:
         if self._pending is None:
@@ -306,6 +370,8 @@ class ZerothOrder(torch.optim.Optimizer):
             self._virtual.check_decay(wds)
             pending = self._virtual.updates(t, g, lrs, buffers, used)
         self._inplace.finish(t, g, lrs, wds, self._eps, nxt, self._momentum, buffers, used)
+        if self._shadow is not None:
+            self._shadow.finish(t, g, lrs, wds, self._momentum, buffers, used)
         if self._virtual is not None:
             self._virtual.commit(pending, self.state)
         for slot in self._slots:
@@ -319,13 +385,16 @@ class ZerothOrder(torch.optim.Optimizer):
         self._pending = t + 1 if self._pipeline else None
 
     def _finish_queued(self, t: int, loss_plus, loss_minus, lrs, wds):
-        """The in-place part's queued finish where it applies (no momentum, virtual tensors or
-        weight decay; see InPlace.finish_queued); None otherwise. Records the step, or an abort
-        when g or an update is not finite."""
+        """The queued finish of the in-place or the shadow part where it applies (no momentum,
+        virtual tensors or weight decay; see Passes.queued); None otherwise. Records the step,
+        or an abort when g or an update is not finite."""
         if self._momentum is not None or self._virtual is not None or any(wds):
             return None
-        nxt = t + 1 if self._pipeline else None
-        read = self._inplace.finish_queued(t, loss_plus, loss_minus, lrs, self._eps, nxt)
+        if self._shadow is not None:
+            read = self._shadow.finish_queued(t, loss_plus, loss_minus, lrs, self._eps)
+        else:
+            nxt = t + 1 if self._pipeline else None
+            read = self._inplace.finish_queued(t, loss_plus, loss_minus, lrs, self._eps, nxt)
         if read is None:
             return None
         loss_plus, loss_minus = read
@@ -376,10 +445,7 @@ class ZerothOrder(torch.optim.Optimizer):
             loss_plus = _loss_scalar(closure())
             # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
             # passes may take as it is (the queued finish).
-            if not (
-                isinstance(loss_plus, torch.Tensor)
-                and (loss_plus.is_cuda or self._inplace.graphs is not None)
-            ):
+            if not (isinstance(loss_plus, torch.Tensor) and (loss_plus.is_cuda or self._graphed)):
                 loss_plus = _loss_value(loss_plus, t, "+")
             with deferred_interrupts():
                 self._minus(t)
@@ -411,8 +477,16 @@ class ZerothOrder(torch.optim.Optimizer):
                 with deferred_interrupts():
                     self._abort(t, stage)
             raise
+        if self._shadow is not None:
+            self._shadow.warn_unused()
         self.last_losses = (loss_plus, loss_minus)
         return 0.5 * (loss_plus + loss_minus)
+
+    @property
+    def _graphed(self) -> bool:
+        """Whether the step's last pass is a CUDA graph (which may take a loss tensor as is)."""
+        part = self._shadow if self._shadow is not None else self._inplace
+        return part.passes.graphs is not None
 
     @torch.no_grad()
     def settle(self) -> None:
@@ -446,7 +520,7 @@ class ZerothOrder(torch.optim.Optimizer):
 
     @torch.no_grad()
     def detach(self) -> None:
-        """mode="virtual": settle(), then remove the forward hooks from the model's layers.
+        """Virtual and shadow modes: settle(), then remove the forward hooks from the model.
 
         After this the model is a plain model holding the trained weights, and this optimizer
         cannot step any more (a new one can continue the run through load_state_dict). In place
@@ -459,8 +533,25 @@ class ZerothOrder(torch.optim.Optimizer):
             >>> opt.detach()  # model.weight holds the weights after step 1; no hooks left
         """
         self.settle()
-        if self._virtual is not None:
-            self._virtual.detach()
+        for part in (self._virtual, self._shadow):
+            if part is not None:
+                part.detach()
+
+    @property
+    def mode(self) -> str:
+        """The mode in use: "inplace", "shadow" or "virtual" ("auto" resolved)."""
+        return self._mode
+
+    @property
+    def rounding(self) -> str:
+        """How update passes round to the weights' dtype: "nearest" or "stochastic"."""
+        return self._rounding
+
+    @property
+    def exact(self) -> bool:
+        """Whether the stored weights are written by updates only (never by a perturbation):
+        shadow mode, or virtual mode where every trained tensor goes through the layers."""
+        return self._mode == "shadow" or (self._mode == "virtual" and not self._inplace.slots)
 
     @property
     def pending(self) -> bool:

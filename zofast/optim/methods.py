@@ -64,12 +64,18 @@ class LOZO(ZerothOrder):
         momentum: β in [0, 1); > 0 gives LOZO-M.
         weight_decay: default decay (≥ 0) for groups that do not set one.
         seed: run seed, an integer in 0..2**64-1.
-        mode: "inplace" (the weights carry the perturbations) or "virtual" (the model's layers
-            apply them and the pending updates; see the module docstring and zofast.virtual).
+        mode: "auto" (default: "shadow" for bf16 / fp16 weights, "inplace" for float32),
+            "inplace" (the weights carry the perturbations), "shadow" (exact: the forwards see
+            perturbed temporaries, the stored weights are written by updates only; see
+            zofast.optim.shadow) or "virtual" (the model's layers apply the perturbations and
+            the pending updates; see zofast.optim.virtual).
+        rounding: "auto" (default: "stochastic" for bf16 / fp16 weights), "nearest" or
+            "stochastic": how the passes that write an update round to the weights' dtype
+            (stochastic: seeded, reproducible, unbiased).
         pipeline: fuse the next step's perturbation into the update (call settle() before
             evaluating or saving).
-        model: mode="virtual": the module whose forward the closure runs (default: `params`
-            when it is a module). Ignored in place.
+        model: shadow and virtual modes: the module whose forward the closure runs (default:
+            `params` when it is a module). Ignored in place.
         virtual_indices: set by :func:`zofast.replay` from the trajectory (the flat indices
             of the tensors a run kept virtual); an optimizer built with it and no model can
             only replay. With a model it must match what the model gives.
@@ -99,7 +105,8 @@ class LOZO(ZerothOrder):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         seed: int = 0,
-        mode: str = "inplace",
+        mode: str = "auto",
+        rounding: str = "auto",
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
         virtual_indices: list[int] | None = None,
@@ -126,6 +133,7 @@ class LOZO(ZerothOrder):
             defaults,
             seed=seed,
             mode=mode,
+            rounding=rounding,
             pipeline=pipeline,
             lowrank=True,
             model=model,
@@ -139,6 +147,7 @@ class LOZO(ZerothOrder):
             "nu": self._nu,
             "momentum": self._beta,
             "mode": self._mode,
+            "rounding": self._rounding,
             "pipeline": self._pipeline,
         }
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
@@ -155,10 +164,13 @@ class MeZO(ZerothOrder):
         eps: perturbation scale ε (> 0).
         weight_decay: default decay (≥ 0) for groups that do not set one.
         seed: run seed, an integer in 0..2**64-1.
-        mode: "inplace" (MeZO's full-rank noise cannot go through the layers cheaply: no
-            "virtual" mode; ValueError).
-        pipeline: fuse the next step's perturbation into the update (call settle() before
-            evaluating or saving).
+        mode: "auto" (default: "shadow" for bf16 / fp16 weights, "inplace" for float32),
+            "inplace" or "shadow" (see LOZO; MeZO's full-rank noise has no "virtual" mode).
+        rounding: "auto", "nearest" or "stochastic" (see LOZO).
+        pipeline: fuse the next step's perturbation into the update (in place only; call
+            settle() before evaluating or saving).
+        model: shadow mode: the module whose forward the closure runs (default: `params` when
+            it is a module).
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -176,18 +188,34 @@ class MeZO(ZerothOrder):
         eps: float = 1e-3,
         weight_decay: float = 0.0,
         seed: int = 0,
-        mode: str = "inplace",
+        mode: str = "auto",
+        rounding: str = "auto",
         pipeline: bool = False,
+        model: torch.nn.Module | None = None,
     ):
         defaults = {
             "lr": positive(lr, "lr"),
             "weight_decay": non_negative(weight_decay, "weight_decay"),
             "eps": positive(eps, "eps"),
         }
-        super().__init__(params, defaults, seed=seed, mode=mode, pipeline=pipeline, lowrank=False)
+        super().__init__(
+            params,
+            defaults,
+            seed=seed,
+            mode=mode,
+            rounding=rounding,
+            pipeline=pipeline,
+            lowrank=False,
+            model=model,
+        )
 
     def _hyperparameters(self) -> dict:
-        return {"eps": self._eps, "mode": self._mode, "pipeline": self._pipeline}
+        return {
+            "eps": self._eps,
+            "mode": self._mode,
+            "rounding": self._rounding,
+            "pipeline": self._pipeline,
+        }
 
 
 METHODS = {"LOZO": LOZO, "MeZO": MeZO}

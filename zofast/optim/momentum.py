@@ -54,22 +54,30 @@ class Momentum:
         new = z * g if old is None else torch.add(old * beta, z, alpha=(1.0 - beta) * g)
         return new, (z,)
 
-    def apply(self, slot: Slot, used, buffer, restore: float, lr: float, eps: float, nxt):
-        """One pass over an in-place slot: W += restore·Z_t − lr·(momentum), + ε·Z_nxt where
-        nxt is not None (pipelined)."""
-        p = slot.param
+    def apply(self, slot, used, buffer, restore, lr, eps, nxt, round_seed=None, w_scale=1.0):
+        """One pass over a slot: W ← w_scale·W + restore·Z_t − lr·(momentum), + ε·Z_nxt where
+        nxt is not None (pipelined), rounded stochastically with `round_seed` where given."""
+        p, extra = slot.param, {}
+        if round_seed is not None:
+            extra["round_seed"] = round_seed
+        if w_scale != 1.0:
+            extra["w_scale"] = w_scale
         if slot.rank:
             U, V = used
-            left, right = [U * restore, buffer * -lr], [V, V]
+            left, right = [buffer * -lr], [V]
+            if restore:  # in place; exact modes write the update alone
+                left, right = [U * restore, *left], [V, V]
             if nxt is not None:
                 U2, V2 = self.noise.factors(slot, nxt)
                 left.append(U2 * eps)
                 right.append(V2)
-            outer_add_(p, torch.cat(left, 1), torch.cat(right, 1))
+            outer_add_(p, torch.cat(left, 1), torch.cat(right, 1), **extra)
             return
-        cols, scales = [used[0], buffer], [restore, -lr]
+        cols, scales = [buffer], [-lr]
+        if restore:
+            cols, scales = [used[0], *cols], [restore, *scales]
         if nxt is not None:
             cols.append(self.noise.noise(slot, nxt))
             scales.append(eps)
         right = torch.tensor([scales], dtype=torch.float32, device=p.device)
-        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right)
+        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, **extra)

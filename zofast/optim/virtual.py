@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zofast.optim.inplace import graphs_enabled
 from zofast.optim.noise import NoisePlan
+from zofast.optim.passes import graphs_enabled
 from zofast.virtual import VirtualLayers, VirtualTensor, plan
 
 

@@ -1,0 +1,126 @@
+"""The shadow part: an exact mode for every optimizer and every trained tensor.
+
+The forwards see W + c·Z through zofast.shadow's hooks (a perturbed temporary built just before
+its module runs, or the looked-up rows of an embedding, or a tied head's extra product), with
+c = +ε in the first forward, −ε in the second and 0 otherwise; the stored weights are written by
+the update alone: one pass per step, ``W ← (1 − lr·wd)·W − lr·g·Z_t`` (LOZO-M: ``− lr·N·Vᵀ``),
+rounded stochastically by default for bf16 / fp16 (``rounding``). A failing step writes nothing,
+so the weights stay bit-identical; at lr = 0 they never move.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from zofast.optim.noise import NoisePlan, Slot
+from zofast.optim.passes import Passes
+from zofast.shadow import ShadowLayers, ShadowTensor, plan
+
+
+class Shadow:
+    """The shadow slots of one optimizer, their hooks and their update pass.
+
+    Args:
+        slots: the slots (every trained tensor).
+        noise: the run's seeds.
+        model: the module whose forward the closure runs; None for a replay-only optimizer.
+        names: {id(param): name}.
+        stochastic: round the update pass stochastically.
+        owner: the optimizer (held weakly by the hooks' registry).
+    """
+
+    def __init__(self, slots, noise: NoisePlan, model, names, stochastic: bool, owner):
+        self.slots, self.noise, self.model = slots, noise, model
+        self.passes = Passes(slots, noise)
+        self.stochastic = stochastic
+        tensors = [
+            ShadowTensor(s.index, names.get(id(s.param), f"parameter {s.index}"), s.param, s.rank)
+            for s in slots
+        ]
+        self.layers = ShadowLayers(plan(model, tensors) if model is not None else tensors, owner)
+        self.detached = False
+        self._checked_usage = False
+
+    def attach(self) -> None:
+        if self.model is not None:
+            self.layers.attach()
+
+    def check_step(self) -> None:
+        if self.detached:
+            raise ValueError(
+                "this shadow-mode optimizer was detached from its model: create a new one "
+                "(load_state_dict continues the run)"
+            )
+        if self.model is None:
+            raise ValueError(
+                "this shadow-mode optimizer was built without a model (for replay): it cannot "
+                "step; pass the model (or model=...)"
+            )
+
+    def coef(self, t: int, c: float) -> None:
+        """The forwards see W + c·Z_t (c = 0: the stored W, no work)."""
+        if not self.layers.attached:
+            return  # replay: no forward runs
+        if c == 0.0:
+            self.layers.restore()  # a forward cut short by an interrupt may have left one
+        for st, slot in zip(self.layers.tensors, self.slots, strict=True):
+            if c and st.step != t:
+                role = ("u", "v") if slot.rank else ("full",)
+                seeds = [self.noise.seeds(r, t // self.noise.nu if r == "v" else t) for r in role]
+                st.set_direction(t, tuple(s[slot.index] for s in seeds))
+            st.set_coef(c)
+
+    def warn_unused(self) -> None:
+        """After the first step: name the trained tensors that no forward perturbed (a weight
+        read outside its module's forward sees the stored W, so its estimate is noise)."""
+        if self._checked_usage or not self.layers.attached:
+            return
+        self._checked_usage = True
+        unused = [st.name for st in self.layers.tensors if not st.used]
+        if unused:
+            warnings.warn(
+                f"mode='shadow': no forward of the first step used {unused[:5]}"
+                f"{' and more' if len(unused) > 5 else ''} through its module; a tensor the model "
+                "reads outside its module's forward is not perturbed (its update is noise). "
+                "Freeze unused tensors, or use mode='inplace' for such a model",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def round_seed(self, slot: Slot, t: int):
+        return self.noise.seeds("round", t)[slot.index] if self.stochastic else None
+
+    def _round(self, t: int) -> dict:
+        return {"round_index": t} if self.stochastic else {}
+
+    def finish(self, t, g, lrs, wds, momentum=None, buffers=None, used=None) -> None:
+        """The update pass: W ← (1 − lr·wd)·W − lr·g·Z_t (LOZO-M: − lr·N·Vᵀ, one pass each)."""
+        decays = [1.0 - lr * wd for lr, wd in zip(lrs, wds, strict=True)]
+        if momentum is not None:
+            for slot in self.slots:
+                momentum.apply(
+                    slot,
+                    used[slot.index],
+                    buffers[slot.index],
+                    0.0,
+                    lrs[slot.group],
+                    0.0,
+                    None,
+                    round_seed=self.round_seed(slot, t),
+                    w_scale=decays[slot.group],
+                )
+            return
+        scaled = {"group_w_scales": decays} if any(d != 1.0 for d in decays) else {}
+        self.passes.run([t], [[-lr * g] for lr in lrs], **self._round(t), **scaled)
+
+    def finish_queued(self, t, loss_plus, loss_minus, lrs, eps):
+        """:meth:`finish` (no momentum, no decay) with −lr·g computed on the device and the pass
+        queued behind the second forward (Passes.queued); None where that does not apply. A
+        non-finite g or update gives a zero term: the pass then writes W unchanged."""
+        scales = [[0.0]] * len(lrs)
+        return self.passes.queued([t], scales, 0, loss_plus, loss_minus, lrs, eps, **self._round(t))
+
+    def detach(self) -> None:
+        if self.layers.attached:
+            self.layers.remove_hooks()
+            self.detached = True
