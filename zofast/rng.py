@@ -122,7 +122,9 @@ def uniform(seed: int, offsets: torch.Tensor, *, backend: str = "auto") -> torch
     return _sample(seed, offsets, backend, normal=False)
 
 
-ROLES = {"u": 0, "v": 1, "full": 2, "step": 3, "search": 4}
+# "round": stochastic rounding of an update pass; "flush" / "settle": of LOZO's virtual flushes at
+# a V refresh / at settle().
+ROLES = {"u": 0, "v": 1, "full": 2, "step": 3, "search": 4, "round": 5, "flush": 6, "settle": 7}
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class RunSeeds:
     Philox4x32-10(counter = (lo32(index), hi32(index), tensor, ROLES[role]), key = (lo32(run_seed),
     hi32(run_seed))), where `index` is the step (or, for LOZO's lazily redrawn V, the V epoch),
     `tensor` the parameter's position in the optimizer's parameter list, and `role` one of
-    "u", "v", "full", "step", "search". It serialises to ``{"run_seed": ...}``.
+    the names of ROLES. It serialises to ``{"run_seed": ...}``.
 
     Example:
         >>> seeds = RunSeeds(1234)

@@ -183,10 +183,12 @@ class VirtualTensor:
             self._cast[key] = cast
         return cast
 
-    def flush(self) -> None:
-        """W += A·V_Aᵀ in one engine pass, then A = 0 (nothing pending)."""
+    def flush(self, round_seed: int | None = None) -> None:
+        """W += A·V_Aᵀ in one engine pass (rounded stochastically with `round_seed` where
+        given), then A = 0 (nothing pending)."""
         if self.A is not None:
-            outer_add_(self.param, self.A, self.V_A)
+            extra = {} if round_seed is None else {"round_seed": round_seed}
+            outer_add_(self.param, self.A, self.V_A, **extra)
         self.set_pending(None, None, None)
 
 

@@ -260,6 +260,7 @@ class ZerothOrder(torch.optim.Optimizer):
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
         self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
+        stochastic = self._rounding == "stochastic"
         virtual = None
         if self._mode == "virtual":
             virtual = Virtual(
@@ -268,10 +269,10 @@ class ZerothOrder(torch.optim.Optimizer):
                 self._model,
                 self._virtual_request,
                 self._names(),
+                stochastic,
                 owner=self,
             )
             virtual.check_decay([g["weight_decay"] for g in self.param_groups])
-        stochastic = self._rounding == "stochastic"
         shadow = None
         if self._mode == "shadow":
             shadow = Shadow(slots, self._noise, self._model, self._names(), stochastic, self)
@@ -373,7 +374,7 @@ class ZerothOrder(torch.optim.Optimizer):
         if self._shadow is not None:
             self._shadow.finish(t, g, lrs, wds, self._momentum, buffers, used)
         if self._virtual is not None:
-            self._virtual.commit(pending, self.state)
+            self._virtual.commit(pending, self.state, t)
         for slot in self._slots:
             if slot.index in buffers:
                 self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
@@ -514,7 +515,7 @@ class ZerothOrder(torch.optim.Optimizer):
             if self._pending is not None:
                 self._shift(self._pending, -self._eps)
             if self._virtual is not None:
-                self._virtual.settle(self.state)
+                self._virtual.settle(self.state, self._step_count)
             self.trajectory.record(SETTLE)
             self._pending = None
 

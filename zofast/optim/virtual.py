@@ -28,10 +28,11 @@ class Virtual:
         model: the module whose forward the closure runs; None for a replay-only optimizer.
         request: the flat indices a recorded run kept virtual (replay), or None.
         names: {id(param): name} for error messages.
+        stochastic: round the flushes stochastically.
         owner: the optimizer (held weakly by the hooks' registry).
     """
 
-    def __init__(self, slots, noise: NoisePlan, model, request, names, owner):
+    def __init__(self, slots, noise: NoisePlan, model, request, names, stochastic, owner):
         matrices = [s for s in slots if s.rank]
         if model is not None:
             layers = plan(model, [s.param for s in matrices])
@@ -57,7 +58,7 @@ class Virtual:
                     slot.index, name, slot.param, slot.rank, chosen[slot.index]
                 )
         self.slots = [s for s in slots if s.virtual is not None]
-        self.noise, self.model = noise, model
+        self.noise, self.model, self.stochastic = noise, model, stochastic
         self.layers = VirtualLayers([s.virtual for s in self.slots], owner=owner)
         # On one GPU each step's (U, V) of every virtual tensor come from one launch.
         self._batched = graphs_enabled(self.slots)
@@ -139,12 +140,16 @@ class Virtual:
             out.append((slot, torch.add(vt.A, delta) if same else delta, epoch, V))
         return out
 
-    def commit(self, pending: list[tuple], state) -> None:
+    def _round_seeds(self, role: str, t: int):
+        return self.noise.seeds(role, t) if self.stochastic else None
+
+    def commit(self, pending: list[tuple], state, t: int) -> None:
         """Install :meth:`updates`' factors (on a V refresh the old A goes into W first)."""
+        seeds = self._round_seeds("flush", t)
         for slot, A, epoch, V in pending:
             vt = slot.virtual
             if vt.epoch is not None and vt.epoch != epoch:
-                vt.flush()
+                vt.flush(None if seeds is None else seeds[slot.index])
             vt.set_coef(0.0)
             vt.set_pending(A, epoch, V)
             state[slot.param]["virtual_factor"] = A
@@ -154,12 +159,14 @@ class Virtual:
     def unflushed(self) -> bool:
         return any(slot.virtual.epoch is not None for slot in self.slots)
 
-    def settle(self, state) -> None:
-        """W += A·V_Aᵀ for every tensor with a pending A (one pass each), then A = 0."""
+    def settle(self, state, t: int) -> None:
+        """W += A·V_Aᵀ for every tensor with a pending A (one pass each), then A = 0; t: the
+        number of completed steps (seeds of the stochastic rounding)."""
+        seeds = self._round_seeds("settle", t)
         for slot in self.slots:
             vt = slot.virtual
             if vt.epoch is not None:
-                vt.flush()
+                vt.flush(None if seeds is None else seeds[slot.index])
                 state[vt.param].pop("virtual_factor", None)
                 state[vt.param].pop("virtual_epoch", None)
 
