@@ -1,8 +1,13 @@
 // Declarations and input checks shared by the CPU and CUDA implementations of the zofast ops.
 #pragma once
 
+#include <optional>
+#include <type_traits>
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
+
+#include "philox.h"
 
 namespace zofast {
 
@@ -39,6 +44,42 @@ inline void check_factors(const at::Tensor& w, const at::Tensor& u, const at::Te
               "u and v must be (T, R, m) and (T, R, n)");
   TORCH_CHECK(u.size(2) == w.size(0) && v.size(2) == w.size(1),
               "factor shapes ", u.sizes(), " and ", v.sizes(), " do not match w ", w.sizes());
+}
+
+// out: where the result goes (w is only read; out may be w itself), like w.
+inline void check_out(const at::Tensor& w, const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == w.scalar_type() && out.sizes() == w.sizes() &&
+                  out.device() == w.device() && out.is_contiguous(),
+              "out must be a contiguous ", w.scalar_type(), " tensor of shape ", w.sizes(), " on ",
+              w.device());
+}
+
+// round_seed: one int64 element (the uint64 seed's bits); w_scale: one float32 element; on w's
+// device, read there (graph-safe).
+inline void check_extras(const std::optional<at::Tensor>& round_seed,
+                         const std::optional<at::Tensor>& w_scale, const at::Tensor& w) {
+  if (round_seed.has_value()) {
+    TORCH_CHECK(round_seed->scalar_type() == at::kLong && round_seed->numel() == 1 &&
+                    round_seed->device() == w.device(),
+                "round_seed must be one int64 element on ", w.device());
+  }
+  if (w_scale.has_value()) {
+    TORCH_CHECK(w_scale->scalar_type() == at::kFloat && w_scale->numel() == 1 &&
+                    w_scale->device() == w.device(),
+                "w_scale must be one float32 element on ", w.device());
+  }
+}
+
+// x rounded stochastically to scalar_t with `word` (philox.h); float32 stores x.
+template <typename scalar_t>
+C10_HOST_DEVICE inline scalar_t stochastic_store(float x, uint32_t word) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return c10::BFloat16(stochastic_bf16(x, word), c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(stochastic_fp16(x, word), c10::Half::from_bits());
+  } else {
+    return scalar_t(x);
+  }
 }
 
 }  // namespace zofast

@@ -5,10 +5,20 @@
 //   u_j = uniform(x_j);  (n0, n1) = box_muller(u0, u1);  (n2, n3) = box_muller(u2, u3)
 //   normal(seed, i) = n_lane
 // This is element `lane` of Triton's tl.randn4x(seed, c); kernels/philox.py spells out the same maths.
+//
+// Stochastic rounding of a float32 result x at global (row r, column c) with a round seed:
+//   word = word (c % 4) of Philox4x32-10(counter = (lo32(c / 4), hi32(c / 4), lo32(r), hi32(r)),
+//                                         key = (lo32(seed), hi32(seed)))
+//   bfloat16: NaN -> 0x7FFF; else the high half of bits(x) + (word & 0xFFFF)
+//   float16:  NaN -> 0x7FFF; |x| >= 2^-14: (bits(x) + (word & 0x1FFF)) & ~0x1FFF, converted (exact,
+//             beyond 65504 -> inf); |x| < 2^-14: a = fl(|x| + 2^-14), a' = (bits(a) + (word & 0x1FFF))
+//             & ~0x1FFF, result (a' - 2^-14) with x's sign (exact)
+// (matrix ops: r, c = row_offset + i, col_offset + j; full-rank ops: r = 0, c = offset + i).
 #pragma once
 
 #include <cstdint>
 #include <cmath>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define ZOFAST_HD __host__ __device__ __forceinline__
@@ -87,6 +97,60 @@ ZOFAST_HD float normal_at(uint64_t seed, uint64_t index) {
   float n[4];
   normal4(seed, index >> 2, n);
   return n[index & 3];
+}
+
+// The rounding words of columns 4*col_block .. 4*col_block + 3 of row `row`.
+ZOFAST_HD Words4 round_block(uint64_t seed, uint64_t row, uint64_t col_block) {
+  return philox4x32_10(static_cast<uint32_t>(col_block), static_cast<uint32_t>(col_block >> 32),
+                       static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+ZOFAST_HD uint32_t round_word(uint64_t seed, uint64_t row, uint64_t col) {
+  return round_block(seed, row, col >> 2).x[col & 3];
+}
+
+ZOFAST_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+ZOFAST_HD float bits_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+constexpr uint16_t kCanonicalNaN16 = 0x7FFFu;  // what the GPU's float32 -> bf16 / fp16 gives NaN
+
+// x rounded stochastically to bfloat16 with `word`: the bf16 bit pattern.
+ZOFAST_HD uint16_t stochastic_bf16(float x, uint32_t word) {
+  const uint32_t bits = float_bits(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return kCanonicalNaN16;
+  return static_cast<uint16_t>((bits + (word & 0xFFFFu)) >> 16);
+}
+
+// x rounded stochastically to float16 with `word`: the fp16 bit pattern.
+ZOFAST_HD uint16_t stochastic_fp16(float x, uint32_t word) {
+  const uint32_t bits = float_bits(x), mag = bits & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return kCanonicalNaN16;
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  if (mag >= 0x38800000u) {  // fp16's normal range: keep 11 significant bits
+    const uint32_t high = (mag + (word & 0x1FFFu)) & 0xFFFFE000u;
+    return static_cast<uint16_t>(sign | (high >= 0x47800000u ? 0x7C00u : (high >> 13) - 0x1C000u));
+  }
+  // Subnormal: a = |x| + 2^-14 in [2^-14, 2^-13] carries the fp16 step 2^-24 at bit 13.
+  const uint32_t a = float_bits(bits_float(mag) + 6.103515625e-05f);
+  return static_cast<uint16_t>(sign | ((((a + (word & 0x1FFFu)) & 0xFFFFE000u) - 0x38800000u) >> 13));
 }
 
 }  // namespace zofast

@@ -65,6 +65,45 @@ void narrow_row(scalar_t* out, const float* in, int64_t n) {
   }
 }
 
+// A row rounded stochastically: element j is global column col0 + j of global row `row`; one
+// Philox block per four columns.
+template <typename scalar_t>
+void narrow_row_stochastic(scalar_t* out, const float* in, int64_t n, uint64_t seed, uint64_t row,
+                           uint64_t col0) {
+  int64_t j = 0;
+  while (j < n) {
+    const uint64_t col = col0 + uint64_t(j);
+    const Words4 r = round_block(seed, row, col >> 2);
+    for (uint64_t lane = col & 3; lane < 4 && j < n; ++lane, ++j) {
+      out[j] = stochastic_store<scalar_t>(in[j], r.x[lane]);
+    }
+  }
+}
+
+void scale_row(float* acc, float a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] = a * acc[j];
+}
+
+// The optional round seed (ignored for float32 weights) and weight scale of a pass, read on the
+// host from their CPU tensors.
+struct Extras {
+  bool stochastic = false;
+  uint64_t round_seed = 0;
+  bool scaled = false;
+  float w_scale = 1.0f;
+};
+
+Extras read_extras(const std::optional<at::Tensor>& round_seed,
+                   const std::optional<at::Tensor>& w_scale, const at::Tensor& w) {
+  check_extras(round_seed, w_scale, w);
+  Extras e;
+  e.stochastic = round_seed.has_value() && w.scalar_type() != at::kFloat;
+  if (e.stochastic) e.round_seed = uint64_t(round_seed->contiguous().data_ptr<int64_t>()[0]);
+  e.scaled = w_scale.has_value();
+  if (e.scaled) e.w_scale = w_scale->contiguous().data_ptr<float>()[0];
+  return e;
+}
+
 at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t k0, int64_t k1) {
   TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
               "counters must be an (N, 4) int64 tensor");
@@ -126,16 +165,24 @@ void noise_cpu(at::Tensor& out, const at::Tensor& seed_t, const at::Tensor& scal
   });
 }
 
-// w[i] = round(fma(scale_T, z_T, ... fma(scale_1, z_1, float(w[i])))), z_t = normal(seed_t, offset + i).
-void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scales, int64_t offset) {
+// out[i] = round(fma(scale_T, z_T, ... fma(scale_1, z_1, a·float(w[i])))), z_t = normal(seed_t,
+// offset + i); the multiply by the weight scale a only with one, the rounding stochastic (row 0,
+// column offset + i) with a round seed. out may be w.
+void gaussian_into_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& seeds,
+                       const at::Tensor& scales, int64_t offset,
+                       const std::optional<at::Tensor>& round_seed,
+                       const std::optional<at::Tensor>& w_scale) {
   check_weight(w, "w");
+  check_out(w, out);
   check_terms(seeds, scales, w);
+  const Extras extras = read_extras(round_seed, w_scale, w);
   const int64_t n = w.numel(), terms = seeds.numel();
   const int64_t* seed = seeds.data_ptr<int64_t>();
   const float* scale = scales.data_ptr<float>();
   const uint64_t first = uint64_t(offset) >> 2, last = (uint64_t(offset) + n + 3) >> 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "gaussian_", [&] {
-    scalar_t* data = w.data_ptr<scalar_t>();
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, int64_t(last - first), kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const uint64_t block = first + b;
@@ -143,7 +190,8 @@ void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scal
         float acc[4];
         for (int lane = 0; lane < 4; ++lane) {
           const int64_t i = base + lane;
-          acc[lane] = (i >= 0 && i < n) ? float(data[i]) : 0.0f;
+          acc[lane] = (i >= 0 && i < n) ? float(src[i]) : 0.0f;
+          if (extras.scaled) acc[lane] = extras.w_scale * acc[lane];
         }
         float z[4];
         for (int64_t t = 0; t < terms; ++t) {
@@ -151,29 +199,45 @@ void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scal
           if (t == 0 || seed[t] != seed[t - 1]) normal4(uint64_t(seed[t]), block, z);
           for (int lane = 0; lane < 4; ++lane) acc[lane] = std::fma(scale[t], z[lane], acc[lane]);
         }
+        Words4 words{};
+        if (extras.stochastic) words = round_block(extras.round_seed, 0, block);
         for (int lane = 0; lane < 4; ++lane) {
           const int64_t i = base + lane;
-          if (i >= 0 && i < n) data[i] = scalar_t(acc[lane]);
+          if (i < 0 || i >= n) continue;
+          dst[i] = extras.stochastic ? stochastic_store<scalar_t>(acc[lane], words.x[lane])
+                                     : scalar_t(acc[lane]);
         }
       }
     });
   });
 }
 
-// w += sum_t u_t v_t^T with u: (T, R, m), v: (T, R, n); per element the fmas run t-major, k-minor.
-void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
+void gaussian_cpu(at::Tensor& w, const at::Tensor& seeds, const at::Tensor& scales, int64_t offset) {
+  gaussian_into_cpu(w, w, seeds, scales, offset, std::nullopt, std::nullopt);
+}
+
+// out = w + sum_t u_t v_t^T with u: (T, R, m), v: (T, R, n); per element the fmas run t-major,
+// k-minor, on a·float(w) with a weight scale; the rounding is stochastic with a round seed (the
+// element's global row row_offset + i and column col_offset + j). out may be w.
+void lowrank_apply_into_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& u,
+                            const at::Tensor& v, int64_t row_offset, int64_t col_offset,
+                            const std::optional<at::Tensor>& round_seed,
+                            const std::optional<at::Tensor>& w_scale) {
   check_factors(w, u, v);
+  check_out(w, out);
+  const Extras extras = read_extras(round_seed, w_scale, w);
   const int64_t m = w.size(0), n = w.size(1), terms = u.size(0), rank = u.size(1);
   const float* pu = u.data_ptr<float>();
   const float* pv = v.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lowrank_apply_", [&] {
-    scalar_t* data = w.data_ptr<scalar_t>();
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kGrain * 16 / std::max<int64_t>(n, 1));
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(n);
       for (int64_t i = begin; i < end; ++i) {
-        scalar_t* row = data + i * n;
-        widen_row(acc.data(), row, n);
+        widen_row(acc.data(), src + i * n, n);
+        if (extras.scaled) scale_row(acc.data(), extras.w_scale, n);
         for (int64_t t = 0; t < terms; ++t) {
           for (int64_t k = 0; k < rank; ++k) {
             const float a = pu[(t * rank + k) * m + i];
@@ -181,10 +245,19 @@ void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) 
             fma_row(acc.data(), a, b, n);
           }
         }
-        narrow_row(row, acc.data(), n);
+        if (extras.stochastic) {
+          narrow_row_stochastic(dst + i * n, acc.data(), n, extras.round_seed,
+                                uint64_t(row_offset + i), uint64_t(col_offset));
+        } else {
+          narrow_row(dst + i * n, acc.data(), n);
+        }
       }
     });
   });
+}
+
+void lowrank_apply_cpu(at::Tensor& w, const at::Tensor& u, const at::Tensor& v) {
+  lowrank_apply_into_cpu(w, w, u, v, 0, 0, std::nullopt, std::nullopt);
 }
 
 }  // namespace
@@ -195,6 +268,14 @@ TORCH_LIBRARY(zofast, m) {
   m.def("noise_(Tensor(a!) out, Tensor seed, Tensor scale, int offset) -> ()");
   m.def("gaussian_(Tensor(a!) w, Tensor seeds, Tensor scales, int offset) -> ()");
   m.def("lowrank_apply_(Tensor(a!) w, Tensor u, Tensor v) -> ()");
+  // The same passes with w only read and the result in out (which may be w), an optional round
+  // seed (stochastic rounding, philox.h) and weight scale (acc starts as a * float(w)).
+  m.def(
+      "gaussian_into(Tensor w, Tensor(a!) out, Tensor seeds, Tensor scales, int offset, "
+      "Tensor? round_seed=None, Tensor? w_scale=None) -> ()");
+  m.def(
+      "lowrank_apply_into(Tensor w, Tensor(a!) out, Tensor u, Tensor v, int row_offset=0, "
+      "int col_offset=0, Tensor? round_seed=None, Tensor? w_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zofast, CPU, m) {
@@ -203,6 +284,8 @@ TORCH_LIBRARY_IMPL(zofast, CPU, m) {
   m.impl("noise_", &noise_cpu);
   m.impl("gaussian_", &gaussian_cpu);
   m.impl("lowrank_apply_", &lowrank_apply_cpu);
+  m.impl("gaussian_into", &gaussian_into_cpu);
+  m.impl("lowrank_apply_into", &lowrank_apply_into_cpu);
 }
 
 }  // namespace zofast

@@ -4,8 +4,11 @@ Shape contract (shared by the kernel and the reference): w is any contiguous flo
 float16 tensor read as its row-major flattening; `offset` is the global index of w's first element
 in the stream (non-zero for a shard of a larger tensor); seeds is an int64 (T,) tensor holding the
 uint64 seeds' bit patterns and scales a float32 (T,) tensor, both on w's device. Arithmetic is
-float32: acc = float(w); acc = fma(scale_t, z_t, acc) for t = 1..T in order; w = round(acc), one
-rounding to w's dtype per pass.
+float32: acc = float(w) (with a weight scale a: acc = fl(a · float(w)), one rounded multiply);
+acc = fma(scale_t, z_t, acc) for t = 1..T in order; w = round(acc), one rounding to w's dtype per
+pass: to nearest even, or stochastic with a round seed, element i taking the word
+bits(round_seed, 0, offset + i) (kernels.philox's docstring). With `out` the result goes there
+and w is only read.
 """
 
 import torch
@@ -16,8 +19,13 @@ from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
     add_normals,
+    load_seed,
     narrow,
+    round_words4,
+    round_words_ref,
     sample_ref,
+    stochastic_round,
+    stochastic_round_ref,
     triton_interpreting,
 )
 
@@ -34,13 +42,25 @@ def _gaussian_kernel(
     N_TERMS: tl.constexpr,
     BLOCK: tl.constexpr,
     EXACT: tl.constexpr,
+    out_ptr=None,
+    round_seed_ptr=None,
+    w_scale_ptr=None,
 ):
+    """None pointers: in place, round to nearest even, no weight scale (the defaults)."""
     blocks = offset // 4 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = (blocks * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
     mask = (local >= 0) & (local < n)
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    if w_scale_ptr is not None:
+        acc = acc * tl.load(w_scale_ptr)
     acc = add_normals(acc, seeds_ptr, scales_ptr, blocks, N_TERMS)
-    tl.store(w_ptr + local, narrow(acc, w_ptr, EXACT), mask=mask)
+    dst = w_ptr if out_ptr is None else out_ptr
+    if round_seed_ptr is None:
+        tl.store(dst + local, narrow(acc, dst, EXACT), mask=mask)
+    else:
+        seed_lo, seed_hi = load_seed(round_seed_ptr)
+        words = round_words4(seed_lo, seed_hi, 0, blocks)
+        tl.store(dst + local, stochastic_round(acc, dst, words), mask=mask)
 
 
 def gaussian_triton(
@@ -49,11 +69,19 @@ def gaussian_triton(
     scales: torch.Tensor,
     offset: int,
     block: int = DEFAULT_BLOCK,
+    *,
+    out: torch.Tensor | None = None,
+    round_seed: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel on validated inputs (see the module docstring); returns w."""
+    """Launch the kernel on validated inputs (see the module docstring); returns out (w when
+    None). round_seed: a one-element int64 tensor (stochastic rounding; ignored for float32 w);
+    w_scale: a one-element float32 tensor; both on w's device."""
     _check_interpretable(w)
     n = w.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
+    if w.dtype == torch.float32:
+        round_seed = None  # nothing to round
     _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
         w,
         seeds,
@@ -63,9 +91,12 @@ def gaussian_triton(
         N_TERMS=seeds.numel(),
         BLOCK=block,
         EXACT=not triton_interpreting(),
+        out_ptr=None if out is w else out,
+        round_seed_ptr=round_seed,
+        w_scale_ptr=w_scale,
         **CONTRACT_OPTIONS,
     )
-    return w
+    return w if out is None else out
 
 
 def fma_ref(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -74,12 +105,22 @@ def fma_ref(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_ref(
-    w: torch.Tensor, seeds: list[int], scales: torch.Tensor, offset: int
+    w: torch.Tensor,
+    seeds: list[int],
+    scales: torch.Tensor,
+    offset: int,
+    round_seed: int | None = None,
+    w_scale: float | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference of the kernel; returns a new tensor shaped and typed like w."""
     index = offset + torch.arange(w.numel(), dtype=torch.int64, device=w.device)
     acc = w.reshape(-1).float()
+    if w_scale is not None:
+        acc = acc * torch.tensor(w_scale, dtype=torch.float32)
     for seed, scale in zip(seeds, scales.tolist(), strict=True):
         z = sample_ref(index, seed, normal=True)
         acc = fma_ref(torch.tensor(scale, dtype=torch.float32), z, acc)
-    return acc.to(w.dtype).reshape(w.shape)
+    if round_seed is None:
+        return acc.to(w.dtype).reshape(w.shape)
+    words = round_words_ref(round_seed, torch.zeros_like(index), index)
+    return stochastic_round_ref(acc, w.dtype, words).reshape(w.shape)

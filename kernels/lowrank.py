@@ -3,9 +3,12 @@
 Shape contract (shared by the kernel and the reference): w is a contiguous 2-D float32 / bfloat16 /
 float16 tensor; u is float32 (T, R, m) and v float32 (T, R, n), both contiguous on w's device
 (column k of U contiguous, so loads coalesce; zofast.perturb builds them from seeds: (m + n)·R·T
-numbers, a few hundred KiB at most). Per element, in float32: acc = float(w[i, j]); for t, then
-k: acc = fma(u[t, k, i], v[t, k, j], acc);
-w[i, j] = round(acc): one rounding to w's dtype per pass, in an order that no tiling changes.
+numbers, a few hundred KiB at most). Per element, in float32: acc = float(w[i, j]) (with a weight
+scale a: acc = fl(a · float(w[i, j])), one rounded multiply); for t, then k:
+acc = fma(u[t, k, i], v[t, k, j], acc); w[i, j] = round(acc): one rounding to w's dtype per pass,
+in an order that no tiling changes. The rounding is to nearest even, or stochastic with a round
+seed: element (i, j) takes the word bits(round_seed, row_offset + i, col_offset + j) (the global
+row and column; kernels.philox's docstring). With `out` the result goes there, w is only read.
 """
 
 import torch
@@ -17,7 +20,10 @@ from .philox import (
     _check_interpretable,
     load_seed,
     narrow,
+    narrow_stochastic,
     normal4,
+    round_words_ref,
+    stochastic_round_ref,
     triton_interpreting,
 )
 
@@ -42,22 +48,41 @@ def _lowrank_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EXACT: tl.constexpr = True,  # launchers pass it; the default is the GPU's (bench/ scripts)
+    out_ptr=None,
+    round_seed_ptr=None,
+    w_scale_ptr=None,
+    row_offset=0,
+    col_offset=0,
+    COL_ALIGNED: tl.constexpr = True,
 ):
+    """None pointers: in place, round to nearest even, no weight scale (the defaults).
+    COL_ALIGNED: col_offset is a multiple of 4 (stochastic rounding draws per 4 columns)."""
     pid = tl.program_id(0).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_start = (pid % tiles_n) * BLOCK_N
+    cols = col_start + tl.arange(0, BLOCK_N)
     row_ok = rows < m
     col_ok = cols < n
-    ptrs = w_ptr + rows[:, None] * n + cols[None, :]
+    offsets = rows[:, None] * n + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if w_scale_ptr is not None:
+        acc = acc * tl.load(w_scale_ptr)
     for t in tl.static_range(N_TERMS):
         for k in tl.static_range(RANK):
             u = tl.load(u_ptr + (t * RANK + k) * m + rows, mask=row_ok, other=0.0)
             v = tl.load(v_ptr + (t * RANK + k) * n + cols, mask=col_ok, other=0.0)
             acc = tl.fma(u[:, None], v[None, :], acc)
-    tl.store(ptrs, narrow(acc, w_ptr, EXACT), mask=mask)
+    dst = w_ptr if out_ptr is None else out_ptr
+    if round_seed_ptr is None:
+        result = narrow(acc, dst, EXACT)
+    else:
+        seed_lo, seed_hi = load_seed(round_seed_ptr)
+        result = narrow_stochastic(
+            acc, dst, seed_lo, seed_hi, row_offset + rows, col_offset + col_start, COL_ALIGNED
+        )
+    tl.store(dst + offsets, result, mask=mask)
 
 
 @triton.jit
@@ -136,13 +161,23 @@ def lowrank_triton(
     v: torch.Tensor,
     block_m: int | None = None,
     block_n: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    round_seed: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+    row_offset: int = 0,
+    col_offset: int = 0,
 ) -> torch.Tensor:
-    """Launch the kernel on validated inputs (see the module docstring); returns w. Tiles
-    default to default_tile(rank)."""
+    """Launch the kernel on validated inputs (see the module docstring); returns out (w when
+    None). Tiles default to default_tile(rank). round_seed: a one-element int64 tensor
+    (stochastic rounding; ignored for float32 w); w_scale: a one-element float32 tensor; both on
+    w's device. row_offset / col_offset: w's first global row / column (the rounding words)."""
     _check_interpretable(w)
     m, n = w.shape
     if block_m is None or block_n is None:
         block_m, block_n = default_tile(u.shape[1])
+    if w.dtype == torch.float32:
+        round_seed = None  # nothing to round
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _lowrank_kernel[grid](
         w,
@@ -155,14 +190,37 @@ def lowrank_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         EXACT=not triton_interpreting(),
+        out_ptr=None if out is w else out,
+        round_seed_ptr=round_seed,
+        w_scale_ptr=w_scale,
+        row_offset=row_offset,
+        col_offset=col_offset,
+        COL_ALIGNED=col_offset % 4 == 0 and block_n % 4 == 0,
     )
-    return w
+    return w if out is None else out
 
 
-def lowrank_ref(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def lowrank_ref(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    round_seed: int | None = None,
+    w_scale: float | None = None,
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> torch.Tensor:
     """Pure-torch reference of the kernel (same fma order); returns a new tensor like w."""
     acc = w.float()
+    if w_scale is not None:
+        acc = acc * torch.tensor(w_scale, dtype=torch.float32)
     for t in range(u.shape[0]):
         for k in range(u.shape[1]):
             acc = (u[t, k, :, None].double() * v[t, k, None, :].double() + acc.double()).float()
-    return acc.to(w.dtype)
+    if round_seed is None:
+        return acc.to(w.dtype)
+    m, n = acc.shape
+    rows = row_offset + torch.arange(m, dtype=torch.int64, device=w.device)
+    cols = col_offset + torch.arange(n, dtype=torch.int64, device=w.device)
+    words = round_words_ref(round_seed, rows[:, None], cols[None, :])
+    return stochastic_round_ref(acc, w.dtype, words)

@@ -21,6 +21,14 @@ A pass with `v_split` = s > 0 (LOZO's V-refresh step: restore and update on the 
 perturbation on the new one) has two V's: seeds rows (count, T + 2) end with both v seeds, the
 terms before s merge into the first u and the others into the second, and the low-rank launch
 runs at rank 2R over [u_1 | u_2]·[V_1 | V_2]ᵀ: what lowrank_ does with two distinct v seeds.
+
+Options of a plan (each a compile-time switch of the kernels; off, the tables and results are as
+above): `stochastic` adds one last seed column, the tensor's round seed: every store rounds
+stochastically with it (kernels.philox's docstring; low-rank tensors take their global (row,
+column) in the (m, n) view, full-rank ones (0, flat index)), bit for bit what gaussian_ /
+lowrank_ give with that round_seed. `scaled` adds one last scale column, the tensor's weight
+scale a: acc starts as fl(a · float(w)). So seeds rows are (T u seeds, v seeds (1 or 2), [round
+seed]) and scales rows (T scales, [w scale]).
 """
 
 import numpy as np
@@ -35,7 +43,10 @@ from .philox import (
     add_normals,
     load_seed,
     narrow,
+    narrow_stochastic,
     normal4,
+    round_words4,
+    stochastic_round,
     triton_interpreting,
 )
 
@@ -78,6 +89,8 @@ def _multi_gaussian_kernel(
     ALIGNED: tl.constexpr,
     EXACT: tl.constexpr,
     V_SEEDS: tl.constexpr,
+    STOCHASTIC: tl.constexpr = False,
+    SCALED: tl.constexpr = False,
 ):
     """Job = tensor: its chunk pid − first_job, 4·BLOCK elements, += Σ_t s_t·normal(seed_t, ·)."""
     row, w_ptr, n, chunk = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
@@ -86,10 +99,17 @@ def _multi_gaussian_kernel(
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < n
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    seeds = seeds_ptr + term_row * (N_TERMS + V_SEEDS)
-    scales = scales_ptr + term_row * N_TERMS
+    seeds = seeds_ptr + term_row * (N_TERMS + V_SEEDS + STOCHASTIC)
+    scales = scales_ptr + term_row * (N_TERMS + SCALED)
+    if SCALED:
+        acc = acc * tl.load(scales + N_TERMS)
     acc = add_normals(acc, seeds, scales, blocks, N_TERMS)
-    tl.store(w_ptr + local, narrow(acc, w0_ptr, EXACT), mask=mask)
+    if STOCHASTIC:
+        seed_lo, seed_hi = load_seed(seeds + N_TERMS + V_SEEDS)
+        result = stochastic_round(acc, w0_ptr, round_words4(seed_lo, seed_hi, 0, blocks))
+    else:
+        result = narrow(acc, w0_ptr, EXACT)
+    tl.store(w_ptr + local, result, mask=mask)
 
 
 @triton.jit
@@ -133,6 +153,8 @@ def _multi_factors_kernel(
     BLOCK: tl.constexpr,
     EXACT: tl.constexpr,
     V_SPLIT: tl.constexpr,
+    STOCHASTIC: tl.constexpr = False,
+    SCALED: tl.constexpr = False,
 ):
     """Job = (tensor, part, chunk), 4·BLOCK consecutive stream indices. Part 2g: group g's
     merged u[k, i] = Σ_t fl(s_t·normal(u_seed_t, i·R + k)) (module docstring) at
@@ -149,9 +171,9 @@ def _multi_factors_kernel(
     blocks = tl.load(job + 2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = blocks[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = local < rows * RANK
-    seeds = seeds_ptr + term_row * (N_TERMS + (2 if V_SPLIT else 1))
+    seeds = seeds_ptr + term_row * (N_TERMS + (2 if V_SPLIT else 1) + STOCHASTIC)
     if is_u:
-        scales = scales_ptr + term_row * N_TERMS
+        scales = scales_ptr + term_row * (N_TERMS + SCALED)
         if V_SPLIT == 0:
             z = _merged_u(seeds, scales, blocks, 0, N_TERMS, EXACT)
         elif group == 0:
@@ -181,8 +203,14 @@ def _multi_lowrank_kernel(
     BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,
     EXACT: tl.constexpr,
+    seeds_ptr=None,
+    scales_ptr=None,
+    SEED_WIDTH: tl.constexpr = 0,
+    SCALE_WIDTH: tl.constexpr = 0,
 ):
-    """Job = tensor: its tile pid − first_job += u·Vᵀ, fma over k in order, one rounding."""
+    """Job = tensor: its tile pid − first_job += u·Vᵀ, fma over k in order, one rounding.
+    seeds_ptr (rows of SEED_WIDTH, the last one the round seed): stochastic rounding; scales_ptr
+    (rows of SCALE_WIDTH, the last one the weight scale): acc starts as fl(a · float(w))."""
     row, w_ptr, n, tile = _job_tensor(table_ptr, jobs_ptr, w0_ptr, ALIGNED)
     m = tl.load(row + 1)
     u_base = u_ptr + tl.multiple_of(tl.load(row + 4), 16)
@@ -191,17 +219,25 @@ def _multi_lowrank_kernel(
     v_stride = tl.multiple_of(tl.load(row + 7), 16)
     tiles_n = tl.cdiv(n, BLOCK_N)
     rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_start = (tile % tiles_n) * BLOCK_N
+    cols = col_start + tl.arange(0, BLOCK_N)
     row_ok = rows < m
     col_ok = cols < n
     ptrs = w_ptr + rows[:, None] * n + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if scales_ptr is not None:
+        acc = acc * tl.load(scales_ptr + tl.load(row + 3) * SCALE_WIDTH + SCALE_WIDTH - 1)
     for k in tl.static_range(RANK):
         u = tl.load(u_base + k * u_stride + rows, mask=row_ok, other=0.0)
         v = tl.load(v_base + k * v_stride + cols, mask=col_ok, other=0.0)
         acc = tl.fma(u[:, None], v[None, :], acc)
-    tl.store(ptrs, narrow(acc, w0_ptr, EXACT), mask=mask)
+    if seeds_ptr is None:
+        result = narrow(acc, w0_ptr, EXACT)
+    else:
+        seed_lo, seed_hi = load_seed(seeds_ptr + tl.load(row + 3) * SEED_WIDTH + SEED_WIDTH - 1)
+        result = narrow_stochastic(acc, w0_ptr, seed_lo, seed_hi, rows, col_start, True)
+    tl.store(ptrs, result, mask=mask)
 
 
 def _owners(counts) -> tuple[np.ndarray, np.ndarray]:
@@ -254,6 +290,8 @@ class MultiPass:
             (they run one after another on one stream).
         factors_only: plan only the factor launch, for :meth:`factors`; no pass.
         v_split: 0, or s (1 ≤ s < T): the terms from s on take a second V (module docstring).
+        stochastic: seeds rows end with the tensor's round seed; stores round stochastically.
+        scaled: scales rows end with the tensor's weight scale (module docstring).
     """
 
     def __init__(
@@ -267,18 +305,24 @@ class MultiPass:
         share: "MultiPass | None" = None,
         factors_only: bool = False,
         v_split: int = 0,
+        stochastic: bool = False,
+        scaled: bool = False,
     ):
         _check_interpretable(tensors[0])
         if not 0 <= v_split < n_terms or (v_split and factors_only):
             raise ValueError(f"v_split must be 0 or in 1..{n_terms - 1} (and 0 for factors)")
-        self.n_terms, self.v_split = n_terms, v_split
+        if tile is not None and stochastic and tile[1] % 4:
+            raise ValueError(f"stochastic rounding needs BLOCK_N a multiple of 4, got {tile}")
         v_count = 2 if v_split else 1  # V's per tensor
+        options = dict(n_terms=n_terms, v_split=v_split, stochastic=bool(stochastic))
+        options.update(scaled=bool(scaled), seed_width=n_terms + v_count + bool(stochastic))
         addresses = [w.data_ptr() for w in tensors]
         self._key = (addresses, list(ranks), tile, gaussian_block, num_warps, factors_only, v_count)
         if share is not None and share._key == self._key:
-            self.__dict__.update(share.__dict__)  # the same plan, another term count
-            self.n_terms, self.v_split = n_terms, v_split
+            self.__dict__.update(share.__dict__)  # the same plan, other terms and options
+            self.__dict__.update(options)
             return
+        self.__dict__.update(options)
         self.gaussian_block, self.num_warps = gaussian_block, num_warps
         self._ranks = list(ranks)
         device = tensors[0].device
@@ -347,8 +391,10 @@ class MultiPass:
             )
 
     def launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
-        """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed or two) and scales[i]."""
+        """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed or two, then its
+        round seed if stochastic) and scales[i] (T scales, then its weight scale if scaled)."""
         terms = self.n_terms
+        scale_width = terms + self.scaled
         for table, jobs, w0, aligned in self._gaussian:
             _multi_gaussian_kernel[(jobs.shape[0],)](
                 table,
@@ -361,6 +407,8 @@ class MultiPass:
                 ALIGNED=aligned,
                 EXACT=not triton_interpreting(),
                 V_SEEDS=2 if self.v_split else 1,
+                STOCHASTIC=self.stochastic,
+                SCALED=self.scaled,
                 num_warps=self.num_warps,
                 **CONTRACT_OPTIONS,
             )
@@ -377,6 +425,10 @@ class MultiPass:
                 BLOCK_N=block_n,
                 ALIGNED=aligned,
                 EXACT=not triton_interpreting(),
+                seeds_ptr=seeds if self.stochastic else None,
+                scales_ptr=scales if self.scaled else None,
+                SEED_WIDTH=self.seed_width if self.stochastic else 0,
+                SCALE_WIDTH=scale_width if self.scaled else 0,
                 num_warps=self.num_warps,
             )
 
@@ -394,6 +446,8 @@ class MultiPass:
                 BLOCK=FACTOR_BLOCK,
                 EXACT=not triton_interpreting(),
                 V_SPLIT=self.v_split,
+                STOCHASTIC=self.stochastic,
+                SCALED=self.scaled,
                 **CONTRACT_OPTIONS,
             )
 

@@ -13,6 +13,31 @@ which is element `lane` of Triton's ``tl.randn4x(seed, c)``. Every Philox call y
 and the value at index i depends on nothing but (seed, i): not on block sizes, grids or devices.
 The helpers are written out here instead of calling ``tl.randn4x`` so that the contract does not
 move with Triton releases and so that the same kernels run under TRITON_INTERPRET=1.
+
+Stochastic rounding (the ops' ``round_seed``; the same in csrc/philox.h and in
+``stochastic_round_ref`` below). A pass computes each element in float32 and rounds it once to the
+weight's dtype; with a round seed that one rounding is stochastic, from the random word
+
+    bits(seed, r, c) = word (c mod 4) of Philox4x32-10(counter=(lo32(c // 4), hi32(c // 4),
+                                                                lo32(r), hi32(r)),
+                                                       key=(lo32(seed), hi32(seed)))
+
+where (r, c) is the element's global (row, column) in the m×n view of a matrix op (row_offset + i,
+col_offset + j: a shard gets exactly the whole tensor's bits) and (0, offset + i) for a full-rank
+op (row 0 makes the two coincide). With x the float32 result and word = bits(seed, r, c):
+
+* bfloat16: NaN -> 0x7FFF (the canonical NaN `narrow` stores); otherwise the high 16 bits of
+  (bits of x) + (word & 0xFFFF) (inf stays inf; a carry past the largest bf16 gives inf).
+* float16: NaN -> 0x7FFF. If |x| >= 2^-14: (bits of x) + (word & 0x1FFF) with the low 13 bits
+  cleared, converted (exact; beyond 65504 -> inf). If |x| < 2^-14: a = |x| + 2^-14 in float32
+  (rounded to nearest), a' = a's bits + (word & 0x1FFF) with the low 13 bits cleared, result
+  (a' - 2^-14) with x's sign (exact: a multiple of 2^-24, fp16's subnormal step).
+* float32: nothing to round; the seed has no effect.
+
+Each is round-up with probability (remainder / spacing) to 16 (bf16) or 13 (fp16) bits: the
+rounded value's expectation is x, up to 2^-16 (2^-13) of a spacing. The result is integer
+arithmetic on the float32 value (the one float addition is exactly rounded on every backend), so
+it is bit-identical across backends.
 """
 
 import torch
@@ -124,6 +149,79 @@ def narrow(x, ptr, EXACT: tl.constexpr):
         bits = tl.where(nan, 0x7FFF0000, bits + 0x7FFF + ((bits >> 16) & 1))
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def round_block(seed_lo, seed_hi, row, col_block):
+    """The four rounding words of columns 4·col_block .. 4·col_block + 3 of row `row` (int64
+    tensors of one shape, or a scalar row): counter (col_block, row), key (seed_lo, seed_hi)."""
+    row = row + col_block * 0
+    col_block = (col_block + row * 0).to(tl.uint64, bitcast=True)
+    row = row.to(tl.uint64, bitcast=True)
+    c0 = (col_block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (col_block >> 32).to(tl.uint32)
+    c2 = (row & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (row >> 32).to(tl.uint32)
+    zero = c0 * 0
+    return philox_rounds(c0, c1, c2, c3, zero + seed_lo, zero + seed_hi)
+
+
+@triton.jit
+def join4(x0, x1, x2, x3):
+    """(…, 2, 2) with element [..., q, p] = x_(2q+p): reshaped, lanes 0..3 in order."""
+    return tl.join(tl.join(x0, x2), tl.join(x1, x3))
+
+
+@triton.jit
+def round_words4(seed_lo, seed_hi, row, blocks):
+    """Rounding words of elements 4·blocks .. 4·blocks + 3 of row `row`, (BLOCK, 4) uint32."""
+    x0, x1, x2, x3 = round_block(seed_lo, seed_hi, row, blocks)
+    return tl.reshape(join4(x0, x1, x2, x3), (blocks.shape[0], 4))
+
+
+@triton.jit
+def round_words_tile(seed_lo, seed_hi, rows, col_start, BLOCK_N: tl.constexpr, COL_ALIGNED):
+    """Rounding words of the tile rows × (col_start + 0 .. BLOCK_N − 1), (BLOCK_M, BLOCK_N)
+    uint32; rows and col_start are global indices (int64). COL_ALIGNED (col_start a multiple of
+    4, BLOCK_N too): one Philox block per four columns; otherwise one per element."""
+    if COL_ALIGNED:
+        blocks = col_start // 4 + tl.arange(0, BLOCK_N // 4).to(tl.int64)
+        x0, x1, x2, x3 = round_block(seed_lo, seed_hi, rows[:, None], blocks[None, :])
+        return tl.reshape(join4(x0, x1, x2, x3), (rows.shape[0], BLOCK_N))
+    cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
+    x0, x1, x2, x3 = round_block(seed_lo, seed_hi, rows[:, None], (cols // 4)[None, :])
+    lane = (cols % 4)[None, :]
+    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+
+
+@triton.jit
+def stochastic_round(x, ptr, word):
+    """float32 x rounded stochastically into ptr's element type with the uint32 words `word`
+    (the module docstring's definition); float32: x itself."""
+    if ptr.dtype.element_ty == tl.float32:
+        return x
+    bits = x.to(tl.uint32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    nan = mag > 0x7F800000
+    if ptr.dtype.element_ty == tl.bfloat16:
+        out = (bits + (word & 0xFFFF)) >> 16
+    else:
+        sign = (bits >> 16) & 0x8000
+        high = (mag + (word & 0x1FFF)) & 0xFFFFE000
+        high = tl.where(high >= 0x47800000, 0x7C00, (high >> 13) - 0x1C000)
+        a = (tl.abs(x) + 6.103515625e-05).to(tl.uint32, bitcast=True)
+        low = (((a + (word & 0x1FFF)) & 0xFFFFE000) - 0x38800000) >> 13
+        out = sign | tl.where(mag >= 0x38800000, high, low)
+    out = tl.where(nan, 0x7FFF, out)
+    return out.to(tl.uint16).to(ptr.dtype.element_ty, bitcast=True)
+
+
+@triton.jit
+def narrow_stochastic(x, ptr, seed_lo, seed_hi, rows, col_start, COL_ALIGNED: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tile x at global rows `rows` (int64) and columns col_start + j,
+    rounded stochastically into ptr's element type (round_words_tile, stochastic_round)."""
+    words = round_words_tile(seed_lo, seed_hi, rows, col_start, x.shape[1], COL_ALIGNED)
+    return stochastic_round(x, ptr, words)
 
 
 @triton.jit
@@ -286,3 +384,40 @@ def sample_ref(offsets: torch.Tensor, seed: int, *, normal: bool) -> torch.Tenso
         n2, n3 = box_muller_ref(u[:, 2], u[:, 3])
         u = torch.stack([n0, n1, n2, n3], dim=1)
     return u.gather(1, (offsets & 3)[:, None])[:, 0]
+
+
+FP16_MIN_NORMAL = 2.0**-14
+
+
+def round_words_ref(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """bits(seed, r, c) of the stochastic rounding (module docstring) for int64 tensors of
+    global rows and columns (broadcast together); int64 words."""
+    rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    blocks = cols >> 2
+    counters = torch.stack(
+        [blocks & MASK32, (blocks >> 32) & MASK32, rows & MASK32, (rows >> 32) & MASK32], dim=1
+    )
+    words = philox4x32_ref(counters, seed & MASK32, (seed >> 32) & MASK32)
+    return words.gather(1, (cols & 3)[:, None])[:, 0]
+
+
+def stochastic_round_ref(x: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -> torch.Tensor:
+    """float32 x rounded stochastically to `dtype` with the words (int64, x's numel) of each
+    element, in x's shape (module docstring); float32: x itself."""
+    if dtype == torch.float32:
+        return x.clone()
+    words = words.reshape(x.shape)
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & MASK32
+    mag = bits & 0x7FFFFFFF
+    if dtype == torch.bfloat16:
+        out = (bits + (words & 0xFFFF)) >> 16
+    else:
+        high = (mag + (words & 0x1FFF)) & 0xFFFFE000
+        high = torch.where(high >= 0x47800000, 0x7C00, (high >> 13) - 0x1C000)
+        a = x.abs() + torch.tensor(FP16_MIN_NORMAL, dtype=torch.float32)  # float32, to nearest
+        a = a.view(torch.int32).to(torch.int64) & MASK32
+        low = (((a + (words & 0x1FFF)) & 0xFFFFE000) - 0x38800000) >> 13
+        out = ((bits >> 16) & 0x8000) | torch.where(mag >= 0x38800000, high, low)
+    out = torch.where(mag > 0x7F800000, 0x7FFF, out)
+    return torch.where(out >= 2**15, out - 2**16, out).to(torch.int16).view(dtype)
