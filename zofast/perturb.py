@@ -18,6 +18,24 @@ The noise contract (zofast.rng has the stream ``normal(seed, i)``):
 Several terms go through in one read and one write of w: pass sequences of seeds and scales, e.g.
 "restore the last perturbation, apply the update and perturb for the next step" is one pass.
 
+Options of every pass (gaussian_, lowrank_, outer_add_; each default leaves the bits as above):
+
+* ``round_seed``: a uint64 seed makes the pass's one float32 -> weight-dtype rounding stochastic
+  (round up with probability remainder / spacing, so tiny updates survive in expectation). Element
+  (r, c) takes the random word ``bits(round_seed, r, c)``: word c mod 4 of Philox4x32-10 with
+  counter (lo32(c // 4), hi32(c // 4), lo32(r), hi32(r)) and key (lo32(seed), hi32(seed)), where
+  (r, c) is the element's global row and column in the m×n view (row_offset + i, col_offset + j)
+  for lowrank_ / outer_add_, and (0, offset + i) for gaussian_. bfloat16: NaN -> NaN (0x7FFF),
+  else the high 16 bits of (float32 bits + (word & 0xFFFF)); float16: the same at 13 bits below
+  fp16's precision (|x| < 2^-14 through a = |x| + 2^-14, fp16's subnormal step); float32 weights:
+  no effect. Integer arithmetic on the float32 result: bit-identical on every backend (the exact
+  definition is in zofast.kernels.philox's docstring).
+* ``w_scale``: acc starts as ``fl(w_scale · float(w))`` (one rounded float32 multiply) instead of
+  ``float(w)``: weight decay W <- (1 - lr·wd)·W fused into the pass and its rounding. 1.0: no
+  multiply.
+* ``out``: w is only read and the result goes into out (same shape, dtype and device,
+  contiguous); out may be w itself (in place), and must not otherwise overlap it.
+
 Backends: "auto" (Triton for CUDA tensors, the C++ extension for CPU tensors), "triton" (on CPU
 tensors it runs Triton's interpreter), "cpp" (zofast._C, CPU and CUDA), "torch" (the pure-torch
 reference). All validate their inputs before anything is written: a bad argument raises a
@@ -138,6 +156,90 @@ def _device_terms(
     )
 
 
+def _check_round_seed(round_seed, w: torch.Tensor):
+    """None, a uint64 int, or (graph-capture form) a one-element int64 tensor on w's device;
+    None for float32 weights (nothing to round)."""
+    if round_seed is None:
+        return None
+    if isinstance(round_seed, torch.Tensor):
+        if round_seed.dtype != torch.int64 or round_seed.numel() != 1:
+            raise ValueError("round_seed given as a tensor must be one int64 element")
+        if round_seed.device != w.device:
+            raise ValueError(f"round_seed tensor must be on {w.device}, got {round_seed.device}")
+        round_seed = round_seed.reshape(1)
+    elif (
+        isinstance(round_seed, bool)
+        or not isinstance(round_seed, numbers.Integral)
+        or not 0 <= int(round_seed) <= MAX_SEED
+    ):
+        raise ValueError(f"round_seed must be None or an integer in 0..2**64-1, got {round_seed!r}")
+    else:
+        round_seed = int(round_seed)
+    return None if w.dtype == torch.float32 else round_seed
+
+
+def _check_w_scale(w_scale, w: torch.Tensor):
+    """The weight scale as a float32 value (None for 1.0: no multiply), or (graph-capture form)
+    a one-element float32 tensor on w's device."""
+    if isinstance(w_scale, torch.Tensor):
+        if w_scale.dtype != torch.float32 or w_scale.numel() != 1:
+            raise ValueError("w_scale given as a tensor must be one float32 element")
+        if w_scale.device != w.device:
+            raise ValueError(f"w_scale tensor must be on {w.device}, got {w_scale.device}")
+        return w_scale.reshape(1)
+    if isinstance(w_scale, bool) or not isinstance(w_scale, numbers.Real):
+        raise ValueError(f"w_scale must be a finite real number, got {w_scale!r}")
+    try:
+        value = float(w_scale)
+    except OverflowError:
+        value = math.inf
+    value = torch.tensor(value, dtype=torch.float32).item()  # it is used in float32
+    if not math.isfinite(value):
+        raise ValueError(f"w_scale must be finite in float32, got {w_scale!r}")
+    return None if value == 1.0 else value
+
+
+def _check_out(out, w: torch.Tensor) -> torch.Tensor:
+    """Where the pass writes: w when out is None or w; otherwise a checked tensor like w."""
+    if out is None or out is w:
+        return w
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
+        raise ValueError(
+            f"out must be like w ({tuple(w.shape)} {w.dtype} on {w.device}), got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous() or torch._debug_has_internal_overlap(out) != 0:
+        raise ValueError("out must be contiguous and non-overlapping")
+    start, size = out.data_ptr(), out.numel() * out.element_size()
+    w_start = w.data_ptr()
+    if start == w_start:
+        return out  # exactly w's memory: in place
+    if start < w_start + size and w_start < start + size:
+        raise ValueError("out overlaps w without being w: pass out=w (in place) or a new tensor")
+    return out
+
+
+def _on_device(value, dtype: torch.dtype, device: torch.device):
+    """A round seed / weight scale as a one-element device tensor (None stays None; tensors are
+    already there), copied through pinned memory without a sync."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    host = torch.tensor([to_signed64(value) if dtype == torch.int64 else value], dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _host_value(value, kind):
+    """A round seed (uint64) / weight scale (float) for the pure-torch reference."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+        return value % 2**64 if kind is int else value
+    return value
+
+
 def _graph_terms(seed, scale, device, name: str):
     """Seeds/scales given as device tensors (graph-capture form), checked without a sync."""
     if not isinstance(scale, torch.Tensor):
@@ -152,7 +254,15 @@ def _graph_terms(seed, scale, device, name: str):
 
 @torch.no_grad()
 def gaussian_(
-    w: torch.Tensor, seed, scale, *, offset: int = 0, backend: str = "auto"
+    w: torch.Tensor,
+    seed,
+    scale,
+    *,
+    offset: int = 0,
+    round_seed=None,
+    w_scale=1.0,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """w += Σ_t scale_t · Z_t in place, Z_t[i] = normal(seed_t, offset + i); one pass over w.
 
@@ -161,35 +271,60 @@ def gaussian_(
         seed: a uint64 seed, or a sequence of them (one per term), or an int64 device tensor.
         scale: a finite float, or one per seed (a float32 device tensor with tensor seeds).
         offset: global index of w's first element (for a contiguous shard of a larger tensor).
+        round_seed: None (round to nearest even) or a uint64 seed: stochastic rounding, element
+            i taking bits(round_seed, 0, offset + i) (module docstring); or a one-element int64
+            device tensor (graph capture). No effect on float32 weights.
+        w_scale: finite float32 factor applied to w before the terms (fused weight decay), or a
+            one-element float32 device tensor.
+        out: None (in place) or a tensor like w that receives the result; w is then only read.
         backend: "auto", "triton", "cpp" or "torch".
 
     Returns:
-        w, modified in place.
+        w, modified in place (out, when given).
 
     Example:
         >>> w = torch.zeros(3, 5)
         >>> _ = gaussian_(w, seed=1, scale=1e-3)        # perturb
         >>> _ = gaussian_(w, seed=[1, 2], scale=[-1e-3, 1e-3])  # revert and perturb anew
+        >>> b = torch.zeros(3, 5, dtype=torch.bfloat16)
+        >>> _ = gaussian_(b, seed=3, scale=1e-6, round_seed=4, w_scale=0.999)
     """
     check_weight(w)
     offset = _check_offset(offset, "offset")
+    target = _check_out(out, w)
+    round_seed = _check_round_seed(round_seed, w)
+    w_scale = _check_w_scale(w_scale, w)
     if isinstance(seed, torch.Tensor):
         seeds_t, scales_t = _graph_terms(seed, scale, w.device, "seed")
         seeds = None
     else:
         seeds = _check_seeds(seed, "seed")
         scales = _check_scales(scale, len(seeds))
-        seeds_t, scales_t = _device_terms(seeds, scales, w.device)
     backend = resolve_backend(backend, w.device)
+    if seeds is not None:
+        seeds_t, scales_t = _device_terms(seeds, scales, w.device)
+    if backend == "torch":
+        from zofast.kernels import gaussian
+
+        seeds = seeds if seeds is not None else [s % 2**64 for s in seeds_t.tolist()]
+        result = gaussian.gaussian_ref(
+            w, seeds, scales_t, offset, _host_value(round_seed, int), _host_value(w_scale, float)
+        )
+        return target.copy_(result)
+    round_t = _on_device(round_seed, torch.int64, w.device)
+    w_scale_t = _on_device(w_scale, torch.float32, w.device)
     if backend == "cpp":
-        require_extension(w.device).gaussian_(w, seeds_t, scales_t, offset)
-        return w
+        ops = require_extension(w.device)
+        if target is w and round_t is None and w_scale_t is None:
+            ops.gaussian_(w, seeds_t, scales_t, offset)
+        else:
+            ops.gaussian_into(w, target, seeds_t, scales_t, offset, round_t, w_scale_t)
+        return target
     from zofast.kernels import gaussian
 
-    if backend == "triton":
-        return gaussian.gaussian_triton(w, seeds_t, scales_t, offset)
-    seeds = seeds if seeds is not None else [s % 2**64 for s in seeds_t.tolist()]
-    return w.copy_(gaussian.gaussian_ref(w, seeds, scales_t, offset))
+    return gaussian.gaussian_triton(
+        w, seeds_t, scales_t, offset, out=target, round_seed=round_t, w_scale=w_scale_t
+    )
 
 
 def _noise(n: int, seed_t: torch.Tensor, scale_t: torch.Tensor, offset: int, backend: str):
@@ -238,16 +373,53 @@ def _merge_shared_v(u_all, v_all, v_seeds: list[int]):
     return u, torch.stack([v_all[ts[0]] for ts in groups.values()])
 
 
-def _apply_factors(w2d: torch.Tensor, u: torch.Tensor, v: torch.Tensor, backend: str) -> None:
+def _apply_factors(
+    w2d: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    out2d: torch.Tensor,
+    round_seed=None,
+    w_scale=None,
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> None:
+    """out2d = round(w_scale·w2d + Σ u·vᵀ) on checked inputs (out2d may be w2d)."""
+    if backend == "torch":
+        from zofast.kernels import lowrank
+
+        result = lowrank.lowrank_ref(
+            w2d,
+            u,
+            v,
+            round_seed=_host_value(round_seed, int),
+            w_scale=_host_value(w_scale, float),
+            row_offset=row_offset,
+            col_offset=col_offset,
+        )
+        out2d.copy_(result)
+        return
+    round_t = _on_device(round_seed, torch.int64, w2d.device)
+    w_scale_t = _on_device(w_scale, torch.float32, w2d.device)
     if backend == "cpp":
-        require_extension(w2d.device).lowrank_apply_(w2d, u, v)
+        ops = require_extension(w2d.device)
+        if out2d is w2d and round_t is None and w_scale_t is None:
+            ops.lowrank_apply_(w2d, u, v)
+        else:
+            ops.lowrank_apply_into(w2d, out2d, u, v, row_offset, col_offset, round_t, w_scale_t)
         return
     from zofast.kernels import lowrank
 
-    if backend == "triton":
-        lowrank.lowrank_triton(w2d, u, v)
-    else:
-        w2d.copy_(lowrank.lowrank_ref(w2d, u, v))
+    lowrank.lowrank_triton(
+        w2d,
+        u,
+        v,
+        out=out2d,
+        round_seed=round_t,
+        w_scale=w_scale_t,
+        row_offset=row_offset,
+        col_offset=col_offset,
+    )
 
 
 @torch.no_grad()
@@ -260,6 +432,9 @@ def lowrank_(
     *,
     row_offset: int = 0,
     col_offset: int = 0,
+    round_seed=None,
+    w_scale=1.0,
+    out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """w += Σ_t scale_t · U_t·V_tᵀ in place, without materialising any m×n product; one pass.
@@ -275,22 +450,32 @@ def lowrank_(
         rank: r, 1 ≤ r ≤ min(m, n).
         scale: a finite float, or one per term (a float32 device tensor with tensor seeds).
         row_offset, col_offset: global row / column index of w's first row / column (shards).
+        round_seed: None (round to nearest even) or a uint64 seed: stochastic rounding, element
+            (i, j) taking bits(round_seed, row_offset + i, col_offset + j) (module docstring);
+            or a one-element int64 device tensor. No effect on float32 weights.
+        w_scale: finite float32 factor applied to w before the terms (fused weight decay), or a
+            one-element float32 device tensor.
+        out: None (in place) or a tensor like w that receives the result; w is then only read.
         backend: "auto", "triton", "cpp" or "torch".
 
     Returns:
-        w, modified in place.
+        w, modified in place (out, when given).
 
     Example:
         >>> w = torch.zeros(64, 32)
         >>> _ = lowrank_(w, u_seed=1, v_seed=2, rank=2, scale=1e-3)
         >>> torch.linalg.matrix_rank(w).item()
         2
+        >>> tmp = lowrank_(w, 3, 4, 2, 1e-3, out=torch.empty_like(w))  # w unchanged
     """
     check_weight(w)
     m, n = matrix_shape(w.shape)
     rank = _check_rank(rank, m, n)
     row_offset = _check_offset(row_offset, "row_offset")
     col_offset = _check_offset(col_offset, "col_offset")
+    target = _check_out(out, w)
+    round_seed = _check_round_seed(round_seed, w)
+    w_scale = _check_w_scale(w_scale, w)
     if isinstance(u_seed, torch.Tensor):
         u_seeds_t, scales_t = _graph_terms(u_seed, scale, w.device, "u_seed")
         if not isinstance(v_seed, torch.Tensor):
@@ -314,13 +499,32 @@ def lowrank_(
     )
     if v_seeds is not None:
         u, v = _merge_shared_v(u, v, v_seeds)
-    _apply_factors(w.view(m, n), u, v, backend)
-    return w
+    _apply_factors(
+        w.view(m, n),
+        u,
+        v,
+        backend,
+        target.view(m, n),
+        round_seed,
+        w_scale,
+        row_offset,
+        col_offset,
+    )
+    return target
 
 
 @torch.no_grad()
 def outer_add_(
-    w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, backend: str = "auto"
+    w: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    *,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    round_seed=None,
+    w_scale=1.0,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """w += left·rightᵀ in place for explicit factors, in one fused pass (no m×n product).
 
@@ -330,10 +534,13 @@ def outer_add_(
     Args:
         w: contiguous float32 / bfloat16 / float16 tensor with ≥ 2 dims, viewed as m×n.
         left: float32 (m, K); right: float32 (n, K), on w's device.
+        row_offset, col_offset: global row / column of w's first row / column: only the
+            stochastic rounding's words depend on them (a shard rounds as the whole tensor).
+        round_seed, w_scale, out: as for lowrank_ (module docstring).
         backend: "auto", "triton", "cpp" or "torch".
 
     Returns:
-        w, modified in place.
+        w, modified in place (out, when given).
 
     Example:
         >>> w = torch.zeros(4, 3)
@@ -341,6 +548,11 @@ def outer_add_(
     """
     check_weight(w)
     m, n = matrix_shape(w.shape)
+    row_offset = _check_offset(row_offset, "row_offset")
+    col_offset = _check_offset(col_offset, "col_offset")
+    target = _check_out(out, w)
+    round_seed = _check_round_seed(round_seed, w)
+    w_scale = _check_w_scale(w_scale, w)
     for t, name, rows in ((left, "left", m), (right, "right", n)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
             raise TypeError(f"{name} must be a float32 tensor")
@@ -353,8 +565,18 @@ def outer_add_(
             f"left and right must share K ≥ 1, got {left.shape[1]} and {right.shape[1]}"
         )
     backend = resolve_backend(backend, w.device)
-    _apply_factors(w.view(m, n), left.T.contiguous()[None], right.T.contiguous()[None], backend)
-    return w
+    _apply_factors(
+        w.view(m, n),
+        left.T.contiguous()[None],
+        right.T.contiguous()[None],
+        backend,
+        target.view(m, n),
+        round_seed,
+        w_scale,
+        row_offset,
+        col_offset,
+    )
+    return target
 
 
 @torch.no_grad()
@@ -462,6 +684,16 @@ class GraphedPass:
     The graph holds the tensors' addresses: if a tensor is reallocated (``model.to(...)``, a
     load that replaces storage), ``stale`` turns True and a replay raises; build a new pass.
 
+    Options: ``stochastic=True`` gives each tensor a round seed per replay (stochastic rounding,
+    bit for bit the eager ops' ``round_seed``) and ``scaled=True`` a weight scale (the eager ops'
+    ``w_scale``; pass 1.0 for tensors that take none). The device tables, row i for tensor i:
+
+    * seeds (count, T + V + S) int64, the uint64 bit patterns: columns 0 .. T − 1 the T u (or
+      full-rank) seeds, then V = 1 v seed (2 with v_split), then S = 1 round seed if stochastic
+      (the last column), else S = 0.
+    * scales (count, T + A) float32: columns 0 .. T − 1 the T scales, then A = 1 weight scale if
+      scaled (the last column), else A = 0.
+
     Args:
         tensors: contiguous float32 / bfloat16 / float16 CUDA tensors on one device.
         ranks: one rank per tensor (0 = full-rank noise).
@@ -469,6 +701,8 @@ class GraphedPass:
         share_with: a GraphedPass over the same tensors and ranks (another T) whose tables and
             factor buffers this one reuses (passes replayed one after another on one stream).
         v_split: 0 (one v seed per tensor) or s in 1 .. T − 1 (two; see above).
+        stochastic: a round seed column (see above).
+        scaled: a weight-scale column (see above).
 
     Example:
         >>> passes = GraphedPass([w1, b1], ranks=[2, 0], n_terms=1)  # doctest: +SKIP
@@ -482,6 +716,8 @@ class GraphedPass:
         n_terms: int,
         share_with: GraphedPass | None = None,
         v_split: int = 0,
+        stochastic: bool = False,
+        scaled: bool = False,
     ):
         from zofast.kernels.multi import MultiPass, vector_aligned
 
@@ -498,14 +734,19 @@ class GraphedPass:
             raise ValueError(f"n_terms must be a positive integer, got {n_terms!r}")
         if isinstance(v_split, bool) or not isinstance(v_split, int) or not 0 <= v_split < n_terms:
             raise ValueError(f"v_split must be 0 or in 1..{n_terms - 1}, got {v_split!r}")
+        for name, flag in (("stochastic", stochastic), ("scaled", scaled)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.tensors, self.ranks, self.n_terms = list(tensors), list(ranks), n_terms
-        self.v_split = v_split
+        self.v_split, self.stochastic, self.scaled = v_split, stochastic, scaled
         self._addresses = [w.data_ptr() for w in self.tensors]
         count = len(tensors)
-        # Row i: T u (or full-rank) seeds, then the v seed (two with v_split); scales apart.
+        # Row i: T u (or full-rank) seeds, the v seed (two with v_split), [the round seed];
+        # scales apart: T scales, [the weight scale] (class docstring).
         v_seeds = 2 if v_split else 1
-        self._seeds = torch.zeros(count, n_terms + v_seeds, dtype=torch.int64, device=device)
-        self._scales = torch.zeros(count, n_terms, dtype=torch.float32, device=device)
+        seed_width = n_terms + v_seeds + stochastic
+        self._seeds = torch.zeros(count, seed_width, dtype=torch.int64, device=device)
+        self._scales = torch.zeros(count, n_terms + scaled, dtype=torch.float32, device=device)
         self._host_seeds = torch.zeros_like(self._seeds, device="cpu").pin_memory()
         self._host_scales = torch.zeros_like(self._scales, device="cpu").pin_memory()
         self._copied = torch.cuda.Event()
@@ -524,11 +765,12 @@ class GraphedPass:
             length = 16 * math.ceil(max(rank, 1) / 16) + (0 if aligned else 1)
             shape = (rank, length) if rank else (length,)
             stand_ins.append(torch.zeros(shape, dtype=dtype, device=device))
-        MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms, v_split=v_split).launch(
+        options = dict(v_split=v_split, stochastic=stochastic, scaled=scaled)
+        MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms, **options).launch(
             self._seeds[: len(kinds)], self._scales[: len(kinds)]
         )
         share = share_with._plan if share_with is not None and not share_with.stale else None
-        self._plan = MultiPass(self.tensors, self.ranks, n_terms, share=share, v_split=v_split)
+        self._plan = MultiPass(self.tensors, self.ranks, n_terms, share=share, **options)
         torch.cuda.synchronize(device)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
@@ -544,6 +786,8 @@ class GraphedPass:
         seeds: Sequence[Sequence[int]],
         v_seeds: Sequence[int],
         scales: Sequence[Sequence[float]],
+        round_seeds: Sequence[int] | None = None,
+        w_scales: Sequence[float] | None = None,
     ) -> None:
         """Replay: tensor i gets terms (seeds[i][t], v_seeds[i], scales[i][t]), t < T.
 
@@ -552,36 +796,56 @@ class GraphedPass:
             v_seeds: per tensor, its shared v seed, or with v_split its pair of v seeds
                 (ignored for full-rank tensors).
             scales: per tensor, T finite scales.
+            round_seeds: per tensor, its uint64 round seed (required with stochastic, else
+                not allowed).
+            w_scales: per tensor, its weight scale, finite in float32 (required with scaled,
+                else not allowed).
         """
+        for name, given, wanted in (
+            ("round_seeds", round_seeds, self.stochastic),
+            ("w_scales", w_scales, self.scaled),
+        ):
+            if (given is not None) != wanted:
+                raise ValueError(
+                    f"{name} must be given exactly when the pass was built with "
+                    f"{'stochastic' if name == 'round_seeds' else 'scaled'}=True"
+                )
         rows = [
             [*row, *(v if isinstance(v, (list, tuple)) else [v])]
             for row, v in zip(seeds, v_seeds, strict=True)
         ]
+        if round_seeds is not None:
+            rows = [[*row, r] for row, r in zip(rows, round_seeds, strict=True)]
         flat = [x for row in rows for x in row]
         # One pass over plain ints (an optimizer calls this with hundreds of rows per step).
         if not all(type(x) is int and 0 <= x <= MAX_SEED for x in flat):
             bad = next(x for x in flat if type(x) is not int or not 0 <= x <= MAX_SEED)
             raise ValueError(f"seeds must be integers in 0..2**64-1, got {bad!r}")
+        if w_scales is not None:
+            scales = [[*row, a] for row, a in zip(scales, w_scales, strict=True)]
         self.replay_table(np.array(rows, dtype=np.uint64), np.array(scales, dtype=np.float32))
 
     def replay_table(self, seeds: np.ndarray, scales: np.ndarray, edit_scales=None) -> None:
-        """Replay from arrays: seeds (count, T + 1) uint64 (row i: tensor i's T seeds, then its
-        v seed; T + 2 with v_split: both v seeds), scales (count, T) float32 (finite). What an
-        optimizer builds without a Python loop over tensors.
+        """Replay from arrays: seeds (count, T + V + S) uint64 and scales (count, T + A) float32
+        (finite), laid out as the class docstring says (row i: tensor i's T seeds, its v seed
+        or two, [its round seed]; its T scales, [its weight scale]). What an optimizer builds
+        without a Python loop over tensors.
 
-        edit_scales: called with the device scale table (count, T) after the upload, before the
-        replay, on the current stream: scales computed on the GPU (an optimizer's −lr·g) go in
-        there without a round trip through the host."""
+        edit_scales: called with the device scale table (count, T + A) after the upload, before
+        the replay, on the current stream: scales computed on the GPU (an optimizer's −lr·g)
+        go in there without a round trip through the host."""
         if seeds.dtype != np.uint64 or scales.dtype != np.float32:
             raise ValueError("seeds must be a uint64 array and scales a float32 array")
         seeds_now = torch.from_numpy(seeds.view(np.int64))
         scales_now = torch.from_numpy(scales)
         if seeds_now.shape != self._host_seeds.shape or scales_now.shape != self._host_scales.shape:
             raise ValueError(
-                f"expected {len(self.tensors)} rows of {self.n_terms} seeds and scales"
+                f"expected seeds {tuple(self._host_seeds.shape)} and scales "
+                f"{tuple(self._host_scales.shape)} (count, columns; class docstring), got "
+                f"{tuple(seeds_now.shape)} and {tuple(scales_now.shape)}"
             )
         if not torch.isfinite(scales_now).all():
-            raise ValueError("scale must be finite real numbers")
+            raise ValueError("scale (and w_scale) must be finite real numbers in float32")
         if self.stale:
             raise RuntimeError("a tensor was reallocated since the graph was captured")
         self._copied.synchronize()  # the previous replay's copy has read the pinned buffers
