@@ -102,7 +102,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kind = str(f.type)
         default = f.default
         help_text = helps.get(f.name, "")
-        if kind == "bool":
+        if kind in ("bool", "bool | None"):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )

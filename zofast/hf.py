@@ -70,6 +70,14 @@ class ZOTrainingArguments(transformers.TrainingArguments):
     zo_nu: int = field(default=50, metadata={"help": "steps between redraws of V"})
     zo_momentum: float | None = field(default=None, metadata={"help": "LOZO-M beta (0.9)"})
     zo_seed: int | None = field(default=None, metadata={"help": "noise seed (default: seed)"})
+    zo_mode: str = field(
+        default="auto",
+        metadata={"help": "auto (exact shadow mode for bf16/fp16), inplace, shadow or virtual"},
+    )
+    zo_rounding: str = field(
+        default="auto",
+        metadata={"help": "auto (stochastic for bf16/fp16), nearest or stochastic"},
+    )
 
 
 def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
@@ -80,6 +88,8 @@ def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
         "nu": getattr(args, "zo_nu", 50),
         "momentum": getattr(args, "zo_momentum", None),
         "seed": getattr(args, "zo_seed", None),
+        "mode": getattr(args, "zo_mode", "auto"),
+        "rounding": getattr(args, "zo_rounding", "auto"),
     }
 
 
@@ -101,7 +111,14 @@ def build_optimizer(model: torch.nn.Module, args: transformers.TrainingArguments
         raise ValueError(f"zo_method must be one of {ZO_METHODS}, got {s['method']!r}")
     seed = args.seed if s["seed"] is None else s["seed"]
     groups = param_groups(model, args.weight_decay)
-    common = {"lr": args.learning_rate, "eps": s["eps"], "seed": seed}
+    common = {
+        "lr": args.learning_rate,
+        "eps": s["eps"],
+        "seed": seed,
+        "mode": s["mode"],
+        "rounding": s["rounding"],
+        "model": model,
+    }
     if s["method"] == "mezo":
         if s["momentum"]:
             raise ValueError("zo_momentum applies to lozo-m only")

@@ -89,6 +89,8 @@ FORWARDS_PER_STEP = {"lozo": 2, "lozo-m": 2, "mezo": 2, "adam": 3}
 DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5}
 DEFAULT_MOMENTUM = {"lozo-m": 0.7}
 DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("auto", "inplace", "shadow", "virtual")
+ROUNDINGS = ("auto", "nearest", "stochastic")
 _DATA_EXTS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
@@ -138,15 +140,20 @@ class TrainConfig:
         output_dir: where the log, plot and trajectories go; None =
             ``runs/<task>-<method>-s<seed>``.
         max_length: longest prompt in tokens; 128 holds every 16-shot SST-2/RTE/TREC example.
-        dtype: weight dtype; float32, because ZO's perturb/revert drifts in bf16/fp16 (FACTS §3).
+        dtype: weight dtype; float32, the fastest on a CPU (bf16 / fp16 train as well: mode
+            "auto" applies their perturbations exactly and rounds their updates stochastically).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
-        mode: ``"inplace"`` or, for lozo / lozo-m, ``"virtual"`` (the layers apply the
-            perturbation and the pending updates: bf16 weights do not drift, see docs/usage.md).
+        mode: ``"auto"`` (exact ``"shadow"`` for bf16 / fp16 weights, ``"inplace"`` for float32,
+            where in-place rounding is negligible and fastest), ``"inplace"``, ``"shadow"`` or,
+            for lozo / lozo-m, ``"virtual"``; see docs/usage.md.
+        rounding: ``"auto"`` (stochastic for bf16 / fp16), ``"nearest"`` or ``"stochastic"``:
+            how update passes round to the weight dtype.
         pipeline: fuse the next step's perturbation into the update (2 weight passes per ZO step
-            instead of 3); the optimizer settles before every evaluation and at the end, so
-            the results are those of an unpipelined run up to rounding.
+            instead of 3; in place only); None = on where the mode is in place. The optimizer
+            settles before every evaluation and at the end, so the results are those of an
+            unpipelined run up to rounding.
         save_model: also write the best weights as a transformers folder (``model/``); off by
             default because the trajectory already rebuilds them.
         zero_shot_test: measure zero-shot test accuracy (the dev one is always measured: it is
@@ -188,8 +195,9 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     freeze: str | None = None
-    mode: str = "inplace"
-    pipeline: bool = True
+    mode: str = "auto"
+    rounding: str = "auto"
+    pipeline: bool | None = None
     save_model: bool = False
     zero_shot_test: bool = True
     progress: bool = True
@@ -231,8 +239,14 @@ class TrainConfig:
                 raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
             if self.momentum > 0 and self.method != "lozo-m":
                 raise ConfigError(f"momentum applies to lozo-m only (method is {self.method})")
-        if self.mode not in ("inplace", "virtual"):
-            raise ConfigError(f"mode must be 'inplace' or 'virtual', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(
+                f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"
+            )
+        if self.pipeline and self.resolved_mode != "inplace":
+            raise ConfigError(f"pipeline is for mode 'inplace' (mode is {self.resolved_mode})")
         if self.mode == "virtual" and self.method not in ("lozo", "lozo-m"):
             raise ConfigError(f"mode 'virtual' is LOZO's (method is {self.method})")
         if self.mode == "virtual" and self.weight_decay:
@@ -267,6 +281,13 @@ class TrainConfig:
     def resolved_lr(self) -> float | None:
         """The learning rate used: ``lr`` or the method's default."""
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.method)
+
+    @property
+    def resolved_mode(self) -> str:
+        """The mode used: ``mode``, or for "auto" what the optimizers choose for ``dtype``."""
+        if self.mode != "auto":
+            return self.mode
+        return "inplace" if self.dtype == "float32" else "shadow"
 
     @property
     def resolved_momentum(self) -> float:
@@ -608,18 +629,18 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module):
     if config.method == "adam":
         params = [p for g in groups for _, p in g["params"]]
         return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
-    common = {"lr": lr, "eps": config.eps, "seed": config.seed, "pipeline": config.pipeline}
+    common = {
+        "lr": lr,
+        "eps": config.eps,
+        "seed": config.seed,
+        "mode": config.resolved_mode,
+        "rounding": config.rounding,
+        "pipeline": config.resolved_mode == "inplace" and config.pipeline is not False,
+        "model": model,
+    }
     if config.method == "mezo":
         return MeZO(groups, **common)
-    virtual = {"mode": "virtual", "model": model} if config.mode == "virtual" else {}
-    return LOZO(
-        groups,
-        rank=config.rank,
-        nu=config.nu,
-        momentum=config.resolved_momentum,
-        **virtual,
-        **common,
-    )
+    return LOZO(groups, rank=config.rank, nu=config.nu, momentum=config.resolved_momentum, **common)
 
 
 def _setup(
@@ -770,7 +791,7 @@ def _run(config, loaded, scorer, splits, optimizer, out_dir: Path, log: _Log) ->
             bar.close()
         if zo:
             optimizer.settle()
-            if config.mode == "virtual":
+            if optimizer.mode != "inplace":
                 optimizer.detach()  # the hooks come off: a plain model from here on
 
     if not dev:
