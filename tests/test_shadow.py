@@ -18,6 +18,8 @@ from zofast.shadow import ShadowLayers, ShadowTensor, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
 VOCAB, DIM, EPS = 37, 12, 1e-2
 
 
@@ -46,40 +48,41 @@ class TinyLM(torch.nn.Module):
         return self.head(h + a)
 
 
-def randomised(model, dtype=torch.float32):
+def randomised(model, dtype=torch.float32, device="cpu"):
     """Weights N(0, 0.3²) from a fixed generator (same values for every call), in `dtype`."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def tiny(dtype=torch.float32):
-    return randomised(TinyLM(), dtype)
+def tiny(dtype=torch.float32, device="cpu"):
+    return randomised(TinyLM(), dtype, device)
 
 
-def gpt2(dtype=torch.float32):
+def gpt2(dtype=torch.float32, device="cpu"):
     config = transformers.GPT2Config(
         n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=50, bos_token_id=0,
         eos_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    return randomised(transformers.GPT2LMHeadModel(config), dtype)
+    return randomised(transformers.GPT2LMHeadModel(config), dtype, device)
 
 
-def opt_model(dtype=torch.float32):
+def opt_model(dtype=torch.float32, device="cpu"):
     config = transformers.OPTConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
         word_embed_proj_dim=8, vocab_size=50, max_position_embeddings=32, pad_token_id=1,
         bos_token_id=2, eos_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
-    return randomised(transformers.OPTForCausalLM(config), dtype)
+    return randomised(transformers.OPTForCausalLM(config), dtype, device)
 
 
-def ids_for(vocab, shape=(3, 7)):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+def ids_for(vocab, shape=(3, 7), device="cpu"):
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+    return ids.to(device)
 
 
 def run(model, ids):
@@ -116,15 +119,15 @@ def noise(st, dtype=torch.float64):
     """Z of a tensor, materialised (the engine's contract)."""
     p = st.param
     if st.rank:
-        U, V = lowrank_factors(p.shape, *st.seeds, st.rank)
+        U, V = lowrank_factors(p.shape, *st.seeds, st.rank, device=p.device)
         return (U.to(dtype) @ V.to(dtype).T).reshape(p.shape)
-    return gaussian_noise(p.shape, st.seeds[0]).to(dtype)
+    return gaussian_noise(p.shape, st.seeds[0], device=p.device).to(dtype)
 
 
 def perturbed_copy(make, dtype, tensors, c):
     """A fresh model of `dtype` whose trained weights are W + c·Z: by the engine in place, or
     in float64 arithmetic for dtype float64 (W then being the float64 of the `lowp` weights)."""
-    model = make(tensors[0].param.dtype).to(dtype)
+    model = make(tensors[0].param.dtype, tensors[0].param.device).to(dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for st in tensors:
@@ -239,12 +242,13 @@ TEMPORARY_ONLY = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank", [0, 2])
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
-def test_temporaries_equal_inplace_bit_for_bit(dtype, rank, context, fresh_seed):
-    model = tiny(dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_temporaries_equal_inplace_bit_for_bit(dtype, rank, context, device, fresh_seed):
+    model = tiny(dtype, device)
     snap = snapshot(model)
     tensors = shadow_tensors(model, rank, TEMPORARY_ONLY, seed=fresh_seed)
     layers = attached(model, tensors)
-    ids = ids_for(VOCAB)
+    ids = ids_for(VOCAB, device=device)
     grad_context = torch.no_grad if context == "no_grad" else torch.inference_mode
     for c in (EPS, -EPS, 0.0, EPS):
         with grad_context():
@@ -279,14 +283,15 @@ def test_transformers_temporaries_bit_for_bit():
 @pytest.mark.parametrize("make", [tiny, gpt2, opt_model], ids=["tiny", "gpt2", "opt"])
 @pytest.mark.parametrize("rank", [0, 2])
 @pytest.mark.parametrize("product_min_numel", [None, 0])
-def test_every_way_against_float64(make, rank, product_min_numel):
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_way_against_float64(make, rank, product_min_numel, device):
     """All parameters trained: the shadow forward is within 2× the in-place float32 copy's
     error of the float64 model with W + c·Z, and so is the finite difference y(+ε) − y(−ε)."""
-    model = make()
+    model = make(device=device)
     snap = snapshot(model)
     tensors = shadow_tensors(model, rank)
     layers = attached(model, tensors, product_min_numel=product_min_numel)
-    ids = ids_for(model.get_input_embeddings().num_embeddings)
+    ids = ids_for(model.get_input_embeddings().num_embeddings, device=device)
     got, want, inplace = {}, {}, {}
     with torch.no_grad():
         for c in (EPS, -EPS):
@@ -322,7 +327,8 @@ class TiedPair(torch.nn.Module):
 @pytest.mark.parametrize("rank", [0, 2])
 @pytest.mark.parametrize("head", ["linear", "conv1d"])
 @pytest.mark.parametrize("chunk", [None, 5 * DIM + 3])
-def test_rows_and_product_per_layer(dtype, rank, head, chunk, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_and_product_per_layer(dtype, rank, head, chunk, device, monkeypatch):
     """Embedding rows: y = W[ids] + c·Z[ids] within the rounding of that sum, 2·eps·(|W| +
     |c|·|Z|) (|Z| bounded by |U|·|V|ᵀ when low-rank) against float64; the tied layer within 2×
     the error of the in-place copy in the same dtype. `chunk`: Z generated 5 rows at a time
@@ -330,18 +336,19 @@ def test_rows_and_product_per_layer(dtype, rank, head, chunk, monkeypatch):
     if chunk is not None:
         monkeypatch.setattr(shadow, "CHUNK_NUMEL", chunk)
 
-    def make(dtype):
-        return randomised(TiedPair(head), dtype)
+    def make(dtype, device):
+        return randomised(TiedPair(head), dtype, device)
 
-    model = make(dtype)
+    model = make(dtype, device)
     (st,) = tensors = shadow_tensors(model, rank, ["emb.weight"])
     assert [u.way for u in plan(model, tensors)[0].uses] == ["rows", "product"]
     attached(model, tensors)
-    ids = ids_for(VOCAB, (4, 9))
+    ids = ids_for(VOCAB, (4, 9), device)
     features = DIM if head == "linear" else VOCAB
-    x = torch.randn(4, 9, features, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(4, 9, features, generator=torch.Generator().manual_seed(2))
+    x = x.to(device=device, dtype=dtype)
     if rank:
-        U, V = lowrank_factors(st.param.shape, *st.seeds, rank)
+        U, V = lowrank_factors(st.param.shape, *st.seeds, rank, device=device)
         size = U.double().abs() @ V.double().abs().T
     else:
         size = noise(st).abs()
@@ -362,11 +369,12 @@ def test_rows_and_product_per_layer(dtype, rank, head, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("rank", [0, 2])
-def test_zero_coefficient_does_nothing(rank, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_coefficient_does_nothing(rank, device, monkeypatch):
     """c = 0: bit-identical to the unhooked model, and no noise is generated, no temporary
     built (the engine's entry points raise if called)."""
-    model = tiny()
-    ids = ids_for(VOCAB)
+    model = tiny(device=device)
+    ids = ids_for(VOCAB, device=device)
     contexts = (torch.no_grad, torch.inference_mode, torch.enable_grad)
     want = []
     for context in contexts:  # with grad, MultiheadAttention leaves its fast path
@@ -454,8 +462,8 @@ class Nested(torch.nn.Module):
         return self.head(self.b(torch.tanh(self.a(h)))) + self.table.sum()
 
 
-def make_nested(dtype=torch.float32):
-    return randomised(Nested(), dtype)
+def make_nested(dtype=torch.float32, device="cpu"):
+    return randomised(Nested(), dtype, device)
 
 
 @pytest.mark.parametrize("rank", [0, 2])
