@@ -198,3 +198,70 @@ def test_virtual_mode_same_iterates_as_inplace_on_gpu(momentum):
     torch.testing.assert_close(loss_v, loss_in, rtol=1e-4, atol=0)  # g: ΔL / 2ε amplifies
     for a, b in zip(w_v, w_in, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+
+
+def _int_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1823, 781), (4096, 4096)])
+def test_triton_and_cuda_stochastic_rounding_w_scale_and_out_bit_exact(dtype, shape):
+    """round_seed, w_scale and out= on the GPU: Triton and the CUDA ops give the same bits (the
+    normals are bit-exact there), also for an unaligned column shard (Triton's per-element words)
+    and explicit factors; out= leaves w untouched and equals the in-place result."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    w = (0.02 * torch.randn(shape, device="cuda", generator=gen)).to(dtype)
+    before = w.clone()
+    opts = dict(round_seed=2**64 - 99, w_scale=1 - 1e-4)
+    runs = {}
+    for backend in ("triton", "cpp"):
+        out = torch.full_like(w, float("nan"))
+        g = perturb.gaussian_(w, [3, 4], [1e-5, -2e-5], out=out, backend=backend, **opts)
+        inplace = perturb.gaussian_(w.clone(), [3, 4], [1e-5, -2e-5], backend=backend, **opts)
+        assert torch.equal(_int_bits(g), _int_bits(inplace)), backend
+        low = perturb.lowrank_(
+            w.clone(), [5, 6], [7, 7], 4, [1e-5, 1e-5], row_offset=3, backend=backend, **opts
+        )
+        part = w[:, 5:].contiguous()
+        shard = perturb.lowrank_(part, 5, 7, 4, 1e-5, col_offset=5, backend=backend, **opts)
+        left = 1e-5 * torch.ones(shape[0], 2, device="cuda")
+        right = torch.ones(shape[1] - 3, 2, device="cuda")
+        outer = perturb.outer_add_(
+            w[:, 3:].contiguous(), left, right, col_offset=3, backend=backend, **opts
+        )
+        runs[backend] = (g, low, shard, outer)
+    assert torch.equal(_int_bits(w), _int_bits(before))
+    for a, b in zip(runs["triton"], runs["cpp"], strict=True):
+        assert torch.equal(_int_bits(a), _int_bits(b))
+    if dtype != torch.float32:  # tiny updates: round to nearest would keep most weights
+        nearest = perturb.gaussian_(w.clone(), [3, 4], [1e-5, -2e-5], w_scale=1 - 1e-4)
+        assert (runs["triton"][0] != nearest).any()
+
+
+def test_graphed_pass_stochastic_and_scaled_equal_eager_calls():
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    shapes = [(300, 200), (64,), (17, 3, 5), (1000,), (2048, 512)]
+    ranks = [4, 0, 2, 0, 1]
+    tensors = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    expected = [t.clone() for t in tensors]
+    passes = perturb.GraphedPass(tensors, ranks, n_terms=2, stochastic=True, scaled=True)
+    assert passes._seeds.shape == (5, 4) and passes._scales.shape == (5, 3)
+    for step in range(3):
+        seeds = [[100 * step + 10 * i + t for t in range(2)] for i in range(len(shapes))]
+        v_seeds = [7 + step + i for i in range(len(shapes))]
+        scales = [[1e-4, -2e-4 * (step + 1)] for _ in shapes]
+        round_seeds = [2**64 - 1 - 17 * step - i for i in range(len(shapes))]
+        w_scales = [1 - 1e-3 * (i + step) for i in range(len(shapes))]
+        passes(seeds, v_seeds, scales, round_seeds=round_seeds, w_scales=w_scales)
+        for e, r, s, v, sc, rs, a in zip(
+            expected, ranks, seeds, v_seeds, scales, round_seeds, w_scales, strict=True
+        ):
+            if r:
+                perturb.lowrank_(e, s, [v] * 2, r, sc, round_seed=rs, w_scale=a)
+            else:
+                perturb.gaussian_(e, s, sc, round_seed=rs, w_scale=a)
+        for t, e in zip(tensors, expected, strict=True):
+            assert torch.equal(t, e), step
+    with pytest.raises(ValueError, match="round_seeds"):
+        passes(seeds, v_seeds, scales, w_scales=w_scales)

@@ -83,6 +83,58 @@ def test_multi_pass_equals_one_call_per_tensor(n_terms, v_split, fresh_seed):
         assert torch.equal(got, want), f"tensor {i} {TENSORS[i]}, seed {fresh_seed}"
 
 
+@pytest.mark.parametrize(
+    "n_terms,v_split,stochastic,scaled",
+    [(1, 0, True, False), (2, 0, False, True), (3, 1, True, True)],
+)
+def test_multi_pass_options_equal_eager_calls(n_terms, v_split, stochastic, scaled, fresh_seed):
+    """stochastic: each seeds row ends with the tensor's round seed; scaled: each scales row
+    ends with its weight scale. Bit for bit one lowrank_ / gaussian_ per tensor with that
+    round_seed / w_scale (float32 tensors: the round seed has no effect)."""
+    from zofast.kernels.multi import MultiPass
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keep = [i for i, (shape, _) in enumerate(TENSORS) if shape != (130, 261)]  # interpreter time
+    tensors, ranks, seeds, scales = (
+        [x[i] for i in keep] for x in _setup(fresh_seed, n_terms, device)
+    )
+    if v_split:
+        seeds = [row + [(row[-1] + 104729) % 2**64] for row in seeds]
+    round_seeds = [(2**64 - 1 - fresh_seed - 31 * i) % 2**64 for i in range(len(tensors))]
+    w_scales = [1 - 1e-3 * (i + 1) for i in range(len(tensors))]
+    expected = [w.clone() for w in tensors]
+    for i, (w, rank, row, scale) in enumerate(zip(expected, ranks, seeds, scales, strict=True)):
+        extra = dict(backend="triton")
+        if stochastic:
+            extra["round_seed"] = round_seeds[i]
+        if scaled:
+            extra["w_scale"] = w_scales[i]
+        if rank:
+            v = row[n_terms:]
+            v_seeds = [v[1] if v_split and t >= v_split else v[0] for t in range(n_terms)]
+            perturb.lowrank_(w, row[:n_terms], v_seeds, rank, scale, **extra)
+        else:
+            perturb.gaussian_(w, row[:n_terms], scale, **extra)
+    if stochastic:
+        seeds = [row + [r] for row, r in zip(seeds, round_seeds, strict=True)]
+    if scaled:
+        scales = [row + [a] for row, a in zip(scales, w_scales, strict=True)]
+    plan = MultiPass(
+        tensors,
+        ranks,
+        n_terms,
+        tile=(16, 32),
+        v_split=v_split,
+        stochastic=stochastic,
+        scaled=scaled,
+    )
+    plan._u.fill_(float("nan"))
+    plan._v.fill_(float("nan"))
+    plan.launch(*_tables(seeds, scales, device))
+    for i, (got, want) in enumerate(zip(tensors, expected, strict=True)):
+        assert torch.equal(got, want), f"tensor {i} {TENSORS[keep[i]]}, seed {fresh_seed}"
+
+
 def test_multi_pass_narrow_tensors_take_the_float32_results_rounded_once(fresh_seed):
     """bf16 / fp16 tensors end as the same pass over float32 copies, rounded once by torch (the
     interpreter's own float32 -> bf16 conversion truncates: kernels.philox.narrow)."""
