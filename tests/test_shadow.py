@@ -413,6 +413,41 @@ def test_stored_weights_untouched_over_many_forwards():
                 assert unchanged(model, snap)
 
 
+def test_one_module_s_temporaries_at_a_time():
+    """While a layer runs, the swapped-in tensors are its own and its owners' (the root's
+    `scale`): the memory bound of the temporary way."""
+    model = tiny(torch.bfloat16)
+    tensors = shadow_tensors(model, 2)
+    attached(model, tensors)
+    seen = {}
+
+    def recorder(name):
+        def record(module, args):
+            seen[name] = sorted(st.name for st in tensors if st.swapped)
+
+        return record
+
+    for name, module in model.named_children():
+        module.register_forward_pre_hook(recorder(name))  # after the shadow pre-hook
+    with torch.no_grad():
+        set_coef(tensors, EPS)
+        run(model, ids_for(VOCAB))
+    assert seen == {
+        "emb": ["scale"],
+        "fc": ["fc.bias", "fc.weight", "scale"],
+        "norm": ["norm.bias", "norm.weight", "scale"],
+        "head": ["scale"],  # tied to the embedding: a product, nothing swapped
+        "attn": [
+            "attn.in_proj_bias",
+            "attn.in_proj_weight",
+            "attn.out_proj.bias",
+            "attn.out_proj.weight",
+            "scale",
+        ],
+    }
+    assert not any(st.swapped for st in tensors)
+
+
 def test_usage_records_only_tensors_a_forward_perturbed():
     """A parent reading a child's weight directly bypasses the child's hooks: the record
     shows that the tensor was not applied."""
