@@ -199,13 +199,13 @@ class ShadowTensor:
 
 
 def _build_temporary(st: ShadowTensor, w: torch.Tensor) -> torch.Tensor:
-    """W + c·Z out of place, bit for bit what the engine writes into a perturbed copy of w."""
+    """W + c·Z out of place (w only read), bit for bit what the engine writes into a perturbed
+    copy of w."""
     seeds, scale = st._device_terms(w.device)
     tmp = torch.empty_like(w)
-    tmp.copy_(w)
     if st.rank:
-        return lowrank_(tmp, seeds[:1], seeds[1:], st.rank, scale)
-    return gaussian_(tmp, seeds, scale)
+        return lowrank_(w, seeds[:1], seeds[1:], st.rank, scale, out=tmp)
+    return gaussian_(w, seeds, scale, out=tmp)
 
 
 def _noise_rows(st: ShadowTensor, rows: torch.Tensor, n: int) -> torch.Tensor:
