@@ -10,12 +10,22 @@ step_over_two_forwards_interleaved (in place and the MeZO pattern): the median o
 4 back-to-back forwards then 4 back-to-back steps, each round's own ratio: the figure for rows
 whose forward is bound by host-side launches, where the machine's load drifts between
 separately timed forwards and steps.
-peak_over_forward = peak memory of a step / of a forward."""
+peak_over_forward = peak memory of a step / of a forward.
+
+Rows: the MeZO pattern and the legacy rows (ids "mezo-b16", "lozo-b16", "lozo_m-b16",
+"lozo_virtual-b16", ...: bf16, in place or virtual, round-to-nearest, as measured before the exact
+modes existed), then one row per (method, mode, dtype) with default rounding (ids
+"lozo-shadow-bf16-b16", "lozo-m-virtual-bf16-b16", "mezo-inplace-bf16-b16", ...): LOZO, LOZO-M
+(momentum 0.9) and MeZO in place (pipelined), shadow and, for LOZO, virtual (pipelined). Dtypes:
+ZOFAST_STEP_DTYPES (comma-separated, default "bfloat16"; e.g. "bfloat16,float16,float32").
+Each row records method ("lozo", "lozo-m", "mezo", "mezo-pattern"), dtype, mode (as resolved),
+rounding, exact (stored weights written by updates only: opt.exact) and pipeline."""
+
+import os
 
 import pytest
 import torch
-
-from zofast.optim import LOZO, MeZO
+from precision import describe, make_optimizer, new_api
 
 OPT_SHAPES = {
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
@@ -124,6 +134,7 @@ def mezo_pattern_step(model, closure, seed, eps=1e-3, lr=1e-7):
     return loss_plus
 
 
+# Legacy rows (ids "<name>-b<batch>"): bf16, round-to-nearest, as measured before the exact modes.
 METHODS = [
     ("mezo_pattern", BATCH),
     ("mezo", BATCH),
@@ -133,12 +144,40 @@ METHODS = [
     ("lozo", SMALL_BATCH),
     ("lozo_virtual", SMALL_BATCH),
 ]
+LEGACY = {  # name: (method, mode)
+    "mezo_pattern": ("mezo-pattern", "inplace"),
+    "mezo": ("mezo", "inplace"),
+    "lozo": ("lozo", "inplace"),
+    "lozo_m": ("lozo-m", "inplace"),
+    "lozo_virtual": ("lozo", "virtual"),
+}
+SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+DTYPES = os.environ.get("ZOFAST_STEP_DTYPES", "bfloat16").split(",")
+# Every optimizer in each mode, default rounding: (method, mode, dtype, batch).
+ROWS = [
+    (method, mode, dtype, BATCH)
+    for dtype in DTYPES
+    for method in ("lozo", "lozo-m", "mezo")
+    for mode in ("inplace", "shadow", "virtual")
+    if not (mode == "virtual" and method == "mezo")
+]
+CASES = [(*LEGACY[m], "bfloat16", b, "nearest", f"{m}-b{b}") for m, b in METHODS] + [
+    (m, mode, d, b, None, f"{m}-{mode}-{SHORT[d]}-b{b}") for m, mode, d, b in ROWS
+]
 
 
-@pytest.mark.parametrize("method,batch", METHODS, ids=[f"{m}-b{b}" for m, b in METHODS])
-def test_step(benchmark, opt_model, method, batch):
+@pytest.mark.parametrize(
+    "method,mode,dtype,batch,rounding", [c[:5] for c in CASES], ids=[c[5] for c in CASES]
+)
+def test_step(benchmark, opt_model, method, mode, dtype, batch, rounding):
     name, model, ids = opt_model
     ids = ids[:batch]
+    if mode == "shadow" and not new_api():
+        pytest.skip("this build has no mode='shadow'")
+    torch_dtype = getattr(torch, dtype)
+    if next(model.parameters()).dtype != torch_dtype:
+        model.to(torch_dtype)
+        torch.cuda.empty_cache()
 
     @torch.no_grad()
     def closure():
@@ -147,37 +186,38 @@ def test_step(benchmark, opt_model, method, batch):
     forward_peak = peak_bytes(closure)
     forward_before = times_ms(closure)
     forward_run_before = back_to_back_ms(closure)
-    if method == "mezo_pattern":
+    pipeline = mode != "shadow"  # shadow leaves no perturbation in the weights to fuse
+    if method == "mezo-pattern":
         step = lambda: mezo_pattern_step(model, closure, seed=1)  # noqa: E731
+        resolved = {"mode": "inplace", "rounding": "nearest", "exact": False}
     else:
-        cls = MeZO if method == "mezo" else LOZO
-        kwargs = {"rank": 2, "nu": 50} if cls is LOZO else {}
-        if method == "lozo_m":
-            kwargs["momentum"] = 0.9
-        if method == "lozo_virtual":
-            kwargs.update(mode="virtual", model=model)
-        opt = cls(model.parameters(), lr=1e-7, eps=1e-3, seed=1, pipeline=True, **kwargs)
+        opt = make_optimizer(
+            method, model, 1e-7, mode=mode, rounding=rounding, eps=1e-3, seed=1, pipeline=pipeline
+        )
         step = lambda: opt.step(closure)  # noqa: E731
+        resolved = describe(opt)
     step()
     step_ms = median(times_ms(step))
     step_run_ms = median(back_to_back_ms(step))
     step_peak = peak_bytes(step)
-    # Virtual mode's forwards between steps go through its hooks: not plain forwards.
-    interleaved = [] if method == "lozo_virtual" else interleaved_ratios(closure, step)
+    # Virtual and shadow forwards between steps go through hooks: not plain forwards.
+    interleaved = [] if mode != "inplace" else interleaved_ratios(closure, step)
     benchmark.pedantic(step, rounds=3, iterations=1)
-    if method != "mezo_pattern":
-        opt.settle()
-        if method == "lozo_virtual":
-            opt.detach()
+    if method != "mezo-pattern":
+        opt.detach()  # settles; virtual / shadow: the hooks come off (in place: settle only)
     # Plain forwards before and after the steps: load that drifts on a shared machine shows up
     # as a gap between the two medians, and the median of all of them is used.
     forward_after = times_ms(closure)
     forward_ms = median(forward_before + forward_after)
     forward_run_ms = median(forward_run_before + back_to_back_ms(closure))
+    import triton
+
     benchmark.extra_info.update(
         model=name,
-        method=method.removesuffix("_virtual"),
-        mode="virtual" if method.endswith("_virtual") else "inplace",
+        method=method,
+        dtype=dtype,
+        **resolved,
+        pipeline=pipeline,
         batch=f"{batch}x{SEQ}",
         forward_ms=forward_ms,
         forward_ms_before_after=[median(forward_before), median(forward_after)],
@@ -193,4 +233,5 @@ def test_step(benchmark, opt_model, method, batch):
         peak_over_forward=step_peak / forward_peak,
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
+        triton=triton.__version__,
     )
