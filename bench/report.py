@@ -1,10 +1,17 @@
 """Turns a pytest-benchmark JSON of bench/ into bench/results/<name>.md and latest.json.
 
-Usage: python bench/report.py RUN.json [RUN2.json ...] [--steps STEPS.json] [--out bench/results]
-(STEPS.json: the pytest-benchmark JSON of bench/test_steps.py, or a list of step records.)
+Usage: python bench/report.py [RUN.json ...] [--steps STEPS.json] [--out bench/results]
+(RUN.json: pytest-benchmark JSON of the kernel / pass benchmarks; STEPS.json: the pytest-benchmark
+JSON of bench/test_steps.py, or a list of step records. With no RUN.json only the steps are
+reported, in steps.md.)
 latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
               "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
-              "steps": [{"model", "method", "mode", "step_over_two_forwards", "peak_over_forward"}]}
+              "steps": [{"model", "method", "dtype", "mode", "rounding", "exact", "pipeline",
+                         "batch", "step_over_two_forwards", "peak_over_forward", ...}]}
+Step rows: method is "lozo", "lozo-m", "mezo" or "mezo-pattern"; exact is true where the stored
+weights are written by updates only (shadow; virtual where every trained tensor goes through the
+layers). Records from before these fields existed (bf16, round-to-nearest, pipelined, not exact)
+are filled in with those values.
 """
 
 import argparse
@@ -18,14 +25,51 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+STEP_KEYS = (
+    "model",
+    "method",
+    "dtype",
+    "mode",
+    "rounding",
+    "exact",
+    "pipeline",
+    "batch",
+    "forward_ms",
+    "step_ms",
+    "step_over_two_forwards",
+    "forward_run_ms",
+    "step_run_ms",
+    "step_over_two_forwards_run",
+    "step_over_two_forwards_interleaved",
+    "peak_over_forward",
+)
+LEGACY_METHODS = {"lozo_m": "lozo-m", "mezo_pattern": "mezo-pattern"}
+
+
+def step_record(info: dict) -> dict:
+    """One step row with every STEP_KEYS field that the record has, old records completed."""
+    row = {k: info[k] for k in STEP_KEYS if k in info}
+    row["method"] = LEGACY_METHODS.get(row["method"], row["method"])
+    row.setdefault("dtype", "bfloat16")
+    row.setdefault("rounding", "nearest")
+    row.setdefault("exact", row.get("mode") == "shadow")
+    row.setdefault("pipeline", row.get("mode") != "shadow")
+    row.setdefault("batch", "16x256")
+    return {k: row[k] for k in STEP_KEYS if k in row}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("run", nargs="+", help="pytest-benchmark JSON file(s) of one run")
+    parser.add_argument("run", nargs="*", help="pytest-benchmark JSON file(s) of one run")
     parser.add_argument("--steps", help="JSON list of ZO step measurements (bench/steps.py)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--commit", help="commit measured (default: git HEAD)")
     args = parser.parse_args()
     runs = [json.loads(Path(path).read_text()) for path in args.run]
+    steps = json.loads(Path(args.steps).read_text()) if args.steps else []
+    if not runs and not isinstance(steps, dict):
+        parser.error("give a RUN.json, or --steps with a pytest-benchmark JSON")
+    runs = runs or [steps]  # steps alone: their run gives the date, GPU and versions
     run = {
         "datetime": runs[0]["datetime"],
         "benchmarks": [b for r in runs for b in r["benchmarks"]],
@@ -58,29 +102,12 @@ def main():
     meta = {
         "commit": args.commit or git_commit(),
         "torch": first["torch"],
-        "triton": first["triton"],
+        "triton": first.get("triton"),
     }
-    gpu, copy = first["gpu"], first["copy_gbps"]
-    steps = json.loads(Path(args.steps).read_text()) if args.steps else []
+    gpu, copy = first["gpu"], first.get("copy_gbps")
     if isinstance(steps, dict):  # pytest-benchmark JSON of bench/test_steps.py
-        keys = (
-            "model",
-            "method",
-            "mode",
-            "batch",
-            "forward_ms",
-            "step_ms",
-            "step_over_two_forwards",
-            "forward_run_ms",
-            "step_run_ms",
-            "step_over_two_forwards_run",
-            "step_over_two_forwards_interleaved",
-            "peak_over_forward",
-        )
-        steps = [
-            {k: b["extra_info"][k] for k in keys if k in b["extra_info"]}
-            for b in steps["benchmarks"]
-        ]
+        steps = [b["extra_info"] for b in steps["benchmarks"]]
+    steps = [step_record(info) for info in steps]
     latest = {
         "gpu": gpu,
         "commit": meta["commit"],
@@ -95,15 +122,23 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(latest, indent=1) + "\n")
     lines = [
-        f"# Kernel benchmarks on {gpu}",
+        f"# {'Kernel' if args.run else 'ZO step'} benchmarks on {gpu}",
         "",
         f"commit {meta['commit']}, {latest['date']}, torch {meta['torch']}, triton "
-        f"{meta['triton']}; copy ceiling {copy:.0f} GB/s (read + write). Medians of device-event "
-        "timings after warm-up, L2 flushed before each call; bytes = one read + one write of w.",
-        "",
-        "| op | backend | dtype | shape | rank | terms | µs | GB/s | % of copy | extra MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{meta['triton']}"
+        + (
+            f"; copy ceiling {copy:.0f} GB/s (read + write). Medians of device-event timings "
+            "after warm-up, L2 flushed before each call; bytes = one read + one write of w."
+            if copy
+            else "."
+        ),
     ]
+    if kernels:
+        lines += [
+            "",
+            "| op | backend | dtype | shape | rank | terms | µs | GB/s | % of copy | extra MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for k in kernels:
         shape = (
             f"{k['model']}: {k['shape'][0]} tensors"
@@ -126,14 +161,15 @@ def main():
             "Each call timed alone (synced), in runs of 10 back-to-back calls (run), and in "
             "interleaved rounds of 4 forwards then 4 steps (median of the rounds' ratios).",
             "",
-            "| model | method | mode | batch | forward ms | step ms | step ÷ two forwards "
-            "| run: forward ms | run: step ms | run: step ÷ two forwards | interleaved "
-            "| peak ÷ forward peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | method | dtype | mode | rounding | exact | batch | forward ms | step ms "
+            "| step ÷ two forwards | run: forward ms | run: step ms | run: step ÷ two forwards "
+            "| interleaved | peak ÷ forward peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for st in steps:
             lines.append(
-                f"| {st['model']} | {st['method']} | {st['mode']} | {st.get('batch', '16x256')} | "
+                f"| {st['model']} | {st['method']} | {st['dtype']} | {st['mode']} | "
+                f"{st['rounding']} | {'yes' if st['exact'] else 'no'} | {st['batch']} | "
                 f"{st.get('forward_ms', nan):.2f} | {st.get('step_ms', nan):.2f} | "
                 f"{st['step_over_two_forwards']:.3f} | {st.get('forward_run_ms', nan):.2f} | "
                 f"{st.get('step_run_ms', nan):.2f} | "
@@ -141,7 +177,7 @@ def main():
                 f"{st.get('step_over_two_forwards_interleaved') or nan:.3f} | "
                 f"{st['peak_over_forward']:.5f} |"
             )
-    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+    (out / ("kernels.md" if args.run else "steps.md")).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
