@@ -665,8 +665,11 @@ def main(argv=None) -> int:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         config["seconds"] = time.perf_counter() - began
         payload = {"meta": run_meta(device), "config": config, "rows": rows}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        table = f"{MINILM_HEADER}\n" + "\n".join(_minilm_line(r) for r in rows) + "\n"
+        (Path(args.out) / "minilm.md").write_text(table)
         args.out = str(Path(args.out) / "minilm.json")
-        print(f"\n{MINILM_HEADER}\n" + "\n".join(_minilm_line(r) for r in rows))
+        print(f"\n{table}", end="")
     _write_json(args.out, payload)
     return 0
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What the H200 runs for the committed results: build with CUDA, GPU tests, kernel benchmarks.
 # Usage (on the GPU machine, repo root): OUT=/some/dir bash bench/run_gpu.sh [pytest -k filter]
+# The precision evidence (step rows per optimizer and mode, MiniLM fp32 vs bf16) runs from
+# bench/run_precision_gpu.sh.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 python3 -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
