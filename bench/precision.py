@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import multiprocessing
@@ -62,17 +61,10 @@ LOZO_M_MOMENTUM = 0.9
 
 
 class Unsupported(Exception):
-    """The asked-for mode / rounding does not exist in this build (or for this optimizer)."""
+    """The asked-for mode does not exist for this optimizer (MeZO has no virtual mode)."""
 
 
 # The optimizers.
-
-
-def new_api() -> bool:
-    """Whether the optimizers take rounding= and the exact modes (mode="shadow")."""
-    from zofast.optim import LOZO
-
-    return "rounding" in inspect.signature(LOZO).parameters
 
 
 def make_optimizer(
@@ -91,7 +83,7 @@ def make_optimizer(
 ):
     """MeZO / LOZO / LOZO-M (`momentum`) on `model` (passed as the params: exact modes need it).
 
-    mode / rounding None = the optimizer's default. Raises Unsupported when this build or this
+    mode / rounding None = the optimizer's default. Raises Unsupported when this
     optimizer has no such mode or rounding."""
     from zofast.optim import LOZO, MeZO
 
@@ -101,15 +93,9 @@ def make_optimizer(
     kwargs = {"lr": lr, "eps": eps, "seed": seed, "pipeline": pipeline}
     if cls is LOZO:
         kwargs.update(rank=rank, nu=nu, momentum=momentum if method == "lozo-m" else 0.0)
-    accepted = inspect.signature(cls).parameters
-    old_defaults = {"mode": ("auto", "inplace"), "rounding": ("auto", "nearest")}
     for name, value in (("mode", mode), ("rounding", rounding)):
-        if value is None:
-            continue
-        if name in accepted:
+        if value is not None:
             kwargs[name] = value
-        elif value not in old_defaults[name]:
-            raise Unsupported(f"{cls.__name__} in this build takes no {name}={value!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bf16 in place warns: the contrast rows ask for it
@@ -121,12 +107,8 @@ def make_optimizer(
 
 
 def describe(opt) -> dict:
-    """The resolved mode, rounding and exactness of an optimizer (older builds: in place,
-    round to nearest)."""
-    mode = getattr(opt, "mode", None) or getattr(opt, "_zo_mode", "inplace")
-    rounding = getattr(opt, "rounding", "nearest")
-    exact = getattr(opt, "exact", mode == "shadow")
-    return {"mode": mode, "rounding": rounding, "exact": bool(exact)}
+    """The resolved mode, rounding and exactness of an optimizer."""
+    return {"mode": opt.mode, "rounding": opt.rounding, "exact": opt.exact}
 
 
 def zero_lr(opt) -> None:
@@ -172,7 +154,6 @@ def run_meta(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
-        "new_api": new_api(),
     }
 
 

@@ -25,7 +25,7 @@ import os
 
 import pytest
 import torch
-from precision import describe, make_optimizer, new_api
+from precision import describe, make_optimizer
 
 OPT_SHAPES = {
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
@@ -172,8 +172,6 @@ CASES = [(*LEGACY[m], "bfloat16", b, "nearest", f"{m}-b{b}") for m, b in METHODS
 def test_step(benchmark, opt_model, method, mode, dtype, batch, rounding):
     name, model, ids = opt_model
     ids = ids[:batch]
-    if mode == "shadow" and not new_api():
-        pytest.skip("this build has no mode='shadow'")
     torch_dtype = getattr(torch, dtype)
     if next(model.parameters()).dtype != torch_dtype:
         model.to(torch_dtype)

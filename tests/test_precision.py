@@ -12,21 +12,11 @@
 
 import dataclasses
 import importlib.util
-import inspect
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from zofast.optim import LOZO
-
-# Guard for the integration window only: remove once the exact modes are in every build.
-if "rounding" not in inspect.signature(LOZO).parameters:
-    pytest.skip(
-        "the optimizers have no exact modes yet (no rounding= / mode='shadow')",
-        allow_module_level=True,
-    )
 
 _spec = importlib.util.spec_from_file_location(
     "bench_precision", Path(__file__).resolve().parents[1] / "bench" / "precision.py"

@@ -381,6 +381,7 @@ class ZerothOrder(torch.optim.Optimizer):
         self._end_step(t, g, lrs, wds)
 
     def _end_step(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
+        self._coef(t, 0.0)  # between steps the forwards see the stored (and pending) weights
         self.trajectory.record_step(g, lrs, wds)
         self._step_count = t + 1
         self._pending = t + 1 if self._pipeline else None
@@ -403,6 +404,7 @@ class ZerothOrder(torch.optim.Optimizer):
         if update_finite(g, lrs):
             self._end_step(t, g, lrs, wds)
         else:
+            self._coef(t, 0.0)
             self.trajectory.record(ABORT_MINUS)
         return loss_plus, loss_minus
 
