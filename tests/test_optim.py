@@ -717,8 +717,9 @@ class _EagerGraph:
 
     stale = False
 
-    def __init__(self, opt, counts, v_split=0):
+    def __init__(self, opt, counts, v_split=0, part="_inplace", stochastic=False):
         self.opt, self.counts, self.v_split = opt, counts, v_split
+        self.part, self.stochastic = part, stochastic
 
     def replay_table(self, seeds, scales, edit_scales=None):
         scales = torch.from_numpy(scales.copy())
@@ -727,14 +728,16 @@ class _EagerGraph:
             self.counts["edits"] += 1
         self.counts["split" if self.v_split else "one v"] += 1
         n = scales.shape[1]
-        for row, slot in enumerate(self.opt._inplace.slots):
+        for row, slot in enumerate(getattr(self.opt, self.part).slots):
             terms = [int(x) for x in seeds[row, :n]]
+            # The round seed is the table's last column (GraphedPass(stochastic=True)).
+            extra = {"round_seed": int(seeds[row, -1])} if self.stochastic else {}
             if slot.rank:
-                v = [int(x) for x in seeds[row, n:]]
+                v = [int(x) for x in seeds[row, n : n + 1 + (self.v_split > 0)]]
                 v_seeds = [v[1] if self.v_split and t >= self.v_split else v[0] for t in range(n)]
-                lowrank_(slot.param, terms, v_seeds, slot.rank, scales[row].tolist())
+                lowrank_(slot.param, terms, v_seeds, slot.rank, scales[row].tolist(), **extra)
             else:
-                gaussian_(slot.param, terms, scales[row].tolist())
+                gaussian_(slot.param, terms, scales[row].tolist(), **extra)
 
 
 def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
@@ -823,3 +826,68 @@ def test_an_update_that_overflows_float32_restores_the_weights_on_both_paths(met
         opt.step(lambda model=model: model(x).float().pow(2).mean())
     assert counts["edits"] == 3
     _assert_same_run(queued, host)
+
+
+@pytest.mark.parametrize("method", ["lozo", "mezo"])
+def test_shadow_queued_finish_gives_the_host_finish_bit_for_bit(method):
+    """The exact mode's update pass queued behind the second forward (−lr·g on the device, the
+    GPU path) equals the host's finish, stochastic rounding included; a NaN loss there writes
+    nothing at all."""
+    pairs, counts = [], {"edits": 0, "split": 0, "one v": 0}
+    for queued in (True, False):
+        model = small_model(torch.bfloat16)
+        cls, kwargs = (LOZO, {"rank": 2, "nu": 3}) if method == "lozo" else (MeZO, {})
+        opt = cls(model, lr=1e-2, eps=1e-2, seed=5, **kwargs)
+        assert (opt.mode, opt.rounding) == ("shadow", "stochastic")
+        if queued:
+            stand_in = _EagerGraph(opt, counts, part="_shadow", stochastic=True)
+            opt._shadow.passes.graphs = {(1, 0, True, False): stand_in}
+        pairs.append((model, opt))
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    for _ in range(5):  # nu = 3: step 3 refreshes V
+        for model, opt in pairs:
+            opt.step(lambda model=model: model(x).float().pow(2).mean())
+    for model, opt in pairs:
+        before, calls = snapshot(model), []
+
+        def nan_second(model=model, calls=calls):
+            calls.append(1)
+            return model(x).float().pow(2).mean() * (float("nan") if len(calls) == 2 else 1.0)
+
+        with pytest.raises(FloatingPointError, match="−ε perturbation of step 5"):
+            opt.step(nan_second)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+        opt.step(lambda model=model: model(x).float().pow(2).mean())
+    assert counts["edits"] == 7
+    _assert_same_run(*pairs)
+
+
+def test_shadow_resume_into_an_optimizer_that_already_stepped_with_another_seed():
+    """load_state_dict brings another run seed: directions already loaded in the hooks for the
+    same step number (an aborted step 3 under seed 123) must not be reused."""
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+        ).to(torch.bfloat16)
+
+    x = torch.randn(8, 6).to(torch.bfloat16)
+    a = make()
+    opt_a = LOZO(a, lr=1e-2, seed=9)
+    for _ in range(3):
+        opt_a.step(lambda: a(x).float().pow(2).mean())
+    saved = copy.deepcopy((a.state_dict(), opt_a.state_dict()))
+    for _ in range(3):
+        opt_a.step(lambda: a(x).float().pow(2).mean())
+    b = make()
+    opt_b = LOZO(b, lr=1e-2, seed=123)
+    for _ in range(3):
+        opt_b.step(lambda: b(x).float().pow(2).mean())
+    with pytest.raises(ZeroDivisionError):
+        opt_b.step(failing_closure("exception", 2))  # step 3's directions, seed 123
+    b.load_state_dict(saved[0])
+    opt_b.load_state_dict(saved[1])
+    for _ in range(3):
+        opt_b.step(lambda: b(x).float().pow(2).mean())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

@@ -87,8 +87,20 @@ Speed
     decay): the GPU does not idle while the host reads the losses.
 
 Modes
-    ``mode="inplace"`` (default): the forwards see the perturbation because the weights carry it;
-    every step writes every trained tensor (three passes, two pipelined).
+    ``mode="auto"`` (default): ``"shadow"`` when any trained tensor is bf16 / fp16 (in-place
+    roundings would random-walk those weights), ``"inplace"`` when all are float32.
+
+    ``mode="inplace"``: the forwards see the perturbation because the weights carry it; every
+    step writes every trained tensor (three passes, two pipelined). On bf16 / fp16 weights it
+    warns once.
+
+    ``mode="shadow"`` (every optimizer; needs the model): exact. The forwards see W + c·Z through
+    zofast.shadow's hooks while the stored weights are written by the update pass alone (see
+    :mod:`zofast.optim.shadow`); failures and lr = 0 leave them bit-identical.
+
+    ``rounding`` ("auto": "stochastic" for bf16 / fp16, "nearest" for float32): how the passes
+    that write an update round (the update pass, LOZO-M's pass, the virtual flush); stochastic
+    rounding keeps the mean of updates far below half an ulp, with reproducible seeded bits.
 
     ``mode="virtual"`` (LOZO only; ``LOZO(model, ...)`` or ``LOZO(params, ..., model=model)``):
     a trained matrix whose every use in the model is as the ``.weight`` of an ``nn.Linear``,

@@ -47,6 +47,7 @@ class Shadow:
         self.layers = ShadowLayers(tensors, owner)
         self.detached = False
         self._checked_usage = False
+        self._directions = None
 
     def attach(self) -> None:
         if self.model is not None:
@@ -70,12 +71,16 @@ class Shadow:
             return  # replay: no forward runs
         if c == 0.0:
             self.layers.restore()  # a forward cut short by an interrupt may have left one
+        # The directions loaded: keyed by the run seed too (load_state_dict may change it).
+        fresh = c and self._directions != (self.noise.run, t)
         for st, slot in zip(self.layers.tensors, self.slots, strict=True):
-            if c and st.step != t:
+            if fresh:
                 role = ("u", "v") if slot.rank else ("full",)
                 seeds = [self.noise.seeds(r, t // self.noise.nu if r == "v" else t) for r in role]
                 st.set_direction(t, tuple(s[slot.index] for s in seeds))
             st.set_coef(c)
+        if fresh:
+            self._directions = (self.noise.run, t)
 
     def warn_unused(self) -> None:
         """After the first step: name the trained tensors that no forward perturbed (a weight
