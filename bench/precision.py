@@ -196,6 +196,8 @@ TEACHER_VARIANTS = {
     "bf16": ("bfloat16", None, None),
     "bf16-inplace": ("bfloat16", "inplace", None),
     "bf16-inplace-nearest": ("bfloat16", "inplace", "nearest"),
+    "bf16-shadow-nearest": ("bfloat16", "shadow", "nearest"),
+    "bf16-virtual": ("bfloat16", "virtual", None),
 }
 
 
