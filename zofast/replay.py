@@ -104,6 +104,8 @@ def replay(model_or_params, trajectory, *, settle: bool = True):
         try:
             # Runs recorded before stochastic rounding existed rounded to nearest.
             hyperparameters = {"rounding": "nearest", **trajectory.hyperparameters}
+            if hyperparameters.get("mode") == "virtual":  # and perturbed the rest in place
+                hyperparameters.setdefault("virtual_rest", "inplace")
             opt = METHODS[trajectory.method](
                 groups, lr=1.0, seed=trajectory.run_seed, **hyperparameters
             )

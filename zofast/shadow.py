@@ -413,14 +413,7 @@ class ShadowLayers:
         unplanned = [st.name for st in self.tensors if not st.uses]
         if unplanned:
             raise ValueError(f"{unplanned} have no uses: call plan(model, tensors) first")
-        for module in self.modules:
-            other = virtual._OWNERS.get(module)
-            if other is not None and other is not self and other.attached:
-                raise ValueError(
-                    f"a {type(module).__name__} of the model is already driven by another "
-                    "optimizer's shadow or virtual hooks: call its detach() (or "
-                    "zofast.shadow.detach(model)) first"
-                )
+        virtual.claim(self, self.modules)
         temporaries: dict[int, tuple] = {}
         for st in self.tensors:
             for use in st.uses:
@@ -434,8 +427,6 @@ class ShadowLayers:
             self._temporaries.append(pair)
             self._handles.append(module.register_forward_pre_hook(pair.pre, prepend=True))
             self._handles.append(module.register_forward_hook(pair.post, always_call=True))
-        for module in self.modules:
-            virtual._OWNERS[module] = self
         self.attached = True
 
     def restore(self) -> None:
@@ -465,9 +456,7 @@ class ShadowLayers:
         for handle in self._handles:
             handle.remove()
         self._handles, self._temporaries = [], []
-        for module in self.modules:
-            if virtual._OWNERS.get(module) is self:
-                del virtual._OWNERS[module]
+        virtual.release(self, self.modules)
         self.attached = False
 
     def owner(self):
@@ -484,12 +473,7 @@ def detach(model: torch.nn.Module) -> None:
     Example:
         >>> detach(torch.nn.Linear(4, 2))  # nothing hooked: nothing to do
     """
-    seen: list[ShadowLayers] = []
-    for module in model.modules():
-        layers = virtual._OWNERS.get(module)
-        if isinstance(layers, ShadowLayers) and all(layers is not s for s in seen):
-            seen.append(layers)
-    for layers in seen:
+    for layers in [s for s in virtual.hook_sets(model) if isinstance(s, ShadowLayers)]:
         opt = layers.owner()
         if opt is not None:
             opt.detach()

@@ -43,8 +43,51 @@ from zofast.perturb import matrix_shape, outer_add_
 
 __all__ = ["VirtualLayers", "VirtualTensor", "plan", "layer_kind", "detach"]
 
-# The hooked modules and the VirtualLayers that hooked them (no module is hooked twice).
+# The hooked modules and the hook sets (VirtualLayers, zofast.shadow.ShadowLayers) on each: the
+# sets of one optimizer may share a module, those of two optimizers may not.
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def claim(layers, modules) -> None:
+    """Register `layers` (a hook set with ``attached`` and ``owner()``) on `modules`, or raise
+    ValueError (nothing registered) if another optimizer's hook set holds one of them."""
+    mine = layers.owner()
+    for module in modules:
+        for other in _OWNERS.get(module, ()):
+            if (
+                other is not layers
+                and other.attached
+                and (mine is None or other.owner() is not mine)
+            ):
+                raise ValueError(
+                    f"a {type(module).__name__} of the model is already driven by another "
+                    "optimizer's shadow or virtual hooks: call its detach() (or "
+                    "zofast.shadow.detach(model)) first"
+                )
+    for module in modules:
+        held = _OWNERS.setdefault(module, [])
+        if all(other is not layers for other in held):
+            held.append(layers)
+
+
+def release(layers, modules) -> None:
+    """Undo :func:`claim`."""
+    for module in modules:
+        held = [other for other in _OWNERS.get(module, ()) if other is not layers]
+        if held:
+            _OWNERS[module] = held
+        else:
+            _OWNERS.pop(module, None)
+
+
+def hook_sets(model: torch.nn.Module) -> list:
+    """Every hook set registered on a module of `model`, once each."""
+    found: list = []
+    for module in model.modules():
+        for layers in _OWNERS.get(module, ()):
+            if all(layers is not other for other in found):
+                found.append(layers)
+    return found
 
 
 def layer_kind(module: torch.nn.Module) -> str | None:
@@ -251,19 +294,11 @@ class VirtualLayers:
         """Register the hooks (ValueError, nothing registered, if another optimizer's are on)."""
         if self.attached:
             return
-        for module in self.modules:
-            other = _OWNERS.get(module)
-            if other is not None and other is not self and other.attached:
-                raise ValueError(
-                    f"a {type(module).__name__} of the model is already driven by another "
-                    "virtual-mode optimizer: call its detach() (or zofast.virtual.detach(model)) "
-                    "first"
-                )
+        claim(self, self.modules)
         for vt in self.tensors:
             for module, kind in vt.layers:
                 handle = module.register_forward_hook(_make_hook(vt, kind), with_kwargs=True)
                 self._handles.append(handle)
-                _OWNERS[module] = self
         self.attached = True
 
     def remove_hooks(self) -> None:
@@ -271,9 +306,7 @@ class VirtualLayers:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for module in self.modules:
-            if _OWNERS.get(module) is self:
-                del _OWNERS[module]
+        release(self, self.modules)
         self.attached = False
 
     def owner(self):
@@ -290,12 +323,7 @@ def detach(model: torch.nn.Module) -> None:
         >>> model = torch.nn.Linear(4, 2)
         >>> detach(model)  # nothing hooked: nothing to do
     """
-    seen = []
-    for module in model.modules():
-        layers = _OWNERS.get(module)
-        if layers is not None and all(layers is not s for s in seen):
-            seen.append(layers)
-    for layers in seen:
+    for layers in [s for s in hook_sets(model) if isinstance(s, VirtualLayers)]:
         opt = layers.owner()
         if opt is not None:
             opt.detach()

@@ -87,8 +87,12 @@ Speed
     decay): the GPU does not idle while the host reads the losses.
 
 Modes
-    ``mode="auto"`` (default): ``"shadow"`` when any trained tensor is bf16 / fp16 (in-place
-    roundings would random-walk those weights), ``"inplace"`` when all are float32.
+    ``mode="auto"`` (default): an exact mode when any trained tensor is bf16 / fp16 (in-place
+    roundings would random-walk those weights), ``"inplace"`` when all are float32. The exact
+    mode is LOZO's ``"virtual"`` (its other tensors in shadow mode) where no group has weight
+    decay: its updates are summed in float32 and written once per V epoch, which keeps them
+    better than writing bf16 weights every step (bench/results/cpu-2026-12-02-precision);
+    ``"shadow"`` otherwise (MeZO always).
 
     ``mode="inplace"``: the forwards see the perturbation because the weights carry it; every
     step writes every trained tensor (three passes, two pipelined). On bf16 / fp16 weights it
@@ -114,7 +118,8 @@ Modes
     hooks apply [A | c·U_t]·[V_old | V_new]ᵀ), and A restarts on the new V. The iterates are
     those of in-place LOZO / LOZO-M (same seeds, same g's up to the float rounding of the
     forwards). Every other tensor (1-D ones, matrices of other layers, e.g. OPT's learned
-    positional embedding) runs in place as above. ``opt.virtual_names`` lists the virtual ones.
+    positional embedding) runs in place as above for float32 weights, and in shadow mode for
+    bf16 / fp16 ones (``virtual_rest``). ``opt.virtual_names`` lists the virtual ones.
 
     * Between steps the hooks apply A·V_Aᵀ, so evaluating the model needs nothing; the STORED
       weights lack it: ``opt.settle()`` (one pass per tensor, recorded, replayed) before saving,

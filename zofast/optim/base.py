@@ -108,6 +108,7 @@ class ZerothOrder(torch.optim.Optimizer):
         lowrank: bool,
         model=None,
         virtual_indices=None,
+        virtual_rest=None,
     ):
         try:
             run_seed = as_seed(seed, "seed")
@@ -129,15 +130,19 @@ class ZerothOrder(torch.optim.Optimizer):
                 "mode='virtual' is LOZO's: full-rank noise cannot be applied through the "
                 "layers cheaply; use mode='shadow' (exact) or mode='inplace'"
             )
-        if virtual_indices is not None and mode != "virtual":
-            raise ValueError("virtual_indices is for mode='virtual' only")
+        if (virtual_indices is not None or virtual_rest is not None) and mode != "virtual":
+            raise ValueError("virtual_indices and virtual_rest are for mode='virtual' only")
+        if virtual_rest not in (None, "inplace", "shadow"):
+            raise ValueError(f"virtual_rest must be 'inplace' or 'shadow', got {virtual_rest!r}")
         self._ready = False
         self._lowrank = lowrank
         self._virtual_request = None if virtual_indices is None else list(virtual_indices)
         self._virtual: Virtual | None = None
         self._shadow: Shadow | None = None
         super().__init__(params, defaults)
-        self._mode, self._rounding = self._resolve(mode, rounding, pipeline, model)
+        self._mode, self._rounding, self._rest = self._resolve(
+            mode, rounding, pipeline, model, virtual_rest
+        )
         self._model = model if self._mode in ("virtual", "shadow") else None
         self._eps = defaults["eps"]
         self._rank = defaults.get("rank", 0)
@@ -152,8 +157,9 @@ class ZerothOrder(torch.optim.Optimizer):
         self.trajectory = self._new_trajectory()
         self._ready = True
 
-    def _resolve(self, mode: str, rounding: str, pipeline: bool, model) -> tuple[str, str]:
-        """The mode and rounding that "auto" stands for with these weights (see the docstring):
+    def _resolve(self, mode, rounding, pipeline, model, rest) -> tuple[str, str, str | None]:
+        """The mode and rounding that "auto" stands for with these weights, and how virtual
+        mode perturbs the tensors that do not go through layers (see zofast.optim's docstring):
         an exact mode and stochastic rounding for bf16 / fp16, in place and nearest for float32."""
         trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         low = any(p.dtype in LOW_PRECISION for p in trained)
@@ -170,22 +176,27 @@ class ZerothOrder(torch.optim.Optimizer):
                     "through the model's forward: pass the model (LOZO(model, ...) or "
                     "model=model), or mode='inplace' to accept the rounding drift"
                 )
-            mode = "shadow" if low else "inplace"
+            # LOZO: through the layers where it can (virtual's float32 pending factor keeps
+            # updates far below bf16's resolution; its groups need weight_decay 0).
+            no_decay = not any(group["weight_decay"] for group in self.param_groups)
+            mode = "inplace" if not low else "virtual" if self._lowrank and no_decay else "shadow"
         if mode == "virtual" and model is None and self._virtual_request is None:
             raise ValueError(
                 "mode='virtual' needs the model whose layers apply the perturbation: pass "
                 "model=... (or the model itself as params)"
             )
-        if mode == "shadow" and pipeline:
+        if mode == "virtual" and rest is None:
+            rest = "shadow" if low else "inplace"
+        if pipeline and (mode == "shadow" or rest == "shadow"):
             raise ValueError(
-                "pipeline=True is for mode='inplace': mode='shadow' never leaves a perturbation "
-                "in the stored weights, so there is nothing to fuse"
+                "pipeline=True is for tensors perturbed in place: exact modes never leave a "
+                "perturbation in the stored weights, so there is nothing to fuse"
             )
         if mode == "inplace" and low:
             _warn_inplace()
         if rounding == "auto":
             rounding = "stochastic" if low else "nearest"
-        return mode, rounding
+        return mode, rounding, rest
 
     # Setup and validation.
 
@@ -273,14 +284,17 @@ class ZerothOrder(torch.optim.Optimizer):
                 owner=self,
             )
             virtual.check_decay([g["weight_decay"] for g in self.param_groups])
+        # Shadow mode: every tensor; virtual mode for bf16 / fp16: those not through layers.
+        exact = self._mode == "shadow" or self._rest == "shadow"
+        rest = [s for s in slots if s.virtual is None] if exact else []
         shadow = None
-        if self._mode == "shadow":
-            shadow = Shadow(slots, self._noise, self._model, self._names(), stochastic, self)
+        if rest:
+            shadow = Shadow(rest, self._noise, self._model, self._names(), stochastic, self)
         for part in (self._virtual, self._shadow):  # add_param_group before the first step
             if part is not None:
                 part.layers.remove_hooks()
         self._slots = slots
-        in_place = [] if shadow is not None else [s for s in slots if s.virtual is None]
+        in_place = [] if exact else [s for s in slots if s.virtual is None]
         self._inplace = InPlace(in_place, self._noise, stochastic)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
         for part in (virtual, shadow):

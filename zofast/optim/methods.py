@@ -64,7 +64,8 @@ class LOZO(ZerothOrder):
         momentum: β in [0, 1); > 0 gives LOZO-M.
         weight_decay: default decay (≥ 0) for groups that do not set one.
         seed: run seed, an integer in 0..2**64-1.
-        mode: "auto" (default: "shadow" for bf16 / fp16 weights, "inplace" for float32),
+        mode: "auto" (default: for bf16 / fp16 weights "virtual" with the other tensors in
+            shadow mode, or "shadow" where a group has weight decay; "inplace" for float32),
             "inplace" (the weights carry the perturbations), "shadow" (exact: the forwards see
             perturbed temporaries, the stored weights are written by updates only; see
             zofast.optim.shadow) or "virtual" (the model's layers apply the perturbations and
@@ -79,6 +80,9 @@ class LOZO(ZerothOrder):
         virtual_indices: set by :func:`zofast.replay` from the trajectory (the flat indices
             of the tensors a run kept virtual); an optimizer built with it and no model can
             only replay. With a model it must match what the model gives.
+        virtual_rest: mode="virtual": how the tensors that do not go through layers are
+            perturbed: "shadow" (exact; the default for bf16 / fp16 weights) or "inplace" (the
+            default for float32). Set by :func:`zofast.replay` from the trajectory.
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -110,6 +114,7 @@ class LOZO(ZerothOrder):
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
         virtual_indices: list[int] | None = None,
+        virtual_rest: str | None = None,
     ):
         momentum = real(momentum, "momentum")
         if not 0.0 <= momentum < 1.0:
@@ -138,6 +143,7 @@ class LOZO(ZerothOrder):
             lowrank=True,
             model=model,
             virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
+            virtual_rest=virtual_rest,
         )
 
     def _hyperparameters(self) -> dict:
@@ -152,6 +158,7 @@ class LOZO(ZerothOrder):
         }
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
             hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
+            hyper["virtual_rest"] = self._rest
         return hyper
 
 
