@@ -287,7 +287,10 @@ class TrainConfig:
         """The mode used: ``mode``, or for "auto" what the optimizers choose for ``dtype``."""
         if self.mode != "auto":
             return self.mode
-        return "inplace" if self.dtype == "float32" else "shadow"
+        if self.dtype == "float32":
+            return "inplace"
+        lozo = self.method in ("lozo", "lozo-m")
+        return "virtual" if lozo and not self.weight_decay else "shadow"
 
     @property
     def resolved_momentum(self) -> float:
