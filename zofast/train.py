@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from zofast.data import Example, load_demo, load_hf_dataset, load_kshot
 from zofast.models import LoadedModel, load_model
+from zofast.optim.modes import MODES, ROUNDINGS
 from zofast.scoring import Scorer
 from zofast.tasks import Task, get_task
 
@@ -89,8 +90,6 @@ FORWARDS_PER_STEP = {"lozo": 2, "lozo-m": 2, "mezo": 2, "adam": 3}
 DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5}
 DEFAULT_MOMENTUM = {"lozo-m": 0.7}
 DTYPES = ("float32", "bfloat16", "float16")
-MODES = ("auto", "inplace", "shadow", "virtual")
-ROUNDINGS = ("auto", "nearest", "stochastic")
 _DATA_EXTS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 

@@ -139,11 +139,13 @@ Modes
 Where things are
     :mod:`zofast.optim.base` (the step protocol), :mod:`zofast.optim.inplace`,
     :mod:`zofast.optim.virtual` (the ways of applying a perturbation),
+    :mod:`zofast.optim.shadow`, :mod:`zofast.optim.passes`, :mod:`zofast.optim.modes` ("auto"),
     :mod:`zofast.optim.momentum`, :mod:`zofast.optim.noise` (seeds), :mod:`zofast.optim.methods`
     (LOZO, MeZO, param_groups); :func:`zofast.replay` rebuilds weights from a trajectory.
 """
 
-from zofast.optim.base import MODES, ZerothOrder
+from zofast.optim.base import ZerothOrder
 from zofast.optim.methods import LOZO, METHODS, MeZO, param_groups
+from zofast.optim.modes import MODES, ROUNDINGS
 
-__all__ = ["LOZO", "MeZO", "param_groups", "MODES", "METHODS", "ZerothOrder"]
+__all__ = ["LOZO", "MeZO", "param_groups", "MODES", "ROUNDINGS", "METHODS", "ZerothOrder"]

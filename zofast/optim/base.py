@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 
@@ -28,6 +27,7 @@ from zofast.optim.checks import (
     update_finite,
 )
 from zofast.optim.inplace import InPlace
+from zofast.optim.modes import LOW_PRECISION, check_modes, resolve
 from zofast.optim.momentum import Momentum
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.shadow import Shadow
@@ -36,26 +36,7 @@ from zofast.perturb import check_weight, matrix_shape
 from zofast.rng import as_seed
 from zofast.trajectory import ABORT_MINUS, ABORT_PLUS, SETTLE, STEP, Trajectory, param_fingerprint
 
-MODES = ("auto", "inplace", "shadow", "virtual")
-ROUNDINGS = ("auto", "nearest", "stochastic")
 GROUP_KEYS = ("lr", "weight_decay")
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-_warned_inplace = False
-
-
-def _warn_inplace() -> None:
-    """Once per process: in-place perturbation of bf16 / fp16 weights does not train well."""
-    global _warned_inplace
-    if not _warned_inplace:
-        _warned_inplace = True
-        warnings.warn(
-            "mode='inplace' on bfloat16 / float16 weights: every perturbation pass rounds the "
-            "weights and the roundings random-walk (12.8 % relative drift after 1,000 steps at "
-            "lr = 0 in bf16, bench/precision.py drift), larger than the updates at usual "
-            "learning rates; mode='auto' (the default) applies the perturbation exactly",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 def _loss_scalar(loss):
@@ -114,10 +95,6 @@ class ZerothOrder(torch.optim.Optimizer):
             run_seed = as_seed(seed, "seed")
         except (TypeError, ValueError) as error:
             raise ValueError(str(error)) from None
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if not isinstance(pipeline, bool):
             raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -125,23 +102,24 @@ class ZerothOrder(torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = list(params.named_parameters())
-        if mode == "virtual" and not lowrank:
-            raise ValueError(
-                "mode='virtual' is LOZO's: full-rank noise cannot be applied through the "
-                "layers cheaply; use mode='shadow' (exact) or mode='inplace'"
-            )
-        if (virtual_indices is not None or virtual_rest is not None) and mode != "virtual":
-            raise ValueError("virtual_indices and virtual_rest are for mode='virtual' only")
-        if virtual_rest not in (None, "inplace", "shadow"):
-            raise ValueError(f"virtual_rest must be 'inplace' or 'shadow', got {virtual_rest!r}")
+        check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest)
         self._ready = False
         self._lowrank = lowrank
         self._virtual_request = None if virtual_indices is None else list(virtual_indices)
         self._virtual: Virtual | None = None
         self._shadow: Shadow | None = None
         super().__init__(params, defaults)
-        self._mode, self._rounding, self._rest = self._resolve(
-            mode, rounding, pipeline, model, virtual_rest
+        trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        self._mode, self._rounding, self._rest = resolve(
+            mode,
+            rounding,
+            pipeline,
+            virtual_rest,
+            low=any(p.dtype in LOW_PRECISION for p in trained),
+            lowrank=lowrank,
+            decay=any(group["weight_decay"] for group in self.param_groups),
+            has_model=model is not None,
+            replay_only=self._virtual_request is not None,
         )
         self._model = model if self._mode in ("virtual", "shadow") else None
         self._eps = defaults["eps"]
@@ -156,47 +134,6 @@ class ZerothOrder(torch.optim.Optimizer):
         self._build_slots()
         self.trajectory = self._new_trajectory()
         self._ready = True
-
-    def _resolve(self, mode, rounding, pipeline, model, rest) -> tuple[str, str, str | None]:
-        """The mode and rounding that "auto" stands for with these weights, and how virtual
-        mode perturbs the tensors that do not go through layers (see zofast.optim's docstring):
-        an exact mode and stochastic rounding for bf16 / fp16, in place and nearest for float32."""
-        trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-        low = any(p.dtype in LOW_PRECISION for p in trained)
-        if mode == "auto":
-            if low and pipeline:
-                raise ValueError(
-                    "pipeline=True keeps a perturbation in the stored weights, which bf16 / fp16 "
-                    "weights cannot hold exactly: drop pipeline=True (the default exact mode "
-                    "writes the weights once per step), or pass mode='inplace'"
-                )
-            if low and model is None:
-                raise ValueError(
-                    "bf16 / fp16 weights need an exact mode, which applies the perturbation "
-                    "through the model's forward: pass the model (LOZO(model, ...) or "
-                    "model=model), or mode='inplace' to accept the rounding drift"
-                )
-            # LOZO: through the layers where it can (virtual's float32 pending factor keeps
-            # updates far below bf16's resolution; its groups need weight_decay 0).
-            no_decay = not any(group["weight_decay"] for group in self.param_groups)
-            mode = "inplace" if not low else "virtual" if self._lowrank and no_decay else "shadow"
-        if mode == "virtual" and model is None and self._virtual_request is None:
-            raise ValueError(
-                "mode='virtual' needs the model whose layers apply the perturbation: pass "
-                "model=... (or the model itself as params)"
-            )
-        if mode == "virtual" and rest is None:
-            rest = "shadow" if low else "inplace"
-        if pipeline and (mode == "shadow" or rest == "shadow"):
-            raise ValueError(
-                "pipeline=True is for tensors perturbed in place: exact modes never leave a "
-                "perturbation in the stored weights, so there is nothing to fuse"
-            )
-        if mode == "inplace" and low:
-            _warn_inplace()
-        if rounding == "auto":
-            rounding = "stochastic" if low else "nearest"
-        return mode, rounding, rest
 
     # Setup and validation.
 
@@ -297,9 +234,15 @@ class ZerothOrder(torch.optim.Optimizer):
         in_place = [] if exact else [s for s in slots if s.virtual is None]
         self._inplace = InPlace(in_place, self._noise, stochastic)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
-        for part in (virtual, shadow):
-            if part is not None:
-                part.attach()
+        try:
+            for part in (virtual, shadow):
+                if part is not None:
+                    part.attach()
+        except ValueError:  # another optimizer holds a module: leave no hook behind
+            for part in (virtual, shadow):
+                if part is not None:
+                    part.layers.remove_hooks()
+            raise
         self._virtual, self._shadow = virtual, shadow
 
     def _check(self) -> tuple[list[float], list[float]]:
