@@ -138,7 +138,17 @@ class ZerothOrder(torch.optim.Optimizer):
     # Setup and validation.
 
     def _hyperparameters(self) -> dict:
-        raise NotImplementedError
+        """What replay needs besides the seeds and the g's (methods add theirs)."""
+        hyper = {
+            "eps": self._eps,
+            "mode": self._mode,
+            "rounding": self._rounding,
+            "pipeline": self._pipeline,
+        }
+        if self._mode == "virtual":  # replay needs them: it has no model to find them in
+            hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
+            hyper["virtual_rest"] = self._rest
+        return hyper
 
     def _new_trajectory(self) -> Trajectory:
         return Trajectory(

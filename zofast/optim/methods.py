@@ -147,19 +147,8 @@ class LOZO(ZerothOrder):
         )
 
     def _hyperparameters(self) -> dict:
-        hyper = {
-            "eps": self._eps,
-            "rank": self._rank,
-            "nu": self._nu,
-            "momentum": self._beta,
-            "mode": self._mode,
-            "rounding": self._rounding,
-            "pipeline": self._pipeline,
-        }
-        if self._mode == "virtual":  # replay needs them: it has no model to find them in
-            hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
-            hyper["virtual_rest"] = self._rest
-        return hyper
+        lozo = {"rank": self._rank, "nu": self._nu, "momentum": self._beta}
+        return {**super()._hyperparameters(), **lozo}
 
 
 class MeZO(ZerothOrder):
@@ -215,14 +204,6 @@ class MeZO(ZerothOrder):
             lowrank=False,
             model=model,
         )
-
-    def _hyperparameters(self) -> dict:
-        return {
-            "eps": self._eps,
-            "mode": self._mode,
-            "rounding": self._rounding,
-            "pipeline": self._pipeline,
-        }
 
 
 METHODS = {"LOZO": LOZO, "MeZO": MeZO}
