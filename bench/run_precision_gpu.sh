@@ -9,7 +9,9 @@
 # Usage (GPU machine, repo root): OUT=/some/dir bash bench/run_precision_gpu.sh [steps|minilm|all]
 # Options (environment): SKIP_BUILD=1 (zofast already installed), MINILM (model folder,
 #   default .carry/minilm), SST2 (data folder, default .carry/SST-2-16-42), JOBS (parallel
-#   training processes, default 9), STEPS (training steps, default 5000), ZOFAST_STEP_DTYPES.
+#   training processes, default 9), STEPS (training steps, default 5000), LRS (default
+#   "1e-5 2e-6"; one lr per call fits 10 minutes: 18 processes at once took ~290 s for 5,000
+#   fp32 steps and more than 320 s for bf16 on 2026-12-02), ZOFAST_STEP_DTYPES.
 # The model and data do not travel by themselves (the float32 MiniLM file is 91 MB; ../shared is
 # not sent). Once, on the developer machine, in the repo root:
 #   python bench/precision.py pack-minilm .carry/minilm        # fp16 weights, 46 MB
@@ -36,6 +38,7 @@ fi
 if [ "$part" = minilm ] || [ "$part" = all ]; then
   python3 bench/precision.py minilm --data "${SST2:-.carry/SST-2-16-42}" \
     --model "${MINILM:-.carry/minilm}" --jobs "${JOBS:-9}" --steps "${STEPS:-5000}" \
+    --lrs ${LRS:-1e-5 2e-6} \
     --out "$OUT/minilm" >"$OUT/minilm.log" 2>&1 || { tail -20 "$OUT/minilm.log"; status=1; }
 fi
 # The short table, last.
