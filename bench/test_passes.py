@@ -11,6 +11,7 @@ import torch
 from conftest import device_median_ms
 
 from zofast import perturb
+from zofast.graphed import GraphedPass
 
 OPT = {"opt-1.3b": (2048, 8192, 24), "opt-6.7b": (4096, 16384, 32)}
 
@@ -63,7 +64,7 @@ def term_seeds(i: int, terms: int) -> list[int]:
 def test_model_pass(measure, opt_weights, method, terms):
     name, tensors = opt_weights
     ranks = [2 if method == "lozo" and w.dim() >= 2 else 0 for w in tensors]
-    passes = perturb.GraphedPass(tensors, ranks, terms)
+    passes = GraphedPass(tensors, ranks, terms)
     seeds = [term_seeds(i, terms) for i in range(len(tensors))]
     v_seeds = [7 + i for i in range(len(tensors))]
     scales = [[1e-3 * (t + 1) for t in range(terms)] for _ in tensors]

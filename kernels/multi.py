@@ -275,7 +275,7 @@ class MultiPass:
     Built once (tables, job lists and float32 factor buffers live on the tensors' device); each
     ``launch(seeds, scales)`` runs the pass from device tables, so it can be captured in a CUDA
     graph. ranks[i] = 0: full-rank noise; r ≥ 1: rank-r noise of the tensor viewed as the matrix
-    (shape[0], numel // shape[0]). The caller (zofast.perturb.GraphedPass) validates the tensors
+    (shape[0], numel // shape[0]). The caller (zofast.graphed.GraphedPass) validates the tensors
     and ranks and keeps the tensors alive: the tables hold their addresses.
 
     Args:

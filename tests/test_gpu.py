@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from zofast import perturb, rng
+from zofast.graphed import GraphedPass
 
 pytestmark = pytest.mark.gpu
 
@@ -101,7 +102,7 @@ def test_graphed_pass_equals_eager_calls():
     ranks = [4, 0, 2, 0, 1]
     tensors = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
     expected = [t.clone() for t in tensors]
-    passes = perturb.GraphedPass(tensors, ranks, n_terms=3)
+    passes = GraphedPass(tensors, ranks, n_terms=3)
     assert all(torch.equal(t, e) for t, e in zip(tensors, expected, strict=True))
     for step in range(3):
         seeds = [[100 * step + 10 * i + t for t in range(3)] for i in range(len(shapes))]
@@ -245,7 +246,7 @@ def test_graphed_pass_stochastic_and_scaled_equal_eager_calls():
     ranks = [4, 0, 2, 0, 1]
     tensors = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
     expected = [t.clone() for t in tensors]
-    passes = perturb.GraphedPass(tensors, ranks, n_terms=2, stochastic=True, scaled=True)
+    passes = GraphedPass(tensors, ranks, n_terms=2, stochastic=True, scaled=True)
     assert passes._seeds.shape == (5, 4) and passes._scales.shape == (5, 3)
     for step in range(3):
         seeds = [[100 * step + 10 * i + t for t in range(2)] for i in range(len(shapes))]

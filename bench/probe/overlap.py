@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from zofast.perturb import GraphedPass
+from zofast.graphed import GraphedPass
 
 SHAPES = {
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),

@@ -78,7 +78,7 @@ Trained parameters
     optimizer). Each trained tensor must be contiguous float32 / bfloat16 / float16.
 
 Speed
-    On one GPU every pass is a CUDA graph (zofast.perturb.GraphedPass) per term count, replayed
+    On one GPU every pass is a CUDA graph (zofast.graphed.GraphedPass) per term count, replayed
     with the step's seeds and scales: no Python call per tensor (a V-refresh step's last pass,
     whose terms span the old and the new V, is a graph of its own). LOZO-M's momentum pass runs
     eagerly. Both give bit-identical results; ZOFAST_CUDA_GRAPHS=0 turns the graphs off. When

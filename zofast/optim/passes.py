@@ -3,7 +3,7 @@
 A pass gives every slot the terms scale_k·Z_(steps[k]) (its group's scales), optionally scales the
 stored weight first (``w_scale``, weight decay fused into an update) and optionally rounds the
 result stochastically (round seeds from the run's "round" role, see zofast.optim.noise). On one
-GPU the whole pass replays a CUDA graph (zofast.perturb.GraphedPass) with a seed table built in
+GPU the whole pass replays a CUDA graph (zofast.graphed.GraphedPass) with a seed table built in
 numpy, no Python call per tensor; elsewhere it is one engine call per tensor, bit for bit the same.
 """
 
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from zofast._ext import triton_available
+from zofast.graphed import GraphedPass
 from zofast.optim.noise import NoisePlan, Slot
-from zofast.perturb import GraphedPass, gaussian_, lowrank_
+from zofast.perturb import gaussian_, lowrank_
 
 
 def graphs_enabled(slots: list[Slot]) -> bool:
