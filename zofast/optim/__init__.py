@@ -140,6 +140,7 @@ Where things are
     :mod:`zofast.optim.base` (the step protocol), :mod:`zofast.optim.inplace`,
     :mod:`zofast.optim.virtual` (the ways of applying a perturbation),
     :mod:`zofast.optim.shadow`, :mod:`zofast.optim.passes`, :mod:`zofast.optim.modes` ("auto"),
+    :mod:`zofast.optim.setup` (parts, pre-step checks), :mod:`zofast.optim.state` (state_dict),
     :mod:`zofast.optim.momentum`, :mod:`zofast.optim.noise` (seeds), :mod:`zofast.optim.methods`
     (LOZO, MeZO, param_groups); :func:`zofast.replay` rebuilds weights from a trajectory.
 """
