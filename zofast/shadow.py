@@ -62,13 +62,14 @@ import torch
 from zofast import virtual
 from zofast._ext import resolve_backend
 from zofast.perturb import (
+    _device_terms,
     check_weight,
     gaussian_,
     lowrank_,
     lowrank_factors,
     matrix_shape,
 )
-from zofast.rng import as_seed, normal, to_signed64
+from zofast.rng import as_seed, normal
 
 __all__ = ["CHUNK_NUMEL", "WAYS", "ShadowLayers", "ShadowTensor", "Use", "detach", "plan"]
 
@@ -167,12 +168,7 @@ class ShadowTensor:
         terms = self._terms.get(device)
         if terms is None:
             with torch.inference_mode(False):
-                seeds = torch.tensor([to_signed64(s) for s in self.seeds], dtype=torch.int64)
-                scale = torch.tensor([self.c], dtype=torch.float32)
-                if device.type != "cpu":
-                    seeds = seeds.pin_memory().to(device, non_blocking=True)
-                    scale = scale.pin_memory().to(device, non_blocking=True)
-            terms = self._terms[device] = (seeds, scale)
+                terms = self._terms[device] = _device_terms(list(self.seeds), [self.c], device)
         return terms
 
     def _factors(self, device: torch.device):

@@ -75,9 +75,8 @@ class Shadow:
         fresh = c and self._directions != (self.noise.run, t)
         for st, slot in zip(self.layers.tensors, self.slots, strict=True):
             if fresh:
-                role = ("u", "v") if slot.rank else ("full",)
-                seeds = [self.noise.seeds(r, t // self.noise.nu if r == "v" else t) for r in role]
-                st.set_direction(t, tuple(s[slot.index] for s in seeds))
+                seeds, v_seeds, _ = self.noise.terms(slot, [t], [c])
+                st.set_direction(t, (seeds[0], v_seeds[0]) if slot.rank else (seeds[0],))
             st.set_coef(c)
         if fresh:
             self._directions = (self.noise.run, t)
