@@ -72,7 +72,7 @@ class ZOTrainingArguments(transformers.TrainingArguments):
     zo_seed: int | None = field(default=None, metadata={"help": "noise seed (default: seed)"})
     zo_mode: str = field(
         default="auto",
-        metadata={"help": "auto (exact shadow mode for bf16/fp16), inplace, shadow or virtual"},
+        metadata={"help": "auto (an exact mode for bf16/fp16), inplace, shadow or virtual"},
     )
     zo_rounding: str = field(
         default="auto",

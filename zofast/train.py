@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from zofast.data import Example, load_demo, load_hf_dataset, load_kshot
 from zofast.models import LoadedModel, load_model
-from zofast.optim.modes import MODES, ROUNDINGS
+from zofast.optim.modes import MODES, ROUNDINGS, auto_mode
 from zofast.scoring import Scorer
 from zofast.tasks import Task, get_task
 
@@ -144,7 +144,8 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
-        mode: ``"auto"`` (exact ``"shadow"`` for bf16 / fp16 weights, ``"inplace"`` for float32,
+        mode: ``"auto"`` (for bf16 / fp16 weights an exact mode: ``"virtual"`` for lozo /
+            lozo-m without weight decay, ``"shadow"`` otherwise; ``"inplace"`` for float32,
             where in-place rounding is negligible and fastest), ``"inplace"``, ``"shadow"`` or,
             for lozo / lozo-m, ``"virtual"``; see docs/usage.md.
         rounding: ``"auto"`` (stochastic for bf16 / fp16), ``"nearest"`` or ``"stochastic"``:
@@ -286,10 +287,8 @@ class TrainConfig:
         """The mode used: ``mode``, or for "auto" what the optimizers choose for ``dtype``."""
         if self.mode != "auto":
             return self.mode
-        if self.dtype == "float32":
-            return "inplace"
         lozo = self.method in ("lozo", "lozo-m")
-        return "virtual" if lozo and not self.weight_decay else "shadow"
+        return auto_mode(low=self.dtype != "float32", lowrank=lozo, decay=bool(self.weight_decay))
 
     @property
     def resolved_momentum(self) -> float:

@@ -36,15 +36,26 @@ def check_modes(mode, rounding, lowrank: bool, virtual_indices, virtual_rest) ->
         raise ValueError(f"virtual_rest must be 'inplace' or 'shadow', got {virtual_rest!r}")
 
 
+def auto_mode(*, low: bool, lowrank: bool, decay: bool) -> str:
+    """What mode="auto" stands for (see the module docstring).
+
+    Args:
+        low: some trained tensor is bf16 / fp16.
+        lowrank: the method's noise is low-rank (LOZO).
+        decay: some group has weight decay.
+    """
+    if not low:
+        return "inplace"
+    return "virtual" if lowrank and not decay else "shadow"
+
+
 def resolve(mode, rounding, pipeline, rest, *, low, lowrank, decay, has_model, replay_only):
     """(mode, rounding, rest): "auto" resolved (see the module docstring); rest is how virtual
     mode perturbs the tensors that do not go through layers ("shadow" for bf16 / fp16,
     "inplace" for float32), None in the other modes.
 
     Args:
-        low: some trained tensor is bf16 / fp16.
-        lowrank: the method's noise is low-rank (LOZO).
-        decay: some group has weight decay.
+        low, lowrank, decay: as for :func:`auto_mode`.
         has_model: the optimizer was given the model.
         replay_only: built by zofast.replay (no model needed).
     """
@@ -61,7 +72,7 @@ def resolve(mode, rounding, pipeline, rest, *, low, lowrank, decay, has_model, r
                 "through the model's forward: pass the model (LOZO(model, ...) or "
                 "model=model), or mode='inplace' to accept the rounding drift"
             )
-        mode = "inplace" if not low else "virtual" if lowrank and not decay else "shadow"
+        mode = auto_mode(low=low, lowrank=lowrank, decay=decay)
     if mode == "virtual" and not has_model and not replay_only:
         raise ValueError(
             "mode='virtual' needs the model whose layers apply the perturbation: pass "
