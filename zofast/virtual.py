@@ -230,8 +230,7 @@ class VirtualTensor:
         """W += A·V_Aᵀ in one engine pass (rounded stochastically with `round_seed` where
         given), then A = 0 (nothing pending)."""
         if self.A is not None:
-            extra = {} if round_seed is None else {"round_seed": round_seed}
-            outer_add_(self.param, self.A, self.V_A, **extra)
+            outer_add_(self.param, self.A, self.V_A, round_seed=round_seed)
         self.set_pending(None, None, None)
 
 

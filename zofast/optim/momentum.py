@@ -57,11 +57,7 @@ class Momentum:
     def apply(self, slot, used, buffer, restore, lr, eps, nxt, round_seed=None, w_scale=1.0):
         """One pass over a slot: W ← w_scale·W + restore·Z_t − lr·(momentum), + ε·Z_nxt where
         nxt is not None (pipelined), rounded stochastically with `round_seed` where given."""
-        p, extra = slot.param, {}
-        if round_seed is not None:
-            extra["round_seed"] = round_seed
-        if w_scale != 1.0:
-            extra["w_scale"] = w_scale
+        p, extra = slot.param, {"round_seed": round_seed, "w_scale": w_scale}
         if slot.rank:
             U, V = used
             left, right = [buffer * -lr], [V]

@@ -58,11 +58,10 @@ class Passes:
         rounds = None if round_index is None else self.noise.seeds("round", round_index)
         for slot in self.slots:
             seeds, vs, scales = self.noise.terms(slot, steps, group_scales[slot.group])
-            extra = {}
-            if rounds is not None:
-                extra["round_seed"] = rounds[slot.index]
-            if group_w_scales is not None and group_w_scales[slot.group] != 1.0:
-                extra["w_scale"] = group_w_scales[slot.group]
+            extra = {
+                "round_seed": None if rounds is None else rounds[slot.index],
+                "w_scale": 1.0 if group_w_scales is None else group_w_scales[slot.group],
+            }
             if slot.rank:
                 lowrank_(slot.param, seeds, vs, slot.rank, scales, **extra)
             else:
