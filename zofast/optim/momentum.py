@@ -57,7 +57,7 @@ class Momentum:
     def apply(self, slot, used, buffer, restore, lr, eps, nxt, round_seed=None, w_scale=1.0):
         """One pass over a slot: W ← w_scale·W + restore·Z_t − lr·(momentum), + ε·Z_nxt where
         nxt is not None (pipelined), rounded stochastically with `round_seed` where given."""
-        p, extra = slot.param, {"round_seed": round_seed, "w_scale": w_scale}
+        p, rounding = slot.param, {"round_seed": round_seed, "w_scale": w_scale}
         if slot.rank:
             U, V = used
             left, right = [buffer * -lr], [V]
@@ -67,7 +67,7 @@ class Momentum:
                 U2, V2 = self.noise.factors(slot, nxt)
                 left.append(U2 * eps)
                 right.append(V2)
-            outer_add_(p, torch.cat(left, 1), torch.cat(right, 1), **extra)
+            outer_add_(p, torch.cat(left, 1), torch.cat(right, 1), **rounding)
             return
         cols, scales = [buffer], [-lr]
         if restore:
@@ -76,4 +76,4 @@ class Momentum:
             cols.append(self.noise.noise(slot, nxt))
             scales.append(eps)
         right = torch.tensor([scales], dtype=torch.float32, device=p.device)
-        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, **extra)
+        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, **rounding)
