@@ -40,7 +40,8 @@ class Shadow:
         # Low-rank noise reaches a Linear / Conv1D weight more cheaply as an extra product,
         # y += c·(x·V)·Uᵀ, than through a perturbed copy of W (H200, bf16, 8192×2048, 2048
         # tokens, rank 2: +0.03 ms against +0.21 ms); full-rank noise costs less as a copy
-        # (+0.10 ms against +0.50 ms), so MeZO takes products for tied heads only.
+        # (+0.10 ms against +0.50 ms), so MeZO takes products for tied heads only
+        # (bench/results/2026-12-02-shadow-layers).
         lowrank = any(s.rank for s in slots)
         if model is not None:
             plan(model, tensors, product_min_numel=0 if lowrank else None)
