@@ -260,6 +260,39 @@ def test_temporaries_equal_inplace_bit_for_bit(dtype, rank, context, device, fre
     assert {st.name for st in layers.used()} == set(TEMPORARY_ONLY)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bulk_equals_per_tensor_bit_for_bit(dtype, device):
+    """ShadowLayers.set_direction / set_coef (factors made for all tensors at once, presets
+    perturbed in one pass: one launch each on a GPU) give the forwards of per-tensor
+    set_direction / set_coef (factors per tensor, temporaries), bit for bit, and leave the
+    stored weights as they were."""
+    ids = ids_for(VOCAB, device=device)
+    outputs = []
+    for bulk in (False, True):
+        model = tiny(dtype, device)
+        snap = snapshot(model)
+        tensors = shadow_tensors(model, 2)
+        presets = 10**6 if bulk else None
+        layers = attached(model, tensors, product_min_numel=0, preset_max_numel=presets)
+        ways = {u.way for st in tensors for u in st.uses}
+        assert ways == ({"rows", "product", "preset"} if bulk else {"rows", "product", "temporary"})
+        got = []
+        with torch.no_grad():
+            for c in (EPS, -EPS, 0.0):
+                if bulk:
+                    layers.set_direction(0, [st.seeds for st in tensors])
+                    layers.set_coef(c)
+                else:
+                    set_coef(tensors, c)
+                got.append(run(model, ids))
+        assert not layers.swapped and unchanged(model, snap)
+        layers.remove_hooks()
+        outputs.append(got)
+    for per_tensor, bulk in zip(*outputs, strict=True):
+        assert torch.equal(per_tensor, bulk)
+
+
 def test_transformers_temporaries_bit_for_bit():
     """GPT-2 (Conv1D, LayerNorm) and OPT (its positional embedding, projections): every weight
     but the tied embedding takes a temporary."""
@@ -386,9 +419,9 @@ def test_zero_coefficient_does_nothing(rank, device, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("called with c = 0")
 
-    for name in ("_build_temporary", "_noise_rows", "_add_rows", "_add_product"):
+    for name in ("_build_temporary", "_noise_rows", "_add_rows", "_add_product", "_add_lowrank"):
         monkeypatch.setattr(shadow, name, forbidden)
-    monkeypatch.setattr(ShadowTensor, "_factors", forbidden)
+    monkeypatch.setattr(ShadowTensor, "factors", forbidden)
     set_coef(tensors, EPS)
     set_coef(tensors, 0.0)
     for context, expected in zip(contexts, want, strict=True):

@@ -70,10 +70,11 @@ from zofast.perturb import (
     matrix_shape,
 )
 from zofast.rng import as_seed, normal
+from zofast.shadow_step import DeviceSeeds, Presets, StepFactors, bulk_on
 
 __all__ = ["CHUNK_NUMEL", "WAYS", "ShadowLayers", "ShadowTensor", "Use", "detach", "plan"]
 
-WAYS = ("temporary", "rows", "product")
+WAYS = ("temporary", "rows", "product", "preset")
 # Elements of Z generated at once by a full-rank "product" (16 MiB in bf16): bounded memory, and
 # few enough chunks that launches don't dominate (H200, 2048 tokens, a tied 50272×2048 bf16 head:
 # 2.23 ms at 2**22, 1.61 at 2**23, 1.62 at 2**24; the plain head takes 0.55 ms).
@@ -120,13 +121,14 @@ class ShadowTensor:
         self.used = False  # applied by a forward (c ≠ 0) since ShadowLayers.reset_usage()
         self._stored: torch.Tensor | None = None  # the stored tensor while tmp is swapped in
         self._terms: dict = {}  # device -> (seeds, scale) device tensors for the engine
-        self._vt = None  # low-rank: a VirtualTensor holding (c·U, V) for the hooks' maths
-        self._vt_key = None  # (step, seeds, device) whose (U, V) the VirtualTensor holds
+        # Low-rank: the step's (Uᵀ, Vᵀ), (r, m) and (r, n) in W's dtype, for the hooks' maths,
+        # made for (step, seeds) = _factors_key (in bulk by zofast.shadow_step.StepFactors).
+        self._factors: tuple | None = None
+        self._factors_key = None
         if rank:
             m, n = matrix_shape(param.shape)
             if rank > min(m, n):
                 raise ValueError(f"rank of {name} must be in 1..{min(m, n)}, got {rank}")
-            self._vt = virtual.VirtualTensor(index, name, param, rank, [])
 
     @property
     def swapped(self) -> bool:
@@ -155,8 +157,6 @@ class ShadowTensor:
                     "ShadowLayers.restore() first"
                 )
             self.c, self._terms = c, {}
-            if self._vt is not None:
-                self._vt.set_coef(c)
 
     def flush(self) -> None:
         """Nothing is pending in shadow mode (zofast.virtual.detach calls this on the tensors
@@ -164,29 +164,41 @@ class ShadowTensor:
 
     def _device_terms(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's seeds (int64) and scale (float32) on `device`, uploaded once per
-        direction and c (through pinned memory: no host sync)."""
+        direction and c (through pinned memory: no host sync) unless set_terms gave them."""
         terms = self._terms.get(device)
         if terms is None:
             with torch.inference_mode(False):
                 terms = self._terms[device] = _device_terms(list(self.seeds), [self.c], device)
         return terms
 
-    def _factors(self, device: torch.device):
-        """The VirtualTensor whose factors() are (c·U, V) of this step on `device`."""
-        key = (self.step, self.seeds, device)
-        if self._vt_key != key:
+    def set_terms(self, device: torch.device, seeds: torch.Tensor, scale: torch.Tensor) -> None:
+        """The current seeds and c as device tensors (uploaded in bulk for many tensors)."""
+        self._terms[device] = (seeds, scale)
+
+    def set_factors(self, Ut: torch.Tensor, Vt: torch.Tensor) -> None:
+        """The current direction's (Uᵀ, Vᵀ) (made in bulk for many tensors)."""
+        self._factors, self._factors_key = (Ut, Vt), (self.step, self.seeds)
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Uᵀ, Vᵀ) of the current direction in `dtype`, (r, m) and (r, n): made here if no
+        bulk load made them for this direction."""
+        if self._factors_key != (self.step, self.seeds):
             with torch.inference_mode(False):  # no inference tensors kept for a later forward
-                U, V = lowrank_factors(self.param.shape, *self.seeds, self.rank, device=device)
-            self._vt.set_direction(self.step, 0, U, V)
-            self._vt_key = key
-        return self._vt
+                U, V = lowrank_factors(
+                    self.param.shape, *self.seeds, self.rank, device=self.param.device
+                )
+            self.set_factors(U.t().to(self.param.dtype), V.t().to(self.param.dtype))
+        Ut, Vt = self._factors
+        return (Ut, Vt) if Ut.dtype == dtype else (Ut.to(dtype), Vt.to(dtype))
+
+    def swap_to(self, tensor: torch.Tensor) -> None:
+        """Swap `tensor` (W + c·Z) in as the parameter's data; :meth:`_swap_out` undoes it."""
+        self._stored = self.param.data
+        self.param.data = tensor
+        self.used = True
 
     def _swap_in(self) -> None:
-        stored = self.param.data
-        tmp = _build_temporary(self, stored)
-        self._stored = stored
-        self.param.data = tmp
-        self.used = True
+        self.swap_to(_build_temporary(self, self.param.data))
 
     def _swap_out(self) -> None:
         if self._stored is not None:
@@ -201,6 +213,12 @@ def _build_temporary(st: ShadowTensor, w: torch.Tensor) -> torch.Tensor:
     tmp = torch.empty_like(w)
     if st.rank:
         return lowrank_(w, seeds[:1], seeds[1:], st.rank, scale, out=tmp)
+    if bulk_on(w.device) and w.is_contiguous():
+        # The kernel gaussian_ launches, without its checks: w was checked when the tensor was
+        # made, the terms are ours (a hook runs for every big tensor of every forward).
+        from zofast.kernels.gaussian import gaussian_triton
+
+        return gaussian_triton(w, seeds, scale, 0, out=tmp)
     return gaussian_(w, seeds, scale, out=tmp)
 
 
@@ -259,18 +277,32 @@ def _add_product(st: ShadowTensor, kind: str, x: torch.Tensor, out: torch.Tensor
     return y
 
 
+def _add_lowrank(st: ShadowTensor, kind: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Low-rank y += c·(the layer applied to U·Vᵀ), Z = U·Vᵀ with W viewed as m×n: Linear
+    (W: out × in) y += c·(x·V)·Uᵀ, Conv1D (W: in × out) y += c·(x·U)·Vᵀ, Embedding (W: vocab
+    × dim) y += c·U[ids]·Vᵀ. The rank-r side is computed transposed, (r, tokens), so that every
+    operand of both products is 16-byte aligned (cuBLAS's slow path otherwise)."""
+    y = _contiguous(out)
+    Ut, Vt = st.factors(y.dtype)
+    if kind == "embedding":
+        left, right = Ut.index_select(1, x.reshape(-1)), Vt
+    else:
+        inner, right = (Vt, Ut) if kind == "linear" else (Ut, Vt)
+        left = inner @ x.reshape(-1, inner.shape[1]).to(y.dtype).T
+    y.view(-1, right.shape[1]).addmm_(left.T, right, alpha=st.c)
+    return y
+
+
 def _output_hook(st: ShadowTensor, use: Use):
     """The forward hook of a "rows" / "product" use: adds c·(the layer applied to Z)."""
-    lowrank = virtual._make_hook(st._vt, use.kind) if st.rank else None
 
     def hook(module, args, kwargs, out):
         if not st.c or st._stored is not None:  # c = 0, or W + c·Z already swapped in
             return None
         st.used = True
-        if lowrank is not None:
-            st._factors(out.device)
-            return lowrank(module, args, kwargs, out)
         x = virtual._input(args, kwargs)
+        if st.rank:
+            return _add_lowrank(st, use.kind, x, out)
         if use.way == "rows":
             return _add_rows(st, x, out)
         return _add_product(st, use.kind, x, out)
@@ -301,7 +333,13 @@ class _Temporaries:
                 st._swap_out()
 
 
-def plan(model: torch.nn.Module, tensors, *, product_min_numel: int | None = None):
+def plan(
+    model: torch.nn.Module,
+    tensors,
+    *,
+    product_min_numel: int | None = None,
+    preset_max_numel: int | None = None,
+):
     """Choose how each tensor is applied (sets each tensor's ``uses``; see the module docstring).
 
     Args:
@@ -313,6 +351,10 @@ def plan(model: torch.nn.Module, tensors, *, product_min_numel: int | None = Non
             "product" wins at every size tried (8192×2048: +0.03 ms vs +0.21 for "temporary",
             and no temporary), so 0 suits LOZO; full-rank, "temporary" wins (+0.10 ms vs +0.50),
             so None suits MeZO.
+        preset_max_numel: tensors that would take "temporary" with at most this many elements
+            take "preset" (their copies perturbed together before the forward and swapped in
+            for all of it, :class:`zofast.shadow_step.Presets`), smallest first, while the
+            copies total at most this many elements or 1 % of the tensors' (None: no "preset").
 
     Returns:
         `tensors`, each with ``uses`` = [:class:`Use`, ...] (one per module that registers it).
@@ -368,6 +410,18 @@ def plan(model: torch.nn.Module, tensors, *, product_min_numel: int | None = Non
             if use not in uses:
                 uses.append(use)
         st.uses = uses
+    if preset_max_numel is not None:
+        budget = max(preset_max_numel, sum(st.param.numel() for st in tensors) // 100)
+        small = [
+            st
+            for st in tensors
+            if st.param.numel() <= preset_max_numel and all(u.way == "temporary" for u in st.uses)
+        ]
+        for st in sorted(small, key=lambda st: st.param.numel()):
+            budget -= st.param.numel()
+            if budget < 0:
+                break
+            st.uses = [Use(model, "preset", None)]
     return tensors
 
 
@@ -390,15 +444,58 @@ class ShadowLayers:
         self._handles: list = []
         self._temporaries: list[_Temporaries] = []
         self.attached = False
+        self._bulk: list | None = None  # per device: (StepFactors, DeviceSeeds, Presets)
 
     @property
     def modules(self) -> list[torch.nn.Module]:
-        """The hooked modules, each once."""
+        """The hooked modules, each once ("preset" tensors hook nothing)."""
         seen: dict[int, torch.nn.Module] = {}
         for st in self.tensors:
             for use in st.uses:
-                seen.setdefault(id(use.module), use.module)
+                if use.way != "preset":
+                    seen.setdefault(id(use.module), use.module)
         return list(seen.values())
+
+    def set_direction(self, step: int, seeds) -> None:
+        """Every tensor's direction (seeds[i] for tensors[i], as ShadowTensor.set_direction),
+        with the low-rank factors and the temporaries' device seeds made in bulk."""
+        for st, s in zip(self.tensors, seeds, strict=True):
+            st.set_direction(step, s)
+        for factors, device_seeds, _ in self._bulk_parts():
+            factors.load()
+            device_seeds.load()
+
+    def set_coef(self, c: float) -> None:
+        """c for every tensor (as ShadowTensor.set_coef); with c ≠ 0 the "preset" tensors'
+        W + c·Z are built and swapped in until the next set_coef or :meth:`restore`."""
+        parts = self._bulk_parts()
+        for _, _, presets in parts:
+            presets.swap_out()
+        for st in self.tensors:
+            st.set_coef(c)
+        for _, device_seeds, presets in parts:
+            device_seeds.set_coef(c)
+            if c and self.attached:
+                presets.swap_in(c)
+
+    def _bulk_parts(self) -> list:
+        if self._bulk is None:
+            by_device: dict = {}
+            for st in self.tensors:
+                by_device.setdefault(st.param.device, []).append(st)
+            self._bulk = []
+            for group in by_device.values():
+                ways = {st: {u.way for u in st.uses} for st in group}
+                self._bulk.append(
+                    (
+                        StepFactors(
+                            [st for st in group if st.rank and ways[st] & {"rows", "product"}]
+                        ),
+                        DeviceSeeds([st for st in group if "temporary" in ways[st]]),
+                        Presets([st for st in group if "preset" in ways[st]]),
+                    )
+                )
+        return self._bulk
 
     def attach(self) -> None:
         """Register the hooks. ValueError, nothing registered, if a tensor is not planned or
@@ -415,7 +512,7 @@ class ShadowLayers:
             for use in st.uses:
                 if use.way == "temporary":
                     temporaries.setdefault(id(use.module), (use.module, []))[1].append(st)
-                else:
+                elif use.way != "preset":
                     hook = _output_hook(st, use)
                     self._handles.append(use.module.register_forward_hook(hook, with_kwargs=True))
         for module, owned in temporaries.values():

@@ -15,6 +15,7 @@ import warnings
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.passes import Passes
 from zofast.shadow import ShadowLayers, ShadowTensor, plan
+from zofast.shadow_step import PRESET_MAX_NUMEL
 
 
 class Shadow:
@@ -42,9 +43,15 @@ class Shadow:
         # tokens, rank 2: +0.03 ms against +0.21 ms); full-rank noise costs less as a copy
         # (+0.10 ms against +0.50 ms), so MeZO takes products for tied heads only
         # (bench/results/2026-12-02-shadow-layers).
+        # Biases and norms: perturbed together before each forward (PRESET_MAX_NUMEL).
         lowrank = any(s.rank for s in slots)
         if model is not None:
-            plan(model, tensors, product_min_numel=0 if lowrank else None)
+            plan(
+                model,
+                tensors,
+                product_min_numel=0 if lowrank else None,
+                preset_max_numel=PRESET_MAX_NUMEL,
+            )
         self.layers = ShadowLayers(tensors, owner)
         self.detached = False
         self._checked_usage = False
@@ -73,14 +80,14 @@ class Shadow:
         if c == 0.0:
             self.layers.restore()  # a forward cut short by an interrupt may have left one
         # The directions loaded: keyed by the run seed too (load_state_dict may change it).
-        fresh = c and self._directions != (self.noise.run, t)
-        for st, slot in zip(self.layers.tensors, self.slots, strict=True):
-            if fresh:
-                seeds, v_seeds, _ = self.noise.terms(slot, [t], [c])
-                st.set_direction(t, (seeds[0], v_seeds[0]) if slot.rank else (seeds[0],))
-            st.set_coef(c)
-        if fresh:
+        if c and self._directions != (self.noise.run, t):
+            seeds = []
+            for slot in self.slots:
+                us, vs, _ = self.noise.terms(slot, [t], [c])
+                seeds.append((us[0], vs[0]) if slot.rank else (us[0],))
+            self.layers.set_direction(t, seeds)
             self._directions = (self.noise.run, t)
+        self.layers.set_coef(c)
 
     def warn_unused(self) -> None:
         """After the first step: name the trained tensors that no forward perturbed (a weight
@@ -107,6 +114,7 @@ class Shadow:
 
     def finish(self, t, g, lrs, wds, momentum=None, buffers=None, used=None) -> None:
         """The update pass: W ← (1 − lr·wd)·W − lr·g·Z_t (LOZO-M: − lr·N·Vᵀ, one pass each)."""
+        self.layers.restore()  # the presets' copies out: the pass writes the stored tensors
         decays = [1.0 - lr * wd for lr, wd in zip(lrs, wds, strict=True)]
         if momentum is not None:
             for slot in self.slots:
@@ -129,6 +137,7 @@ class Shadow:
         """:meth:`finish` (no momentum, no decay) with −lr·g computed on the device and the pass
         queued behind the second forward (Passes.queued); None where that does not apply. A
         non-finite g or update gives a zero term: the pass then writes W unchanged."""
+        self.layers.restore()
         scales = [[0.0]] * len(lrs)
         return self.passes.queued([t], scales, 0, loss_plus, loss_minus, lrs, eps, **self._round(t))
 
