@@ -5,7 +5,7 @@ pass, so W random-walks. In shadow mode a step never writes the stored weights; 
 does. While a forward runs, each trained tensor W is seen as W + c·Z, where Z is the step's noise
 (full-rank, or low-rank U·Vᵀ; the engine's contract, see :mod:`zofast.perturb`) and c is +ε during
 the first forward, −ε during the second and 0 otherwise (then the hooks do nothing: no allocation,
-no launch). Each (module, tensor) pair takes one of three ways, chosen by :func:`plan`:
+no launch). Each (module, tensor) pair takes one of four ways, chosen by :func:`plan`:
 
 * ``"temporary"``: a forward pre-hook on the module that owns the parameter (whose ``_parameters``
   holds it; for a child of ``nn.MultiheadAttention``, which reads its children's weights directly,
@@ -18,6 +18,11 @@ no launch). Each (module, tensor) pair takes one of three ways, chosen by :func:
 * ``"product"`` (a stock Linear or GPT-2 Conv1D whose weight is tied to an ``nn.Embedding``, e.g.
   an LM head; optionally every such layer above a size): a forward hook adds c·x·Zᵀ (Conv1D:
   c·x·Z); low-rank as (x·V)·(c·U)ᵀ, full-rank with Z generated in chunks of rows.
+
+* ``"preset"`` (small tensors, biases and norms, if :func:`plan` is asked to): no hook; before a
+  forward :meth:`ShadowLayers.set_coef` builds every preset's W + c·Z into a copy, all in one
+  engine pass, and swaps the copies in for the whole forward (:class:`zofast.shadow_step.Presets`;
+  bit for bit a temporary). Code that reads such a tensor outside its module sees W + c·Z too.
 
 "rows" and "product" equal the layer with weight W + c·Z up to the rounding of the forward (the
 perturbation is not rounded to W's dtype first, unlike an in-place perturbation). A tensor that
