@@ -52,7 +52,13 @@ def main():
     host, gpu, wall = timed(closure)
     fwd = wall
     print(f"{name} b{batch} forward: host {host:.2f} ms, GPU {gpu:.2f} ms, wall {wall:.2f} ms")
-    runs = [("lozo", None), ("lozo", "shadow"), ("lozo-m", None), ("mezo", None)]
+    runs = [
+        ("lozo", None),
+        ("lozo", "shadow"),
+        ("lozo-m", None),
+        ("lozo-m", "shadow"),
+        ("mezo", None),
+    ]
     for method, mode in runs:
         opt = make_optimizer(method, model, 1e-7, mode=mode)
         step = lambda opt=opt: opt.step(closure)  # noqa: E731
