@@ -316,12 +316,14 @@ def drift_run(
     size: int = 512,
     steps: int = 1000,
     eps: float = 1e-3,
+    device: str = "cpu",
 ) -> dict:
     """A size×size Linear (no bias: every tensor of it can be virtual) stepped `steps` times at
-    lr = 0; how far the stored weights moved."""
+    lr = 0 on `device`; how far the stored weights moved."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(size, size, bias=False).to(DTYPES[dtype])
-    x = torch.randn(64, size, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
+    model = torch.nn.Linear(size, size, bias=False).to(DTYPES[dtype]).to(device)
+    x = torch.randn(64, size, generator=torch.Generator().manual_seed(1))
+    x = x.to(DTYPES[dtype]).to(device)
     start = model.weight.detach().clone()
     opt = make_optimizer(method, model, 1e-3, mode=mode, rounding=rounding, eps=eps, seed=1)
     zero_lr(opt)
@@ -340,7 +342,9 @@ def drift_run(
     }
 
 
-def drift(dtypes, methods=METHODS, modes=tuple(DRIFT_MODES), size=512, steps=1000) -> list[dict]:
+def drift(
+    dtypes, methods=METHODS, modes=tuple(DRIFT_MODES), size=512, steps=1000, device="cpu"
+) -> list[dict]:
     rows = []
     for dtype in dtypes:
         for method in methods:
@@ -349,7 +353,9 @@ def drift(dtypes, methods=METHODS, modes=tuple(DRIFT_MODES), size=512, steps=100
                     continue  # full-rank noise has no virtual mode
                 mode, rounding = DRIFT_MODES[name]
                 try:
-                    row = drift_run(method, dtype, mode, rounding, size=size, steps=steps)
+                    row = drift_run(
+                        method, dtype, mode, rounding, size=size, steps=steps, device=device
+                    )
                 except Unsupported as error:
                     row = {"method": method, "dtype": dtype, "unsupported": str(error)}
                 row["variant"] = name
@@ -591,6 +597,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", choices=list(DRIFT_MODES), default=list(DRIFT_MODES))
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="JSON file to write")
 
     p = sub.add_parser("minilm", help="MiniLM on SST-2 16-shot: fp32 vs bf16 (GPU)")
@@ -627,10 +634,14 @@ def main(argv=None) -> int:
         payload = {"meta": run_meta(), "config": dataclasses.asdict(cfg), "rows": rows}
     elif args.cmd == "drift":
         dtypes = args.dtypes or ["bfloat16", "float16"]
-        print(f"drift: {args.size}×{args.size} Linear, {args.steps} steps at lr = 0\n")
+        print(
+            f"drift: {args.size}×{args.size} Linear, {args.steps} steps at lr = 0 on "
+            f"{args.device}\n"
+        )
         print(DRIFT_HEADER)
-        rows = drift(dtypes, args.methods, args.modes, args.size, args.steps)
+        rows = drift(dtypes, args.methods, args.modes, args.size, args.steps, args.device)
         config = {"size": args.size, "steps": args.steps, "eps": 1e-3, "dtypes": dtypes}
+        config["device"] = args.device
         payload = {"meta": run_meta(), "config": config, "rows": rows}
     else:
         args.variants = args.variants or ["fp32", "bf16", "bf16-inplace"]
