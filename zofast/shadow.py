@@ -75,7 +75,7 @@ from zofast.perturb import (
     matrix_shape,
 )
 from zofast.rng import as_seed, normal
-from zofast.shadow_step import DeviceSeeds, Presets, StepFactors, bulk_on
+from zofast.shadow_step import DeviceSeeds, Presets, StepFactors, bulk_on, transposed
 
 __all__ = ["CHUNK_NUMEL", "WAYS", "ShadowLayers", "ShadowTensor", "Use", "detach", "plan"]
 
@@ -192,7 +192,7 @@ class ShadowTensor:
                 U, V = lowrank_factors(
                     self.param.shape, *self.seeds, self.rank, device=self.param.device
                 )
-            self.set_factors(U.t().to(self.param.dtype), V.t().to(self.param.dtype))
+            self.set_factors(transposed(U, self.param.dtype), transposed(V, self.param.dtype))
         Ut, Vt = self._factors
         return (Ut, Vt) if Ut.dtype == dtype else (Ut.to(dtype), Vt.to(dtype))
 

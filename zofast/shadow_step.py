@@ -26,6 +26,10 @@ import torch
 from zofast._ext import resolve_backend
 from zofast.perturb import _device_terms, gaussian_, lowrank_, lowrank_factors
 
+# Factor rows are padded to this many elements, as zofast.kernels.multi pads them (that module
+# needs Triton; this one must import without it).
+STRIDE_ALIGN = 16
+
 __all__ = ["PRESET_ALIGN", "PRESET_MAX_NUMEL", "DeviceSeeds", "Presets", "StepFactors", "bulk_on"]
 
 # Tensors of at most this many elements that would take a temporary are presets: on OPT-1.3B
@@ -37,6 +41,16 @@ PRESET_ALIGN = 64  # elements: every preset copy starts 128-byte aligned in bf16
 def bulk_on(device: torch.device) -> bool:
     """Whether the multi-tensor launches (Triton) serve tensors on `device`: a GPU with Triton."""
     return device.type == "cuda" and resolve_backend("auto", device) == "triton"
+
+
+def transposed(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A factor (k, r) as (r, k) in `dtype`, rows padded to STRIDE_ALIGN elements: the layout
+    StepFactors' bulk views have, so that the hooks' products are the same cuBLAS calls (and
+    the same numbers) whichever way the factors were made."""
+    k, r = factor.shape
+    stride = -(-k // STRIDE_ALIGN) * STRIDE_ALIGN
+    out = torch.empty(r, stride, dtype=dtype, device=factor.device)[:, :k]
+    return out.copy_(factor.t())
 
 
 def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -63,7 +77,7 @@ class StepFactors:
         if not bulk_on(device):
             for st in self.tensors:
                 U, V = lowrank_factors(st.param.shape, *st.seeds, st.rank, device=device)
-                st.set_factors(U.t().to(st.param.dtype), V.t().to(st.param.dtype))
+                st.set_factors(transposed(U, st.param.dtype), transposed(V, st.param.dtype))
             return
         if self._plan is None:
             self._build(device)
@@ -76,7 +90,15 @@ class StepFactors:
             st.set_factors(ut, vt)
 
     def _build(self, device) -> None:
-        from zofast.kernels.multi import COLS, ROWS, STRIDE_ALIGN, U_OFFSET, V_OFFSET, MultiPass
+        from zofast.kernels.multi import (
+            COLS,
+            ROWS,
+            U_OFFSET,
+            U_STRIDE,
+            V_OFFSET,
+            V_STRIDE,
+            MultiPass,
+        )
 
         params = [st.param for st in self.tensors]
         ranks = [st.rank for st in self.tensors]
@@ -90,9 +112,9 @@ class StepFactors:
             )
         self._views = []
         for st, row in zip(self.tensors, self._plan._table, strict=True):
-            m, n, u_off, v_off = (int(x) for x in row[[ROWS, COLS, U_OFFSET, V_OFFSET]])
+            columns = [ROWS, COLS, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE]
+            m, n, u_off, v_off, su, sv = (int(x) for x in row[columns])
             r, (u, v) = st.rank, self._buffers[st.param.dtype]
-            su, sv = -(-m // STRIDE_ALIGN) * STRIDE_ALIGN, -(-n // STRIDE_ALIGN) * STRIDE_ALIGN
             self._views.append(
                 (
                     u[u_off : u_off + r * su].view(r, su)[:, :m],
