@@ -144,9 +144,10 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
-        mode: ``"auto"`` (for bf16 / fp16 weights the exact ``"shadow"``; ``"inplace"`` for
-            float32, where in-place rounding is negligible and fastest), ``"inplace"``,
-            ``"shadow"`` or, for lozo / lozo-m, ``"virtual"``; see docs/usage.md.
+        mode: ``"auto"`` (for bf16 / fp16 weights an exact mode: ``"virtual"`` for lozo /
+            lozo-m without weight decay, ``"shadow"`` otherwise; ``"inplace"`` for float32,
+            where in-place rounding is negligible and fastest), ``"inplace"``, ``"shadow"`` or,
+            for lozo / lozo-m, ``"virtual"``; see docs/usage.md.
         rounding: ``"auto"`` (stochastic for bf16 / fp16), ``"nearest"`` or ``"stochastic"``:
             how update passes round to the weight dtype.
         pipeline: fuse the next step's perturbation into the update (2 weight passes per ZO step
@@ -286,7 +287,8 @@ class TrainConfig:
         """The mode used: ``mode``, or for "auto" what the optimizers choose for ``dtype``."""
         if self.mode != "auto":
             return self.mode
-        return auto_mode(low=self.dtype != "float32")
+        lozo = self.method in ("lozo", "lozo-m")
+        return auto_mode(low=self.dtype != "float32", lowrank=lozo, decay=bool(self.weight_decay))
 
     @property
     def resolved_momentum(self) -> float:

@@ -114,6 +114,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             pipeline,
             virtual_rest,
             low=any(p.dtype in LOW_PRECISION for p in trained),
+            lowrank=lowrank,
+            decay=any(group["weight_decay"] for group in self.param_groups),
             has_model=model is not None,
             replay_only=self._virtual_request is not None,
         )

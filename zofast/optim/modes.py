@@ -2,12 +2,9 @@
 
 float32 weights: in place (pipelined if asked), rounding to nearest: in-place rounding errors stay
 at float32's level and in place is fastest. bf16 / fp16 weights: an exact mode (the stored weights
-are written by updates only) with stochastic rounding: "shadow" for every method. LOZO's
-"virtual" (its updates summed in a float32 low-rank factor, written once per V epoch) is exact
-too but slower on the GPU: on the H200, OPT-1.3B, bf16, batch 16×256, a LOZO step in shadow
-mode takes 1.38 × two plain forwards, virtual mode (with shadow for the rest) 6.7 before
-shadow's bulk preparation and 1.75 alone at an earlier commit
-(bench/results/2026-12-03-exact-1).
+are written by updates only) with stochastic rounding: LOZO's "virtual" (its updates summed in a
+float32 low-rank factor, written once per V epoch; the other tensors in "shadow" mode) where no
+group has weight decay, "shadow" otherwise and for MeZO.
 """
 
 from __future__ import annotations
@@ -39,19 +36,26 @@ def check_modes(mode, rounding, lowrank: bool, virtual_indices, virtual_rest) ->
         raise ValueError(f"virtual_rest must be 'inplace' or 'shadow', got {virtual_rest!r}")
 
 
-def auto_mode(*, low: bool) -> str:
-    """What mode="auto" stands for (see the module docstring); low: some trained tensor is
-    bf16 / fp16."""
-    return "shadow" if low else "inplace"
+def auto_mode(*, low: bool, lowrank: bool, decay: bool) -> str:
+    """What mode="auto" stands for (see the module docstring).
+
+    Args:
+        low: some trained tensor is bf16 / fp16.
+        lowrank: the method's noise is low-rank (LOZO).
+        decay: some group has weight decay.
+    """
+    if not low:
+        return "inplace"
+    return "virtual" if lowrank and not decay else "shadow"
 
 
-def resolve(mode, rounding, pipeline, rest, *, low, has_model, replay_only):
+def resolve(mode, rounding, pipeline, rest, *, low, lowrank, decay, has_model, replay_only):
     """(mode, rounding, rest): "auto" resolved (see the module docstring); rest is how virtual
     mode perturbs the tensors that do not go through layers ("shadow" for bf16 / fp16,
     "inplace" for float32), None in the other modes.
 
     Args:
-        low: as for :func:`auto_mode`.
+        low, lowrank, decay: as for :func:`auto_mode`.
         has_model: the optimizer was given the model.
         replay_only: built by zofast.replay (no model needed).
     """
@@ -68,7 +72,7 @@ def resolve(mode, rounding, pipeline, rest, *, low, has_model, replay_only):
                 "through the model's forward: pass the model (LOZO(model, ...) or "
                 "model=model), or mode='inplace' to accept the rounding drift"
             )
-        mode = auto_mode(low=low)
+        mode = auto_mode(low=low, lowrank=lowrank, decay=decay)
     if mode == "virtual" and not has_model and not replay_only:
         raise ValueError(
             "mode='virtual' needs the model whose layers apply the perturbation: pass "
