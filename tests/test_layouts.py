@@ -196,7 +196,8 @@ def test_headers_found_by_known_names_and_hf_files(tmp_path):
     rows = [{"text": "nice", "label": "positive"}, {"text": "meh", "label": "negative"}]
     jsonl = _write(tmp_path / "j", {"train.jsonl": "\n".join(map(json.dumps, rows))})
     assert [ex.label for ex in load_kshot(jsonl, "demo")["train"]] == [1, 0]
-    got = load_kshot(jsonl, "sst-2", text_columns=["text"], label_map=["positive=great", "negative=0"])
+    both = ["positive=great", "negative=0"]
+    got = load_kshot(jsonl, "sst-2", text_columns=["text"], label_map=both)
     assert got["train"][0] == Example("nice", 1)
     with pytest.raises(ValueError, match="named, not numbered"):
         load_kshot(jsonl, "sst-2", text_columns=["0"])
