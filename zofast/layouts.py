@@ -66,6 +66,7 @@ KNOWN_COLUMNS = {
 }  # fmt: skip
 
 _HINT = COLUMN_HINT.format(python=PYTHON_COLUMNS)
+_MAP = "map label values to class ids with --label-map VALUE=ID (Python: label_map=)"
 SPLIT_FILES = (("train", "train"), ("dev", "dev"), ("test", "test"))
 
 
@@ -269,12 +270,9 @@ class _Labels:
             label = int(value)
         except ValueError:
             known = f" or one of {list(self.names)}" if self.names else ""
-            raise ValueError(
-                f"{where}: label {value!r} is not an integer{known}; map label values to "
-                "class ids with --label-map VALUE=ID (Python: label_map=)"
-            ) from None
+            raise ValueError(f"{where}: label {value!r} is not an integer{known}; {_MAP}") from None
         if not 0 <= label < self.n:
-            raise ValueError(f"{where}: label {label} outside 0..{self.n - 1}")
+            raise ValueError(f"{where}: label {label} outside 0..{self.n - 1}; {_MAP}")
         return label
 
 
