@@ -151,6 +151,8 @@ def test_issue_example_mr_headerless_csv_under_any_task_name(tmp_path):
     with pytest.raises(ValueError, match=r"a headerless file of 3 columns; name the columns with "
                        r"--text-columns COL \[COL\] and --label-column COL"):  # fmt: skip
         load_kshot(three, mine)
+    with pytest.raises(ValueError, match="if line 1 is a header, pass --header"):
+        load_kshot(_write(tmp_path / "hdr", {"train.csv": "label,review\n1,fun\n"}), "mr")
     got = load_kshot(three, mine, text_columns=["2"], label_column=1)
     assert got["train"][1] == Example("great fun", 1)
     got = load_kshot(three, mine, text_columns=[-1], label_column=-2, label_map=["0=1", "1=0"])

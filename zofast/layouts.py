@@ -375,6 +375,12 @@ def read_table(
                 f"{path}:{line}: expected {width} {sep}-separated columns (as line 1), "
                 f"got {len(row)}"
             )
+        try:
+            label = labels(row[label_col], f"{path}:{line}")
+        except ValueError as error:
+            if line == 1:
+                raise ValueError(f"{error} (if line 1 is a header, pass --header)") from None
+            raise
         texts = [row[c] for c in cols]
-        out.append(Example(texts[0], labels(row[label_col], f"{path}:{line}"), *texts[1:]))
+        out.append(Example(texts[0], label, *texts[1:]))
     return out
