@@ -93,10 +93,6 @@ def _config_help() -> dict[str, str]:
     return plain
 
 
-#: TrainConfig fields that say how data files are laid out (flags of ``train`` and ``eval``).
-COLUMN_FIELDS = ("text_columns", "label_column", "header", "label_map")
-
-
 def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     from zofast.train import TrainConfig
 
@@ -149,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.method, args.lr
         ('mezo', 1e-05)
     """
+    from zofast.train import COLUMN_FIELDS
+
     parser = _Parser(
         prog="zofast",
         description="Zeroth-order (LOZO, LOZO-M, MeZO) and derivative-free fine-tuning.",
@@ -285,7 +283,14 @@ def _cmd_replay(args) -> int:
 def _cmd_eval(args) -> int:
     from zofast.models import load_model
     from zofast.scoring import Scorer
-    from zofast.train import ConfigError, TrainConfig, evaluate, load_splits, resolve_task
+    from zofast.train import (
+        COLUMN_FIELDS,
+        ConfigError,
+        TrainConfig,
+        evaluate,
+        load_splits,
+        resolve_task,
+    )
 
     config = TrainConfig(
         model=args.model,

@@ -73,6 +73,7 @@ __all__ = [
     "ZO_METHODS",
     "FORWARDS_PER_STEP",
     "DEFAULT_LR",
+    "COLUMN_FIELDS",
     "ConfigError",
     "TrainConfig",
     "TrainResult",
@@ -90,6 +91,8 @@ FORWARDS_PER_STEP = {"lozo": 2, "lozo-m": 2, "mezo": 2, "adam": 3}
 DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5}
 DEFAULT_MOMENTUM = {"lozo-m": 0.7}
 DTYPES = ("float32", "bfloat16", "float16")
+#: The TrainConfig fields that say where the data files hold text and labels.
+COLUMN_FIELDS = ("text_columns", "label_column", "header", "label_map")
 
 
 class ConfigError(ValueError):
@@ -114,6 +117,8 @@ class TrainConfig:
         data: ``"demo"`` (the bundled set), an LM-BFF k-shot folder, or a folder of
             ``train``/``dev``/``test`` ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` files;
             ``demo`` needs nothing outside the package.
+        template: prompt template of a custom task (see :mod:`zofast.tasks`); None = built-in.
+        label_words: label words of a custom task, one per class.
         text_columns: columns of text_a (and text_b) in the data files: header names or 0-based
             positions; None = the task's LM-BFF layout, or found by name.
         label_column: the label column, a header name or 0-based position; None = the task's
@@ -122,8 +127,6 @@ class TrainConfig:
             a header when a column is given by name.
         label_map: VALUE=ID pairs mapping label values to classes (ID: class id, label name or
             label word); None = class ids or the task's label names, as LM-BFF's files hold.
-        template: prompt template of a custom task (see :mod:`zofast.tasks`); None = built-in.
-        label_words: label words of a custom task, one per class.
         method: ``lozo``, ``lozo-m``, ``mezo``, ``dfo-lora`` or ``adam``; LOZO is the project's
             main method (low-rank noise: fewer effective dimensions than MeZO's).
         lr: learning rate; None = ``DEFAULT_LR[method]`` (tuned for MiniLM on the demo set's
@@ -299,8 +302,7 @@ class TrainConfig:
     @property
     def columns(self) -> dict[str, Any]:
         """The column arguments of :func:`zofast.data.load_kshot` (``text_columns``, ...)."""
-        names = ("text_columns", "label_column", "header", "label_map")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in COLUMN_FIELDS}
 
     @property
     def resolved_lr(self) -> float | None:
