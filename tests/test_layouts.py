@@ -230,3 +230,21 @@ def test_read_table_empty_file(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("")
     assert read_table(path, get_task("mr"), LAYOUTS["mr"]) == []
+
+
+def test_hf_class_label_ids_follow_their_names(tmp_path):
+    """GLUE's MNLI on the hub numbers entailment, neutral, contradiction; LM-BFF (and zofast)
+    contradiction, entailment, neutral: ids are mapped through the names."""
+    datasets = pytest.importorskip("datasets")
+    from zofast.data import load_hf_dataset
+
+    features = datasets.Features(
+        {"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+         "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])}
+    )  # fmt: skip
+    rows = {"premise": ["a", "b", "c"], "hypothesis": ["x", "y", "z"], "label": [0, 1, 2]}
+    path = tmp_path / "mnli.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    got = load_hf_dataset(path, "mnli", cache_dir=str(tmp_path / "cache"))
+    assert [ex.label for ex in got] == [1, 2, 0]
+    assert got[0] == Example("a", 1, "x")

@@ -112,6 +112,15 @@ def test_get_task_aliases(name):
     assert get_task(name) is get_task("SST-2")
 
 
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [("sst5", "sst-5"), ("STS_B", "STS-B"), ("stsb", "STS-B"), ("mnli_mm", "MNLI-mm"),
+     ("Cola", "CoLA"), ("TREC", "trec"), ("Subj", "subj")],
+)  # fmt: skip
+def test_get_task_aliases_of_the_suite(alias, name):
+    assert get_task(alias).name == name
+
+
 def test_get_task_errors():
     with pytest.raises(ValueError, match="unknown task 'wnli'.*sst-2"):
         get_task("wnli")
