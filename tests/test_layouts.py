@@ -193,7 +193,7 @@ def test_column_flags_by_name_position_header_and_label_map(tmp_path):
 
 def test_headers_found_by_known_names_and_hf_files(tmp_path):
     mine = Task.custom("{text_a} {mask}", ["bad", "good"], name="mine")
-    header = _write(tmp_path / "h", {"train.tsv": "sentence\tlabel\nnice\t1\n"})
+    header = _write(tmp_path / "h", {"train.tsv": "Sentence\tLabel\nnice\t1\n"})
     assert load_kshot(header, mine)["train"] == [Example("nice", 1)]
     rows = [{"text": "nice", "label": "positive"}, {"text": "meh", "label": "negative"}]
     jsonl = _write(tmp_path / "j", {"train.jsonl": "\n".join(map(json.dumps, rows))})

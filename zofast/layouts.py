@@ -309,9 +309,10 @@ def _positions(
         return header.index(column)
 
     def found(role: str) -> int | None:
-        if header is None:
-            return None
-        return next((header.index(c) for c in KNOWN_COLUMNS[role] if c in header), None)
+        lower = [h.lower() for h in header or ()]
+        return next(
+            (lower.index(c.lower()) for c in KNOWN_COLUMNS[role] if c.lower() in lower), None
+        )
 
     fields = task.text_fields
     text = list(layout.text)
