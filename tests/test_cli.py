@@ -187,3 +187,46 @@ def test_parser_exposes_every_config_field():
     args = parser.parse_args(["train", "--no-pipeline", "--label-words", "bad", "good"])
     assert args.pipeline is False and args.label_words == ["bad", "good"]
     assert sys.modules["zofast.cli"].DEMO["method"] == "lozo"
+
+
+def test_column_flags_read_any_layout(tiny, tmp_path, capsys):
+    """Issue 17: a headerless file whose columns zofast cannot guess; the error names the flags
+    that fix it, and with them train and eval read it."""
+    data = tmp_path / "reviews"
+    data.mkdir()
+    rows = "".join(f"{i},{i % 2 * 4 + 1},review number {i} was {('bad', 'good')[i % 2]}\n"
+                   for i in range(8))  # fmt: skip
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.csv").write_text(rows)
+    custom = ["--task", "mine", "--template", "{text_a} It was {mask}.",
+              "--label-words", "terrible", "great", "--data", str(data)]  # fmt: skip
+    run = tmp_path / "run"
+    assert _exit_code(_train_args(tiny, run, *custom)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot find the text_a and label columns of task mine" in err and "\n" not in err
+    assert "--text-columns" in err and "--label-column" in err and "--label-map" in err
+    assert not run.exists()
+    flags = ["--text-columns", "2", "--label-column", "1", "--label-map", "1=terrible", "5=1"]
+    assert cli.main(_train_args(tiny, run, *custom, *flags, "--no-plot")) == 0
+    config = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert config["text_columns"] == ["2"] and config["label_map"] == ["1=terrible", "5=1"]
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", tiny, *custom, *flags, "--split", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["examples"] == 8
+    assert cli.main(["eval", "--model", tiny, *custom, *flags[:4], "--split", "test"]) == 2
+    assert "train.csv:2: label 5 outside 0..1; map label" in capsys.readouterr().err
+    assert _exit_code(_train_args(tiny, run, *custom, "--label-map", "pos")) == 2
+    assert "label_map entries are VALUE=ID" in capsys.readouterr().err
+
+
+def test_builtin_lm_bff_task_from_its_kshot_folder(tiny, tmp_path, capsys):
+    """MR as LM-BFF writes it (headerless label,text csv) needs no flags."""
+    data = tmp_path / "mr" / "16-42"
+    data.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.csv").write_text('0,"dull , dull"\n1,a delight\n' * 2)
+    run = tmp_path / "run"
+    argv = _train_args(tiny, run, "--no-plot")
+    argv[argv.index("demo") : argv.index("demo") + 3] = ["MR", "--data", str(data)]
+    assert cli.main(argv) == 0
+    assert "task MR" in capsys.readouterr().out

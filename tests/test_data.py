@@ -74,16 +74,17 @@ def test_load_kshot_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"train\.tsv.*empty"):
         load_kshot(empty, "SST-2")
-    with pytest.raises(ValueError, match="no k-shot reader for task 'mnli'"):
-        load_kshot(empty, "mnli")
+    with pytest.raises(ValueError, match="unknown task 'wnli'"):
+        load_kshot(empty, "wnli")
     _write(tmp_path / "hdr" / "train.tsv", "text\tlabel\nfine\t1\n")
-    with pytest.raises(ValueError, match="expected header"):
+    with pytest.raises(ValueError, match=r"no text_a column 'sentence'.*--text-columns"):
         load_kshot(tmp_path / "hdr", "SST-2")
+    assert load_kshot(tmp_path / "hdr", "SST-2", text_columns=["text"])["train"][0].label == 1
     _write(tmp_path / "lab" / "train.tsv", "sentence\tlabel\nfine\t2\n")
     with pytest.raises(ValueError, match=r"train\.tsv:2: label 2"):
         load_kshot(tmp_path / "lab", "SST-2")
     _write(tmp_path / "cols" / "train.tsv", "sentence\tlabel\nfine\t1\textra\n")
-    with pytest.raises(ValueError, match="2 tab-separated columns"):
+    with pytest.raises(ValueError, match=r"train\.tsv:2: expected 2 tab-separated columns"):
         load_kshot(tmp_path / "cols", "SST-2")
     _write(tmp_path / "rte" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n1\ta\tb\tmaybe\n")
     with pytest.raises(ValueError, match="'maybe'"):
@@ -151,7 +152,7 @@ def test_load_hf_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         load_hf_dataset(tmp_path / "missing.csv", "nope")
     bad = _write(tmp_path / "bad.csv", "review,label\nfine,1\n")
-    with pytest.raises(ValueError, match="cannot find the text/label columns"):
+    with pytest.raises(ValueError, match="cannot find the text_a and label columns.*--text-col"):
         load_hf_dataset(bad, "sst-2", cache_dir=cache)
     with pytest.raises(ValueError, match="column 'body'"):
         load_hf_dataset(bad, "sst-2", text_a="body", cache_dir=cache)
@@ -159,7 +160,7 @@ def test_load_hf_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="GLUE test splits"):
         load_hf_dataset(unlabelled, "sst-2", cache_dir=cache)
     strings = _write(tmp_path / "s.csv", "sentence,label\nfine,maybe\n")
-    with pytest.raises(ValueError, match="label_map"):
+    with pytest.raises(ValueError, match="--label-map VALUE=ID"):
         load_hf_dataset(strings, "sst-2", cache_dir=cache)
     no_pair = _write(tmp_path / "p.csv", "sentence1,label\nfine,entailment\n")
     with pytest.raises(ValueError, match="text_b="):

@@ -194,7 +194,7 @@ def test_bad_inputs(tiny, examples):
     with pytest.raises(ValueError, match="share first tokens"):
         Scorer(tiny["roberta"], Task.custom("{text_a} It was {mask}.", ["great", "great!"]))
     with pytest.raises(ValueError, match="unknown task"):
-        Scorer(tiny["roberta"], "mnli")
+        Scorer(tiny["roberta"], "wnli")
     scorer = Scorer(tiny["roberta"], "sst-2")
     with pytest.raises(ValueError, match="label 2 outside"):
         scorer.encode([Example("fine", 2)])

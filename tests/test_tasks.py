@@ -5,26 +5,106 @@ import pytest
 from zofast.data import Example
 from zofast.tasks import Task, get_task, list_tasks
 
+# LM-BFF's manual prompts as published: the template (run_experiment.sh's syntax) and the label
+# value -> label word mapping of each task (Gao, Fisch & Chen 2021, Table 1 / run_experiment.sh).
+LM_BFF = {
+    "SST-2": ("*cls**sent_0*_It_was*mask*.*sep+*", {"0": "terrible", "1": "great"}),
+    "sst-5": (
+        "*cls**sent_0*_It_was*mask*.*sep+*",
+        {"0": "terrible", "1": "bad", "2": "okay", "3": "good", "4": "great"},
+    ),
+    "mr": ("*cls**sent_0*_It_was*mask*.*sep+*", {"0": "terrible", "1": "great"}),
+    "cr": ("*cls**sent_0*_It_was*mask*.*sep+*", {"0": "terrible", "1": "great"}),
+    "mpqa": ("*cls**sent_0*_It_was*mask*.*sep+*", {"0": "terrible", "1": "great"}),
+    "subj": ("*cls**sent_0*_This_is*mask*.*sep+*", {"0": "subjective", "1": "objective"}),
+    "trec": (
+        "*cls**mask*:*+sent_0**sep+*",
+        {
+            "0": "Description",
+            "1": "Entity",
+            "2": "Expression",
+            "3": "Human",
+            "4": "Location",
+            "5": "Number",
+        },
+    ),  # fmt: skip
+    "CoLA": ("*cls**sent_0*_This_is*mask*.*sep+*", {"0": "incorrect", "1": "correct"}),
+    "MNLI": (
+        "*cls**sent-_0*?*mask*,*+sentl_1**sep+*",
+        {"contradiction": "No", "entailment": "Yes", "neutral": "Maybe"},
+    ),
+    "SNLI": (
+        "*cls**sent-_0*?*mask*,*+sentl_1**sep+*",
+        {"contradiction": "No", "entailment": "Yes", "neutral": "Maybe"},
+    ),
+    "QNLI": (
+        "*cls**sent-_0*?*mask*,*+sentl_1**sep+*",
+        {"not_entailment": "No", "entailment": "Yes"},
+    ),
+    "RTE": (
+        "*cls**sent-_0*?*mask*,*+sentl_1**sep+*",
+        {"not_entailment": "No", "entailment": "Yes"},
+    ),
+    "MRPC": ("*cls**sent_0**mask*,*+sentl_1**sep+*", {"0": "No", "1": "Yes"}),
+    "QQP": ("*cls**sent_0**mask*,*+sentl_1**sep+*", {"0": "No", "1": "Yes"}),
+    "STS-B": ("*cls**sent_0**mask*,*+sentl_1**sep+*", {"0": "No", "1": "Yes"}),
+}
 
-def test_builtin_tasks_follow_lm_bff():
-    sst2 = get_task("SST-2")
-    assert sst2.label_words == ("terrible", "great")
-    assert sst2.label_descriptions == ("It was terrible.", "It was great.")
-    assert sst2.num_labels == 2 and sst2.text_fields == ("text_a",)
-    rte = get_task("rte")
-    assert rte.label_words == ("Yes", "No") and rte.text_fields == ("text_a", "text_b")
-    trec = get_task("TREC")
-    assert trec.label_words == (
-        "Description",
-        "Entity",
-        "Expression",
-        "Human",
-        "Location",
-        "Number",
-    )
-    assert trec.num_labels == 6
+
+def _lm_bff_render(template: str, sentences: list[str], mask: str) -> str:
+    """What LM-BFF's template language makes of the sentences (without cls / sep)."""
+    out = ""
+    for part in template.split("*"):
+        if part in ("", "cls", "sep+"):
+            continue
+        if part == "mask":
+            out += mask
+            continue
+        space, part = (" ", part[1:]) if part.startswith("+") else ("", part)
+        if part.startswith("sent"):
+            kind, index = part.split("_")
+            text = sentences[int(index)]
+            text = text[:-1] if kind == "sent-" else text
+            text = text[:1].lower() + text[1:] if kind == "sentl" else text
+            out += space + text
+        else:
+            out += space + part.replace("_", " ")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LM_BFF))
+def test_builtin_tasks_follow_lm_bff_table(name):
+    template, mapping = LM_BFF[name]
+    task = get_task(name.lower())
+    assert task.name == name and task is get_task(name.upper())
+    assert task.num_labels == len(mapping)
+    for value, word in mapping.items():
+        names = task.label_names
+        label = names.index(value) if value in names else int(value)
+        assert task.label_words[label] == word, (value, word)
+    pair = template.count("sent") == 2
+    assert task.text_fields == (("text_a", "text_b") if pair else ("text_a",))
+    sentences = ["The Dogs bark loudly.", "Cats meow at night."]
+    example = Example(sentences[0], 0, sentences[1] if pair else None)
+    assert task.render(example, "<mask>")[0] == _lm_bff_render(template, sentences, "<mask>")
+    assert task.label_context("mlm")[1] == " ", "LM-BFF scores each label word with a space"
+
+
+def test_builtin_causal_prompts_and_descriptions():
+    sst5 = get_task("SST-5")
+    assert sst5.render(Example("Fine.", 0), "", kind="causal")[0] == "Fine. It was"
+    assert sst5.descriptions() == tuple(f"It was {w}." for w in sst5.label_words)
+    mnli = get_task("mnli")
+    prompt = mnli.render(Example("A man sleeps.", 0, "He rests."), "", kind="causal")[0]
+    assert prompt == 'Suppose A man sleeps. Can we infer that "He rests."? Yes, No, or Maybe?\n'
+    assert mnli.words_for("causal") == ("No", "Yes", "Maybe")
+    for name in list_tasks():
+        task = get_task(name)
+        assert len(task.descriptions()) == task.num_labels
+        assert all("?" not in d and d.endswith(".") for d in task.descriptions()), name
+        assert task.has_mask("causal") and task.template_for("causal").endswith("{mask}"), name
     assert get_task("demo").num_labels == 2
-    assert list_tasks() == ["demo", "rte", "sst-2", "trec"]
+    assert set(list_tasks()) == {key.lower() for key in LM_BFF} | {"demo", "mnli-mm"}
 
 
 @pytest.mark.parametrize("name", ["sst2", "SST2", "sst-2", "Sst_2", " SST-2 "])
@@ -32,9 +112,18 @@ def test_get_task_aliases(name):
     assert get_task(name) is get_task("SST-2")
 
 
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [("sst5", "sst-5"), ("STS_B", "STS-B"), ("stsb", "STS-B"), ("mnli_mm", "MNLI-mm"),
+     ("Cola", "CoLA"), ("TREC", "trec"), ("Subj", "subj")],
+)  # fmt: skip
+def test_get_task_aliases_of_the_suite(alias, name):
+    assert get_task(alias).name == name
+
+
 def test_get_task_errors():
-    with pytest.raises(ValueError, match="unknown task 'mnli'.*sst-2"):
-        get_task("mnli")
+    with pytest.raises(ValueError, match="unknown task 'wnli'.*sst-2"):
+        get_task("wnli")
     with pytest.raises(TypeError):
         get_task(3)
     task = Task.custom("{text_a} {mask}", ["a", "b"])

@@ -93,36 +93,45 @@ def _config_help() -> dict[str, str]:
     return plain
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     from zofast.train import TrainConfig
 
     helps = _config_help()
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         default = f.default
         help_text = helps.get(f.name, "")
+        metavar = f.metadata.get("metavar")
         if kind in ("bool", "bool | None"):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
         elif kind.startswith("tuple"):
-            parser.add_argument(flag, nargs="+", default=default, metavar="WORD", help=help_text)
+            parser.add_argument(
+                flag, nargs="+", default=default, metavar=metavar or "WORD", help=help_text
+            )
         elif kind.startswith("int"):
             parser.add_argument(flag, type=int, default=default, help=help_text)
         elif kind.startswith("float"):
             parser.add_argument(flag, type=float, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=str, default=default, help=help_text)
+            parser.add_argument(flag, type=str, default=default, metavar=metavar, help=help_text)
 
 
 def _config_from_args(args: argparse.Namespace):
     from zofast.train import TrainConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values["label_words"] is not None:
-        values["label_words"] = tuple(values["label_words"])
-    return TrainConfig(**values)
+    return TrainConfig(
+        **_tuples({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    )
+
+
+def _tuples(values: dict) -> dict:
+    """argparse's lists as the tuples TrainConfig holds."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.method, args.lr
         ('mezo', 1e-05)
     """
+    from zofast.train import COLUMN_FIELDS
+
     parser = _Parser(
         prog="zofast",
         description="Zeroth-order (LOZO, LOZO-M, MeZO) and derivative-free fine-tuning.",
@@ -155,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy of a model (or base + trajectory) on a task")
     p.add_argument("--model", default=None, help="model name or folder (default: embedded MiniLM)")
     p.add_argument("--trajectory", default=None, help="apply this trajectory to --model first")
-    p.add_argument("--task", required=True, help="built-in task name (demo, sst-2, rte, trec)")
+    p.add_argument("--task", required=True, help="built-in task name (docs/tasks.md) or a name")
     p.add_argument("--data", required=True, help="'demo' or a data folder")
     p.add_argument("--template", default=None, help="custom task template")
     p.add_argument("--label-words", nargs="+", default=None, metavar="WORD")
+    _add_config_flags(p, only=COLUMN_FIELDS)
     p.add_argument("--split", nargs="+", default=None, help="splits (default: dev and test)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128)
@@ -271,7 +283,14 @@ def _cmd_replay(args) -> int:
 def _cmd_eval(args) -> int:
     from zofast.models import load_model
     from zofast.scoring import Scorer
-    from zofast.train import ConfigError, TrainConfig, evaluate, load_splits, resolve_task
+    from zofast.train import (
+        COLUMN_FIELDS,
+        ConfigError,
+        TrainConfig,
+        evaluate,
+        load_splits,
+        resolve_task,
+    )
 
     config = TrainConfig(
         model=args.model,
@@ -283,9 +302,10 @@ def _cmd_eval(args) -> int:
         max_length=args.max_length,
         dtype=args.dtype,
         device=args.device,
+        **_tuples({k: getattr(args, k) for k in COLUMN_FIELDS}),
     ).validate()
     task = resolve_task(config)
-    splits = load_splits(config.data, task)
+    splits = load_splits(config.data, task, **config.columns)
     wanted = args.split or [s for s in ("dev", "test") if s in splits]
     missing = [s for s in wanted if s not in splits]
     if missing:

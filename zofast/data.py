@@ -6,19 +6,27 @@ order of the task's label words (see :mod:`zofast.tasks`).
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .layouts import (
+    COLUMN_HINT,
+    KNOWN_COLUMNS,
+    LAYOUTS,
+    parse_label_map,
+    read_table,
+    resolve_layout,
+)
 from .tasks import Task, get_task
 
-__all__ = ["Example", "load_kshot", "load_hf_dataset", "load_demo", "KSHOT_FORMATS"]
+__all__ = ["Example", "load_kshot", "load_hf_dataset", "load_demo", "LAYOUTS"]
 
 SPLITS = ("train", "dev", "test")
-RTE_LABELS = {"entailment": 0, "not_entailment": 1}
+_TABLE_EXTS = ("csv", "tsv")
+_HF_EXTS = ("jsonl", "json", "parquet")
 
 
 @dataclass(frozen=True)
@@ -48,123 +56,101 @@ class Example:
             raise TypeError(f"label must be an int, got {self.label!r}")
 
 
-def _read_rows(path: Path, delimiter: str, quoting: int) -> list[list[str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
-
-
-def _int_label(value: str, path: Path, line: int, num_labels: int) -> int:
-    try:
-        label = int(value.strip())
-    except ValueError:
-        raise ValueError(f"{path}:{line}: label {value!r} is not an integer") from None
-    if not 0 <= label < num_labels:
-        raise ValueError(f"{path}:{line}: label {label} outside 0..{num_labels - 1}")
-    return label
-
-
-def _check_header(path: Path, rows: list[list[str]], header: list[str]) -> list[list[str]]:
-    if not rows or [c.strip() for c in rows[0]] != header:
-        got = rows[0] if rows else "an empty file"
-        raise ValueError(f"{path}: expected header {header}, got {got}")
-    return rows[1:]
-
-
-def _read_sst2(path: Path) -> list[Example]:
-    rows = _check_header(path, _read_rows(path, "\t", csv.QUOTE_NONE), ["sentence", "label"])
-    out = []
-    for line, row in enumerate(rows, start=2):
-        if len(row) != 2:
-            raise ValueError(f"{path}:{line}: expected 2 tab-separated columns, got {len(row)}")
-        out.append(Example(row[0], _int_label(row[1], path, line, 2)))
-    return out
-
-
-def _read_rte(path: Path) -> list[Example]:
-    header = ["index", "sentence1", "sentence2", "label"]
-    rows = _check_header(path, _read_rows(path, "\t", csv.QUOTE_NONE), header)
-    out = []
-    for line, row in enumerate(rows, start=2):
-        if len(row) != 4:
-            raise ValueError(f"{path}:{line}: expected 4 tab-separated columns, got {len(row)}")
-        label = row[3].strip()
-        if label not in RTE_LABELS:
-            raise ValueError(f"{path}:{line}: label {label!r} is not one of {list(RTE_LABELS)}")
-        out.append(Example(row[1], RTE_LABELS[label], row[2]))
-    return out
-
-
-def _read_trec(path: Path) -> list[Example]:
-    rows = _read_rows(path, ",", csv.QUOTE_MINIMAL)
-    out = []
-    for line, row in enumerate(rows, start=1):
-        if len(row) != 2:
-            raise ValueError(f"{path}:{line}: expected 2 columns label,question, got {len(row)}")
-        out.append(Example(row[1], _int_label(row[0], path, line, 6)))
-    return out
-
-
-KSHOT_FORMATS = {
-    "SST-2": ("tsv", _read_sst2),
-    "RTE": ("tsv", _read_rte),
-    "trec": ("csv", _read_trec),
-}
-_KSHOT_KEYS = {name.lower().replace("-", ""): name for name in KSHOT_FORMATS}
-
-
-def _kshot_name(task: str | Task) -> str:
-    name = task.name if isinstance(task, Task) else task
-    if not isinstance(name, str):
-        raise TypeError(f"task must be a name or a Task, got {type(task).__name__}")
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    if key not in _KSHOT_KEYS:
-        raise ValueError(
-            f"no k-shot reader for task {name!r}; known formats: {', '.join(KSHOT_FORMATS)}"
+def _split_files(root: Path, task: Task) -> dict[str, Path]:
+    """The file of each split: the layout's stem (MNLI: ``dev_matched``) or the split's name,
+    with the layout's extension first, then csv, tsv, jsonl, json, parquet."""
+    layout = LAYOUTS.get(task.name.strip().lower())
+    exts = (*([layout.ext] if layout else []), *_TABLE_EXTS, *_HF_EXTS)
+    stems = dict(layout.files) if layout else {}
+    out = {}
+    for split in SPLITS:
+        names = dict.fromkeys((stems.get(split, split), split))
+        path = next(
+            (root / f"{n}.{e}" for e in exts for n in names if (root / f"{n}.{e}").is_file()),
+            None,
         )
-    return _KSHOT_KEYS[key]
+        if path is not None:
+            out[split] = path
+    return out
 
 
-def load_kshot(folder: str | Path, task: str | Task) -> dict[str, list[Example]]:
-    """Read one LM-BFF k-shot folder, e.g. ``data/k-shot/SST-2/16-42``.
+def load_kshot(
+    folder: str | Path,
+    task: str | Task,
+    *,
+    text_columns: Sequence[str | int] | None = None,
+    label_column: str | int | None = None,
+    header: bool | None = None,
+    label_map: Mapping[str, Any] | Sequence[str] | None = None,
+) -> dict[str, list[Example]]:
+    """Read a folder of train / dev / test files, e.g. LM-BFF's ``data/k-shot/SST-2/16-42``.
 
-    Formats: ``SST-2`` tsv with header ``sentence, label``; ``RTE`` tsv with header
-    ``index, sentence1, sentence2, label`` (``entailment`` = 0, ``not_entailment`` = 1);
-    ``trec`` csv without header ``label,question`` (labels 0-5).
+    Every task of LM-BFF's suite is read in the layout LM-BFF writes (:mod:`zofast.layouts`:
+    headerless ``label,text`` csv for sst-5 / mr / cr / mpqa / subj / trec, GLUE tsv for SST-2,
+    CoLA and the pair tasks, MNLI's ``dev_matched`` / ``test_matched``, STS-B binned at 2.5).
+    Other layouts, and tasks without a built-in one, are read from the column arguments, or by
+    header names (``sentence``, ``text``, ``sentence1``, ``label``, ...). ``.jsonl``, ``.json``
+    and ``.parquet`` files are read by :func:`load_hf_dataset` (columns by name only).
 
     Args:
-        folder: the folder holding ``train``, ``dev`` and ``test`` files.
-        task: ``"SST-2"``, ``"RTE"`` or ``"trec"`` (case-insensitive) or the matching Task.
+        folder: the folder holding the ``train``, ``dev`` and ``test`` files.
+        task: a task name (case-insensitive) or :class:`~zofast.tasks.Task`; its name picks the
+            layout, its label names and words the meaning of label values.
+        text_columns: columns of ``text_a`` (and ``text_b`` for pair tasks): header names or
+            0-based positions (``"1"`` = 1); None = the task's layout.
+        label_column: the label column, a name or a position; None = the task's layout.
+        header: whether the files start with a header row; None = the layout's, or a header
+            when a column is given by name.
+        label_map: label value → class id (an id, label name or label word of the task), as a
+            mapping or ``"VALUE=ID"`` strings; None = ids, label names or the layout's rule.
 
     Returns:
         ``{split: [Example, ...]}`` for each of train/dev/test present in the folder.
+
+    Raises:
+        FileNotFoundError: no folder, or no split file in it.
+        ValueError: columns or labels that cannot be read (the message names the arguments,
+            and the command-line flags, that fix it).
 
     Example:
         >>> splits = load_kshot("../shared/data/k-shot/SST-2/16-42", "sst-2")
         >>> len(splits["train"]), splits["train"][0].label
         (32, 0)
+        >>> load_kshot("reviews/", "mr", text_columns=["body"], label_column="stars",
+        ...            label_map=["1=terrible", "5=great"])["train"][0]
+        Example(text_a='Loved it.', label=1, text_b=None)
     """
-    name = _kshot_name(task)
-    ext, reader = KSHOT_FORMATS[name]
+    the_task = get_task(task)
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"k-shot data folder not found: {root}")
-    out = {
-        split: reader(root / f"{split}.{ext}")
-        for split in SPLITS
-        if (root / f"{split}.{ext}").is_file()
-    }
-    if not out:
-        raise FileNotFoundError(
-            f"no {', '.join(f'{s}.{ext}' for s in SPLITS)} in {root} (format of task {name})"
+    files = _split_files(root, the_task)
+    if not files:
+        layout = LAYOUTS.get(the_task.name.strip().lower())
+        stems = dict(layout.files) if layout else {}
+        ext = layout.ext if layout else "csv/tsv/jsonl/json/parquet"
+        expected = ", ".join(f"{stems.get(s, s)}.{ext}" for s in SPLITS)
+        raise FileNotFoundError(f"no {expected} in {root} (task {the_task.name})")
+    mapping = parse_label_map(label_map, the_task)
+    out = {}
+    for split, path in files.items():
+        ext = path.suffix[1:]
+        if ext in _TABLE_EXTS:
+            layout = resolve_layout(
+                the_task, ext, text_columns=text_columns, label_column=label_column, header=header
+            )
+            out[split] = read_table(path, the_task, layout, mapping)
+            continue
+        names = list(text_columns or ()) + ([] if label_column is None else [label_column])
+        if any(isinstance(c, int) or str(c).strip().lstrip("-").isdigit() for c in names):
+            raise ValueError(f"{path}: columns of .{ext} files are named, not numbered")
+        cols = dict(zip(the_task.text_fields, text_columns or (), strict=False))
+        out[split] = load_hf_dataset(
+            path, the_task, split, label=label_column, label_map=mapping, **cols
         )
     return out
 
 
-_HF_COLUMNS = {
-    "text_a": ("text_a", "sentence", "sentence1", "text", "premise", "question", "content"),
-    "text_b": ("text_b", "sentence2", "hypothesis"),
-    "label": ("label", "labels", "coarse_label", "label-coarse"),
-}
 _FILE_BUILDERS = {
     ".csv": ("csv", {}),
     ".tsv": ("csv", {"delimiter": "\t"}),
@@ -180,7 +166,7 @@ def _pick(columns: Iterable[str], wanted: str | None, role: str, source: str) ->
         if wanted not in columns:
             raise ValueError(f"{source}: column {wanted!r} for {role} not in {columns}")
         return wanted
-    return next((c for c in _HF_COLUMNS[role] if c in columns), None)
+    return next((c for c in KNOWN_COLUMNS[role] if c in columns), None)
 
 
 def load_hf_dataset(
@@ -191,7 +177,7 @@ def load_hf_dataset(
     text_a: str | None = None,
     text_b: str | None = None,
     label: str | None = None,
-    label_map: dict[Any, int] | None = None,
+    label_map: Mapping[Any, Any] | Sequence[str] | None = None,
     **load_kwargs: Any,
 ) -> list[Example]:
     """Load a split with ``datasets.load_dataset`` and convert it to examples.
@@ -200,9 +186,11 @@ def load_hf_dataset(
     builder; anything else (a hub name such as ``"glue"`` with ``name="sst2"`` in
     ``load_kwargs``, or a local dataset folder) is passed to ``load_dataset`` as is. Columns are
     found by name (``text_a``/``sentence``/``sentence1``/``text``/..., ``text_b``/``sentence2``/
-    ``hypothesis``, ``label``/``coarse_label``) unless given. String labels are mapped with
-    ``label_map``, the dataset's ``ClassLabel`` names, the task's ``label_names`` or, for RTE,
-    ``entailment``/``not_entailment``.
+    ``hypothesis``, ``label``/``gold_label``/...; :data:`zofast.layouts.KNOWN_COLUMNS`) unless
+    given. Labels are mapped with ``label_map`` when given (a value it does not name is an
+    error), else by name: the task's ``label_names`` (``entailment`` → 0 for RTE), and a
+    ``ClassLabel``'s ids through its names when they are the task's label names (GLUE MNLI's
+    0 = entailment becomes MNLI's 1), else through its own order.
 
     Args:
         name_or_path: hub dataset name, local dataset folder or data file.
@@ -212,7 +200,8 @@ def load_hf_dataset(
         text_a: column for the first text (default: found by name).
         text_b: column for the second text (default: found by name, pair tasks only).
         label: column for the label (default: found by name).
-        label_map: maps raw label values to class ids.
+        label_map: label value → class id (an id, label name or label word of the task), as a
+            mapping or ``"VALUE=ID"`` strings.
         **load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``name="sst2"``).
 
     Returns:
@@ -250,20 +239,28 @@ def load_hf_dataset(
     col_b = _pick(columns, text_b, "text_b", source) if pair or text_b else None
     if col_a is None or col_label is None or (pair and col_b is None):
         raise ValueError(
-            f"{source}: cannot find the text/label columns for task {the_task.name} in {columns}; "
-            "pass text_a=, text_b=, label="
+            f"{source}: cannot find the {' and '.join(the_task.text_fields)} and label columns of "
+            f"task {the_task.name} in {columns}; "
+            + COLUMN_HINT.format(python="text_a=, text_b=, label=, label_map=")
         )
+    label_map = parse_label_map(label_map, the_task)
     mapping = _label_mapping(ds.features.get(col_label), the_task, label_map)
     n = the_task.num_labels
     out = []
     for i, row in enumerate(ds):
         raw = row[col_label]
         value = mapping.get(raw, mapping.get(str(raw).strip(), raw)) if mapping else raw
+        if label_map is not None and value is raw:
+            raise ValueError(
+                f"{source} [{split}] row {i}: label {raw!r} is not in the label map "
+                f"{sorted(label_map)}"
+            )
         try:
             y = int(value)
         except (TypeError, ValueError):
             raise ValueError(
-                f"{source} [{split}] row {i}: label {raw!r} is not a class id; pass label_map="
+                f"{source} [{split}] row {i}: label {raw!r} is not a class id; map label values "
+                "with --label-map VALUE=ID (Python: label_map=)"
             ) from None
         if not 0 <= y < n:
             hint = " (unlabelled split? GLUE test splits have label -1)" if y == -1 else ""
@@ -273,17 +270,15 @@ def load_hf_dataset(
     return out
 
 
-def _label_mapping(feature: Any, task: Task, label_map: dict[Any, int] | None) -> dict[Any, int]:
+def _label_mapping(feature: Any, task: Task, label_map: dict[str, int] | None) -> dict[Any, int]:
     if label_map is not None:
         return dict(label_map)
-    mapping: dict[Any, int] = {}
-    if task.label_names is not None:
-        mapping.update({name: i for i, name in enumerate(task.label_names)})
-    if task.name.lower() == "rte":
-        mapping.update(RTE_LABELS)
+    mapping: dict[Any, int] = {name: i for i, name in enumerate(task.label_names or ())}
     names = getattr(feature, "names", None)
-    if names:
-        mapping.update({name: i for i, name in enumerate(names)})
+    if names and set(names) <= set(mapping):
+        mapping.update({j: mapping[name] for j, name in enumerate(names)})
+    elif names:
+        mapping.update({name: j for j, name in enumerate(names)})
     return mapping
 
 

@@ -427,28 +427,51 @@ class Task:
         return tuple(out)
 
 
-_BUILTIN = {
-    "sst-2": Task(
-        name="SST-2",
-        template="{text_a} It was {mask}.",
-        label_words=("terrible", "great"),
-        label_descriptions=("It was terrible.", "It was great."),
-        causal_template="{text_a} It was {mask}",
-        label_names=("negative", "positive"),
+_IT_WAS = "{text_a} It was {mask}."
+_THIS_IS = "{text_a} This is {mask}."
+_NLI = "{text_a|strip_punct}? {mask}, {text_b|lower_first}"
+_PARA = "{text_a} {mask}, {text_b|lower_first}"
+_RTE_CAUSAL = '{text_a}\nDoes this mean that "{text_b}" is true? Yes or No?\n{mask}'
+_CB_CAUSAL = 'Suppose {text_a} Can we infer that "{text_b}"? Yes, No, or Maybe?\n{mask}'
+_SAME_CAUSAL = "{text_a}\n{text_b}\nDo both %s mean the same thing? Yes or No?\n{mask}"
+_NEG_POS = ("negative", "positive")
+_NLI3 = ("contradiction", "entailment", "neutral")
+_NLI3_DESC = ("No, that is not true.", "Yes, that is true.", "Maybe that is true.")
+_SAME_DESC = ("No, they mean different things.", "Yes, they mean the same thing.")
+
+# LM-BFF's manual prompts (Gao et al. 2021, Table 1; run_experiment.sh) in the order of their
+# label ids; causal prompts as MeZO's OPT templates phrase them where it has one (SST-2, RTE, CB
+# for three-way NLI), else zofast's in the same style. Columns: name, template, label words,
+# label names (the raw label values of the data files), causal template, label descriptions
+# (None: derived from the template).
+_TABLE = (
+    ("SST-2", _IT_WAS, ("terrible", "great"), _NEG_POS, "{text_a} It was {mask}", None),
+    (
+        "sst-5",
+        _IT_WAS,
+        ("terrible", "bad", "okay", "good", "great"),
+        ("very negative", "negative", "neutral", "positive", "very positive"),
+        "{text_a} It was {mask}",
+        None,
     ),
-    "rte": Task(
-        name="RTE",
-        template="{text_a|strip_punct}? {mask}, {text_b|lower_first}",
-        label_words=("Yes", "No"),
-        label_descriptions=("Yes, that is true.", "No, that is not true."),
-        causal_template='{text_a}\nDoes this mean that "{text_b}" is true? Yes or No?\n{mask}',
-        label_names=("entailment", "not_entailment"),
+    ("mr", _IT_WAS, ("terrible", "great"), _NEG_POS, "{text_a} It was {mask}", None),
+    ("cr", _IT_WAS, ("terrible", "great"), _NEG_POS, "{text_a} It was {mask}", None),
+    ("mpqa", _IT_WAS, ("terrible", "great"), _NEG_POS, "{text_a} It was {mask}", None),
+    (
+        "subj",
+        _THIS_IS,
+        ("subjective", "objective"),
+        ("subjective", "objective"),
+        "{text_a} This is {mask}",
+        None,
     ),
-    "trec": Task(
-        name="trec",
-        template="{mask}: {text_a}",
-        label_words=("Description", "Entity", "Expression", "Human", "Location", "Number"),
-        label_descriptions=(
+    (
+        "trec",
+        "{mask}: {text_a}",
+        ("Description", "Entity", "Expression", "Human", "Location", "Number"),
+        ("DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"),
+        "{text_a} Answer type: {mask}",
+        (
             "It asks for a description.",
             "It asks for an entity.",
             "It asks for an abbreviation.",
@@ -456,20 +479,78 @@ _BUILTIN = {
             "It asks for a location.",
             "It asks for a number.",
         ),
-        causal_template="{text_a} Answer type: {mask}",
-        label_names=("DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"),
     ),
-    "demo": Task(
-        name="demo",
-        template="{text_a} It was {mask}.",
-        label_words=("terrible", "great"),
-        label_descriptions=("It was terrible.", "It was great."),
-        causal_template="{text_a} It was {mask}",
-        label_names=("negative", "positive"),
+    (
+        "CoLA",
+        _THIS_IS,
+        ("incorrect", "correct"),
+        ("unacceptable", "acceptable"),
+        "{text_a} This is {mask}",
+        None,
     ),
-}
+    ("MNLI", _NLI, ("No", "Yes", "Maybe"), _NLI3, _CB_CAUSAL, _NLI3_DESC),
+    ("MNLI-mm", _NLI, ("No", "Yes", "Maybe"), _NLI3, _CB_CAUSAL, _NLI3_DESC),
+    ("SNLI", _NLI, ("No", "Yes", "Maybe"), _NLI3, _CB_CAUSAL, _NLI3_DESC),
+    (
+        "QNLI",
+        _NLI,
+        ("Yes", "No"),
+        ("entailment", "not_entailment"),
+        "Question: {text_a}\nSentence: {text_b}\nDoes the sentence answer the question? "
+        "Yes or No?\n{mask}",
+        ("Yes, the sentence answers the question.", "No, it does not answer the question."),
+    ),
+    (
+        "RTE",
+        _NLI,
+        ("Yes", "No"),
+        ("entailment", "not_entailment"),
+        _RTE_CAUSAL,
+        ("Yes, that is true.", "No, that is not true."),
+    ),
+    (
+        "MRPC",
+        _PARA,
+        ("No", "Yes"),
+        ("not_equivalent", "equivalent"),
+        _SAME_CAUSAL % "sentences",
+        _SAME_DESC,
+    ),
+    (
+        "QQP",
+        _PARA,
+        ("No", "Yes"),
+        ("not_duplicate", "duplicate"),
+        _SAME_CAUSAL % "questions",
+        ("No, they ask different things.", "Yes, they ask the same thing."),
+    ),
+    (
+        "STS-B",
+        _PARA,
+        ("No", "Yes"),
+        ("dissimilar", "similar"),
+        _SAME_CAUSAL % "sentences",
+        _SAME_DESC,
+    ),
+    ("demo", _IT_WAS, ("terrible", "great"), _NEG_POS, "{text_a} It was {mask}", None),
+)
 
-_ALIASES = {"sst2": "sst-2", "sst": "sst-2", "demo-sentiment": "demo"}
+_BUILTIN = {
+    name.lower(): Task(
+        name=name,
+        template=template,
+        label_words=words,
+        label_names=names,
+        causal_template=causal,
+        label_descriptions=descriptions,
+    )
+    for name, template, words, names, causal, descriptions in _TABLE
+}
+_ALIASES = {
+    **{key.replace("-", ""): key for key in _BUILTIN},
+    "sst": "sst-2",
+    "demo-sentiment": "demo",
+}
 
 
 def _key(name: str) -> str:
@@ -484,8 +565,8 @@ def list_tasks() -> list[str]:
         Sorted names accepted by :func:`get_task`.
 
     Example:
-        >>> list_tasks()
-        ['demo', 'rte', 'sst-2', 'trec']
+        >>> list_tasks()[:6]
+        ['cola', 'cr', 'demo', 'mnli', 'mnli-mm', 'mpqa']
     """
     return sorted(_BUILTIN)
 
@@ -493,11 +574,12 @@ def list_tasks() -> list[str]:
 def get_task(name: str | Task) -> Task:
     """Look a built-in task up by name (case-insensitive; ``sst2`` = ``SST-2``).
 
-    Built-ins use the LM-BFF templates and label words for masked LMs: SST-2
-    ``"{text_a} It was {mask}."`` (terrible/great), RTE
-    ``"{text_a|strip_punct}? {mask}, {text_b|lower_first}"`` (Yes/No), TREC ``"{mask}: {text_a}"``
-    (Description/Entity/Expression/Human/Location/Number); causal templates follow MeZO where it
-    has one. ``demo`` is the sentiment task of :func:`zofast.data.load_demo`.
+    The built-ins are LM-BFF's few-shot suite (SST-2, SST-5, MR, CR, MPQA, Subj, TREC, CoLA,
+    MNLI, MNLI-mm, SNLI, QNLI, RTE, MRPC, QQP, STS-B binned at 2.5) with LM-BFF's manual templates
+    and label words for masked LMs (e.g. SST-2 ``"{text_a} It was {mask}."``, terrible/great;
+    RTE ``"{text_a|strip_punct}? {mask}, {text_b|lower_first}"``, Yes/No); causal templates
+    follow MeZO's OPT prompts where it has one. docs/tasks.md has the whole table. ``demo`` is
+    the sentiment task of :func:`zofast.data.load_demo`.
 
     Args:
         name: task name, or a :class:`Task` (returned unchanged).

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zofast.data import Example, load_demo, load_hf_dataset, load_kshot
+from zofast.data import Example, load_demo, load_kshot
 from zofast.models import LoadedModel, load_model
 from zofast.optim.modes import MODES, ROUNDINGS, auto_mode
 from zofast.scoring import Scorer
@@ -73,6 +73,7 @@ __all__ = [
     "ZO_METHODS",
     "FORWARDS_PER_STEP",
     "DEFAULT_LR",
+    "COLUMN_FIELDS",
     "ConfigError",
     "TrainConfig",
     "TrainResult",
@@ -90,7 +91,8 @@ FORWARDS_PER_STEP = {"lozo": 2, "lozo-m": 2, "mezo": 2, "adam": 3}
 DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5}
 DEFAULT_MOMENTUM = {"lozo-m": 0.7}
 DTYPES = ("float32", "bfloat16", "float16")
-_DATA_EXTS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+#: The TrainConfig fields that say where the data files hold text and labels.
+COLUMN_FIELDS = ("text_columns", "label_column", "header", "label_map")
 
 
 class ConfigError(ValueError):
@@ -108,13 +110,23 @@ class TrainConfig:
     Args:
         model: model name or folder; None = the embedded all-MiniLM-L6-v2 (offline, 22M
             parameters, fast enough on 2 CPU cores).
-        task: built-in task name (``demo``, ``sst-2``, ``rte``, ``trec``), or the name of a custom
-            task when ``template`` is given; ``demo`` matches the bundled data set.
+        task: built-in task name (LM-BFF's suite: ``sst-2``, ``sst-5``, ``mr``, ``cr``, ``mpqa``,
+            ``subj``, ``trec``, ``cola``, ``mnli``, ``snli``, ``qnli``, ``rte``, ``mrpc``, ``qqp``,
+            ``sts-b``; docs/tasks.md), or the name of a custom task when ``template`` is given;
+            ``demo`` matches the bundled data set.
         data: ``"demo"`` (the bundled set), an LM-BFF k-shot folder, or a folder of
             ``train``/``dev``/``test`` ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` files;
             ``demo`` needs nothing outside the package.
         template: prompt template of a custom task (see :mod:`zofast.tasks`); None = built-in.
         label_words: label words of a custom task, one per class.
+        text_columns: columns of text_a (and text_b) in the data files: header names or 0-based
+            positions; None = the task's LM-BFF layout, or found by name.
+        label_column: the label column, a header name or 0-based position; None = the task's
+            layout, or found by name.
+        header: whether csv / tsv files start with a header row; None = the task's layout, or
+            a header when a column is given by name.
+        label_map: VALUE=ID pairs mapping label values to classes (ID: class id, label name or
+            label word); None = class ids or the task's label names, as LM-BFF's files hold.
         method: ``lozo``, ``lozo-m``, ``mezo``, ``dfo-lora`` or ``adam``; LOZO is the project's
             main method (low-rank noise: fewer effective dimensions than MeZO's).
         lr: learning rate; None = ``DEFAULT_LR[method]`` (tuned for MiniLM on the demo set's
@@ -175,6 +187,10 @@ class TrainConfig:
     data: str = "demo"
     template: str | None = None
     label_words: tuple[str, ...] | None = None
+    text_columns: tuple[str, ...] | None = field(default=None, metadata={"metavar": "COL"})
+    label_column: str | None = field(default=None, metadata={"metavar": "COL"})
+    header: bool | None = None
+    label_map: tuple[str, ...] | None = field(default=None, metadata={"metavar": "VALUE=ID"})
     method: str = "lozo"
     lr: float | None = None
     eps: float = 1e-3
@@ -275,7 +291,18 @@ class TrainConfig:
                 raise ConfigError(str(error)) from None
         if self.data != "demo" and not Path(self.data).is_dir():
             raise ConfigError(f"data folder not found: {self.data}")
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise ConfigError(f"text_columns takes 1 or 2 columns, got {list(self.text_columns)}")
+        for pair in self.label_map or ():
+            value, sep, target = str(pair).partition("=")
+            if not (sep and value.strip() and target.strip()):
+                raise ConfigError(f"label_map entries are VALUE=ID (e.g. pos=1), got {pair!r}")
         return self
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        """The column arguments of :func:`zofast.data.load_kshot` (``text_columns``, ...)."""
+        return {name: getattr(self, name) for name in COLUMN_FIELDS}
 
     @property
     def resolved_lr(self) -> float | None:
@@ -323,9 +350,7 @@ class TrainConfig:
             'lozo'
         """
         out = dataclasses.asdict(self)
-        if out["label_words"] is not None:
-            out["label_words"] = list(out["label_words"])
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 @dataclass
@@ -422,13 +447,15 @@ def resolve_task(config: TrainConfig) -> Task:
         raise ConfigError(str(error)) from None
 
 
-def load_splits(data: str, task: Task) -> dict[str, list[Example]]:
+def load_splits(data: str, task: Task, **columns: Any) -> dict[str, list[Example]]:
     """Read the train/dev/test splits of ``data`` for ``task``.
 
     Args:
-        data: ``"demo"``, an LM-BFF k-shot folder (SST-2, RTE, trec formats) or a folder of
-            ``train``/``dev``/``test`` files readable by :func:`zofast.data.load_hf_dataset`.
-        task: the task (decides the k-shot format and the number of labels).
+        data: ``"demo"``, an LM-BFF k-shot folder of any task of the suite, or a folder of
+            ``train``/``dev``/``test`` csv / tsv / jsonl / json / parquet files.
+        task: the task (decides the k-shot layout and the number of labels).
+        **columns: ``text_columns``, ``label_column``, ``header``, ``label_map`` of
+            :func:`zofast.data.load_kshot` (:attr:`TrainConfig.columns`).
 
     Returns:
         ``{split: examples}``; ``train`` is always present, ``dev`` and ``test`` when found.
@@ -447,24 +474,7 @@ def load_splits(data: str, task: Task) -> dict[str, list[Example]]:
     if not root.is_dir():
         raise ConfigError(f"data folder not found: {data}")
     try:
-        files = {
-            split: next(
-                (
-                    root / f"{split}{ext}"
-                    for ext in _DATA_EXTS
-                    if (root / f"{split}{ext}").is_file()
-                ),
-                None,
-            )
-            for split in ("train", "dev", "test")
-        }
-        if files["train"] is not None and files["train"].suffix in (".jsonl", ".json", ".parquet"):
-            splits = {s: load_hf_dataset(p, task) for s, p in files.items() if p is not None}
-        else:
-            try:
-                splits = load_kshot(root, task)
-            except ValueError:
-                splits = {s: load_hf_dataset(p, task) for s, p in files.items() if p is not None}
+        splits = load_kshot(root, task, **columns)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
         raise ConfigError(f"cannot read data from {data}: {error}") from None
     if not splits.get("train"):
@@ -649,7 +659,7 @@ def _setup(
 ) -> tuple[LoadedModel, Scorer, dict[str, list[Example]], Task]:
     """Load the task, data and model; every failure here is a ConfigError (nothing written)."""
     task = resolve_task(config)
-    splits = load_splits(config.data, task)
+    splits = load_splits(config.data, task, **config.columns)
     if loaded is None:
         try:
             loaded = load_model(config.model, dtype=config.dtype, device=_device(config.device))
