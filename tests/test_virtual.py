@@ -497,7 +497,7 @@ def test_virtual_indices_are_checked():
 def test_bf16_weights_do_not_drift_in_virtual_mode():
     """With a nil update (lr = 1e-30), in-place steps still round bf16 weights at every
     perturb / restore pass and they drift; virtual mode never writes them during a step, and its
-    flushes add nothing: bit-identical (bench/drift_bf16.py measures 1000 steps)."""
+    flushes add nothing: bit-identical (bench/tools/drift_bf16.py measures 1000 steps)."""
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     drift = {}
     for mode in ("inplace", "virtual"):

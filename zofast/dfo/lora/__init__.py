@@ -43,7 +43,7 @@ with d = 500, r = 4 needs 24 × 4 × 4096 × 125 × 4 B = 196 MB. Above that (GP
 regenerated at each visit: one generation per layer per round, so one regeneration (about
 ``D·r·d`` normals when ``D_in = D_out = D``) per generation. That costs ~27 ms per 0.5 M
 normals on 2 CPU cores and is included in the benchmark's GPT-2-large figures on the H200
-(``bench/test_dfo_population.py``). The incumbents' factors ``A`` and ``B`` (a ``d_c``-th of
+(``bench/suites/test_dfo_population.py``). The incumbents' factors ``A`` and ``B`` (a ``d_c``-th of
 the projections' size) are always kept.
 
 Search
