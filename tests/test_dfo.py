@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers_models import TINY_ARCHS, TINY_KINDS, make_tiny_model
+from helpers_models import TINY_ARCHS, TINY_KINDS
 
 from zofast.data import load_demo
 from zofast.dfo.arch import find_architecture
@@ -27,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
+def tiny_paths(tiny_model_dirs):
+    return tiny_model_dirs
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import make_tiny_model
 
 from zofast import plot
 from zofast.models import load_model
@@ -25,9 +24,9 @@ from zofast.trajectory import Trajectory
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model_dirs):
     """A tiny bare BERT encoder (the kind of the embedded MiniLM) with its tokenizer."""
-    return str(make_tiny_model("bert-encoder", tmp_path_factory.mktemp("tiny") / "bert"))
+    return str(tiny_model_dirs["bert-encoder"])
 
 
 def _config(tiny, tmp_path, **kwargs):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from helpers_models import tiny_gpt2_lm, tiny_opt_lm
 
 import zofast
 import zofast.virtual
@@ -68,22 +68,11 @@ def no_hooks(model):
 
 
 def gpt2():
-    config = transformers.GPT2Config(
-        n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=50, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2_lm().eval()
 
 
 def opt_model():
-    config = transformers.OPTConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
-        word_embed_proj_dim=8, vocab_size=50, max_position_embeddings=32, pad_token_id=1,
-        bos_token_id=2, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(config).eval()
+    return tiny_opt_lm().eval()
 
 
 def lm_loss(model, k=0):

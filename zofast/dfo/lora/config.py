@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from zofast.dfo.arch import TARGET_NAMES
 from zofast.dfo.fireworks import DEFAULT_OPTIONS as FWA_DEFAULT_OPTIONS
 from zofast.dfo.population import MODES
+from zofast.optim.checks import positive
 from zofast.rng import as_seed
 
 __all__ = ["DFOLoRAConfig", "OPTIMIZERS", "INITS", "DEFAULT_ALPHA", "SEARCH_KEYS", "RUNTIME_KEYS"]
@@ -68,16 +68,6 @@ def check_int(value: Any, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
-
-
-def _positive(value: Any, name: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from err
-    if not (math.isfinite(out) and out > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return out
 
 
 @dataclass
@@ -157,7 +147,7 @@ class DFOLoRAConfig:
                 f"intrinsic_dim ({self.intrinsic_dim}) must be >= {n_chunks}: one number at "
                 f"least for each of the {n_chunks} factors (A and B of {', '.join(self.targets)})"
             )
-        self.sigma = _positive(self.sigma, "sigma")
+        self.sigma = positive(self.sigma, "sigma")
         optimizers = self.optimizers
         if isinstance(optimizers, str):
             optimizers = (optimizers,)
@@ -173,7 +163,7 @@ class DFOLoRAConfig:
             self.seed = as_seed(self.seed)
         except (TypeError, ValueError) as err:
             raise ValueError(f"seed must be an int in 0..2**64-1, got {self.seed!r}") from err
-        self.alpha = _positive(self.alpha, "alpha")
+        self.alpha = positive(self.alpha, "alpha")
         self.cma_diagonal = bool(self.cma_diagonal)
         self.cma_options = dict(self.cma_options or {})
         self.fwa_options = dict(self.fwa_options or {})
