@@ -126,29 +126,28 @@ def save(dfo: DFOLoRA, path: str | Path) -> Path:
 def load(
     cls: type[DFOLoRA], path: str | Path, model: LoadedModel | nn.Module, **runtime: Any
 ) -> DFOLoRA:
-    """Rebuild a search saved by :meth:`save` on ``model`` (same architecture).
+    """The work of :meth:`DFOLoRA.load <zofast.dfo.lora.DFOLoRA.load>`: build, then restore.
 
-    The applied vectors are applied (``init="hidden"`` scales come from the checkpoint);
-    :meth:`fit` continues the search where it stopped, optimizer states included (module
-    docstring of :mod:`zofast.dfo.lora`).
+    ``cls`` is built on ``model`` with the checkpoint's configuration (and the runtime options,
+    overridable), then the search state is written back: incumbents, position, calls, loss,
+    step sizes, restart counters, dev history and best snapshot, each optimizer with its own
+    state, and the applied vectors onto the hooks.
 
     Args:
         cls: the class to build (:class:`DFOLoRA` or a subclass).
-        path: the folder.
-        model: the model (a fresh copy of the one searched).
-        **runtime: overrides of ``mode``, ``max_candidates``, ``cache_projections``,
-            ``length_buckets``.
+        path: the checkpoint folder.
+        model: a fresh copy of the searched model.
+        **runtime: any of :data:`~zofast.dfo.lora.config.RUNTIME_KEYS`.
 
     Returns:
-        A :class:`DFOLoRA`.
+        The rebuilt ``cls`` instance.
 
     Raises:
-        ValueError: if the checkpoint is not a DFO-LoRA checkpoint or does not match the
-            model's architecture.
+        ValueError: not a checkpoint of this format and version, an option that cannot be
+            overridden, or another architecture.
 
     Example:
         >>> dfo = load(DFOLoRA, "runs/dfo-ckpt", load_model(default_model_path()))
-        >>> dfo.fit(train, dev, budget=8000, task="sst-2")  # continues
     """
     from safetensors.numpy import load_file
 

@@ -53,7 +53,7 @@ class DFOLoRA(LayerSearch):
         popsize: candidates per generation (>= 2).
         sigma: initial step size of the optimizers.
         optimizers: ``("cma", "fwa")`` alternates by round; ``("cma",)`` or ``("fwa",)`` alone.
-        init: ``"hidden"`` or ``"random"`` projection scales (module docstring).
+        init: ``"hidden"`` or ``"random"`` projection scales (:mod:`zofast.dfo.lora`).
         seed: run seed (uint64) of projections and optimizers.
         alpha: ``alpha`` of the projection scale.
         cma_diagonal: pycma's ``CMA_diagonal`` (separable CMA-ES when True).

@@ -78,9 +78,13 @@ class DFOResult:
 class LayerSearch:
     """The layer-by-layer search and its state (a base of :class:`~zofast.dfo.lora.DFOLoRA`).
 
-    A subclass provides ``model``, ``loaded``, ``arch``, ``hooks``, ``num_layers``, the options of
+    A subclass provides ``model``, ``loaded``, ``arch``, ``hooks``, ``num_layers``,
+    ``layer_stds``, ``_seeds`` (the run's :class:`~zofast.rng.RunSeeds`), the options of
     :class:`~zofast.dfo.lora.config.DFOLoRAConfig` as attributes, ``factors(layer, zs)``,
     ``_apply_layer(layer, z)`` and ``_apply_all(zs)``, and calls :meth:`_init_search` once.
+
+    Example:
+        >>> class MySearch(LayerSearch): ...  # see DFOLoRA for the model side
     """
 
     def _init_search(self) -> None:
