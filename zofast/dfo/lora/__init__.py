@@ -1,5 +1,16 @@
 """DFO-LoRA: derivative-free search of low-rank query/key updates (arXiv 2403.01754).
 
+Files (PEFT's tuner layout, plus the search and its state):
+
+* ``config.py``: :class:`DFOLoRAConfig`, one documented field per option, checked on creation;
+* ``layer.py``: one layer's maths, search vector → projections → factors ``A``, ``B``
+  (the hooks that add ``(x·A)·B`` are :class:`zofast.dfo.arch.LowRankHooks`);
+* ``model.py``: :class:`DFOLoRA`, which finds the targets, attaches the hooks (once per model)
+  and applies search vectors;
+* ``search.py``: the CMA-ES / Fireworks alternation over layers and its loop (``fit``);
+* ``checkpoint.py``: state and resume (``save`` / ``load``);
+* ``export.py``: the applied modules as a PEFT LoRA adapter.
+
 Modules
 -------
 Every attention layer ``l`` gets, for each target projection ``t`` (default query and key),
