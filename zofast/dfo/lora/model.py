@@ -42,7 +42,9 @@ class DFOLoRA(LayerSearch):
     The keyword arguments after ``model`` are the fields of
     :class:`~zofast.dfo.lora.config.DFOLoRAConfig` (documented there, with their defaults'
     reasons); pass ``config=`` instead to give them as one object. Each is also an attribute of
-    the instance (``dfo.rank``, ``dfo.popsize``, ...).
+    the instance (``dfo.rank``, ``dfo.popsize``, ...); ``dfo.config`` keeps the checked options
+    as given, and a checkpoint records the attributes (the runtime ones may be changed between
+    fits, e.g. ``dfo.max_candidates``).
 
     Args:
         model: a :class:`~zofast.models.LoadedModel` or a transformers model (then pass a
