@@ -30,4 +30,4 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 bench:
-	$(PYTHON) -P -m pytest bench --benchmark-only
+	$(PYTHON) -P -m pytest bench/suites --benchmark-only

@@ -1,13 +1,19 @@
 """GPU benchmark fixtures: a measured copy ceiling and device-event timing with L2 flushed.
 
-Run with `pytest bench --benchmark-only --benchmark-json=...` on a CUDA machine; without one every
-benchmark but test_cpu.py's (the CPU suite) is skipped with a message. Times are medians of
-device-event timings after warm-up (triton.testing.do_bench, which clears the L2 cache before each
-timed call)."""
+Run with `pytest bench/suites --benchmark-only --benchmark-json=...` on a CUDA machine; without
+one every benchmark but test_cpu.py's (the CPU suite) is skipped with a message. Times are medians
+of device-event timings after warm-up (triton.testing.do_bench, which clears the L2 cache before
+each timed call). bench/tools is put on sys.path: the step suite builds its optimizers with
+precision.py's helpers."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
 
 
 def pytest_collection_modifyitems(config, items):

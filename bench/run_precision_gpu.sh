@@ -2,9 +2,9 @@
 # The precision evidence on the H200, everything under $OUT:
 #   steps   ZO step ÷ two forwards and peak ÷ forward for LOZO, LOZO-M and MeZO in each mode
 #           (in place, shadow, virtual; default rounding; bf16) at the OPT-1.3B and 6.7B shapes
-#           (bench/test_steps.py rows "<method>-<mode>-bf16-b16"): steps.json, steps.md, latest.json
+#           (bench/suites/test_steps.py rows "<method>-<mode>-bf16-b16"): steps.json, steps.md, latest.json
 #   minilm  MiniLM on SST-2 16-shot seed 42, 5,000 steps, LOZO / LOZO-M / MeZO at lr 1e-5 and
-#           2e-6, fp32 vs bf16 default vs bf16 in place (bench/precision.py minilm): minilm/
+#           2e-6, fp32 vs bf16 default vs bf16 in place (bench/tools/precision.py minilm): minilm/
 #   all     both (default); each part is meant to fit one 10-minute device call.
 # Usage (GPU machine, repo root): OUT=/some/dir bash bench/run_precision_gpu.sh [steps|minilm|all]
 # Options (environment): SKIP_BUILD=1 (zofast already installed), MINILM (model folder,
@@ -14,7 +14,7 @@
 #   fp32 steps and more than 320 s for bf16 on 2026-12-02), ZOFAST_STEP_DTYPES.
 # The model and data do not travel by themselves (the float32 MiniLM file is 91 MB; ../shared is
 # not sent). Once, on the developer machine, in the repo root:
-#   python bench/precision.py pack-minilm .carry/minilm        # fp16 weights, 46 MB
+#   python bench/tools/precision.py pack-minilm .carry/minilm        # fp16 weights, 46 MB
 #   cp -r ../shared/data/k-shot/SST-2/16-42 .carry/SST-2-16-42
 #   echo /.carry/ >> .git/info/exclude
 # then run with carry [".carry"].
@@ -30,13 +30,13 @@ fi
 python3 -P -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)"
 status=0
 if [ "$part" = steps ] || [ "$part" = all ]; then
-  python3 -P -m pytest bench/test_steps.py --benchmark-only -q -p no:cacheprovider \
+  python3 -P -m pytest bench/suites/test_steps.py --benchmark-only -q -p no:cacheprovider \
     -k "(opt-1.3b or opt-6.7b) and (bf16 or fp16 or fp32)" \
     --benchmark-json="$OUT/steps.json" 2>&1 | tail -4 || status=1
-  python3 bench/report.py --steps "$OUT/steps.json" --out "$OUT" --commit "$COMMIT" || status=1
+  python3 bench/tools/report.py --steps "$OUT/steps.json" --out "$OUT" --commit "$COMMIT" || status=1
 fi
 if [ "$part" = minilm ] || [ "$part" = all ]; then
-  python3 bench/precision.py minilm --data "${SST2:-.carry/SST-2-16-42}" \
+  python3 bench/tools/precision.py minilm --data "${SST2:-.carry/SST-2-16-42}" \
     --model "${MINILM:-.carry/minilm}" --jobs "${JOBS:-9}" --steps "${STEPS:-5000}" \
     --lrs ${LRS:-1e-5 2e-6} \
     --out "$OUT/minilm" >"$OUT/minilm.log" 2>&1 || { tail -20 "$OUT/minilm.log"; status=1; }

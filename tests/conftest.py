@@ -6,6 +6,7 @@ import secrets
 
 import pytest
 import torch
+from helpers_models import make_tiny_model
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,6 +25,26 @@ def pytest_collection_modifyitems(config, items):
 def fresh_seed():
     """A new random seed per test run (printed on failure through the assertion messages)."""
     return secrets.randbits(63)
+
+
+class _TinyModelDirs(dict):
+    """arch → folder of ``make_tiny_model(arch)``, each written the first time it is asked for."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str):
+        path = self[arch] = make_tiny_model(arch, self.root / arch)
+        return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """The tiny model folders (``helpers_models.TINY_ARCHS``), shared by every test module.
+
+    Tests only read them (test_cli checks that a run leaves its folder byte for byte as it was)."""
+    return _TinyModelDirs(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,15 @@ from tokenizers import (
     trainers,
 )
 
-__all__ = ["TINY_ARCHS", "TINY_KINDS", "tiny_corpus", "make_tokenizer", "make_tiny_model"]
+__all__ = [
+    "TINY_ARCHS",
+    "TINY_KINDS",
+    "tiny_corpus",
+    "make_tokenizer",
+    "make_tiny_model",
+    "tiny_gpt2_lm",
+    "tiny_opt_lm",
+]
 
 TINY_ARCHS = ("roberta", "bert", "bert-encoder", "gpt2", "opt", "llama")
 TINY_KINDS = {
@@ -240,3 +248,34 @@ def make_tiny_model(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_gpt2_lm() -> transformers.GPT2LMHeadModel:
+    """A one-layer GPT-2 LM (width 16, vocabulary 50) built in memory after ``manual_seed(0)``.
+
+    Example:
+        >>> tiny_gpt2_lm().transformer.h[0].attn.c_attn.weight.shape
+        torch.Size([16, 48])
+    """
+    config = transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=50, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_opt_lm() -> transformers.OPTForCausalLM:
+    """A one-layer OPT LM (width 16, vocabulary 50) built in memory after ``manual_seed(0)``.
+
+    Example:
+        >>> tiny_opt_lm().config.ffn_dim
+        32
+    """
+    config = transformers.OPTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+        word_embed_proj_dim=8, vocab_size=50, max_position_embeddings=32, pad_token_id=1,
+        bos_token_id=2, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config)

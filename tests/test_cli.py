@@ -19,8 +19,8 @@ from zofast.trajectory import Trajectory
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model("bert-encoder", tmp_path_factory.mktemp("cli") / "bert"))
+def tiny(tiny_model_dirs):
+    return str(tiny_model_dirs["bert-encoder"])
 
 
 def _digest(folder) -> dict[str, str]:

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers_models import TINY_ARCHS, TINY_KINDS, make_tiny_model
+from helpers_models import TINY_ARCHS, TINY_KINDS
 
 from zofast.data import load_demo
 from zofast.dfo.arch import find_architecture
 from zofast.dfo.fireworks import Fireworks
-from zofast.dfo.lora import DFOLoRA
+from zofast.dfo.lora import DFOLoRA, DFOLoRAConfig
 from zofast.dfo.population import PopulationEvaluator, clipped_std
 from zofast.models import LoadedModel, load_model
 from zofast.perturb import gaussian_noise
@@ -27,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
+def tiny_paths(tiny_model_dirs):
+    return tiny_model_dirs
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +240,7 @@ def test_handover_injects_the_incumbent(tiny_paths, demo, tmp_path, monkeypatch)
             super().__init__(x0, sigma0, inopts)
 
     monkeypatch.setattr(cma.CMAEvolutionStrategy, "inject", spy)
-    monkeypatch.setattr("zofast.dfo.lora.Fireworks", SpyFireworks)
+    monkeypatch.setattr("zofast.dfo.lora.search.Fireworks", SpyFireworks)
     lm = _load(tiny_paths, "opt")
     dfo = DFOLoRA(lm, seed=4, **SMALL)
     log = tmp_path / "log.jsonl"
@@ -294,7 +293,7 @@ def test_projections_from_seeds_and_init_scales(tiny_paths, demo):
     regen = DFOLoRA(lm, init="random", seed=9, cache_projections=False, **SMALL)
     b = regen.factors(1, zs)
     regen.projection(0, 0)
-    assert all(k[0] == 0 for k in regen._proj)
+    assert all(k[0] == 0 for k in regen.projections._cached)
     for name in a:
         assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
     # A entries start with std ~ alpha * sigma_l
@@ -435,6 +434,44 @@ def test_bad_arguments_leave_the_model_untouched(tiny_paths, demo, kwargs, match
     with pytest.raises(ValueError, match=match):
         DFOLoRA(lm, **{**SMALL, **kwargs})
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+    assert _no_hooks(lm.model)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_attaching_twice_raises_and_leaves_the_model_untouched(tiny_paths, demo, arch):
+    lm = _load(tiny_paths, arch)
+    scorer = Scorer(lm, "demo")
+    batch = scorer.encode(demo["train"])
+    first = DFOLoRA(lm, init="random", seed=3, **SMALL)
+    first.set_z(np.random.default_rng(0).standard_normal((first.num_layers, first.intrinsic_dim)))
+    tuned = scorer.logits(batch)
+    hooks = {n: dict(m._forward_hooks) for n, m in lm.model.named_modules()}
+    with pytest.raises(ValueError, match="already has DFO-LoRA hooks"):
+        DFOLoRA(lm, init="random", seed=4, **SMALL)
+    assert {n: dict(m._forward_hooks) for n, m in lm.model.named_modules()} == hooks
+    assert torch.equal(scorer.logits(batch), tuned)
+    first.remove()
+    second = DFOLoRA(lm, init="random", seed=4, **SMALL)  # allowed once the first is removed
+    second.remove()
+    assert _no_hooks(lm.model)
+
+
+def test_config_object_equals_keywords(tiny_paths):
+    lm = _load(tiny_paths, "bert")
+    config = DFOLoRAConfig(init="random", seed=3, targets=("key", "query"), **SMALL)
+    assert config.targets == ("query", "key")
+    a = DFOLoRA(lm, config=config)
+    zs = np.random.default_rng(2).standard_normal((3, a.intrinsic_dim))
+    fa = a.factors(1, zs)
+    a.remove()
+    b = DFOLoRA(lm, init="random", seed=3, **SMALL)
+    fb = b.factors(1, zs)
+    b.remove()
+    assert all(torch.equal(fa[k][i], fb[k][i]) for k in fa for i in (0, 1))
+    with pytest.raises(ValueError, match="not both"):
+        DFOLoRA(lm, rank=3, config=config)
+    with pytest.raises(ValueError, match="popsize"):
+        DFOLoRAConfig(popsize=1)
     assert _no_hooks(lm.model)
 
 

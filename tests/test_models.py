@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers_models import TINY_ARCHS, TINY_KINDS, make_tiny_model
+from helpers_models import TINY_ARCHS, TINY_KINDS
 
 from zofast.data import Example, load_demo, load_kshot
 from zofast.models import LoadedModel, default_model_path, load_model
@@ -24,14 +24,13 @@ TASKS = ("sst-2", "rte", "trec")
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
+def tiny_dirs(tiny_model_dirs):
+    return tiny_model_dirs
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
-    return {arch: load_model(path) for arch, path in tiny_dirs.items()}
+    return {arch: load_model(tiny_dirs[arch]) for arch in TINY_ARCHS}
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 * lr = 0: 1,000 steps of MeZO, LOZO and LOZO-M in each exact mode (shadow; virtual for LOZO),
   bf16 and fp16, leave every stored weight bit-equal to its start (in place moves 98 % of them:
-  ``python bench/precision.py drift``).
+  ``python bench/tools/precision.py drift``).
 * A failing step (the closure raising an Exception or a KeyboardInterrupt inside the forward, or
   returning NaN, at the first or the second evaluation) leaves the stored weights, and what the
   model computes, bit-equal to before.
-* The teacher–student regression of bench/precision.py: bf16 with the default settings reaches
+* The teacher–student regression of bench/tools/precision.py: bf16 with the default settings reaches
   ≥ 90 % of its float32 twin's loss reduction (in place with round-to-nearest does not).
 """
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_precision", Path(__file__).resolve().parents[1] / "bench" / "precision.py"
+    "bench_precision", Path(__file__).resolve().parents[1] / "bench" / "tools" / "precision.py"
 )
 precision = sys.modules.setdefault("bench_precision", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(precision)
@@ -231,6 +231,6 @@ def test_teacher_inplace_nearest_falls_short():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", precision.METHODS)
 def test_teacher_bf16_default_tracks_fp32_bench_size(method):
-    """bench/precision.py teacher's own setting (256×256, 1,500 steps; 96–97 % measured)."""
+    """bench/tools/precision.py teacher's own setting (256×256, 1,500 steps; 96–97 % measured)."""
     ratio, low = _of_fp32(method, precision.TeacherConfig())
     assert ratio >= 0.9, (ratio, low)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from helpers_models import tiny_gpt2_lm, tiny_opt_lm
 from transformers.pytorch_utils import Conv1D
 
 import zofast.shadow as shadow
@@ -62,22 +62,11 @@ def tiny(dtype=torch.float32, device="cpu"):
 
 
 def gpt2(dtype=torch.float32, device="cpu"):
-    config = transformers.GPT2Config(
-        n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=50, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return randomised(transformers.GPT2LMHeadModel(config), dtype, device)
+    return randomised(tiny_gpt2_lm(), dtype, device)
 
 
 def opt_model(dtype=torch.float32, device="cpu"):
-    config = transformers.OPTConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
-        word_embed_proj_dim=8, vocab_size=50, max_position_embeddings=32, pad_token_id=1,
-        bos_token_id=2, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return randomised(transformers.OPTForCausalLM(config), dtype, device)
+    return randomised(tiny_opt_lm(), dtype, device)
 
 
 def ids_for(vocab, shape=(3, 7), device="cpu"):

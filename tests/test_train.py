@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import make_tiny_model
 
 from zofast import plot
 from zofast.models import load_model
@@ -25,9 +24,9 @@ from zofast.trajectory import Trajectory
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model_dirs):
     """A tiny bare BERT encoder (the kind of the embedded MiniLM) with its tokenizer."""
-    return str(make_tiny_model("bert-encoder", tmp_path_factory.mktemp("tiny") / "bert"))
+    return str(tiny_model_dirs["bert-encoder"])
 
 
 def _config(tiny, tmp_path, **kwargs):
@@ -298,10 +297,34 @@ def test_experiment_report_from_records(tmp_path):
     (tmp_path / "runs" / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     summary = experiments.summarize(grid, experiments.read_records(grid))
     assert summary["table"]["sst-2"]["lozo"]["mean"] == pytest.approx(73.0)
-    assert summary["table"]["sst-2"]["mezo"]["std"] == pytest.approx(1.0)
+    assert summary["table"]["sst-2"]["mezo"]["std"] == pytest.approx(2**0.5), "ddof = 1"
     assert summary["paired"]["lozo - mezo"]["wins"] == 1
     path = experiments.report(grid)
     text = path.read_text()
-    assert "| SST-2 | 70.0 ± 0.0 | 71.0 ± 1.0 | 73.0 ± 2.0 |" in text
+    assert "| SST-2 | 70.0 ± 0.0 | 71.0 ± 1.4 | 73.0 ± 2.8 |" in text
+    assert "ddof = 1" in text
     path.write_text(text + "my discussion\n")
     assert experiments.report(grid).read_text().endswith("my discussion\n")
+
+
+def test_dfo_grid_report_uses_the_runners_table_and_convention(capsys):
+    from zofast import experiments
+    from zofast.dfo import experiments as dfo_experiments
+
+    runs = [
+        {"task": "sst-2", "seed": s, "method": m, "test_acc": acc, "dev_acc": 0.5, "seconds": 1.0}
+        for s, m, acc in ((13, "zero-shot", 0.70), (21, "zero-shot", 0.70), (13, "dfo-lora", 0.70),
+                          (21, "dfo-lora", 0.72))
+    ]  # fmt: skip
+    summary = dfo_experiments.summarise(runs)
+    assert summary["dfo-lora"]["sst-2"]["std"] == pytest.approx(2**0.5), "ddof = 1, as the grid"
+    meta = {"model": "m", "dtype": "float32", "device": "cpu", "budget": 8, "popsize": 2,
+            "rank": 1, "intrinsic_dim": 4, "sigma": 1.0, "alpha": 0.05}  # fmt: skip
+    text = dfo_experiments._markdown(runs, meta)
+    assert "| SST-2 | 70.0 ± 0.0 | 71.0 ± 1.4 |" in text and experiments.STD_NOTE in text
+    assert dfo_experiments.TASK_FOLDERS is experiments.TASKS
+    assert dfo_experiments.SEEDS is experiments.SEEDS
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main(["dfo", "--help"])
+    assert exit_info.value.code == 0
+    assert "python -m zofast.experiments dfo" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from helpers_models import tiny_gpt2_lm, tiny_opt_lm
 
 import zofast
 import zofast.virtual
@@ -68,22 +68,11 @@ def no_hooks(model):
 
 
 def gpt2():
-    config = transformers.GPT2Config(
-        n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=50, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2_lm().eval()
 
 
 def opt_model():
-    config = transformers.OPTConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
-        word_embed_proj_dim=8, vocab_size=50, max_position_embeddings=32, pad_token_id=1,
-        bos_token_id=2, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(config).eval()
+    return tiny_opt_lm().eval()
 
 
 def lm_loss(model, k=0):
@@ -497,7 +486,7 @@ def test_virtual_indices_are_checked():
 def test_bf16_weights_do_not_drift_in_virtual_mode():
     """With a nil update (lr = 1e-30), in-place steps still round bf16 weights at every
     perturb / restore pass and they drift; virtual mode never writes them during a step, and its
-    flushes add nothing: bit-identical (bench/drift_bf16.py measures 1000 steps)."""
+    flushes add nothing: bit-identical (bench/tools/drift_bf16.py measures 1000 steps)."""
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     drift = {}
     for mode in ("inplace", "virtual"):

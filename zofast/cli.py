@@ -18,7 +18,6 @@ code 2 before any weight or file is written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -400,20 +399,6 @@ def _cmd_bench(args) -> int:
     return subprocess.call(command, cwd=root, env=dict(os.environ))
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """Hide transformers' "Loading weights" bars, so errors and results stay readable."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 _COMMANDS = {
     "train": _cmd_train,
     "replay": _cmd_replay,
@@ -437,13 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["train", "--method", "lozo", "--steps", "100", "--output-dir", "runs/x"])
         0
     """
+    from zofast.models import quiet_transformers
     from zofast.train import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":
             return _cmd_bench(args)
-        with _quiet_loading():
+        with quiet_transformers(log=False, progress_bars=True):
             return _COMMANDS[args.command](args)
     except (ConfigError, _UsageError) as error:
         print(f"zofast {args.command}: error: {error}", file=sys.stderr)

@@ -1,4 +1,15 @@
-"""The 16-shot grid: zero-shot, MeZO, LOZO, LOZO-M and Adam on SST-2, RTE and TREC.
+"""The experiment runner: 16-shot grids of tasks × data seeds × methods, and their reports.
+
+Two families of methods run here, on the same tasks (:data:`TASKS`), seeds (:data:`SEEDS`) and
+report conventions (mean ± sample standard deviation over seeds, ddof = 1; one table per grid,
+tasks as rows, methods as columns, an average row; :func:`mean_std`, :func:`accuracy_table`):
+
+* the gradient and zeroth-order optimizers (zero-shot, MeZO, LOZO, LOZO-M, Adam), this module's
+  ``run`` / ``report`` commands, below;
+* the derivative-free DFO-LoRA variants, the ``dfo`` command (:mod:`zofast.dfo.experiments`;
+  ``python -m zofast.dfo.experiments`` is the same command).
+
+The optimizer grid: zero-shot, MeZO, LOZO, LOZO-M and Adam on SST-2, RTE and TREC.
 
 Every method fine-tunes the embedded all-MiniLM-L6-v2 (encoder scoring: cosine similarity to the
 task's label descriptions, see :mod:`zofast.scoring`) on the LM-BFF 16-shot splits, seeds 13, 21,
@@ -10,6 +21,7 @@ Run it (resumable: finished runs are skipped; results survive an interruption)::
     nohup python -m zofast.experiments run --data-root ../shared/data/k-shot --workers 2 \\
         > runs/grid/progress.log 2>&1 &
     python -m zofast.experiments report        # docs/results.md and docs/results.json
+    python -m zofast.experiments dfo --out runs/dfo-exp   # the DFO-LoRA grid (its --help)
 
 ``run`` starts ``--workers`` processes with ``--threads`` torch threads each; they take
 (task, seed) pairs from a shared queue (claim files), load the model once, reset it to the base
@@ -22,21 +34,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GridConfig", "HYPERPARAMETERS", "TASKS", "SEEDS", "METHODS", "run_grid", "report"]
+__all__ = [
+    "GridConfig",
+    "HYPERPARAMETERS",
+    "TASKS",
+    "SEEDS",
+    "METHODS",
+    "STD_NOTE",
+    "mean_std",
+    "accuracy_table",
+    "run_grid",
+    "report",
+]
 
 TASKS = {"sst-2": "SST-2", "rte": "RTE", "trec": "trec"}
+"""Task name → its folder of LM-BFF 16-shot splits (``<folder>/16-<seed>``)."""
+
 SEEDS = (13, 21, 42, 87, 100)
+"""The LM-BFF data seeds."""
+
 METHODS = ("mezo", "lozo", "lozo-m", "adam")
+"""The optimizer grid's trained methods."""
+
+STD_NOTE = "sample std over seeds, ddof = 1"
+"""How every report states its ± (:func:`mean_std`)."""
 LABELS = {
     "zero-shot": "zero-shot",
     "mezo": "MeZO",
@@ -314,13 +346,78 @@ def run_grid(grid: GridConfig, workers: int = 2, threads: int = 1) -> None:
     print(f"grid done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1) of one cell's values; the std is 0 for one.
+
+    The one convention of every experiment report (:data:`STD_NOTE`).
+
+    Args:
+        values: accuracies (or differences) over seeds.
+
+    Returns:
+        ``(mean, std)``.
+
+    Example:
+        >>> mean_std([70.0, 72.0])
+        (71.0, 1.4142135623730951)
+    """
     mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(cell: dict | None, n_seeds: int) -> str:
+    if cell is None:
+        return "–"
+    text = f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+    return text if cell["n"] == n_seeds else f"{text} (n={cell['n']})"
+
+
+def accuracy_table(
+    table: dict[str, dict[str, dict]],
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    n_seeds: int,
+    labels: dict[str, str] | None = None,
+) -> list[str]:
+    """The one results table: tasks as rows, methods as columns, ``mean ± std``, an average row.
+
+    A cell with fewer than ``n_seeds`` runs says ``(n=k)``; the average (of the task means) is
+    given for a method that has every task.
+
+    Args:
+        table: ``{task: {method: {"mean", "std", "n"}}}`` in %.
+        tasks: row order (keys of :data:`TASKS`).
+        methods: column order.
+        n_seeds: seeds of a complete cell.
+        labels: column titles (default: the method names).
+
+    Returns:
+        Markdown lines.
+
+    Example:
+        >>> accuracy_table({"rte": {"lozo": {"mean": 50.0, "std": 1.0, "n": 5}}},
+        ...                ["rte"], ["lozo"], 5)[2]
+        '| RTE | 50.0 ± 1.0 |'
+    """
+    labels = labels or {}
+    lines = [
+        "| task | " + " | ".join(labels.get(m, m) for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for task in tasks:
+        row = [_cell(table.get(task, {}).get(m), n_seeds) for m in methods]
+        lines.append(f"| {TASKS[task]} | " + " | ".join(row) + " |")
+    average = []
+    for m in methods:
+        cells = [table.get(t, {}).get(m) for t in tasks]
+        ok = all(c is not None for c in cells)
+        average.append(f"{statistics.fmean(c['mean'] for c in cells):.1f}" if ok else "–")
+    lines.append("| **average** | " + " | ".join(average) + " |")
+    return lines
 
 
 def summarize(grid: GridConfig, records: list[dict]) -> dict[str, Any]:
-    """Means and standard deviations (over seeds, ddof = 0 as LM-BFF) of test accuracy.
+    """Means and standard deviations of test accuracy over seeds (:func:`mean_std`, ddof = 1).
 
     Args:
         grid: the grid.
@@ -339,7 +436,7 @@ def summarize(grid: GridConfig, records: list[dict]) -> dict[str, Any]:
                 100 * by[(task, s, method)]["test"] for s in grid.seeds if (task, s, method) in by
             ]
             if accs:
-                mean, std = _mean_std(accs)
+                mean, std = mean_std(accs)
                 table[task][method] = {"mean": mean, "std": std, "n": len(accs), "per_seed": accs}
     average = {}
     for method in methods:
@@ -358,7 +455,7 @@ def summarize(grid: GridConfig, records: list[dict]) -> dict[str, Any]:
             if (t, s, a) in by and (t, s, b) in by
         ]
         if diffs:
-            mean, std = _mean_std(diffs)
+            mean, std = mean_std(diffs)
             paired[f"{a} - {b}"] = {
                 "mean": mean,
                 "std": std,
@@ -383,13 +480,6 @@ def summarize(grid: GridConfig, records: list[dict]) -> dict[str, Any]:
 
 
 _DISCUSSION = "<!-- discussion: text below this line is kept when the report is regenerated -->"
-
-
-def _cell(cell: dict | None, n_seeds: int) -> str:
-    if cell is None:
-        return "–"
-    text = f"{cell['mean']:.1f} ± {cell['std']:.1f}"
-    return text if cell["n"] == n_seeds else f"{text} (n={cell['n']})"
 
 
 def report(grid: GridConfig, command: str | None = None) -> Path:
@@ -425,7 +515,7 @@ def report(grid: GridConfig, command: str | None = None) -> Path:
         "# Results: 16-shot SST-2, RTE, TREC with the embedded MiniLM",
         "",
         f"Test accuracy (%) of the best dev checkpoint, mean ± std over seeds "
-        f"{', '.join(map(str, grid.seeds))} (std with ddof = 0, as LM-BFF). Every trained "
+        f"{', '.join(map(str, grid.seeds))} ({STD_NOTE}). Every trained "
         f"method spends the same forward-pass budget, {grid.forward_budget} forward passes per "
         f"run: {grid.zo_steps} steps of the zeroth-order methods (2 forwards each), "
         f"{grid.forward_budget // 3} Adam steps (1 forward + 1 backward = 3). Batch "
@@ -433,17 +523,14 @@ def report(grid: GridConfig, command: str | None = None) -> Path:
         f"frozen: `{grid.freeze}`. Model: all-MiniLM-L6-v2 (encoder scoring: 20 · cosine "
         "to the label descriptions).",
         "",
-        "| task | " + " | ".join(LABELS[m] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
+        *accuracy_table(summary["table"], grid.tasks, methods, n, LABELS),
     ]
-    for task in grid.tasks:
-        row = [_cell(summary["table"][task].get(m), n) for m in methods]
-        lines.append(f"| {TASKS[task]} | " + " | ".join(row) + " |")
-    avg = [
-        f"{summary['average'][m]['mean']:.1f}" if m in summary["average"] else "–" for m in methods
+    lines += [
+        "",
+        "Paired differences over (task, seed) pairs, in accuracy points (mean ± sample std "
+        "over pairs, ddof = 1):",
+        "",
     ]
-    lines.append("| **average** | " + " | ".join(avg) + " |")
-    lines += ["", "Paired differences over (task, seed) pairs, in accuracy points:", ""]
     lines += ["| comparison | mean ± std | wins / ties / pairs |", "|---|---|---|"]
     for name, p in summary["paired"].items():
         label = " − ".join(LABELS[x] for x in name.split(" - "))
@@ -556,7 +643,9 @@ def _grid_from_args(args) -> GridConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m zofast.experiments run|report|worker``.
+    """``python -m zofast.experiments run|report|worker|dfo``.
+
+    ``dfo ...`` hands the rest of the arguments to :func:`zofast.dfo.experiments.main`.
 
     Args:
         argv: arguments (default ``sys.argv[1:]``).
@@ -564,8 +653,15 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         Exit code.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dfo"]:
+        from zofast.dfo import experiments as dfo_experiments
+
+        dfo_experiments.main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m zofast.experiments")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dfo", add_help=False, help="the DFO-LoRA grid (dfo --help for its options)")
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--data-root", default="../shared/data/k-shot")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "load_model", "default_model_path", "KINDS"]
+__all__ = ["LoadedModel", "load_model", "default_model_path", "quiet_transformers", "KINDS"]
 
 KINDS = ("mlm", "causal", "encoder")
 
@@ -124,22 +124,42 @@ def _auto_class(kind: str) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' load report; ``load_model`` reports missing weights itself."""
+def quiet_transformers(*, log: bool = True, progress_bars: bool = False):
+    """Within the block, silence transformers' log below errors and/or its progress bars.
+
+    Both are restored when the block ends. ``load_model`` silences the log (its load report:
+    ``load_model`` reports missing weights itself); the ``zofast`` command hides the "Loading
+    weights" bars, so that errors and results stay readable.
+
+    Args:
+        log: set transformers' verbosity to errors only.
+        progress_bars: disable transformers' progress bars.
+
+    Example:
+        >>> with quiet_transformers(log=False, progress_bars=True):
+        ...     loaded = load_model(default_model_path())
+    """
     from transformers.utils import logging
 
     level = logging.get_verbosity()
-    logging.set_verbosity_error()
+    bars = logging.is_progress_bar_enabled()
+    if log:
+        logging.set_verbosity_error()
+    if progress_bars:
+        logging.disable_progress_bar()
     try:
         yield
     finally:
-        logging.set_verbosity(level)
+        if log:
+            logging.set_verbosity(level)
+        if progress_bars and bars:
+            logging.enable_progress_bar()
 
 
 def _from_pretrained(kind: str, source: str, kwargs: dict[str, Any]) -> tuple[Any, dict]:
     """Load with the Auto class of ``kind``; encoders without their unused pooler if possible."""
     cls = _auto_class(kind)
-    with _quiet_transformers():
+    with quiet_transformers():
         if kind == "encoder":
             try:
                 return cls.from_pretrained(

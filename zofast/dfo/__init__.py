@@ -3,13 +3,14 @@ and key modules), its population-batched evaluator, and the Fireworks Algorithm 
 
 from zofast.dfo.arch import Architecture, LowRankHooks, Target, find_architecture
 from zofast.dfo.fireworks import Fireworks
-from zofast.dfo.lora import DEFAULT_ALPHA, DFOLoRA, DFOResult
+from zofast.dfo.lora import DEFAULT_ALPHA, DFOLoRA, DFOLoRAConfig, DFOResult
 from zofast.dfo.population import PopulationEvaluator, clipped_std
 
 __all__ = [
     "DEFAULT_ALPHA",
     "Architecture",
     "DFOLoRA",
+    "DFOLoRAConfig",
     "DFOResult",
     "Fireworks",
     "LowRankHooks",

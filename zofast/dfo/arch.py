@@ -290,6 +290,10 @@ def find_architecture(model: nn.Module) -> Architecture:
     )
 
 
+_MARK = "_zofast_low_rank_hook"
+"""Attribute set on every hook function of :class:`LowRankHooks`: how a second one finds them."""
+
+
 class LowRankHooks:
     """Forward hooks that add ``(x·A)·B`` to the outputs of the target projections.
 
@@ -306,6 +310,10 @@ class LowRankHooks:
         model: the model the hooks go on.
         arch: its :class:`Architecture`.
         names: target names that get updates, e.g. ``("query", "key")``.
+
+    Raises:
+        ValueError: if a target module already has a LowRankHooks hook (two would add both
+            updates); no hook is attached then.
 
     Example:
         >>> hooks = LowRankHooks(model, find_architecture(model), ("query", "key"))
@@ -330,6 +338,13 @@ class LowRankHooks:
                 t = layer[name]
                 by_module.setdefault(t.module_name, []).append(t)
         self._by_module = {name: tuple(ts) for name, ts in by_module.items()}
+        for module_name in by_module:  # checked for every module before any hook goes on
+            if any(getattr(h, _MARK, False) for h in modules[module_name]._forward_hooks.values()):
+                raise ValueError(
+                    f"the model already has DFO-LoRA hooks (on {module_name!r}): call remove() "
+                    "on the DFOLoRA (or LowRankHooks) attached first; attaching twice would add "
+                    "both updates"
+                )
         self._handles = []
         for module_name, targets in by_module.items():
             hook = self._make_hook(tuple(targets))
@@ -339,6 +354,7 @@ class LowRankHooks:
         def hook(module, args, output):
             return self._apply(targets, args[0], output)
 
+        setattr(hook, _MARK, True)
         return hook
 
     def _apply(self, targets: tuple[Target, ...], x: torch.Tensor, output: torch.Tensor):

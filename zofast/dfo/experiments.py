@@ -10,12 +10,14 @@ Methods (:data:`METHODS`):
 Every run searches on the 16-shot ``train`` split, picks the snapshot with the best ``dev``
 accuracy and reports accuracy on ``test``. The model is loaded once; each run attaches a fresh
 :class:`~zofast.dfo.lora.DFOLoRA` and removes it afterwards. Results are written after every run
-to ``results.json`` (every run, with timings) and ``results.md`` (mean ± std over seeds, in %);
+to ``results.json`` (every run, with timings) and ``results.md`` (the experiment runner's one
+table, :func:`zofast.experiments.accuracy_table`: mean ± sample std over seeds, ddof = 1, in %);
 runs already in ``results.json`` are skipped, so an interrupted grid can be continued. Each run's
-JSONL search log goes to ``logs/``.
+JSONL search log goes to ``logs/``. Tasks and seeds are the runner's
+(:data:`zofast.experiments.TASKS`, :data:`zofast.experiments.SEEDS`).
 
 Command line (defaults: the embedded MiniLM, the three tasks, the five seeds, every method,
-budget 8000)::
+budget 8000); ``python -m zofast.experiments dfo`` is the same command::
 
     python -m zofast.dfo.experiments --out runs/dfo-exp --tasks sst-2 --seeds 13 21 42 87 100 \
         --methods zero-shot dfo-lora
@@ -39,10 +41,11 @@ import torch
 
 from zofast.data import load_kshot
 from zofast.dfo.lora import DFOLoRA
+from zofast.experiments import SEEDS, STD_NOTE, TASKS, accuracy_table, mean_std
 from zofast.models import LoadedModel, default_model_path, load_model
 from zofast.scoring import Scorer
 
-__all__ = ["METHODS", "TASK_FOLDERS", "run_grid", "summarise", "main"]
+__all__ = ["METHODS", "TASK_FOLDERS", "SEEDS", "run_grid", "summarise", "main"]
 
 METHODS = {
     "zero-shot": None,
@@ -53,11 +56,8 @@ METHODS = {
 }
 """Method name → DFOLoRA arguments (``None``: no search)."""
 
-TASK_FOLDERS = {"sst-2": "SST-2", "rte": "RTE", "trec": "trec"}
-"""Task name → folder under ``<data>/k-shot``."""
-
-SEEDS = (13, 21, 42, 87, 100)
-"""The LM-BFF data seeds."""
+TASK_FOLDERS = TASKS
+"""Task name → folder under ``<data>/k-shot`` (the runner's :data:`zofast.experiments.TASKS`)."""
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 """``../shared/data`` beside the repository (where the project keeps the k-shot data)."""
@@ -79,8 +79,8 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
         runs: records as written to ``results.json``.
 
     Returns:
-        ``{method: {task: {"mean": %, "std": %, "n": seeds, "dev": mean dev %}}}`` (sample std;
-        0 with one seed).
+        ``{method: {task: {"mean": %, "std": %, "n": seeds, "dev": mean dev %}}}`` (sample std,
+        ddof = 1, :func:`zofast.experiments.mean_std`; 0 with one seed).
 
     Example:
         >>> summarise([{"method": "zero-shot", "task": "sst-2", "test_acc": 0.7, "dev_acc": 0.6}])
@@ -94,9 +94,10 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
         for task, rs in tasks.items():
             accs = [100 * r["test_acc"] for r in rs]
             devs = [100 * r["dev_acc"] for r in rs if r.get("dev_acc") is not None]
+            mean, std = mean_std(accs)
             out.setdefault(method, {})[task] = {
-                "mean": statistics.fmean(accs),
-                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "mean": mean,
+                "std": std,
                 "n": len(accs),
                 "dev": statistics.fmean(devs) if devs else math.nan,
             }
@@ -106,30 +107,20 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
 def _markdown(runs: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     summary = summarise(runs)
     tasks = [t for t in TASK_FOLDERS if any(t in v for v in summary.values())]
+    methods = [m for m in METHODS if m in summary]
+    table = {t: {m: summary[m][t] for m in methods if t in summary[m]} for t in tasks}
+    n_seeds = max((c["n"] for row in table.values() for c in row.values()), default=0)
     lines = [
         "# DFO-LoRA few-shot results",
         "",
         f"Model: {meta['model']} ({meta['dtype']}, {meta['device']}). Budget {meta['budget']} "
         f"calls, popsize {meta['popsize']}, rank {meta['rank']}, intrinsic dim "
         f"{meta['intrinsic_dim']}, sigma {meta['sigma']}, alpha {meta['alpha']}. Test accuracy "
-        "(%) of the best-dev snapshot, mean ± std over data seeds (n = seeds).",
+        f"(%) of the best-dev snapshot, mean ± std over data seeds ({STD_NOTE}; a cell with "
+        "fewer seeds than the others says n).",
         "",
-        "| method | " + " | ".join(tasks) + " | avg |",
-        "|---|" + "---|" * (len(tasks) + 1),
+        *accuracy_table(table, tasks, methods, n_seeds),
     ]
-    for method in METHODS:
-        if method not in summary:
-            continue
-        cells, means = [], []
-        for t in tasks:
-            s = summary[method].get(t)
-            if s is None:
-                cells.append("–")
-            else:
-                cells.append(f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})")
-                means.append(s["mean"])
-        avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "–"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} |")
     secs = [r["seconds"] for r in runs if r["method"] != "zero-shot"]
     if secs:
         lines += [
@@ -284,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Example:
         >>> main(["--out", "runs/x", "--tasks", "sst-2", "--seeds", "42", "--budget", "401"])
     """
-    p = argparse.ArgumentParser(prog="python -m zofast.dfo.experiments", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m zofast.experiments dfo", description=__doc__)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tasks", nargs="+", default=list(TASK_FOLDERS), choices=list(TASK_FOLDERS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))

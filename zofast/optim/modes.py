@@ -100,7 +100,7 @@ def _warn_inplace() -> None:
         warnings.warn(
             "mode='inplace' on bfloat16 / float16 weights: every perturbation pass rounds the "
             "weights and the roundings random-walk (12.8 % relative drift after 1,000 steps at "
-            "lr = 0 in bf16, bench/precision.py drift), larger than the updates at usual "
+            "lr = 0 in bf16, bench/tools/precision.py drift), larger than the updates at usual "
             "learning rates; mode='auto' (the default) applies the perturbation exactly",
             RuntimeWarning,
             stacklevel=5,

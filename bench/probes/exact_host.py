@@ -2,7 +2,7 @@
 Python functions that take the host's time (cProfile), for LOZO / LOZO-M / MeZO in their default
 and shadow modes on an OPT shape (random bf16 weights, batch 16×256), beside the plain forward.
 
-Usage (GPU machine, repo root): python bench/probe/exact_host.py [opt-1.3b] [batch]"""
+Usage (GPU machine, repo root): python bench/probes/exact_host.py [opt-1.3b] [batch]"""
 
 import cProfile
 import io
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH / "tools"), str(BENCH / "suites")]
 from precision import describe, finish, make_optimizer  # noqa: E402
 from test_steps import OPT_SHAPES, SEQ  # noqa: E402
 

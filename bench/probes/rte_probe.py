@@ -1,6 +1,6 @@
 """Is there a 16-shot signal for DFO-LoRA to find on RTE with MiniLM's cosine scoring?
 
-Diagnostics (CPU, about a minute; writes ``rte_probe.json`` beside this file):
+Diagnostics (CPU, about a minute; writes ``bench/results/dfo/rte_probe.json``):
 
 * ``zero_shot``: test accuracy of the cosine scorer as it is (what DFO-LoRA starts from);
 * ``majority``: test accuracy of always answering the train split's majority class (a tie on
@@ -17,7 +17,7 @@ Diagnostics (CPU, about a minute; writes ``rte_probe.json`` beside this file):
 
 SST-2 and TREC are run the same way for contrast. Command::
 
-    python bench/results/dfo/rte_probe.py --data ../shared/data
+    python bench/probes/rte_probe.py --data ../shared/data
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_FOLDERS))
-    parser.add_argument("--out", default=str(Path(__file__).with_name("rte_probe.json")))
+    default_out = Path(__file__).resolve().parents[1] / "results" / "dfo" / "rte_probe.json"
+    parser.add_argument("--out", default=str(default_out))
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path())

@@ -1,6 +1,6 @@
 """Where a population-batched DFO-LoRA generation spends its GPU time (torch.profiler).
 
-Same models, batch and search vectors as ``bench/test_dfo_population.py`` (RoBERTa-large and
+Same models, batch and search vectors as ``bench/suites/test_dfo_population.py`` (RoBERTa-large and
 GPT-2-large shapes, random bf16 weights, 32 × 64 tokens, popsize 20, every layer with an
 incumbent). For each shape: one generation at layer 0 (the whole stack runs on the 20 copies)
 with the evaluator's defaults and with ``trim=False, fuse_activations=False, merge=False``;
@@ -8,7 +8,7 @@ prints the kernels that take the most GPU time, and the share of matrix products
 ``profile_<shape>.txt`` into the folder given as the first argument (default: the current one).
 Needs a CUDA GPU.
 
-    python bench/results/dfo/profile_population.py $OUT
+    python bench/probes/profile_population.py $OUT   # results: bench/results/dfo/profile_*.txt
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "bench"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench" / "suites"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers_models import make_tokenizer  # noqa: E402

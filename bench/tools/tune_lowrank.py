@@ -1,6 +1,7 @@
 """Times the lowrank_ apply kernel over tile shapes and warp counts (GPU); prints a table.
 
-Usage: python bench/tune_lowrank.py. Inputs: pre-made factors, so only the fused pass is timed.
+Usage: python bench/tools/tune_lowrank.py. Inputs: pre-made factors, so only the fused pass is
+timed.
 """
 
 import functools

@@ -7,7 +7,8 @@ timing loop (compiled into a temporary folder with cc), checks that they give bi
 and prints the median ns per element of each and their ratio. One thread, rows hot in L1/L2
 (as in lowrank_apply_, where acc is one row and each v row is reused for every row of w).
 
-Usage: python bench/results/cpu-2026-11-22/fma_clones.py   (needs nm and a C compiler)
+Usage: python bench/probes/fma_clones.py   (needs nm and a C compiler; its output is
+bench/results/cpu-2026-11-22/fma_clones.txt)
 """
 
 import ctypes

@@ -1,9 +1,9 @@
 """The C++ path (backend="cpp") on the CPU against a CPU copy ceiling measured in the same rounds.
 
 Recorded, not asserted: CI runs `pytest tests` and never collects bench/. Run with
-`pytest bench/test_cpu.py --benchmark-only --benchmark-json=RUN.json` (bench/conftest.py skips
-every other bench/ file without a GPU, not this one), then
-`python bench/test_cpu.py RUN.json > cpu.md` for the table.
+`pytest bench/suites/test_cpu.py --benchmark-only --benchmark-json=RUN.json` (bench/conftest.py
+skips every other bench/ file without a GPU, not this one), then
+`python bench/suites/test_cpu.py RUN.json > cpu.md` for the table.
 
 Per (dtype, shape): the copy (`dst.copy_(src)` of w's bytes) with all intra-op threads and with
 one, `w.mul_(1.0)` (torch's own in-place pass), gaussian_ (1 and 3 terms) and lowrank_ (ranks 1,
@@ -47,7 +47,7 @@ WARMUP = 2
 CHECK_ROWS = 16  # ≥ the largest rank: lowrank_ needs rank ≤ min(m, n) on the slice too
 SEEDS = {"u": [1, 2, 4], "v": [3, 5, 7], "g": [11, 12, 13]}
 SCALES = [1e-3, -1e-3, 2e-3]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def shape_id(shape):

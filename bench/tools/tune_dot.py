@@ -1,6 +1,6 @@
 """Experiment: the low-rank update's k-loop of explicit fmas against tl.dot(ieee) (Triton's FMA
 dot, which accumulates in k order onto the given accumulator), bit equality and speed, bf16
-8192², on a GPU. Usage: python bench/tune_dot.py"""
+8192², on a GPU. Usage: python bench/tools/tune_dot.py"""
 
 import functools
 

@@ -24,10 +24,10 @@ prints a markdown table.
            starts from the same fp16-rounded weights.
 
 Usage:
-  python bench/precision.py teacher [--steps N] [--methods mezo lozo lozo-m] [--out F.json]
-  python bench/precision.py drift [--dtypes bfloat16 float16] [--steps 1000] [--out F.json]
-  python bench/precision.py minilm --data DIR [--model DIR] [--jobs 9] [--steps 5000] [--out D]
-  python bench/precision.py pack-minilm DIR
+  python bench/tools/precision.py teacher [--steps N] [--methods mezo lozo lozo-m] [--out F.json]
+  python bench/tools/precision.py drift [--dtypes bfloat16 float16] [--steps 1000] [--out F.json]
+  python bench/tools/precision.py minilm --data DIR [--model DIR] [--jobs 9] [--steps N] [--out D]
+  python bench/tools/precision.py pack-minilm DIR
 
 Optimizer keyword arguments that this build lacks (an older zofast without mode="shadow" or
 rounding=) are left out where the older default means the same ("inplace", "nearest"); other
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("mezo", "lozo", "lozo-m")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

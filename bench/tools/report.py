@@ -1,8 +1,8 @@
 """Turns a pytest-benchmark JSON of bench/ into bench/results/<name>.md and latest.json.
 
-Usage: python bench/report.py [RUN.json ...] [--steps STEPS.json] [--out bench/results]
+Usage: python bench/tools/report.py [RUN.json ...] [--steps STEPS.json] [--out bench/results]
 (RUN.json: pytest-benchmark JSON of the kernel / pass benchmarks; STEPS.json: the pytest-benchmark
-JSON of bench/test_steps.py, or a list of step records. With no RUN.json only the steps are
+JSON of bench/suites/test_steps.py, or a list of step records. With no RUN.json only the steps are
 reported, in steps.md.)
 latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
               "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
@@ -61,7 +61,9 @@ def step_record(info: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("run", nargs="*", help="pytest-benchmark JSON file(s) of one run")
-    parser.add_argument("--steps", help="JSON list of ZO step measurements (bench/steps.py)")
+    parser.add_argument(
+        "--steps", help="JSON list of ZO step measurements (bench/suites/test_steps.py)"
+    )
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--commit", help="commit measured (default: git HEAD)")
     args = parser.parse_args()
@@ -105,7 +107,7 @@ def main():
         "triton": first.get("triton"),
     }
     gpu, copy = first["gpu"], first.get("copy_gbps")
-    if isinstance(steps, dict):  # pytest-benchmark JSON of bench/test_steps.py
+    if isinstance(steps, dict):  # pytest-benchmark JSON of bench/suites/test_steps.py
         steps = [b["extra_info"] for b in steps["benchmarks"]]
     steps = [step_record(info) for info in steps]
     latest = {

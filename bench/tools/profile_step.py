@@ -2,7 +2,7 @@
 (random weights, bf16), printing wall time per step, GPU-busy time per step (sum of kernel
 times: the rest is the GPU waiting for the host) and the kernels that take the most time.
 
-Usage (on a GPU machine): python bench/profile_step.py [opt-1.3b] [batch]"""
+Usage (on a GPU machine): python bench/tools/profile_step.py [opt-1.3b] [batch]"""
 
 import sys
 import time
@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from zofast.optim import LOZO, MeZO
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suites"))
 from test_steps import OPT_SHAPES, SEQ  # noqa: E402
 
 

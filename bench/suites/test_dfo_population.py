@@ -59,7 +59,7 @@ from zofast.dfo.population import PopulationEvaluator
 from zofast.models import LoadedModel
 from zofast.scoring import Batch, Scorer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from helpers_models import make_tokenizer  # noqa: E402
 
 POPSIZE = 20
