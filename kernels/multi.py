@@ -451,13 +451,18 @@ class MultiPass:
                 **CONTRACT_OPTIONS,
             )
 
-    def factors(self, seeds: torch.Tensor, scales: torch.Tensor) -> list:
-        """Only the factors, into new buffers: per tensor (u, V) as (m, r) and (n, r) float32
-        views (None for full-rank tensors), u the terms' merged u (module docstring), V the
-        tensor's. With one term of scale 1 they are lowrank_factors' (U, V), bit for bit."""
-        u = torch.empty_like(self._u)
-        v = torch.empty_like(self._v)
+    def factor_buffers(self, dtype: torch.dtype = torch.float32) -> tuple:
+        """New flat (u, v) buffers in the plan's factor layout (`dtype`: for casts of them)."""
+        return torch.empty_like(self._u, dtype=dtype), torch.empty_like(self._v, dtype=dtype)
+
+    def launch_factors(self, seeds: torch.Tensor, scales: torch.Tensor, u, v) -> None:
+        """Only the factor launch, into float32 buffers from :meth:`factor_buffers`."""
         self._launch_factors(seeds, scales, u, v)
+
+    def factor_views(self, u: torch.Tensor, v: torch.Tensor) -> list:
+        """Per tensor (u, V) as (m, r) and (n, r) views of flat buffers in the factor layout
+        (None for full-rank tensors); their transposes are row-major with rows padded to
+        STRIDE_ALIGN elements."""
         out = []
         for row, rank in zip(self._table, self._ranks, strict=True):
             if not rank:
@@ -473,3 +478,11 @@ class MultiPass:
                 )
             )
         return out
+
+    def factors(self, seeds: torch.Tensor, scales: torch.Tensor) -> list:
+        """Only the factors, into new buffers: per tensor (u, V) as (m, r) and (n, r) float32
+        views (None for full-rank tensors), u the terms' merged u (module docstring), V the
+        tensor's. With one term of scale 1 they are lowrank_factors' (U, V), bit for bit."""
+        u, v = self.factor_buffers()
+        self._launch_factors(seeds, scales, u, v)
+        return self.factor_views(u, v)

@@ -282,6 +282,30 @@ def test_bulk_equals_per_tensor_bit_for_bit(dtype, device):
         assert torch.equal(per_tensor, bulk)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bulk_factors_under_the_interpreter(dtype, monkeypatch):
+    """StepFactors' multi-tensor launch (the GPU's way, here under Triton's interpreter) hands
+    every product / rows tensor lowrank_factors' (U, V) on the same backend, bit for bit, in
+    the layout that factors made per tensor have."""
+    from zofast import shadow_step
+
+    monkeypatch.setattr(shadow_step, "bulk_on", lambda device: True)
+    model = tiny(dtype)
+    tensors = shadow_tensors(model, 2)
+    layers = attached(model, tensors, product_min_numel=0)
+    layers.set_direction(0, [st.seeds for st in tensors])
+    checked = 0
+    for st in tensors:
+        if st.rank and {u.way for u in st.uses} & {"rows", "product"}:
+            U, V = lowrank_factors(st.param.shape, *st.seeds, st.rank, backend="triton")
+            for got, want in zip(st._factors, (U, V), strict=True):
+                want = shadow_step.transposed(want, dtype)
+                assert torch.equal(got, want) and got.stride() == want.stride(), st.name
+            checked += 1
+    assert checked == 2  # the tied embedding / head, fc
+    layers.remove_hooks()
+
+
 def test_transformers_temporaries_bit_for_bit():
     """GPT-2 (Conv1D, LayerNorm) and OPT (its positional embedding, projections): every weight
     but the tied embedding takes a temporary."""

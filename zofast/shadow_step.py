@@ -60,14 +60,12 @@ def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class StepFactors:
-    """Each step's low-rank factors of `tensors` (ShadowTensors of rank ≥ 1, one device), as the
-    attributes ``Ut`` (r, m) and ``Vt`` (r, n) of each, in its dtype; ``key`` = (step, seeds)
-    they were made for."""
+    """Each step's low-rank factors of `tensors` (ShadowTensors of rank ≥ 1, one device), handed
+    to each as (Uᵀ, Vᵀ), (r, m) and (r, n) in its dtype (ShadowTensor.set_factors)."""
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
         self._plan = None  # a factors-only MultiPass, built at the first load on a GPU
-        self._buffers: dict = {}  # dtype -> (u, v) flat casts of the float32 factors
 
     def load(self) -> None:
         """Make the factors of each tensor's current direction (set_direction)."""
@@ -82,45 +80,28 @@ class StepFactors:
         if self._plan is None:
             self._build(device)
         seeds = _upload(np.array([st.seeds for st in self.tensors], dtype=np.uint64), device)
-        self._plan._launch_factors(seeds, self._ones, self._u, self._v)
-        for u, v in self._buffers.values():
-            u.copy_(self._u)
-            v.copy_(self._v)
+        self._plan.launch_factors(seeds, self._ones, *self._float32)
+        for u, v in self._casts.values():
+            u.copy_(self._float32[0])
+            v.copy_(self._float32[1])
         for st, (ut, vt) in zip(self.tensors, self._views, strict=True):
             st.set_factors(ut, vt)
 
     def _build(self, device) -> None:
-        from zofast.kernels.multi import (
-            COLS,
-            ROWS,
-            U_OFFSET,
-            U_STRIDE,
-            V_OFFSET,
-            V_STRIDE,
-            MultiPass,
-        )
+        from zofast.kernels.multi import MultiPass
 
-        params = [st.param for st in self.tensors]
-        ranks = [st.rank for st in self.tensors]
-        self._plan = MultiPass(params, ranks, 1, factors_only=True)
-        self._u, self._v = torch.empty_like(self._plan._u), torch.empty_like(self._plan._v)
+        params, ranks = [st.param for st in self.tensors], [st.rank for st in self.tensors]
+        self._plan = plan = MultiPass(params, ranks, 1, factors_only=True)
         self._ones = torch.ones(len(params), 1, dtype=torch.float32, device=device)
-        for dtype in {p.dtype for p in params}:
-            self._buffers[dtype] = (
-                torch.empty_like(self._u, dtype=dtype),
-                torch.empty_like(self._v, dtype=dtype),
-            )
-        self._views = []
-        for st, row in zip(self.tensors, self._plan._table, strict=True):
-            columns = [ROWS, COLS, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE]
-            m, n, u_off, v_off, su, sv = (int(x) for x in row[columns])
-            r, (u, v) = st.rank, self._buffers[st.param.dtype]
-            self._views.append(
-                (
-                    u[u_off : u_off + r * su].view(r, su)[:, :m],
-                    v[v_off : v_off + r * sv].view(r, sv)[:, :n],
-                )
-            )
+        self._float32 = plan.factor_buffers()
+        # The hooks compute in the weights' dtype: one cast of all the factors per step.
+        self._casts = {dtype: plan.factor_buffers(dtype) for dtype in {p.dtype for p in params}}
+        views = {dtype: plan.factor_views(*casts) for dtype, casts in self._casts.items()}
+        self._views = [
+            (u.t(), v.t())
+            for i, st in enumerate(self.tensors)
+            for u, v in [views[st.param.dtype][i]]
+        ]
 
 
 class DeviceSeeds:
@@ -146,14 +127,15 @@ class DeviceSeeds:
         if not self.tensors or not c:
             return
         device = self.tensors[0].param.device
-        scale = _device_terms([0], [c], device)[1]
+        scale = _device_terms([0], [c], device)[1]  # (a seed uploaded with it, unused)
         for i, st in enumerate(self.tensors):
             st.set_terms(device, self._seeds[i, : len(st.seeds)], scale)
 
 
 class Presets:
-    """The small tensors' W + c·Z (see the module docstring): :meth:`swap_in` before a forward
-    with c ≠ 0, :meth:`swap_out` after it (or after an interrupted one)."""
+    """The small tensors' W + c·Z (see the module docstring; `tensors` on one device):
+    :meth:`swap_in` before a forward with c ≠ 0, :meth:`swap_out` after it (or after an
+    interrupted one)."""
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
@@ -161,12 +143,12 @@ class Presets:
         self._graph = None  # a GraphedPass over the copies (GPU), built at the first swap_in
 
     def _allocate(self) -> None:
-        self._copies = []
         by_dtype: dict = {}
         for st in self.tensors:
-            by_dtype.setdefault((st.param.dtype, st.param.device), []).append(st)
+            by_dtype.setdefault(st.param.dtype, []).append(st)
         copies = {}
-        for (dtype, device), group in by_dtype.items():
+        device = self.tensors[0].param.device
+        for dtype, group in by_dtype.items():
             sizes = [-(-st.param.numel() // PRESET_ALIGN) * PRESET_ALIGN for st in group]
             flat = torch.empty(sum(sizes), dtype=dtype, device=device)
             start = 0
@@ -189,8 +171,7 @@ class Presets:
                 st.swap_to(copy)
 
     def _perturb(self, c: float) -> None:
-        device = self._copies[0].device
-        if len({t.device for t in self._copies}) == 1 and bulk_on(device):
+        if bulk_on(self._copies[0].device):
             if self._graph is None or self._graph.stale:
                 from zofast.graphed import GraphedPass
 
