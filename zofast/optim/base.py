@@ -28,6 +28,7 @@ from zofast.optim.checks import (
     float32,
     update_finite,
 )
+from zofast.optim.group import DataParallel, check_examples
 from zofast.optim.modes import LOW_PRECISION, check_modes, resolve
 from zofast.optim.setup import Setup
 from zofast.optim.shadow import Shadow
@@ -88,6 +89,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         model=None,
         virtual_indices=None,
         virtual_rest=None,
+        process_group=None,
     ):
         try:
             run_seed = as_seed(seed, "seed")
@@ -101,6 +103,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             model = params if model is None else model
             params = list(params.named_parameters())
         check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest)
+        self._group = None if process_group is None else DataParallel(process_group)
         self._ready = False
         self._lowrank = lowrank
         self._virtual_request = None if virtual_indices is None else list(virtual_indices)
@@ -215,6 +218,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         or an abort when g or an update is not finite."""
         if self._momentum is not None or self._virtual is not None or any(wds):
             return None
+        if self._group is not None:  # the losses are all-reduced first
+            return None
         if self._shadow is not None:
             read = self._shadow.finish_queued(t, loss_plus, loss_minus, lrs, self._eps)
         else:
@@ -234,13 +239,15 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
     # Public API.
 
     @torch.no_grad()
-    def step(self, closure) -> float:
+    def step(self, closure, examples=1) -> float:
         """One zeroth-order step (see zofast.optim's docstring for the exact sequence).
 
         Args:
             closure: callable with no arguments that evaluates the loss of ONE batch (the same
                 batch both times it is called in a step) and returns it as a Python number or a
                 one-element tensor. It is called twice, under torch.no_grad().
+            examples: with process_group, this rank's weight in the mean of the ranks' losses
+                (the number of examples its closure averages); ignored otherwise.
 
         Returns:
             (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²).
@@ -260,8 +267,12 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise ValueError("step() needs a closure that returns the loss of one batch")
         lrs, wds = self._check()
+        if self._group is not None:
+            examples = check_examples(examples)
         if self.trajectory.params is None:
             self._fingerprint()
+        if self._group is not None and not self._group.agreed:
+            self._group.check_agreement(self._agreement(lrs, wds))
         t, eps = self._step_count, self._eps
         stage = 0
         try:
@@ -271,7 +282,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             loss_plus = _loss_scalar(closure())
             # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
             # passes may take as it is (the queued finish).
-            if not (isinstance(loss_plus, torch.Tensor) and (loss_plus.is_cuda or self._graphed)):
+            lazy = isinstance(loss_plus, torch.Tensor) and (loss_plus.is_cuda or self._graphed)
+            if not lazy and self._group is None:  # (a rank must not stop before the all-reduce)
                 loss_plus = _loss_value(loss_plus, t, "+")
             with deferred_interrupts():
                 self._minus(t)
@@ -284,6 +296,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
                 if read is not None:
                     stage = 3  # finished, or restored and recorded as an abort
                     loss_plus, loss_minus = read
+            if self._group is not None:
+                loss_plus, loss_minus = self._group.mean(loss_plus, loss_minus, examples)
             loss_plus = _loss_value(loss_plus, t, "+")
             loss_minus = _loss_value(loss_minus, t, "−")
             g = float32((loss_plus - loss_minus) / (2.0 * eps))
@@ -307,6 +321,17 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             self._shadow.warn_unused()
         self.last_losses = (loss_plus, loss_minus)
         return 0.5 * (loss_plus + loss_minus)
+
+    def _agreement(self, lrs, wds) -> dict:
+        """What every rank of a process group must agree on (DataParallel.check_agreement)."""
+        return {
+            "method": self.method,
+            "run_seed": self._run_seed,
+            "hyperparameters": self._hyperparameters(),
+            "groups": [lrs, wds],
+            "params": self.trajectory.params,
+            "step": self._step_count,
+        }
 
     @property
     def _graphed(self) -> bool:

@@ -83,6 +83,10 @@ class LOZO(ZerothOrder):
         virtual_rest: mode="virtual": how the tensors that do not go through layers are
             perturbed: "shadow" (exact; the default for bf16 / fp16 weights) or "inplace" (the
             default for float32). Set by :func:`zofast.replay` from the trajectory.
+        process_group: a ``torch.distributed`` process group for data parallelism (None: one
+            process): every rank steps on its own shard of the batch with the same seeds, one
+            all-reduce of the losses per step (``step(closure, examples=n)`` weights them);
+            see zofast.optim.group.
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -115,6 +119,7 @@ class LOZO(ZerothOrder):
         model: torch.nn.Module | None = None,
         virtual_indices: list[int] | None = None,
         virtual_rest: str | None = None,
+        process_group=None,
     ):
         momentum = real(momentum, "momentum")
         if not 0.0 <= momentum < 1.0:
@@ -144,6 +149,7 @@ class LOZO(ZerothOrder):
             model=model,
             virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
             virtual_rest=virtual_rest,
+            process_group=process_group,
         )
 
     def _hyperparameters(self) -> dict:
@@ -167,6 +173,7 @@ class MeZO(ZerothOrder):
             settle() before evaluating or saving).
         model: shadow mode: the module whose forward the closure runs (default: `params` when
             it is a module).
+        process_group: data parallelism over a ``torch.distributed`` group (see LOZO).
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -188,6 +195,7 @@ class MeZO(ZerothOrder):
         rounding: str = "auto",
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
+        process_group=None,
     ):
         defaults = {
             "lr": positive(lr, "lr"),
@@ -203,6 +211,7 @@ class MeZO(ZerothOrder):
             pipeline=pipeline,
             lowrank=False,
             model=model,
+            process_group=process_group,
         )
 
 

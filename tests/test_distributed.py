@@ -1,0 +1,98 @@
+"""Data-parallel steps (process_group=) with two gloo processes on the CPU: every optimizer, in
+place (float32) and in its default exact mode (bf16). The ranks hold shards of 3 and 5 examples
+of one batch of 8; their weights must stay bit-identical to each other and equal one process
+stepping on the whole batch, and ranks that disagree are refused before anything is written."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from zofast.optim import LOZO, MeZO
+
+STEPS = 12
+SHARDS = [(0, 3), (3, 8)]  # rank r takes examples SHARDS[r]
+CASES = [
+    (method, dtype) for method in ("mezo", "lozo", "lozo-m") for dtype in ("float32", "bfloat16")
+]
+
+
+def make(method: str, dtype: str, seed: int = 3, process_group=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1)
+    ).to(getattr(torch, dtype))
+    common = dict(lr=1e-2, eps=1e-2, seed=seed, process_group=process_group)
+    if method == "mezo":
+        return model, MeZO(model, **common)
+    return model, LOZO(model, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
+
+
+def batch(dtype: str):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, generator=gen).to(getattr(torch, dtype))
+    y = torch.randn(8, 1, generator=gen)
+    return x, y
+
+
+def train(method, dtype, rows, process_group=None, seed=3):
+    model, opt = make(method, dtype, seed, process_group)
+    x, y = batch(dtype)
+    x, y = x[rows[0] : rows[1]], y[rows[0] : rows[1]]
+
+    def closure():
+        return ((model(x).float() - y) ** 2).mean()
+
+    for _ in range(STEPS):
+        opt.step(closure, examples=len(y))
+    opt.settle()
+    if opt.mode != "inplace":
+        opt.detach()
+    return model, opt
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        for method, dtype in CASES:
+            model, opt = train(method, dtype, SHARDS[rank], group)
+            assert opt.exact == (dtype == "bfloat16"), (method, dtype, opt.mode)
+            mine = flat(model)
+            others = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(others, mine, group=group)
+            assert all(torch.equal(mine, o) for o in others), (method, dtype, "ranks differ")
+            alone, _ = train(method, dtype, (0, 8))
+            want, start = flat(alone), flat(make(method, dtype)[0])
+            assert not torch.equal(mine, start), (method, dtype, "nothing trained")
+            if dtype == "float32":
+                torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-6)
+            else:  # g differs in its last bits, so some stochastic roundings go the other way
+                torch.testing.assert_close(mine, want, rtol=2**-6, atol=2**-8)
+        # Ranks that disagree (another run seed on rank 1): refused at the first step, untouched.
+        model, opt = make("lozo", "float32", seed=3 + rank, process_group=group)
+        start = flat(model)
+        with pytest.raises(ValueError, match="disagree"):
+            opt.step(lambda: model(torch.ones(2, 6)).pow(2).mean())
+        assert torch.equal(flat(model), start)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_equal_one_process_and_each_other():
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
+
+
+def test_process_group_needs_distributed():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="initialised"):
+        MeZO(model, lr=1e-3, process_group=object())
