@@ -1,7 +1,8 @@
 """Data-parallel steps (process_group=) with two gloo processes on the CPU: every optimizer, in
 place (float32) and in its default exact mode (bf16). The ranks hold shards of 3 and 5 examples
 of one batch of 8; their weights must stay bit-identical to each other and equal one process
-stepping on the whole batch, and ranks that disagree are refused before anything is written."""
+stepping on the whole batch, and ranks that disagree are refused before anything is written.
+FSDP2 (fully_shard): each rank perturbs its own shard, with the noise of the whole tensor."""
 
 import os
 import tempfile
@@ -20,15 +21,23 @@ CASES = [
 ]
 
 
-def make(method: str, dtype: str, seed: int = 3, process_group=None):
+def new_model(dtype: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
+    return torch.nn.Sequential(
         torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1)
     ).to(getattr(torch, dtype))
+
+
+def new_optimizer(method: str, model, seed: int = 3, process_group=None):
     common = dict(lr=1e-2, eps=1e-2, seed=seed, process_group=process_group)
     if method == "mezo":
-        return model, MeZO(model, **common)
-    return model, LOZO(model, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
+        return MeZO(model, **common)
+    return LOZO(model, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
+
+
+def make(method: str, dtype: str, seed: int = 3, process_group=None):
+    model = new_model(dtype)
+    return model, new_optimizer(method, model, seed, process_group)
 
 
 def batch(dtype: str):
@@ -84,6 +93,55 @@ def worker(rank: int, world: int, init_file: str) -> None:
         assert torch.equal(flat(model), start)
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_worker(rank: int, world: int, init_file: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        for method in ("mezo", "lozo", "lozo-m"):
+            seen = {}
+            models = {}
+            for sharded in (False, True):
+                model = new_model("float32")
+                if sharded:
+                    for layer in model:
+                        fully_shard(layer, mesh=mesh)
+                    fully_shard(model, mesh=mesh)
+                group = dist.group.WORLD if sharded else None
+                opt = new_optimizer(method, model, process_group=group)
+                rows = SHARDS[rank] if sharded else (0, 8)
+                x, y = batch("float32")
+                x, y = x[rows[0] : rows[1]], y[rows[0] : rows[1]]
+                perturbed = []
+
+                def closure(model=model, x=x, y=y, perturbed=perturbed):
+                    if not perturbed:  # the first forward: W + εZ, whole tensors
+                        perturbed.extend(full(p) for p in model.parameters())
+                    return ((model(x) - y) ** 2).mean()
+
+                for _ in range(STEPS):
+                    opt.step(closure, examples=len(y))
+                seen[sharded], models[sharded] = perturbed, [full(p) for p in model.parameters()]
+            for a, b in zip(seen[False], seen[True], strict=True):
+                assert torch.equal(a, b), (method, "the shards' noise is not the whole tensor's")
+            for a, b in zip(models[False], models[True], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_shards_take_the_whole_tensors_noise():
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(fsdp_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -67,7 +67,9 @@ class Momentum:
                 U2, V2 = self.noise.factors(slot, nxt)
                 left.append(U2 * eps)
                 right.append(V2)
-            outer_add_(p, torch.cat(left, 1), torch.cat(right, 1), **rounding)
+            outer_add_(
+                p, torch.cat(left, 1), torch.cat(right, 1), row_offset=slot.row_offset, **rounding
+            )
             return
         cols, scales = [buffer], [-lr]
         if restore:
@@ -76,4 +78,4 @@ class Momentum:
             cols.append(self.noise.noise(slot, nxt))
             scales.append(eps)
         right = torch.tensor([scales], dtype=torch.float32, device=p.device)
-        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, **rounding)
+        outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, row_offset=slot.offset, **rounding)

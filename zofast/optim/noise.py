@@ -27,6 +27,13 @@ class Slot:
     shape: tuple
     rank: int  # 0: full-rank noise
     virtual: object | None = None  # a zofast.virtual.VirtualTensor: applied through the layers
+    row_offset: int = 0  # a shard's first row in the whole tensor (zofast.optim.sharding)
+    sharded: bool = False  # param is a rank's shard of a bigger tensor
+
+    @property
+    def offset(self) -> int:
+        """The global index of the first element of param (full-rank noise's offset)."""
+        return self.row_offset * (self.param.numel() // max(self.shape[0], 1)) if self.shape else 0
 
 
 class NoisePlan:
@@ -74,13 +81,16 @@ class NoisePlan:
             self.seeds("u", t)[slot.index],
             self.seeds("v", epoch)[slot.index],
             slot.rank,
+            row_offset=slot.row_offset,
             device=slot.param.device,
         )
 
     def noise(self, slot: Slot, t: int) -> torch.Tensor:
         """Materialised full-rank z_t of a slot, flattened."""
         seed = self.seeds("full", t)[slot.index]
-        return gaussian_noise((slot.param.numel(),), seed, device=slot.param.device)
+        return gaussian_noise(
+            (slot.param.numel(),), seed, offset=slot.offset, device=slot.param.device
+        )
 
     def terms(self, slot: Slot, steps: list[int], scales: list[float]):
         """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot."""

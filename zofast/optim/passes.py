@@ -24,6 +24,8 @@ def graphs_enabled(slots: list[Slot]) -> bool:
     """Whether passes over `slots` replay CUDA graphs: Triton, one CUDA device, not turned off."""
     if not slots or not triton_available() or os.environ.get("ZOFAST_CUDA_GRAPHS", "1") == "0":
         return False
+    if any(s.sharded for s in slots):  # the graphed tables take no offsets
+        return False
     devices = {s.param.device for s in slots}
     return len(devices) == 1 and devices.pop().type == "cuda"
 
@@ -63,9 +65,10 @@ class Passes:
                 "w_scale": 1.0 if group_w_scales is None else group_w_scales[slot.group],
             }
             if slot.rank:
+                extra["row_offset"] = slot.row_offset
                 lowrank_(slot.param, seeds, vs, slot.rank, scales, **extra)
             else:
-                gaussian_(slot.param, seeds, scales, **extra)
+                gaussian_(slot.param, seeds, scales, offset=slot.offset, **extra)
 
     def graph_plan(self, steps, group_scales, round_index=None, group_w_scales=None):
         """(graph, seed table, scale table) of a pass that a CUDA graph can replay, or None: no

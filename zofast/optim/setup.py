@@ -11,6 +11,7 @@ from zofast.optim.inplace import InPlace
 from zofast.optim.momentum import Momentum
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.shadow import Shadow
+from zofast.optim.sharding import local_shard
 from zofast.optim.virtual import Virtual
 from zofast.perturb import check_weight, matrix_shape
 from zofast.trajectory import param_fingerprint
@@ -72,17 +73,28 @@ class Setup:
         for index, (gi, p) in enumerate(flat):
             if not p.requires_grad:
                 continue
+            local, row_offset, sharded = local_shard(p)
+            if sharded and local.numel() == 0:
+                continue  # this rank holds no rows of it (FSDP2 pads the last shards)
             try:
-                check_weight(p, f"parameter {index}")
+                check_weight(local, f"parameter {index}")
             except TypeError as error:
                 raise ValueError(str(error)) from None
             rank = 0
             if self._lowrank and p.dim() >= 2:
-                m, n = matrix_shape(p.shape)
+                m, n = matrix_shape(p.shape)  # the whole tensor's: every rank takes the same r
                 rank = min(self._rank, m, n)
-            slots.append(Slot(index, p, gi, tuple(p.shape), rank))
+            slot = Slot(index, local, gi, tuple(local.shape), rank, row_offset=row_offset)
+            slot.sharded = sharded
+            slots.append(slot)
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        if any(s.sharded for s in slots) and self._mode != "inplace":
+            raise ValueError(
+                f"sharded (FSDP2 / DTensor) parameters are perturbed in place, not in "
+                f"mode={self._mode!r}: pass mode='inplace' (with FSDP2's mixed precision the "
+                "shards stay float32, where in-place rounding is negligible)"
+            )
         self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
         stochastic = self._rounding == "stochastic"
         virtual = None
@@ -158,7 +170,12 @@ class Setup:
         names = []
         for group in self.param_groups:
             names.extend(group.get("param_names", [None] * len(group["params"])))
-        self.trajectory.params = param_fingerprint(
-            [p for _, p in flat], names, [gi for gi, _ in flat], self._trained
+        shards = [local_shard(p) for _, p in flat]
+        described = param_fingerprint(
+            [local for local, _, _ in shards], names, [gi for gi, _ in flat], self._trained
         )
+        for row, (_, p), (_, _, sharded) in zip(described, flat, shards, strict=True):
+            if sharded:  # the whole tensor's shape; a shard's values differ from rank to rank
+                row.update(shape=list(p.shape), hash=None)
+        self.trajectory.params = described
         self.trajectory.device = self._slots[0].param.device.type
