@@ -177,14 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _load_trajectory(path: str):
     from zofast.trajectory import Trajectory
 
@@ -204,12 +196,14 @@ def _trajectory_dtype(trajectory) -> str:
 
 def _load_with_trajectory(model: str | None, trajectory_path: str, device: str):
     """Load the base model and replay a trajectory onto it (any mismatch is a _UsageError)."""
-    from zofast.models import load_model
+    from zofast.models import load_model, resolve_device
     from zofast.replay import replay
 
     trajectory = _load_trajectory(trajectory_path)
     try:
-        loaded = load_model(model, dtype=_trajectory_dtype(trajectory), device=_device(device))
+        loaded = load_model(
+            model, dtype=_trajectory_dtype(trajectory), device=resolve_device(device)
+        )
     except (OSError, ValueError, ImportError) as error:
         raise _UsageError(f"cannot load model {model or '(default)'}: {error}") from None
     try:
@@ -269,7 +263,7 @@ def _cmd_replay(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from zofast.models import load_model
+    from zofast.models import load_model, resolve_device
     from zofast.scoring import Scorer
     from zofast.train import ConfigError, TrainConfig, evaluate, load_splits, resolve_task
 
@@ -294,7 +288,7 @@ def _cmd_eval(args) -> int:
         loaded = _load_with_trajectory(args.model, args.trajectory, args.device)
     else:
         try:
-            loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+            loaded = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
         except (OSError, ValueError, ImportError) as error:
             raise _UsageError(f"cannot load model {args.model or '(default)'}: {error}") from None
     try:
