@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model on a task (all TrainConfig fields)")
     _add_config_flags(p)
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue a stopped run from the newest checkpoint in DIR (its output folder), with "
+        "the run's own settings; it ends as the uninterrupted run would have",
+    )
 
     p = sub.add_parser("replay", help="rebuild fine-tuned weights from a trajectory")
     p.add_argument("--model", default=None, help="base model (default: embedded MiniLM)")
@@ -221,10 +228,29 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def _cmd_train(args) -> int:
-    from zofast.train import train
+    from zofast.train import TrainConfig, resume, train
 
-    config = _config_from_args(args)
-    result = train(config)
+    if args.resume is not None:
+        given = [
+            "--" + f.name.replace("_", "-")
+            for f in dataclasses.fields(TrainConfig)
+            if f.name != "progress" and getattr(args, f.name) != f.default
+        ]
+        if given:
+            raise _UsageError(
+                f"--resume continues the run with the settings it started with; drop "
+                f"{', '.join(given)}"
+            )
+        result = resume(args.resume, progress=args.progress)
+    else:
+        result = train(_config_from_args(args))
+    if result.diverged is not None:
+        print(
+            f"zofast train: diverged at {result.diverged}; stopped and kept the trajectory and "
+            f"the best checkpoint (step {result.best_step}) in {result.output_dir}",
+            file=sys.stderr,
+        )
+        return 1
     _print_result(result)
     return 0
 
@@ -405,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 2 on bad input (one-line message on stderr, nothing written),
-        1 when ``zofast bench`` finds no GPU, 130 on Ctrl-C.
+        1 when a run diverges (one-line message; its files are kept) or ``zofast bench`` finds
+        no GPU, 130 on Ctrl-C.
 
     Example:
         >>> main(["train", "--method", "lozo", "--steps", "100", "--output-dir", "runs/x"])

@@ -65,7 +65,7 @@ from zofast.train.config import (
 )
 from zofast.train.evaluation import evaluate, trajectory_prefix
 from zofast.train.inputs import load_splits, resolve_task, trainable_parameters
-from zofast.train.loop import train
+from zofast.train.loop import resume, train
 
 __all__ = [
     "METHODS",
@@ -76,6 +76,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train",
+    "resume",
     "evaluate",
     "load_splits",
     "resolve_task",

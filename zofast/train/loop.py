@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from zofast.models import LoadedModel
-from zofast.train.config import TrainConfig, TrainResult
+from zofast.train import checkpoint
+from zofast.train.config import ConfigError, TrainConfig, TrainResult
 from zofast.train.evaluation import evaluate, zero_shot
 from zofast.train.inputs import setup
 from zofast.train.methods import Method, build_method, crossed
@@ -24,7 +26,7 @@ def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainRes
             None loads ``config.model``. The model ends holding the best dev checkpoint.
 
     Returns:
-        A :class:`TrainResult`.
+        A :class:`TrainResult` (its ``diverged`` says whether the run stopped early).
 
     Raises:
         ConfigError: bad configuration or input, raised before any weight or file is written.
@@ -46,52 +48,200 @@ def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainRes
         log.close()
 
 
-def run(config, loaded, scorer, splits, method: Method, out_dir: Path, log: Log) -> TrainResult:
-    """The loop: zero-shot, advance, log, evaluate and keep the best, then the files."""
+def resume(
+    path: str | Path, *, loaded: LoadedModel | None = None, progress: bool | None = None
+) -> TrainResult:
+    """Continue a stopped run from its newest checkpoint; it ends as if it had never stopped.
+
+    The settings are the checkpoint's. The weights, optimizer state (trajectory included), data
+    order, best snapshot, history and the log up to the checkpoint are restored (lines written
+    after it are cut and written again), so the trajectory, the final weights, the result and
+    the log (timings aside) are bit for bit those of an uninterrupted run on the same machine.
+    A finished run's last checkpoint only writes its files again.
+
+    Args:
+        path: the run folder (its newest ``checkpoint-*``) or one checkpoint folder.
+        loaded: the base model, freshly loaded (None loads the config's model).
+        progress: show the progress bar (None: as the run did).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        ConfigError: no checkpoint, a damaged one, or a base model whose weights are not the
+            run's; nothing is written then.
+
+    Example:
+        >>> result = resume("runs/sst2-lozo")  # after a crash, Ctrl-C or kill -9
+    """
+    folder = checkpoint.latest(Path(path))
+    if folder is None:
+        raise ConfigError(
+            f"no checkpoint in {path} (a run writes checkpoint-<step>/ every checkpoint_every "
+            "steps into its output folder)"
+        )
+    try:
+        document, tensors = checkpoint.read(folder)
+        values = dict(document["config"])
+    except (checkpoint.CheckpointError, KeyError, TypeError) as error:
+        raise ConfigError(f"cannot resume from {folder}: {error}") from None
+    if values.get("label_words") is not None:
+        values["label_words"] = tuple(values["label_words"])
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        config = TrainConfig(**{k: v for k, v in values.items() if k in names}).validate()
+    except TypeError as error:
+        raise ConfigError(f"cannot resume from {folder}: {error}") from None
+    out_dir = folder.parent
+    if config.resolved_output_dir.resolve() != out_dir.resolve():
+        config = dataclasses.replace(config, output_dir=str(out_dir))
+    loaded, scorer, splits, _ = setup(config, loaded)
+    if document.get("base") != _fingerprint(loaded.model):
+        raise ConfigError(
+            f"the model is not the one run {out_dir} started from (its base weights, shapes or "
+            "dtypes differ): resume needs a fresh copy of the base model"
+        )
+    method = build_method(config, loaded, scorer, splits, out_dir)
+    try:
+        state = checkpoint.decode(document["loop"], tensors("state"))
+        method_state = checkpoint.decode(document["method"], tensors("state"))
+        best_weights = None
+        if document.get("best") is not None:
+            best_weights = checkpoint.decode(document["best"], tensors("best"))
+    except (checkpoint.CheckpointError, KeyError, TypeError) as error:
+        raise ConfigError(f"cannot resume from {folder}: {error}") from None
+    method.load_state_dict(method_state, folder)
+    state["best_weights"] = best_weights
+    state["checkpoint"] = {"folder": folder, "best": document.get("best")}
+    log = Log(out_dir / "log.jsonl", offset=int(document["log_offset"]))
+    try:
+        return run(
+            config, loaded, scorer, splits, method, out_dir, log, state=state, progress=progress
+        )
+    finally:
+        log.close()
+
+
+def _fingerprint(model) -> list[dict]:
+    """Shapes, dtypes and sampled values of every parameter: the base a run started from."""
+    from zofast.trajectory import param_fingerprint
+
+    named = list(model.named_parameters())
+    n = len(named)
+    return param_fingerprint([p for _, p in named], [k for k, _ in named], [0] * n, [True] * n)
+
+
+def run(
+    config: TrainConfig,
+    loaded: LoadedModel,
+    scorer,
+    splits,
+    method: Method,
+    out_dir: Path,
+    log: Log,
+    *,
+    state: dict | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """The loop: zero-shot, advance, log, evaluate and keep the best, checkpoint, then the
+    files. ``state``: a checkpoint's loop state (:func:`resume`)."""
     from zofast import plot
 
     total, cost = method.total, method.cost
     dev, test = splits.get("dev"), splits.get("test")
-    log.write(
-        "config",
-        **config.to_dict(),
-        resolved=method.resolved,
-        model_kind=loaded.kind,
-        **method.log_fields,
-        splits={k: len(v) for k, v in splits.items()},
-    )
-    started = time.perf_counter()
     ebs = config.eval_batch_size
-    zs_dev, zs_dev_loss, zs_test = zero_shot(scorer, dev, test, config, log)
+    if state is None:
+        base = _fingerprint(loaded.model) if config.checkpoint_every else None
+        log.write(
+            "config",
+            **config.to_dict(),
+            resolved=method.resolved,
+            model_kind=loaded.kind,
+            **method.log_fields,
+            splits={k: len(v) for k, v in splits.items()},
+        )
+        started = time.perf_counter()
+        zs_dev, zs_dev_loss, zs_test = zero_shot(scorer, dev, test, config, log)
+        st = {
+            "zero_shot": [zs_dev, zs_dev_loss, zs_test],
+            "history": [],
+            "best": {"key": None, "step": 0, "marker": 0, "dev": zs_dev, "version": 0},
+            "losses": [],
+            "window": [],
+            "train_seconds": 0.0,
+            "final_dev": zs_dev,
+            "elapsed": 0.0,
+            "diverged": None,
+        }
+        best_weights = None
+        if dev:
+            st["history"].append({"step": 0, "dev_acc": zs_dev, "dev_loss": zs_dev_loss})
+            st["best"]["key"] = [zs_dev, -zs_dev_loss]
+            if method.fits():
+                best_weights = method.snapshot()
+        saved = None
+    else:
+        st = state
+        base = _fingerprint(loaded.model)
+        best_weights = st.pop("best_weights")
+        saved = st.pop("checkpoint")
+        saved["version"] = st["best"]["version"]
+        started = time.perf_counter() - st["elapsed"]
+        zs_dev, zs_dev_loss, zs_test = st["zero_shot"]
+    best, history = st["best"], st["history"]
 
-    history: list[dict] = []
-    best = {"key": None, "step": 0, "marker": 0, "weights": None, "dev": zs_dev}
-    if dev:
-        history.append({"step": 0, "dev_acc": zs_dev, "dev_loss": zs_dev_loss})
-        best["key"] = (zs_dev, -zs_dev_loss)
-        if method.fits():
-            best["weights"] = method.snapshot()
+    def save_checkpoint(step: int) -> None:
+        nonlocal saved
+        st["elapsed"] = time.perf_counter() - started
+        method_state, folders = method.state_dict()
+        tensors: dict = {}
+        document = {
+            "config": config.to_dict(),
+            "base": base,
+            "log_offset": log.offset(),
+            "loop": checkpoint.encode(st, tensors, "loop"),
+            "method": checkpoint.encode(method_state, tensors, "method"),
+            "best": None,
+        }
+        files: dict = {"state": tensors}
+        if best_weights is not None:
+            if saved is not None and saved["version"] == best["version"] and saved["best"]:
+                document["best"] = saved["best"]
+                files["best"] = saved["folder"] / "best.safetensors"
+            else:
+                files["best"] = {}
+                document["best"] = checkpoint.encode(best_weights, files["best"], "best")
+        folder = checkpoint.write(out_dir, step, document, files, folders)
+        saved = {"folder": folder, "best": document["best"], "version": best["version"]}
 
     periods = [config.eval_every] if dev else []
-    losses: list[float] = []
-    window: list[float] = []
-    train_seconds = 0.0
-    final_dev = zs_dev
-    bar = _progress(config, total)
+    if config.checkpoint_every:
+        periods.append(config.checkpoint_every)
+    losses, window = st["losses"], st["window"]
+    show = config.progress if progress is None else progress
+    bar = _progress(config, total, show, method.position)
     try:
-        while method.fits():
+        while method.fits() and st["diverged"] is None:
             before = method.position
             t0 = time.perf_counter()
-            records = method.advance(periods)
-            train_seconds += time.perf_counter() - t0
-            done = not method.fits()
+            try:
+                records = method.advance(periods)
+            except FloatingPointError as error:
+                st["diverged"] = {"step": before + 1, "reason": str(error)}
+                records = []
+            st["train_seconds"] += time.perf_counter() - t0
+            done = not method.fits() or st["diverged"] is not None
             previous = before
             for i, (step, loss) in enumerate(records):
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"training loss is {loss} at step {step}")
+                    st["diverged"] = {"step": step, "reason": f"training loss is {loss}"}
+                    done = True
+                    break
                 losses.append(loss)
+                del losses[:-20]
                 window.append(loss)
                 if crossed(previous, step, config.log_every) or (done and i == len(records) - 1):
+                    train_seconds = st["train_seconds"]
                     log.write(
                         "train",
                         step=step,
@@ -100,28 +250,38 @@ def run(config, loaded, scorer, splits, method: Method, out_dir: Path, log: Log)
                         steps_per_s=step / train_seconds if train_seconds > 0 else None,
                         elapsed=time.perf_counter() - started,
                     )
-                    window = []
+                    window.clear()
                 previous = step
             step = method.position
-            if dev and (crossed(before, step, config.eval_every) or done):
+            if st["diverged"] is not None:
+                log.write("diverged", **st["diverged"])
+            elif dev and (crossed(before, step, config.eval_every) or done):
                 method.settle()
                 acc, dev_loss = evaluate(scorer, dev, ebs)
-                final_dev = acc
-                improved = (acc, -dev_loss) > best["key"]
-                if improved:
-                    best.update(key=(acc, -dev_loss), step=step, dev=acc)
-                    best.update(weights=method.snapshot(), marker=method.marker())
-                history.append({"step": step, "dev_acc": acc, "dev_loss": dev_loss})
-                log.write("eval", step=step, dev_acc=acc, dev_loss=dev_loss, best=improved)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{losses[-1]:.4f}", dev=f"{acc:.3f}", best=f"{best['dev']:.3f}"
-                    )
+                if not math.isfinite(dev_loss):
+                    st["diverged"] = {"step": step, "reason": f"dev loss is {dev_loss}"}
+                    done = True
+                    log.write("diverged", **st["diverged"])
+                else:
+                    st["final_dev"] = acc
+                    improved = [acc, -dev_loss] > best["key"]
+                    if improved:
+                        best.update(key=[acc, -dev_loss], step=step, dev=acc)
+                        best.update(marker=method.marker(), version=best["version"] + 1)
+                        best_weights = method.snapshot()
+                    history.append({"step": step, "dev_acc": acc, "dev_loss": dev_loss})
+                    log.write("eval", step=step, dev_acc=acc, dev_loss=dev_loss, best=improved)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{losses[-1]:.4f}", dev=f"{acc:.3f}", best=f"{best['dev']:.3f}"
+                        )
             elif bar is not None and step // 5 > before // 5:
                 postfix = {"loss": f"{sum(losses[-20:]) / len(losses[-20:]):.4f}"}
                 if best["dev"] is not None:
                     postfix["best"] = f"{best['dev']:.3f}"
                 bar.set_postfix(postfix)
+            if config.checkpoint_every and (crossed(before, step, config.checkpoint_every) or done):
+                save_checkpoint(step)
             if bar is not None:
                 bar.update(step - before)
     finally:
@@ -133,12 +293,13 @@ def run(config, loaded, scorer, splits, method: Method, out_dir: Path, log: Log)
     if not dev:
         best["step"] = steps
         best["marker"] = method.marker()
-    elif best["weights"] is not None:
-        method.restore(best["weights"])
-        best["weights"] = None
+    elif best_weights is not None:
+        method.restore(best_weights)
+        best_weights = None
     files = method.write_files(out_dir, best["marker"], config.save_model)
     test_acc = evaluate(scorer, test, ebs)[0] if test else None
     seconds = time.perf_counter() - started
+    diverged = st["diverged"]
     log.write(
         "final",
         best_step=best["step"],
@@ -149,7 +310,8 @@ def run(config, loaded, scorer, splits, method: Method, out_dir: Path, log: Log)
         steps=steps,
         forwards=steps * cost,
         seconds=seconds,
-        train_seconds=train_seconds,
+        train_seconds=st["train_seconds"],
+        **({"diverged": diverged} if diverged else {}),
     )
     files["log"] = str(log.path)
     if config.plot:
@@ -163,14 +325,15 @@ def run(config, loaded, scorer, splits, method: Method, out_dir: Path, log: Log)
         best_dev=best["dev"],
         best_step=best["step"],
         test=test_acc,
-        final_dev=final_dev,
+        final_dev=st["final_dev"],
         steps=steps,
         forwards=steps * cost,
         seconds=seconds,
-        train_seconds=train_seconds,
+        train_seconds=st["train_seconds"],
         output_dir=str(out_dir),
         files=files,
         history=history,
+        diverged=f"step {diverged['step']}: {diverged['reason']}" if diverged else None,
     )
     return _saved(result)
 
@@ -183,24 +346,57 @@ def _saved(result: TrainResult) -> TrainResult:
     return result
 
 
-def _progress(config: TrainConfig, steps: int):
-    if not config.progress or steps == 0:
+def _progress(config: TrainConfig, steps: int, show: bool, initial: int):
+    if not show or steps == 0:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc=f"{config.method} {config.task}", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=steps,
+        initial=initial,
+        desc=f"{config.method} {config.task}",
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite float is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class Log:
-    """The JSONL log: one object per line, flushed as written."""
+    """The JSONL log: one object per line, flushed as written (non-finite numbers as null).
 
-    def __init__(self, path: Path):
+    Args:
+        path: the file.
+        offset: None starts a new log; else the log of a resumed run is cut to this many bytes
+            (what its checkpoint had seen) and continued.
+    """
+
+    def __init__(self, path: Path, offset: int | None = None):
         self.path = path
-        self._file = path.open("w", encoding="utf-8")
+        if offset is None:
+            self._file = path.open("w", encoding="utf-8")
+        else:
+            self._file = path.open("r+", encoding="utf-8")
+            self._file.truncate(offset)
+            self._file.seek(offset)
 
     def write(self, event: str, **fields: Any) -> None:
-        self._file.write(json.dumps({"event": event, **fields}, allow_nan=False) + "\n")
+        line = json.dumps(_finite({"event": event, **fields}), allow_nan=False)
+        self._file.write(line + "\n")
         self._file.flush()
+
+    def offset(self) -> int:
+        """Bytes written so far."""
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()

@@ -18,8 +18,9 @@ Positions are counted in the method's steps: optimizer steps, or DFO calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,14 @@ class Batches:
             self._order.extend(perm)
         picked, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return [self.examples[i] for i in picked]
+
+    def state_dict(self) -> dict:
+        """Where the data order is: the generator's state and the rest of the current epoch."""
+        return {"generator": self.generator.get_state(), "order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = [int(i) for i in state["order"]]
 
 
 def crossed(before: int, after: int, period: int) -> bool:
@@ -106,6 +115,15 @@ class Method:
         """Write the method's own result files; returns name -> path."""
         return {}
 
+    def state_dict(self) -> tuple[dict, dict[str, Callable[[Path], Any]]]:
+        """What resuming needs: a dict (tensors allowed, see :mod:`zofast.train.checkpoint`)
+        and ``name -> writer(folder)`` for state that other code saves as a folder."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        """Continue from :meth:`state_dict` (``folder``: the checkpoint, holding its folders)."""
+        raise NotImplementedError
+
 
 class _Weights(Method):
     """Methods that train the model's tensors (best snapshot: a host copy of them)."""
@@ -134,6 +152,36 @@ class _Weights(Method):
         with torch.no_grad():
             for name, p in self.trained:
                 p.copy_(snapshot[name].to(p.device))
+
+    def state_dict(self) -> tuple[dict, dict]:
+        # The stored tensors as they are: a pipelined step's pending +ε perturbation or
+        # mode="virtual"'s unflushed updates included, which the optimizer's state describes
+        # (settling here would round differently from a run that never stopped).
+        state = {
+            "steps": self.steps_done,
+            "weights": {n: p.detach() for n, p in self.trained},
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.batches.state_dict(),
+        }
+        return state, {}
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        weights = state["weights"]
+        names = [n for n, _ in self.trained]
+        if sorted(weights) != sorted(names):
+            raise ConfigError("the checkpoint's trained tensors are not this run's (freeze?)")
+        with torch.no_grad():
+            for name, p in self.trained:
+                w = weights[name]
+                if w.shape != p.shape or w.dtype != p.dtype:
+                    raise ConfigError(
+                        f"checkpoint tensor {name}: {w.dtype} {tuple(w.shape)}, the model has "
+                        f"{p.dtype} {tuple(p.shape)}"
+                    )
+                p.copy_(w.to(p.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])
+        self.steps_done = int(state["steps"])
 
     def write_files(self, out_dir: Path, marker: int, save_model: bool) -> dict[str, str]:
         if not save_model:
@@ -198,6 +246,10 @@ class Adam(_Weights):
         with torch.enable_grad():
             logits = self.scorer.head_logits(self.scorer.forward_hidden(batch), batch)
             loss = F.cross_entropy(logits, batch.labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss is {float(loss.detach())}; no update was made"
+                )
             loss.backward()
         self.optimizer.step()
         self.steps_done += 1
@@ -217,7 +269,7 @@ class DFO(Method):
             from zofast.dfo.lora import DFOLoRA
         except ImportError as error:
             raise ConfigError(f"method dfo-lora needs zofast.dfo.lora.DFOLoRA: {error}") from None
-        self.scorer = scorer
+        self.loaded, self.scorer = loaded, scorer
         self.train_set = splits["train"]
         self.cost = math.ceil(len(self.train_set) / config.batch_size)
         budget = config.forward_budget
@@ -283,6 +335,21 @@ class DFO(Method):
 
     def restore(self, snapshot) -> None:
         self.dfo.set_z(snapshot)
+
+    def state_dict(self) -> tuple[dict, dict]:
+        return {"log_offset": self._log_offset}, {"dfo": self.dfo.save}
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        from zofast.dfo.lora import DFOLoRA
+
+        self.dfo.remove()  # the fresh search's hooks come off before the saved one's go on
+        try:
+            self.dfo = DFOLoRA.load(folder / "dfo", self.loaded)
+        except (ValueError, KeyError, OSError) as error:
+            raise ConfigError(f"cannot resume the DFO-LoRA search: {error}") from None
+        self._log_offset = int(state["log_offset"])
+        with open(self.log, "r+b") as f:  # generations after the checkpoint are run again
+            f.truncate(self._log_offset)
 
     def write_files(self, out_dir: Path, marker: int, save_model: bool) -> dict[str, str]:
         files = {"dfo": str(self.dfo.save(out_dir / "dfo"))}
