@@ -96,7 +96,8 @@ def resume(
     if config.resolved_output_dir.resolve() != out_dir.resolve():
         config = dataclasses.replace(config, output_dir=str(out_dir))
     loaded, scorer, splits, _ = setup(config, loaded)
-    if document.get("base") != _fingerprint(loaded.model):
+    base = _fingerprint(loaded.model)
+    if document.get("base") != base:
         raise ConfigError(
             f"the model is not the one run {out_dir} started from (its base weights, shapes or "
             "dtypes differ): resume needs a fresh copy of the base model"
@@ -112,6 +113,7 @@ def resume(
         raise ConfigError(f"cannot resume from {folder}: {error}") from None
     method.load_state_dict(method_state, folder)
     state["best_weights"] = best_weights
+    state["base"] = base
     state["checkpoint"] = {"folder": folder, "best": document.get("best")}
     log = Log(out_dir / "log.jsonl", offset=int(document["log_offset"]))
     try:
@@ -182,7 +184,7 @@ def run(
         saved = None
     else:
         st = state
-        base = _fingerprint(loaded.model)
+        base = st.pop("base")
         best_weights = st.pop("best_weights")
         saved = st.pop("checkpoint")
         saved["version"] = st["best"]["version"]
