@@ -263,3 +263,13 @@ def test_bad_resumes_are_refused_and_touch_nothing(tiny, tmp_path, capsys):
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         resume(out)
     assert (out / "log.jsonl").read_bytes() == log_before
+
+
+def test_ctrl_c_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(methods.ZerothOrder, "advance", _crash_at(methods.ZerothOrder, 3))
+    assert cli.main(_flags(tiny, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"zofast train: interrupted; zofast train --resume {out} continues from " + (
+        "checkpoint-0000000002"
+    )

@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "DEMO"]
@@ -241,9 +242,21 @@ def _cmd_train(args) -> int:
                 f"--resume continues the run with the settings it started with; drop "
                 f"{', '.join(given)}"
             )
-        result = resume(args.resume, progress=args.progress)
+        run_dir = Path(args.resume)
+        start = partial(resume, args.resume, progress=args.progress)
     else:
-        result = train(_config_from_args(args))
+        config = _config_from_args(args)
+        run_dir = config.resolved_output_dir
+        start = partial(train, config)
+    try:
+        result = start()
+    except KeyboardInterrupt:
+        from zofast.train.checkpoint import latest
+
+        found = latest(run_dir) if run_dir.is_dir() else None
+        hint = f"; zofast train --resume {run_dir} continues from {found.name}" if found else ""
+        print(f"zofast train: interrupted{hint}", file=sys.stderr)
+        return 130
     if result.diverged is not None:
         print(
             f"zofast train: diverged at {result.diverged}; stopped and kept the trajectory and "

@@ -14,7 +14,16 @@ checkpoint, reports its test accuracy and writes, under ``output_dir``:
 * ``trajectory-best.json``: the prefix of that trajectory up to the best dev evaluation;
   replaying it rebuilds the best weights (the ones whose test accuracy is reported);
 * ``result.json``: the :class:`TrainResult` summary; ``model/`` (with ``save_model``): the best
-  weights as a transformers folder (safetensors).
+  weights as a transformers folder (safetensors);
+* ``checkpoint-<step>/``: the newest checkpoint (every ``checkpoint_every`` steps and at the end:
+  JSON + safetensors, written to a temporary folder and renamed into place,
+  :mod:`zofast.train.checkpoint`); :func:`resume` continues a stopped run from it and ends bit
+  for bit as the uninterrupted run.
+
+Divergence
+    A NaN / infinite training or dev loss, or a step the optimizer refuses (FloatingPointError),
+    stops the run at that step; the files above are still written, from the best dev checkpoint,
+    and :attr:`TrainResult.diverged` says where and why.
 
 Keeping the best checkpoint
     When dev accuracy improves (ties broken by lower dev loss), the trained tensors are copied
@@ -43,8 +52,9 @@ Modules
     :mod:`~zofast.train.config` (:class:`TrainConfig`, :class:`TrainResult`, constants),
     :mod:`~zofast.train.inputs` (task, data splits and their formats, model, trained tensors),
     :mod:`~zofast.train.evaluation` (:func:`evaluate`, :func:`trajectory_prefix`),
-    :mod:`~zofast.train.methods` (each method behind one small protocol) and
-    :mod:`~zofast.train.loop` (the one loop, and :func:`train`).
+    :mod:`~zofast.train.methods` (each method behind one small protocol),
+    :mod:`~zofast.train.loop` (the one loop, :func:`train` and :func:`resume`) and
+    :mod:`~zofast.train.checkpoint` (crash-safe checkpoint folders).
 
 Example:
     >>> from zofast.train import TrainConfig, train
