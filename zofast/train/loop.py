@@ -109,9 +109,12 @@ def resume(
         best_weights = None
         if document.get("best") is not None:
             best_weights = checkpoint.decode(document["best"], tensors("best"))
-    except (checkpoint.CheckpointError, KeyError, TypeError) as error:
+        missing = sorted(_LOOP_KEYS - set(state))
+        if missing:
+            raise KeyError(f"loop state without {', '.join(missing)}")
+        method.load_state_dict(method_state, folder)
+    except (checkpoint.CheckpointError, KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"cannot resume from {folder}: {error}") from None
-    method.load_state_dict(method_state, folder)
     state["best_weights"] = best_weights
     state["base"] = base
     state["checkpoint"] = {"folder": folder, "best": document.get("best")}
@@ -122,6 +125,19 @@ def resume(
         )
     finally:
         log.close()
+
+
+_LOOP_KEYS = {
+    "zero_shot",
+    "history",
+    "best",
+    "losses",
+    "window",
+    "train_seconds",
+    "final_dev",
+    "elapsed",
+    "diverged",
+}
 
 
 def _fingerprint(model) -> list[dict]:
