@@ -96,10 +96,16 @@ cli.main({argv!r})
 """
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert cli.main(_flags(tiny, out)) == 0
+    return out
+
+
 @pytest.mark.parametrize("where", ["mid-step", "mid-checkpoint-write"])
-def test_sigkill_then_resume_ends_bit_identical(tiny, tmp_path, where):
-    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
-    assert cli.main(_flags(tiny, a)) == 0
+def test_sigkill_then_resume_ends_bit_identical(tiny, uninterrupted, tmp_path, where):
+    a, b = uninterrupted, tmp_path / "killed"
     code = _CHILD.format(
         threads=torch.get_num_threads(),
         mid_write=where == "mid-checkpoint-write",
@@ -167,6 +173,7 @@ def test_resume_after_a_crash_every_method(tiny, tmp_path, monkeypatch, method, 
             train(TrainConfig(**settings, output_dir=str(tmp_path / "b")))
     assert not (tmp_path / "b" / "result.json").exists()
     b = resume(tmp_path / "b")
+    assert Path(b.files["checkpoint"]).name == Path(a.files["checkpoint"]).name
     assert _log(a.files["log"]) == _log(b.files["log"])
     assert _result(a.files["result"]) == _result(b.files["result"])
     if method == "dfo-lora":

@@ -170,6 +170,7 @@ def write(
     tmp = run_dir / f".{PREFIX}{step:010d}.tmp"
     _remove(tmp)
     tmp.mkdir(parents=True)
+    known = {}
     for name, tensors in tensor_files.items():
         target = tmp / f"{name}.safetensors"
         if isinstance(tensors, Path):
@@ -177,6 +178,7 @@ def write(
                 os.link(tensors, target)
             except OSError:
                 shutil.copyfile(tensors, target)
+            known[target.name] = _manifest_entry(tensors)
         else:
             save_file(tensors, str(target))
     for name, writer in (folders or {}).items():
@@ -185,7 +187,11 @@ def write(
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync(path)
         rel = path.relative_to(tmp).as_posix()
-        manifest[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        size = path.stat().st_size
+        entry = known.get(rel)
+        if entry is None or entry.get("size") != size:  # a linked file keeps its hash
+            entry = {"size": size, "sha256": _sha256(path)}
+        manifest[rel] = entry
     document = {"format": FORMAT, "version": VERSION, "step": step, "files": manifest, **state}
     text = json.dumps(document, allow_nan=False, separators=(",", ":"))
     with open(tmp / STATE, "w", encoding="utf-8") as f:
@@ -203,6 +209,15 @@ def write(
         if old != final and stale and old.is_dir():
             _remove(old)
     return final
+
+
+def _manifest_entry(path: Path) -> dict | None:
+    """The manifest entry of a file of an earlier checkpoint (None if it cannot be read)."""
+    try:
+        document = json.loads((path.parent / STATE).read_text(encoding="utf-8"))
+        return dict(document["files"][path.name])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def latest(path: Path) -> Path | None:

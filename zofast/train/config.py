@@ -293,7 +293,7 @@ class TrainResult:
     Example:
         >>> result = train(TrainConfig(steps=50))
         >>> sorted(result.files)
-        ['log', 'plot', 'result', 'trajectory', 'trajectory_best']
+        ['checkpoint', 'log', 'plot', 'result', 'trajectory', 'trajectory_best']
     """
 
     config: TrainConfig

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -113,12 +114,15 @@ def resume(
         if missing:
             raise KeyError(f"loop state without {', '.join(missing)}")
         method.load_state_dict(method_state, folder)
-    except (checkpoint.CheckpointError, KeyError, TypeError, ValueError) as error:
+    except (checkpoint.CheckpointError, KeyError, TypeError, ValueError, OSError) as error:
         raise ConfigError(f"cannot resume from {folder}: {error}") from None
     state["best_weights"] = best_weights
     state["base"] = base
     state["checkpoint"] = {"folder": folder, "best": document.get("best")}
-    log = Log(out_dir / "log.jsonl", offset=int(document["log_offset"]))
+    log_path, offset = out_dir / "log.jsonl", int(document["log_offset"])
+    if not log_path.is_file() or log_path.stat().st_size < offset:
+        raise ConfigError(f"cannot resume from {folder}: {log_path} is missing or shorter")
+    log = Log(log_path, offset=offset)
     try:
         return run(
             config, loaded, scorer, splits, method, out_dir, log, state=state, progress=progress
@@ -163,204 +167,248 @@ def run(
 ) -> TrainResult:
     """The loop: zero-shot, advance, log, evaluate and keep the best, checkpoint, then the
     files. ``state``: a checkpoint's loop state (:func:`resume`)."""
-    from zofast import plot
+    return _Run(config, loaded, scorer, splits, method, out_dir, log, state).run(progress)
 
-    total, cost = method.total, method.cost
-    dev, test = splits.get("dev"), splits.get("test")
-    ebs = config.eval_batch_size
-    if state is None:
-        base = _fingerprint(loaded.model) if config.checkpoint_every else None
-        log.write(
-            "config",
-            **config.to_dict(),
-            resolved=method.resolved,
-            model_kind=loaded.kind,
-            **method.log_fields,
-            splits={k: len(v) for k, v in splits.items()},
+
+class _Run:
+    """One run's loop and what it carries between steps (``self.st`` is what a checkpoint
+    saves of it, besides the method's own state and the best snapshot)."""
+
+    def __init__(self, config, loaded, scorer, splits, method, out_dir, log, state):
+        self.config, self.loaded, self.scorer, self.method = config, loaded, scorer, method
+        self.out_dir, self.log = out_dir, log
+        self.dev, self.test = splits.get("dev"), splits.get("test")
+        if state is None:
+            self.base = _fingerprint(loaded.model) if config.checkpoint_every else None
+            log.write(
+                "config",
+                **config.to_dict(),
+                resolved=method.resolved,
+                model_kind=loaded.kind,
+                **method.log_fields,
+                splits={k: len(v) for k, v in splits.items()},
+            )
+            self.started = time.perf_counter()
+            zs_dev, zs_dev_loss, zs_test = zero_shot(scorer, self.dev, self.test, config, log)
+            self.st = {
+                "zero_shot": [zs_dev, zs_dev_loss, zs_test],
+                "history": [],
+                "best": {"key": None, "step": 0, "marker": 0, "dev": zs_dev, "version": 0},
+                "losses": [],
+                "window": [],
+                "train_seconds": 0.0,
+                "final_dev": zs_dev,
+                "elapsed": 0.0,
+                "diverged": None,
+            }
+            self.best_weights = None
+            if self.dev:
+                self.st["history"].append({"step": 0, "dev_acc": zs_dev, "dev_loss": zs_dev_loss})
+                self.st["best"]["key"] = [zs_dev, -zs_dev_loss]
+                if method.fits():
+                    self.best_weights = method.snapshot()
+            self.saved = None
+        else:
+            self.st = state
+            self.base = state.pop("base")
+            self.best_weights = state.pop("best_weights")
+            self.saved = state.pop("checkpoint")
+            self.saved["version"] = state["best"]["version"]
+            self.started = time.perf_counter() - state["elapsed"]
+        self.best = self.st["best"]
+        self.bar = None
+        self.files: dict[str, str] = {}
+        if self.saved is not None:
+            self.files["checkpoint"] = str(self.saved["folder"])
+
+    def run(self, progress: bool | None) -> TrainResult:
+        config, method, st = self.config, self.method, self.st
+        periods = [config.eval_every] if self.dev else []
+        if config.checkpoint_every:
+            periods.append(config.checkpoint_every)
+        show = config.progress if progress is None else progress
+        self.bar = _progress(config, method.total, show, method.position)
+        try:
+            while method.fits() and st["diverged"] is None:
+                before = method.position
+                t0 = time.perf_counter()
+                try:
+                    records = method.advance(periods)
+                except FloatingPointError as error:
+                    st["diverged"] = {"step": before + 1, "reason": str(error)}
+                    records = []
+                st["train_seconds"] += time.perf_counter() - t0
+                self._log_losses(before, records)
+                step = method.position
+                done = not method.fits() or st["diverged"] is not None
+                due = self.dev and (crossed(before, step, config.eval_every) or done)
+                if st["diverged"] is None and due:
+                    self._evaluate(step)
+                    done = done or st["diverged"] is not None
+                elif st["diverged"] is None and self.bar is not None and step // 5 > before // 5:
+                    self._postfix()
+                if st["diverged"] is not None:
+                    self.log.write("diverged", **st["diverged"])
+                every = config.checkpoint_every
+                if every and (crossed(before, step, every) or done):
+                    self._checkpoint(step)
+                if self.bar is not None:
+                    self.bar.update(step - before)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            method.close()
+        return self._finish()
+
+    def _log_losses(self, before: int, records: list[tuple[int, float]]) -> None:
+        """The ``train`` lines: the mean loss of each ``log_every`` window, and of the last one
+        (at the end of the run, or before it diverges)."""
+        st = self.st
+        previous = before
+        for step, loss in records:
+            if not math.isfinite(loss):
+                st["diverged"] = {"step": step, "reason": f"training loss is {loss}"}
+                break
+            st["losses"].append(loss)
+            del st["losses"][:-20]
+            st["window"].append(loss)
+            if crossed(previous, step, self.config.log_every):
+                self._write_train(step)
+            previous = step
+        if st["window"] and (st["diverged"] is not None or not self.method.fits()):
+            self._write_train(previous)
+
+    def _write_train(self, step: int) -> None:
+        window, seconds = self.st["window"], self.st["train_seconds"]
+        self.log.write(
+            "train",
+            step=step,
+            loss=sum(window) / len(window),
+            forwards=step * self.method.cost,
+            steps_per_s=step / seconds if seconds > 0 else None,
+            elapsed=time.perf_counter() - self.started,
         )
-        started = time.perf_counter()
-        zs_dev, zs_dev_loss, zs_test = zero_shot(scorer, dev, test, config, log)
-        st = {
-            "zero_shot": [zs_dev, zs_dev_loss, zs_test],
-            "history": [],
-            "best": {"key": None, "step": 0, "marker": 0, "dev": zs_dev, "version": 0},
-            "losses": [],
-            "window": [],
-            "train_seconds": 0.0,
-            "final_dev": zs_dev,
-            "elapsed": 0.0,
-            "diverged": None,
-        }
-        best_weights = None
-        if dev:
-            st["history"].append({"step": 0, "dev_acc": zs_dev, "dev_loss": zs_dev_loss})
-            st["best"]["key"] = [zs_dev, -zs_dev_loss]
-            if method.fits():
-                best_weights = method.snapshot()
-        saved = None
-    else:
-        st = state
-        base = st.pop("base")
-        best_weights = st.pop("best_weights")
-        saved = st.pop("checkpoint")
-        saved["version"] = st["best"]["version"]
-        started = time.perf_counter() - st["elapsed"]
-        zs_dev, zs_dev_loss, zs_test = st["zero_shot"]
-    best, history = st["best"], st["history"]
+        window.clear()
 
-    def save_checkpoint(step: int) -> None:
-        nonlocal saved
-        st["elapsed"] = time.perf_counter() - started
-        method_state, folders = method.state_dict()
+    def _evaluate(self, step: int) -> None:
+        st, best = self.st, self.best
+        self.method.settle()
+        acc, dev_loss = evaluate(self.scorer, self.dev, self.config.eval_batch_size)
+        if not math.isfinite(dev_loss):
+            st["diverged"] = {"step": step, "reason": f"dev loss is {dev_loss}"}
+            return
+        st["final_dev"] = acc
+        improved = [acc, -dev_loss] > best["key"]
+        if improved:
+            best.update(key=[acc, -dev_loss], step=step, dev=acc)
+            best.update(marker=self.method.marker(), version=best["version"] + 1)
+            self.best_weights = self.method.snapshot()
+        st["history"].append({"step": step, "dev_acc": acc, "dev_loss": dev_loss})
+        self.log.write("eval", step=step, dev_acc=acc, dev_loss=dev_loss, best=improved)
+        if self.bar is not None:
+            loss = st["losses"][-1]
+            self.bar.set_postfix(loss=f"{loss:.4f}", dev=f"{acc:.3f}", best=f"{best['dev']:.3f}")
+
+    def _postfix(self) -> None:
+        losses = self.st["losses"]
+        postfix = {"loss": f"{sum(losses) / len(losses):.4f}"}
+        if self.best["dev"] is not None:
+            postfix["best"] = f"{self.best['dev']:.3f}"
+        self.bar.set_postfix(postfix)
+
+    def _checkpoint(self, step: int) -> None:
+        """Write checkpoint-<step>/ (:mod:`zofast.train.checkpoint`); an unchanged best snapshot
+        is linked from the previous checkpoint."""
+        self.st["elapsed"] = time.perf_counter() - self.started
+        method_state, folders = self.method.state_dict()
         tensors: dict = {}
         document = {
-            "config": config.to_dict(),
-            "base": base,
-            "log_offset": log.offset(),
-            "loop": checkpoint.encode(st, tensors, "loop"),
+            "config": self.config.to_dict(),
+            "base": self.base,
+            "log_offset": self.log.offset(),
+            "loop": checkpoint.encode(self.st, tensors, "loop"),
             "method": checkpoint.encode(method_state, tensors, "method"),
             "best": None,
         }
         files: dict = {"state": tensors}
-        if best_weights is not None:
-            if saved is not None and saved["version"] == best["version"] and saved["best"]:
+        saved, version = self.saved, self.best["version"]
+        if self.best_weights is not None:
+            if saved is not None and saved["version"] == version and saved["best"]:
                 document["best"] = saved["best"]
                 files["best"] = saved["folder"] / "best.safetensors"
             else:
                 files["best"] = {}
-                document["best"] = checkpoint.encode(best_weights, files["best"], "best")
-        folder = checkpoint.write(out_dir, step, document, files, folders)
-        saved = {"folder": folder, "best": document["best"], "version": best["version"]}
+                document["best"] = checkpoint.encode(self.best_weights, files["best"], "best")
+        folder = checkpoint.write(self.out_dir, step, document, files, folders)
+        self.saved = {"folder": folder, "best": document["best"], "version": version}
+        self.files["checkpoint"] = str(folder)
 
-    periods = [config.eval_every] if dev else []
-    if config.checkpoint_every:
-        periods.append(config.checkpoint_every)
-    losses, window = st["losses"], st["window"]
-    show = config.progress if progress is None else progress
-    bar = _progress(config, total, show, method.position)
-    try:
-        while method.fits() and st["diverged"] is None:
-            before = method.position
-            t0 = time.perf_counter()
-            try:
-                records = method.advance(periods)
-            except FloatingPointError as error:
-                st["diverged"] = {"step": before + 1, "reason": str(error)}
-                records = []
-            st["train_seconds"] += time.perf_counter() - t0
-            done = not method.fits() or st["diverged"] is not None
-            previous = before
-            for i, (step, loss) in enumerate(records):
-                if not math.isfinite(loss):
-                    st["diverged"] = {"step": step, "reason": f"training loss is {loss}"}
-                    done = True
-                    break
-                losses.append(loss)
-                del losses[:-20]
-                window.append(loss)
-                if crossed(previous, step, config.log_every) or (done and i == len(records) - 1):
-                    train_seconds = st["train_seconds"]
-                    log.write(
-                        "train",
-                        step=step,
-                        loss=sum(window) / len(window),
-                        forwards=step * cost,
-                        steps_per_s=step / train_seconds if train_seconds > 0 else None,
-                        elapsed=time.perf_counter() - started,
-                    )
-                    window.clear()
-                previous = step
-            step = method.position
-            if st["diverged"] is not None:
-                log.write("diverged", **st["diverged"])
-            elif dev and (crossed(before, step, config.eval_every) or done):
-                method.settle()
-                acc, dev_loss = evaluate(scorer, dev, ebs)
-                if not math.isfinite(dev_loss):
-                    st["diverged"] = {"step": step, "reason": f"dev loss is {dev_loss}"}
-                    done = True
-                    log.write("diverged", **st["diverged"])
-                else:
-                    st["final_dev"] = acc
-                    improved = [acc, -dev_loss] > best["key"]
-                    if improved:
-                        best.update(key=[acc, -dev_loss], step=step, dev=acc)
-                        best.update(marker=method.marker(), version=best["version"] + 1)
-                        best_weights = method.snapshot()
-                    history.append({"step": step, "dev_acc": acc, "dev_loss": dev_loss})
-                    log.write("eval", step=step, dev_acc=acc, dev_loss=dev_loss, best=improved)
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{losses[-1]:.4f}", dev=f"{acc:.3f}", best=f"{best['dev']:.3f}"
-                        )
-            elif bar is not None and step // 5 > before // 5:
-                postfix = {"loss": f"{sum(losses[-20:]) / len(losses[-20:]):.4f}"}
-                if best["dev"] is not None:
-                    postfix["best"] = f"{best['dev']:.3f}"
-                bar.set_postfix(postfix)
-            if config.checkpoint_every and (crossed(before, step, config.checkpoint_every) or done):
-                save_checkpoint(step)
-            if bar is not None:
-                bar.update(step - before)
-    finally:
-        if bar is not None:
-            bar.close()
-        method.close()
+    def _finish(self) -> TrainResult:
+        """Best checkpoint back on the model, the method's files, test accuracy, final record,
+        plot, result.json."""
+        from zofast import plot
 
-    steps = method.position
-    if not dev:
-        best["step"] = steps
-        best["marker"] = method.marker()
-    elif best_weights is not None:
-        method.restore(best_weights)
-        best_weights = None
-    files = method.write_files(out_dir, best["marker"], config.save_model)
-    test_acc = evaluate(scorer, test, ebs)[0] if test else None
-    seconds = time.perf_counter() - started
-    diverged = st["diverged"]
-    log.write(
-        "final",
-        best_step=best["step"],
-        best_dev=best["dev"],
-        test_acc=test_acc,
-        zero_shot_dev=zs_dev,
-        zero_shot_test=zs_test,
-        steps=steps,
-        forwards=steps * cost,
-        seconds=seconds,
-        train_seconds=st["train_seconds"],
-        **({"diverged": diverged} if diverged else {}),
-    )
-    files["log"] = str(log.path)
-    if config.plot:
-        plot_path = out_dir / "curves.png"
-        plot.plot_run(log.path, plot_path)
-        files["plot"] = str(plot_path)
-    result = TrainResult(
-        config=config,
-        zero_shot_dev=zs_dev,
-        zero_shot_test=zs_test,
-        best_dev=best["dev"],
-        best_step=best["step"],
-        test=test_acc,
-        final_dev=st["final_dev"],
-        steps=steps,
-        forwards=steps * cost,
-        seconds=seconds,
-        train_seconds=st["train_seconds"],
-        output_dir=str(out_dir),
-        files=files,
-        history=history,
-        diverged=f"step {diverged['step']}: {diverged['reason']}" if diverged else None,
-    )
-    return _saved(result)
+        config, method, st, best = self.config, self.method, self.st, self.best
+        steps, cost = method.position, method.cost
+        if not self.dev:
+            best["step"] = steps
+            best["marker"] = method.marker()
+        elif self.best_weights is not None:
+            method.restore(self.best_weights)
+            self.best_weights = None
+        files = method.write_files(self.out_dir, best["marker"], config.save_model)
+        files.update(self.files)
+        test = self.test
+        test_acc = evaluate(self.scorer, test, config.eval_batch_size)[0] if test else None
+        seconds = time.perf_counter() - self.started
+        zs_dev, _, zs_test = st["zero_shot"]
+        diverged = st["diverged"]
+        self.log.write(
+            "final",
+            best_step=best["step"],
+            best_dev=best["dev"],
+            test_acc=test_acc,
+            zero_shot_dev=zs_dev,
+            zero_shot_test=zs_test,
+            steps=steps,
+            forwards=steps * cost,
+            seconds=seconds,
+            train_seconds=st["train_seconds"],
+            **({"diverged": diverged} if diverged else {}),
+        )
+        files["log"] = str(self.log.path)
+        if config.plot:
+            plot_path = self.out_dir / "curves.png"
+            plot.plot_run(self.log.path, plot_path)
+            files["plot"] = str(plot_path)
+        result = TrainResult(
+            config=config,
+            zero_shot_dev=zs_dev,
+            zero_shot_test=zs_test,
+            best_dev=best["dev"],
+            best_step=best["step"],
+            test=test_acc,
+            final_dev=st["final_dev"],
+            steps=steps,
+            forwards=steps * cost,
+            seconds=seconds,
+            train_seconds=st["train_seconds"],
+            output_dir=str(self.out_dir),
+            files=files,
+            history=st["history"],
+            diverged=f"step {diverged['step']}: {diverged['reason']}" if diverged else None,
+        )
+        return _saved(result)
 
 
 def _saved(result: TrainResult) -> TrainResult:
-    """result, written to <output_dir>/result.json (a path its own files list names)."""
+    """result, written to <output_dir>/result.json (a path its own files list names; written to
+    a temporary file and renamed, so a crash never leaves half a result)."""
     path = Path(result.output_dir) / "result.json"
     result.files["result"] = str(path)
-    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    tmp = path.with_name(".result.json.tmp")
+    tmp.write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
     return result
 
 
