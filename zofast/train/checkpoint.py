@@ -162,6 +162,12 @@ def write(
 
     Returns:
         The checkpoint folder.
+
+    Example:
+        >>> tensors = {}
+        >>> state = {"loop": encode({"step": 7, "w": torch.ones(2)}, tensors, "loop")}
+        >>> write(run_dir, 7, state, {"state": tensors}).name  # doctest: +SKIP
+        'checkpoint-0000000007'
     """
     from safetensors.torch import save_file
 
@@ -246,6 +252,11 @@ def read(path: Path) -> tuple[dict[str, Any], Callable[[str], dict[str, torch.Te
     Raises:
         CheckpointError: not a checkpoint, another version, or a file missing, truncated or
             changed since it was written (sizes and SHA-256 of the manifest).
+
+    Example:
+        >>> document, tensors = read(latest(run_dir))  # doctest: +SKIP
+        >>> decode(document["loop"], tensors("state"))["step"]
+        7
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
