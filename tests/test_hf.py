@@ -186,3 +186,16 @@ def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path):
     assert resumed.trajectory == whole.trajectory and resumed.trajectory.steps == 8
     tuned = dict(resumed_model.named_parameters())
     assert all(torch.equal(p, tuned[n]) for n, p in whole_model.named_parameters())
+
+
+def test_a_diverging_run_stops_and_keeps_its_trajectory(tmp_path):
+    model, ds = _gpt2(tmp_path)
+    trainer = ZOTrainer(
+        model=model, args=_args(tmp_path, learning_rate=1e30, max_steps=8), train_dataset=ds
+    )
+    trainer.train()  # no exception
+    assert trainer.diverged is not None and trainer.diverged.startswith("step ")
+    step = int(trainer.diverged.split(":")[0].removeprefix("step "))
+    assert trainer.state.global_step == step < 8, "training stopped at the refused step"
+    assert trainer.trajectory.steps == step - 1 and trainer.trajectory.events[-1] != "step"
+    assert all(torch.isfinite(p).all() for p in model.parameters())

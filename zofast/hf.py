@@ -25,6 +25,12 @@ How it fits into Trainer's loop
     evaluations of a step must see the same function, or the finite difference measures the
     dropout noise. Gradient accumulation is refused (every batch is its own step).
 
+Divergence
+    A step the optimizer refuses (FloatingPointError: NaN / inf loss or g, an update that
+    overflows float32; the weights are restored) stops training with a one-line warning instead
+    of an exception: ``trainer.train()`` returns, ``trainer.diverged`` says at which step and why,
+    and the trajectory (the refused step recorded as an abort) and Trainer's checkpoints are kept.
+
 Checkpoints and resume
     Trainer's checkpoints (``save_strategy``) get the zofast optimizer's whole state (step,
     run seed, pending perturbation, momentum or virtual buffers, the trajectory) and the LR
@@ -269,6 +275,7 @@ class ZOTrainer(transformers.Trainer):
             )
         self.args.max_grad_norm = 0.0
         self.zo_optimizer = self.optimizer
+        self.diverged: str | None = None
 
     def create_optimizer(self, model=None):
         """Build (or wrap) the zofast optimizer; Trainer gets a :class:`TrainerOptimizer`.
@@ -367,5 +374,16 @@ class ZOTrainer(transformers.Trainer):
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             return loss.mean() if loss.numel() > 1 else loss
 
-        loss = self.zo_optimizer.step(closure)
+        try:
+            loss = self.zo_optimizer.step(closure)
+        except FloatingPointError as error:
+            # The optimizer restored the weights and recorded the step as an abort: stop here,
+            # as zofast train does, instead of losing the run to a traceback.
+            self.diverged = f"step {self.state.global_step + 1}: {error}"
+            transformers.logging.get_logger(__name__).warning(
+                f"ZOTrainer diverged at {self.diverged}; training stops (the weights are those "
+                "before that step, the trajectory so far is kept)"
+            )
+            self.control.should_training_stop = True
+            return torch.tensor(float("nan"), device=self.args.device)
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
