@@ -103,6 +103,11 @@ def resume(
             f"the model is not the one run {out_dir} started from (its base weights, shapes or "
             "dtypes differ): resume needs a fresh copy of the base model"
         )
+    log_path, offset = out_dir / "log.jsonl", document.get("log_offset")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ConfigError(f"cannot resume from {folder}: bad log offset {offset!r}")
+    if not log_path.is_file() or log_path.stat().st_size < offset:
+        raise ConfigError(f"cannot resume from {folder}: {log_path} is missing or shorter")
     method = build_method(config, loaded, scorer, splits, out_dir)
     try:
         state = checkpoint.decode(document["loop"], tensors("state"))
@@ -119,9 +124,6 @@ def resume(
     state["best_weights"] = best_weights
     state["base"] = base
     state["checkpoint"] = {"folder": folder, "best": document.get("best")}
-    log_path, offset = out_dir / "log.jsonl", int(document["log_offset"])
-    if not log_path.is_file() or log_path.stat().st_size < offset:
-        raise ConfigError(f"cannot resume from {folder}: {log_path} is missing or shorter")
     log = Log(log_path, offset=offset)
     try:
         return run(
