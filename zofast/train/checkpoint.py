@@ -211,8 +211,9 @@ def write(
     os.replace(tmp, final)
     _fsync(run_dir)
     for old in run_dir.iterdir():
-        stale = old.name.startswith(PREFIX) or old.name.startswith(f".{PREFIX}")
-        if old != final and stale and old.is_dir():
+        if old.name.startswith(".trash-") and old.is_dir():  # left by a kill during a delete
+            shutil.rmtree(old, ignore_errors=True)
+        elif old != final and old.name.startswith((PREFIX, f".{PREFIX}")) and old.is_dir():
             _remove(old)
     return final
 

@@ -12,7 +12,9 @@ the files; a method knows how to take its own steps and nothing about logs or ev
   evaluator once, so generations are not advanced one fit at a time (the evaluator's setup costs
   about a generation on MiniLM).
 
-Positions are counted in the method's steps: optimizer steps, or DFO calls.
+Positions are counted in the method's steps: optimizer steps, or DFO calls. ``state_dict`` /
+``load_state_dict`` give the loop's checkpoints what resuming a method needs (weights as stored,
+optimizer state, data order; DFO-LoRA: its own ``save`` folder and its log's offset).
 """
 
 from __future__ import annotations
