@@ -211,7 +211,8 @@ def write(
     os.replace(tmp, final)
     _fsync(run_dir)
     for old in run_dir.iterdir():
-        if old.name.startswith(".trash-") and old.is_dir():  # left by a kill during a delete
+        if old.name.startswith((f".trash-{PREFIX}", f".trash-.{PREFIX}")) and old.is_dir():
+            # left by a kill during a delete
             shutil.rmtree(old, ignore_errors=True)
         elif old != final and old.name.startswith((PREFIX, f".{PREFIX}")) and old.is_dir():
             _remove(old)
