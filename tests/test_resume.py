@@ -155,8 +155,9 @@ def _crash_at(cls, position):
     [
         ("adam", {"lr": 1e-3}, methods.Adam, 5),
         ("lozo-m", {"mode": "virtual"}, methods.ZerothOrder, 5),
-        ("dfo-lora", {"steps": 30, "popsize": 4, "intrinsic_dim": 16, "checkpoint_every": 8},
-         methods.DFO, 13),
+        # one fit segment per evaluation / checkpoint: few of them keep it fast
+        ("dfo-lora", {"steps": 30, "popsize": 4, "intrinsic_dim": 16, "eval_every": 12,
+                      "checkpoint_every": 12}, methods.DFO, 13),
     ],
 )  # fmt: skip
 def test_resume_after_a_crash_every_method(tiny, tmp_path, monkeypatch, method, extra, cls, at):
