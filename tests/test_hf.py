@@ -152,3 +152,50 @@ def test_build_optimizer_reads_the_arguments(tmp_path):
     view.param_groups[0]["lr"] = 0.5
     assert opt.param_groups[0]["lr"] == 0.5
     assert view.step() is None and opt.steps == 0
+
+
+def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path):
+    """Trainer's checkpoint holds the zofast state (JSON + safetensors, no optimizer.pt) and the
+    trajectory; a run stopped at step 4 and resumed equals one that never stopped."""
+
+    def run(out, resume=None, stop=None):
+        model, ds = _gpt2(tmp_path)
+        args = _args(
+            tmp_path, output_dir=str(out), max_steps=8, save_strategy="steps", save_steps=4,
+            zo_method="lozo-m",
+        )  # fmt: skip
+        trainer = ZOTrainer(model=model, args=args, train_dataset=ds)
+        if stop is not None:
+
+            class Stop(transformers.TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    control.should_training_stop = state.global_step >= stop
+
+            trainer.add_callback(Stop())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    whole, whole_model = run(tmp_path / "a")
+    run(tmp_path / "b", stop=4)
+    folder = tmp_path / "b" / "checkpoint-4"
+    names = {p.name for p in folder.iterdir()}
+    assert {"zofast_state.json", "zofast_state.safetensors", "trajectory.json"} <= names
+    assert "optimizer.pt" not in names
+    assert Trajectory.load(folder / "trajectory.json").steps == 4
+    resumed, resumed_model = run(tmp_path / "b", resume=str(folder))
+    assert resumed.trajectory == whole.trajectory and resumed.trajectory.steps == 8
+    tuned = dict(resumed_model.named_parameters())
+    assert all(torch.equal(p, tuned[n]) for n, p in whole_model.named_parameters())
+
+
+def test_a_diverging_run_stops_and_keeps_its_trajectory(tmp_path):
+    model, ds = _gpt2(tmp_path)
+    trainer = ZOTrainer(
+        model=model, args=_args(tmp_path, learning_rate=1e30, max_steps=8), train_dataset=ds
+    )
+    trainer.train()  # no exception
+    assert trainer.diverged is not None and trainer.diverged.startswith("step ")
+    step = int(trainer.diverged.split(":")[0].removeprefix("step "))
+    assert trainer.state.global_step == step < 8, "training stopped at the refused step"
+    assert trainer.trajectory.steps == step - 1 and trainer.trajectory.events[-1] != "step"
+    assert all(torch.isfinite(p).all() for p in model.parameters())

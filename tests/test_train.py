@@ -173,6 +173,7 @@ def test_freeze_keeps_matching_parameters(tiny, tmp_path):
         ({"dtype": "bfloat16", "pipeline": True}, "pipeline is for mode 'inplace'"),
         ({"mode": "virtual", "method": "mezo"}, "mode 'virtual' is LOZO's"),
         ({"mode": "virtual", "weight_decay": 0.1}, "needs weight_decay 0"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be an integer >= 0"),
     ],
 )
 def test_bad_configs_are_refused_before_anything_is_written(tiny, tmp_path, kwargs, message):

@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "DEMO"]
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model on a task (all TrainConfig fields)")
     _add_config_flags(p)
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue a stopped run from the newest checkpoint in DIR (its output folder), with "
+        "the run's own settings; it ends as the uninterrupted run would have",
+    )
 
     p = sub.add_parser("replay", help="rebuild fine-tuned weights from a trajectory")
     p.add_argument("--model", default=None, help="base model (default: embedded MiniLM)")
@@ -188,14 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _load_trajectory(path: str):
     from zofast.trajectory import Trajectory
 
@@ -215,12 +215,14 @@ def _trajectory_dtype(trajectory) -> str:
 
 def _load_with_trajectory(model: str | None, trajectory_path: str, device: str):
     """Load the base model and replay a trajectory onto it (any mismatch is a _UsageError)."""
-    from zofast.models import load_model
+    from zofast.models import load_model, resolve_device
     from zofast.replay import replay
 
     trajectory = _load_trajectory(trajectory_path)
     try:
-        loaded = load_model(model, dtype=_trajectory_dtype(trajectory), device=_device(device))
+        loaded = load_model(
+            model, dtype=_trajectory_dtype(trajectory), device=resolve_device(device)
+        )
     except (OSError, ValueError, ImportError) as error:
         raise _UsageError(f"cannot load model {model or '(default)'}: {error}") from None
     try:
@@ -238,10 +240,41 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def _cmd_train(args) -> int:
-    from zofast.train import train
+    from zofast.train import TrainConfig, resume, train
 
-    config = _config_from_args(args)
-    result = train(config)
+    if args.resume is not None:
+        given = [
+            "--" + f.name.replace("_", "-")
+            for f in dataclasses.fields(TrainConfig)
+            if f.name != "progress" and getattr(args, f.name) != f.default
+        ]
+        if given:
+            raise _UsageError(
+                f"--resume continues the run with the settings it started with; drop "
+                f"{', '.join(given)}"
+            )
+        run_dir = Path(args.resume)
+        start = partial(resume, args.resume, progress=args.progress)
+    else:
+        config = _config_from_args(args)
+        run_dir = config.resolved_output_dir
+        start = partial(train, config)
+    try:
+        result = start()
+    except KeyboardInterrupt:
+        from zofast.train.checkpoint import latest
+
+        found = latest(run_dir) if run_dir.is_dir() else None
+        hint = f"; zofast train --resume {run_dir} continues from {found.name}" if found else ""
+        print(f"zofast train: interrupted{hint}", file=sys.stderr)
+        return 130
+    if result.diverged is not None:
+        print(
+            f"zofast train: diverged at {result.diverged}; stopped and kept the trajectory and "
+            f"the best checkpoint (step {result.best_step}) in {result.output_dir}",
+            file=sys.stderr,
+        )
+        return 1
     _print_result(result)
     return 0
 
@@ -280,7 +313,7 @@ def _cmd_replay(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from zofast.models import load_model
+    from zofast.models import load_model, resolve_device
     from zofast.scoring import Scorer
     from zofast.train import (
         COLUMN_FIELDS,
@@ -313,7 +346,7 @@ def _cmd_eval(args) -> int:
         loaded = _load_with_trajectory(args.model, args.trajectory, args.device)
     else:
         try:
-            loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+            loaded = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
         except (OSError, ValueError, ImportError) as error:
             raise _UsageError(f"cannot load model {args.model or '(default)'}: {error}") from None
     try:
@@ -416,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 2 on bad input (one-line message on stderr, nothing written),
-        1 when ``zofast bench`` finds no GPU, 130 on Ctrl-C.
+        1 when a run diverges (one-line message; its files are kept) or ``zofast bench`` finds
+        no GPU, 130 on Ctrl-C.
 
     Example:
         >>> main(["train", "--method", "lozo", "--steps", "100", "--output-dir", "runs/x"])

@@ -25,6 +25,23 @@ How it fits into Trainer's loop
     evaluations of a step must see the same function, or the finite difference measures the
     dropout noise. Gradient accumulation is refused (every batch is its own step).
 
+Divergence
+    A step the optimizer refuses (FloatingPointError: NaN / inf loss or g, an update that
+    overflows float32; the weights are restored) stops training with a one-line warning instead
+    of an exception: ``trainer.train()`` returns, ``trainer.diverged`` says at which step and why,
+    and the trajectory (the refused step recorded as an abort) and Trainer's checkpoints are kept.
+
+Checkpoints and resume
+    Trainer's checkpoints (``save_strategy``) get the zofast optimizer's whole state (step,
+    run seed, pending perturbation, momentum or virtual buffers, the trajectory) and the LR
+    scheduler's as ``zofast_state.json`` + ``zofast_state.safetensors`` (no pickle; written to a
+    temporary file, fsynced, renamed), and the trajectory so far as ``trajectory.json``
+    (``zofast replay`` rebuilds the checkpoint's weights from it). ``trainer.train(
+    resume_from_checkpoint=...)`` loads them back, so a resumed run continues bit for bit: same
+    trajectory, same weights as a run that never stopped (Trainer restores the weights, the data
+    order and its RNG states itself). Checkpoints written by Trainer's own format
+    (``optimizer.pt``) still load.
+
 Choosing the optimizer
     ``ZOTrainingArguments`` adds ``zo_method`` (``lozo``, ``lozo-m``, ``mezo``), ``zo_eps``,
     ``zo_rank``, ``zo_nu``, ``zo_momentum`` and ``zo_seed`` to ``TrainingArguments``; the learning
@@ -35,7 +52,10 @@ Choosing the optimizer
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +66,8 @@ from zofast.optim import LOZO, MeZO, param_groups
 __all__ = ["ZOTrainer", "ZOTrainingArguments", "TrainerOptimizer", "ZO_METHODS"]
 
 ZO_METHODS = ("lozo", "lozo-m", "mezo")
+ZO_STATE = "zofast_state"
+"""Stem of the JSON + safetensors pair that holds the optimizer and scheduler states."""
 
 
 @dataclass
@@ -208,6 +230,18 @@ class TrainerOptimizer(torch.optim.Optimizer):
         return f"TrainerOptimizer({type(self.zo_optimizer).__name__})"
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)``, fsync, rename onto ``path``: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class ZOTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that fine-tunes with a zofast zeroth-order optimizer.
 
@@ -241,6 +275,7 @@ class ZOTrainer(transformers.Trainer):
             )
         self.args.max_grad_norm = 0.0
         self.zo_optimizer = self.optimizer
+        self.diverged: str | None = None
 
     def create_optimizer(self, model=None):
         """Build (or wrap) the zofast optimizer; Trainer gets a :class:`TrainerOptimizer`.
@@ -275,6 +310,44 @@ class ZOTrainer(transformers.Trainer):
             raise ValueError("no trajectory yet: train first")
         self.trajectory.save(path)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The zofast optimizer's and the scheduler's states, pickle-free (module docstring)."""
+        if self.zo_optimizer is None or not self.args.should_save:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from safetensors.torch import save_file
+
+        from zofast.train.checkpoint import encode
+
+        out = Path(output_dir)
+        tensors: dict[str, torch.Tensor] = {}
+        scheduler = None if self.lr_scheduler is None else self.lr_scheduler.state_dict()
+        document = {
+            "optimizer": encode(self.zo_optimizer.state_dict(), tensors, "optimizer"),
+            "scheduler": encode(scheduler, tensors, "scheduler"),
+        }
+        text = json.dumps(document, allow_nan=False, separators=(",", ":"))
+        _atomic(out / f"{ZO_STATE}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        _atomic(out / f"{ZO_STATE}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        _atomic(out / "trajectory.json", self.zo_optimizer.trajectory.save)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load what :meth:`_save_optimizer_and_scheduler` wrote (or Trainer's own files)."""
+        if checkpoint is None or not (Path(checkpoint) / f"{ZO_STATE}.json").is_file():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from safetensors.torch import load_file
+
+        from zofast.train.checkpoint import decode
+
+        folder = Path(checkpoint)
+        document = json.loads((folder / f"{ZO_STATE}.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / f"{ZO_STATE}.safetensors"))
+        if self.zo_optimizer is None:
+            self.create_optimizer()
+        self.zo_optimizer.load_state_dict(decode(document["optimizer"], tensors))
+        scheduler = decode(document["scheduler"], tensors)
+        if scheduler is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(scheduler)
+
     def training_step(
         self,
         model: torch.nn.Module,
@@ -301,5 +374,16 @@ class ZOTrainer(transformers.Trainer):
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             return loss.mean() if loss.numel() > 1 else loss
 
-        loss = self.zo_optimizer.step(closure)
+        try:
+            loss = self.zo_optimizer.step(closure)
+        except FloatingPointError as error:
+            # The optimizer restored the weights and recorded the step as an abort: stop here,
+            # as zofast train does, instead of losing the run to a traceback.
+            self.diverged = f"step {self.state.global_step + 1}: {error}"
+            transformers.logging.get_logger(__name__).warning(
+                f"ZOTrainer diverged at {self.diverged}; training stops (the weights are those "
+                "before that step, the trajectory so far is kept)"
+            )
+            self.control.should_training_stop = True
+            return torch.tensor(float("nan"), device=self.args.device)
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "load_model", "default_model_path", "quiet_transformers", "KINDS"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "default_model_path",
+    "quiet_transformers",
+    "resolve_device",
+    "KINDS",
+]
 
 KINDS = ("mlm", "causal", "encoder")
 
@@ -178,6 +185,27 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
     raise ValueError(
         f"dtype must be a torch.dtype, 'auto' or a name like 'bfloat16', got {dtype!r}"
     )
+
+
+def resolve_device(name: str) -> str:
+    """The device a ``--device`` / ``TrainConfig.device`` value names: ``"auto"`` is ``"cuda"``
+    when torch sees a GPU and ``"cpu"`` otherwise; any other value is returned as it is.
+
+    The one place the CLI, :mod:`zofast.train` and the experiment runners resolve a device.
+
+    Args:
+        name: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Returns:
+        The device name.
+
+    Example:
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def load_model(
