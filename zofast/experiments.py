@@ -162,6 +162,7 @@ class GridConfig:
             progress=False,
             plot=True,
             zero_shot_test=zero_shot_test,
+            checkpoint_every=0,  # a grid of short runs: 90–180 MB per MiniLM checkpoint
             **self.hyperparameters[method],
         ).validate()
 
