@@ -329,3 +329,36 @@ def test_dfo_grid_report_uses_the_runners_table_and_convention(capsys):
         experiments.main(["dfo", "--help"])
     assert exit_info.value.code == 0
     assert "python -m zofast.experiments dfo" in capsys.readouterr().out
+
+
+def test_zofast_train_under_torchrun(tiny, tmp_path):
+    """Two processes under torchrun (gloo), each with half of every batch: one set of files
+    (rank 0's), and the run of one process on the whole batches, within float tolerance."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ["--model", tiny, "--task", "demo", "--data", "demo", "--lr", "1e-2", "--steps", "4"]
+    flags += ["--eval-every", "2", "--batch-size", "8", "--seed", "5", "--no-progress"]
+    flags += ["--no-plot", "--no-zero-shot-test", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launch += ["--master-port", str(port), "-m", "zofast.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [*launch, *flags, "--output-dir", str(out)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = train(_config(tiny, tmp_path, steps=4, eval_every=2, output_dir=str(tmp_path / "1")))
+    ddp = Trajectory.load(out / "trajectory.json")
+    one = Trajectory.load(alone.files["trajectory"])
+    assert ddp.steps == one.steps == 4
+    torch.testing.assert_close(
+        torch.tensor(list(ddp._g)), torch.tensor(list(one._g)), rtol=1e-3, atol=1e-5
+    )
+    checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1, checkpoints  # rank 0's, at the end

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from zofast.train.config import ConfigError, TrainConfig, TrainResult
 from zofast.train.evaluation import evaluate, zero_shot
 from zofast.train.inputs import setup
 from zofast.train.methods import Method, build_method, crossed
+from zofast.train.ranks import Ranks, from_environment, worker_config
 
 
 def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainResult:
@@ -38,9 +40,17 @@ def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainRes
         'runs/demo/trajectory.json'
     """
     config.validate()
+    ranks = from_environment(config)
+    if not ranks.main:
+        with tempfile.TemporaryDirectory(prefix=f"zofast-rank{ranks.rank}-") as folder:
+            return _train(worker_config(config, folder), loaded, ranks)
+    return _train(config, loaded, ranks)
+
+
+def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks) -> TrainResult:
     loaded, scorer, splits, _ = setup(config, loaded)
     out_dir = config.resolved_output_dir
-    method = build_method(config, loaded, scorer, splits, out_dir)
+    method = build_method(config, loaded, scorer, splits, out_dir, ranks)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Log(out_dir / "log.jsonl")
     try:
@@ -75,6 +85,8 @@ def resume(
     Example:
         >>> result = resume("runs/sst2-lozo")  # after a crash, Ctrl-C or kill -9
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--resume runs in one process (not under torchrun) for now")
     folder = checkpoint.latest(Path(path))
     if folder is None:
         raise ConfigError(

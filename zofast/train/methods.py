@@ -197,13 +197,18 @@ class _Weights(Method):
 class ZerothOrder(_Weights):
     """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per step, a trajectory of seeds."""
 
-    def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches):
+    def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches, ranks):
         super().__init__(config, loaded, scorer, batches)
-        self.optimizer = build_zo_optimizer(config, loaded.model)
+        self.ranks = ranks
+        group = None if ranks is None else ranks.group
+        self.optimizer = build_zo_optimizer(config, loaded.model, group)
 
     def advance(self, periods: Sequence[int]) -> list[tuple[int, float]]:
-        batch = self.scorer.encode(self.batches.next())
-        loss = self.optimizer.step(lambda: self.scorer.loss(batch))
+        examples = self.batches.next()
+        if self.ranks is not None and self.ranks.group is not None:
+            examples = self.ranks.shard(examples)  # the optimizer all-reduces the losses
+        batch = self.scorer.encode(examples)
+        loss = self.optimizer.step(lambda: self.scorer.loss(batch), examples=len(examples))
         self.steps_done += 1
         return [(self.steps_done, loss)]
 
@@ -360,8 +365,9 @@ class DFO(Method):
         return files
 
 
-def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module):
-    """The LOZO / MeZO optimizer a config describes (ConfigError on a bad combination)."""
+def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_group=None):
+    """The LOZO / MeZO optimizer a config describes (ConfigError on a bad combination);
+    ``process_group``: data parallelism (zofast.optim.group)."""
     from zofast.optim import LOZO, MeZO, param_groups
 
     groups = param_groups(model, config.weight_decay)
@@ -373,6 +379,7 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module):
         "rounding": config.rounding,
         "pipeline": config.resolved_mode == "inplace" and config.pipeline is not False,
         "model": model,
+        "process_group": process_group,
     }
     try:
         if config.method == "mezo":
@@ -384,12 +391,15 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module):
         raise ConfigError(str(error)) from None
 
 
-def build_method(config: TrainConfig, loaded: LoadedModel, scorer: Scorer, splits, out_dir: Path):
-    """The :class:`Method` of ``config.method`` (ConfigError before anything is written)."""
+def build_method(
+    config: TrainConfig, loaded: LoadedModel, scorer: Scorer, splits, out_dir: Path, ranks=None
+):
+    """The :class:`Method` of ``config.method`` (ConfigError before anything is written);
+    ``ranks``: a :class:`zofast.train.ranks.Ranks` under torchrun (ZO methods only)."""
     if config.method == "dfo-lora":
         return DFO(config, loaded, scorer, splits, out_dir / "dfo.jsonl")
     loaded.model.eval()
     batches = Batches(splits["train"], config.batch_size, config.seed)
     if config.method == "adam":
         return Adam(config, loaded, scorer, batches)
-    return ZerothOrder(config, loaded, scorer, batches)
+    return ZerothOrder(config, loaded, scorer, batches, ranks)
