@@ -41,7 +41,14 @@ if os.environ.get("ZOFAST_NO_EXTENSION") != "1":
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 setup(
-    packages=["zofast", "zofast.dfo", "zofast.dfo.lora", "zofast.kernels", "zofast.optim", "zofast.train"],
+    packages=[
+        "zofast",
+        "zofast.dfo",
+        "zofast.dfo.lora",
+        "zofast.kernels",
+        "zofast.optim",
+        "zofast.train",
+    ],
     package_dir={"zofast.kernels": "kernels"},
     package_data={"zofast": ["demo_data/*"]},
     ext_modules=ext_modules,
