@@ -349,8 +349,13 @@ def test_zofast_train_under_torchrun(tiny, tmp_path):
     launch += ["--master-port", str(port), "-m", "zofast.cli", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
+    # cwd: not the source folder, whose zofast/ (no compiled parts) `-m` would import first
     done = subprocess.run(
-        [*launch, *flags, "--output-dir", str(out)], env=env, capture_output=True, text=True
+        [*launch, *flags, "--output-dir", str(out)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     alone = train(_config(tiny, tmp_path, steps=4, eval_every=2, output_dir=str(tmp_path / "1")))
