@@ -7,8 +7,9 @@ mean losses, hence the same g, the same update and the same trajectory, and its 
 bit-identical to the others'. Nothing else travels: 24 bytes per rank and step.
 
 At the first step one more all-reduce compares a fingerprint of what the ranks are about to
-train (run seed, method, mode, rounding, hyperparameters, trained tensors' names, shapes and
-dtypes): ranks that disagree get a ValueError before any weight is written.
+train (run seed, method, mode, rounding, hyperparameters, step, trained tensors' names, shapes,
+dtypes and sampled values; a shard's values are not compared): ranks that disagree get a
+ValueError before any weight is written.
 
 An exception on one rank (a failing closure) is not seen by the others, which then wait in the
 step's all-reduce, as with DistributedDataParallel; the failing rank restores its weights.
@@ -46,7 +47,6 @@ class DataParallel:
                 f"{type(group).__name__}"
             )
         self.group = group
-        self.size = dist.get_world_size(group)
         # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
         self.device = None
         if dist.get_backend(group) == "nccl":
@@ -72,8 +72,8 @@ class DataParallel:
         if not torch.equal(top, mine):
             raise ValueError(
                 "the ranks of process_group disagree on what they train (run seed, method, "
-                "mode, rounding, hyperparameters, or the trained tensors' names, shapes and "
-                "dtypes): build the optimizer identically on every rank"
+                "mode, rounding, hyperparameters, step, or the trained tensors' names, shapes, "
+                "dtypes and values): build the model and optimizer identically on every rank"
             )
         self.agreed = True
 
