@@ -6,6 +6,7 @@ import torch
 from zofast import _ext, perturb
 
 
+@pytest.mark.extension
 def test_extension_is_loaded_with_its_operators():
     assert _ext.EXTENSION_ERROR is None, _ext.EXTENSION_ERROR
     assert hasattr(torch.ops.zofast, "gaussian_")

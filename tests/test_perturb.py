@@ -3,11 +3,11 @@ contract's properties (block independence, rows as global indices, sharding) and
 
 import pytest
 import torch
+from helpers_backends import CPU_BACKENDS, TRITON_ON_CPU
 
 from zofast import perturb
 from zofast.kernels import gaussian as gaussian_kernels
 from zofast.kernels import lowrank as lowrank_kernels
-from zofast.kernels.philox import triton_interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The interpreter and the pure-torch reference are slow on 2 CPU cores: they get smaller shapes.
@@ -16,8 +16,6 @@ SHAPES = {
     "triton": [(183, 79), (1, 257), (257, 1), (3, 5, 7, 2)],
     "torch": [(61, 37), (1, 130), (3, 4, 5)],
 }
-# Triton runs CPU tensors only under its interpreter (a GPU machine checks it in test_gpu.py).
-CPU_BACKENDS = ["cpp", "triton", "torch"] if triton_interpreting() else ["cpp", "torch"]
 CASES = [(b, s) for b, shapes in SHAPES.items() if b in CPU_BACKENDS for s in shapes]
 
 
@@ -107,7 +105,7 @@ def test_in_place_ops_touch_exactly_w(backend):
     assert torch.isnan(buffer[:1000]).all() and torch.isnan(buffer[2000:]).all()
 
 
-@pytest.mark.skipif(not triton_interpreting(), reason="Triton on CPU tensors needs its interpreter")
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors: its interpreter")
 def test_block_configurations_give_identical_results():
     w = weights((131, 97), torch.float32, 0)
     seeds = torch.tensor([12345, -7], dtype=torch.int64)
