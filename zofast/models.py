@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "load_model", "default_model_path", "KINDS"]
+__all__ = ["LoadedModel", "load_model", "default_model_path", "resolve_device", "KINDS"]
 
 KINDS = ("mlm", "causal", "encoder")
 
@@ -160,6 +160,51 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
     )
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device a name stands for, checked to exist here: ``"auto"`` is CUDA when torch sees a
+    GPU and the CPU otherwise; ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` must be present.
+
+    Args:
+        device: a name or a torch.device.
+
+    Returns:
+        The torch.device.
+
+    Raises:
+        ValueError: an unknown name, or a device this machine does not have.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("gpu")
+        Traceback (most recent call last):
+        ValueError: unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: torch sees no CUDA device (torch {torch.__version__}, CUDA "
+                f"build: {torch.version.cuda or 'none'}); use cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s)")
+        return resolved
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available on this machine")
+        return resolved
+    raise ValueError(f"device {device!r}: zofast runs on cpu, cuda or mps, not {resolved.type}")
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     *,
@@ -199,6 +244,8 @@ def load_model(
 
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if device is not None:
+        device = resolve_device(device)
     if name_or_path is None:
         name_or_path = default_model_path()
     source = str(name_or_path)

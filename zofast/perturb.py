@@ -118,17 +118,35 @@ def _as_list(value) -> list:
     return [value]
 
 
+def as_float32(value, name: str, *, allow_zero: bool = True) -> float:
+    """A real number as the float32 it is used as; ValueError naming `name` if it is not a finite
+    float32 (overflows to inf), or, non-zero, rounds to 0 (underflow: it would do nothing)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    try:
+        wide = float(value)
+    except OverflowError:
+        wide = math.inf
+    if math.isnan(wide):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    narrow = torch.tensor(wide, dtype=torch.float64).to(torch.float32).item()
+    if not math.isfinite(narrow):
+        raise ValueError(f"{name} = {value!r} overflows float32 (largest finite: 3.4028235e38)")
+    if narrow == 0.0 and wide != 0.0:
+        raise ValueError(f"{name} = {value!r} underflows to 0 in float32 (smallest: 1.4e-45)")
+    if narrow == 0.0 and not allow_zero:
+        raise ValueError(f"{name} must be non-zero, got {value!r}")
+    return narrow
+
+
 def _check_scales(scale, n_terms: int) -> list[float]:
     scales = _as_list(scale)
     if len(scales) != n_terms:
         raise ValueError(
             f"scale must give one value per seed: {n_terms} seeds, {len(scales)} scales"
         )
-    for s in scales:
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
-            raise ValueError(f"scale must be finite real numbers, got {s!r}")
-    # Scales enter every backend as float32.
-    return torch.tensor(scales, dtype=torch.float32).tolist()
+    # Scales enter every backend as float32: checked as such.
+    return [as_float32(s, "scale") for s in scales]
 
 
 def _check_seeds(seed, name: str) -> list[int]:
@@ -185,15 +203,7 @@ def _check_w_scale(w_scale, w: torch.Tensor):
         if w_scale.device != w.device:
             raise ValueError(f"w_scale tensor must be on {w.device}, got {w_scale.device}")
         return w_scale.reshape(1)
-    if isinstance(w_scale, bool) or not isinstance(w_scale, numbers.Real):
-        raise ValueError(f"w_scale must be a finite real number, got {w_scale!r}")
-    try:
-        value = float(w_scale)
-    except OverflowError:
-        value = math.inf
-    value = torch.tensor(value, dtype=torch.float32).item()  # it is used in float32
-    if not math.isfinite(value):
-        raise ValueError(f"w_scale must be finite in float32, got {w_scale!r}")
+    value = as_float32(w_scale, "w_scale")  # it is used in float32
     return None if value == 1.0 else value
 
 
