@@ -10,7 +10,6 @@ import threading
 
 import torch
 
-
 FLOAT32_MAX = 3.4028234663852886e38
 # The largest |normal| the stream can give: Box-Muller's radius with its uniform clamped at 1e-7
 # (zofast.kernels.philox), sqrt(-2 ln 1e-7) = 5.68.
