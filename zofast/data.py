@@ -6,8 +6,12 @@ order of the task's label words (see :mod:`zofast.tasks`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
+import numbers
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +53,15 @@ class Example:
 
 
 def _read_rows(path: Path, delimiter: str, quoting: int) -> list[list[str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise ValueError(
+            f"{path}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {error}"
+        ) from None
 
 
 def _int_label(value: str, path: Path, line: int, num_labels: int) -> int:
@@ -153,6 +164,9 @@ def load_kshot(folder: str | Path, task: str | Task) -> dict[str, list[Example]]
         for split in SPLITS
         if (root / f"{split}.{ext}").is_file()
     }
+    for split, examples in out.items():
+        if not examples:
+            raise ValueError(f"{root / f'{split}.{ext}'} holds no examples")
     if not out:
         raise FileNotFoundError(
             f"no {', '.join(f'{s}.{ext}' for s in SPLITS)} in {root} (format of task {name})"
@@ -235,10 +249,18 @@ def load_hf_dataset(
     if suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty")
         builder, extra = _FILE_BUILDERS[suffix]
-        ds = datasets.load_dataset(
-            builder, data_files={split: str(path)}, split=split, **{**extra, **load_kwargs}
-        )
+        try:
+            with _quiet(datasets):
+                ds = datasets.load_dataset(
+                    builder, data_files={split: str(path)}, split=split, **{**extra, **load_kwargs}
+                )
+        except Exception as error:  # a local file that its builder cannot read: bad input
+            raise ValueError(
+                f"{path}: cannot be read as {suffix[1:]}: {_root_cause(error)}"
+            ) from None
     else:
         if (path.is_absolute() or source.startswith(".")) and not path.exists():
             raise FileNotFoundError(f"dataset folder not found: {path}")
@@ -257,20 +279,72 @@ def load_hf_dataset(
     n = the_task.num_labels
     out = []
     for i, row in enumerate(ds):
+        where = f"{source} [{split}] row {i}"
         raw = row[col_label]
         value = mapping.get(raw, mapping.get(str(raw).strip(), raw)) if mapping else raw
-        try:
-            y = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{source} [{split}] row {i}: label {raw!r} is not a class id; pass label_map="
-            ) from None
+        y = _class_id(value)
+        if y is None:
+            raise ValueError(f"{where}: label {raw!r} is not a class id; pass label_map=")
         if not 0 <= y < n:
             hint = " (unlabelled split? GLUE test splits have label -1)" if y == -1 else ""
-            raise ValueError(f"{source} [{split}] row {i}: label {y} outside 0..{n - 1}{hint}")
-        b = None if col_b is None else str(row[col_b])
-        out.append(Example(str(row[col_a]), y, b))
+            raise ValueError(f"{where}: label {y} outside 0..{n - 1}{hint}")
+        a = _text(row[col_a], col_a, where)
+        b = None if col_b is None else _text(row[col_b], col_b, where)
+        out.append(Example(a, y, b))
+    if not out:
+        raise ValueError(f"{source} [{split}] holds no examples")
     return out
+
+
+@contextlib.contextmanager
+def _quiet(datasets):
+    """No progress bars or logged errors from datasets while it reads a local file: a failure
+    comes back as one ValueError (the CLI prints it as one line), success says nothing."""
+    logging = datasets.utils.logging
+    verbosity, bars = logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    logging.set_verbosity(logging.CRITICAL + 10)
+    datasets.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bar()
+
+
+def _class_id(value: Any) -> int | None:
+    """A label value as a class id: an int, a float with no fractional part (1.0, as pandas
+    writes an int column with gaps), or a string of an int; None for anything else (1.7, True,
+    "one"), which int() would truncate or accept silently."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return int(value) if math.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+    return None
+
+
+def _text(value: Any, column: str, where: str) -> str:
+    """A text field as it is: missing (None) or non-text values are errors, not "None"."""
+    if value is None:
+        raise ValueError(f"{where}: text column {column!r} is missing (null)")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: text column {column!r} holds {type(value).__name__} {value!r}")
+    return value
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of a chained exception, in one line (datasets wraps the reader's)."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _label_mapping(feature: Any, task: Task, label_map: dict[Any, int] | None) -> dict[Any, int]:
