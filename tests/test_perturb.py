@@ -194,7 +194,12 @@ BAD_INPUTS = [
     (lambda: torch.zeros(4, 6), {"scale": float("inf")}, ValueError, "scale"),
     (lambda: torch.zeros(4, 6), {"scale": [1.0, 2.0]}, ValueError, "scale"),
     (lambda: torch.zeros(4, 6), {"offset": -3}, ValueError, "offset"),
+    (lambda: torch.zeros(4, 6), {"offset": 2**63 - 8}, ValueError, "past 2\\*\\*63"),
     (lambda: torch.zeros(4, 6), {"backend": "cuda"}, ValueError, "backend"),
+    # Finite in float64, used in float32: 1e39 would write inf, 1e-50 nothing, 10**400 overflow.
+    (lambda: torch.zeros(4, 6), {"scale": 1e39}, ValueError, "scale = 1e\\+39 overflows float32"),
+    (lambda: torch.zeros(4, 6), {"scale": 10**400}, ValueError, "overflows float32"),
+    (lambda: torch.zeros(4, 6), {"scale": 1e-50}, ValueError, "underflows to 0 in float32"),
 ]
 
 
@@ -224,6 +229,33 @@ def test_bad_input_is_rejected_and_w_untouched(op, make, kwargs, error, match):
         call()
     if before is not None:
         assert torch.equal(w, before)
+
+
+def test_triton_backend_without_triton_is_refused_before_writing(monkeypatch):
+    from zofast.kernels import _triton
+
+    monkeypatch.setattr(_triton, "HAS_TRITON", False)
+    w = weights((8, 6), torch.float32, 1)
+    before = w.clone()
+    for call in (
+        lambda: perturb.gaussian_(w, 1, 1.0, backend="triton"),
+        lambda: perturb.lowrank_(w, 1, 2, 2, 1.0, backend="triton"),
+    ):
+        with pytest.raises(RuntimeError, match="needs the triton package"):
+            call()
+    assert torch.equal(w, before)
+
+
+def test_gaussian_noise_bad_arguments():
+    for kwargs, error, match in [
+        ({"shape": (3, -1)}, ValueError, "non-negative integer sizes"),
+        ({"shape": 7}, TypeError, "shape must be a sequence"),
+        ({"dtype": torch.int32}, TypeError, "floating"),
+        ({"out": [0.0] * 12}, TypeError, "out must be a torch.Tensor"),
+        ({"offset": 2**63 - 4}, ValueError, "past 2\\*\\*63"),
+    ]:
+        with pytest.raises(error, match=match):
+            perturb.gaussian_noise(**{"shape": (3, 4), "seed": 1, **kwargs})
 
 
 def test_one_dimensional_tensors_take_full_rank_noise_only():
