@@ -492,8 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         ``zofast bench`` finds no GPU, 130 on Ctrl-C.
 
     Example:
-        >>> main(["train", "--method", "lozo", "--steps", "100", "--output-dir", "runs/x"])
+        >>> main(["train", "--steps", "2", "--eval-every", "2", "--no-progress", "--no-plot",
+        ...       "--output-dir", "runs/x"])  # doctest: +ELLIPSIS
+        method lozo, task demo, 2 steps, ...
         0
+        >>> main(["train", "--device", "gpu"])  # stderr: zofast train: error: --device: unknown ...
+        2
     """
     from zofast.train import ConfigError
 

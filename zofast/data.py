@@ -233,8 +233,10 @@ def load_hf_dataset(
         A list of :class:`Example`.
 
     Example:
-        >>> train = load_hf_dataset("glue", "sst-2", "train", name="sst2")  # needs network
-        >>> dev = load_hf_dataset("my_reviews.csv", "demo")
+        >>> train = load_hf_dataset("glue", "sst-2", "train", name="sst2")  # doctest: +SKIP
+        >>> dev = load_hf_dataset("my_reviews.csv", "demo")  # doctest: +SKIP
+
+        (The first needs network, the second a file of your own.)
     """
     try:
         import datasets
