@@ -113,6 +113,7 @@ BAD_TRAIN = [
     (["--popsize", "10"], "method lozo does not use --popsize"),
     (["--method", "lozo-m", "--momentum", "0"], "momentum 0 is plain LOZO"),
     (["--forward-budget", "100"], "give it or --steps, not both"),
+    (["--rounding", "stochastic"], "--rounding applies to bfloat16 / float16"),
     (["--lr", "1e39"], "lr = 1e+39 overflows float32"),
     (["--eps", "1e-50"], "eps = 1e-50 underflows to 0"),
     (["--eps", "1e37"], "eps = 1e+37 would overflow float32"),

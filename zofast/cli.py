@@ -104,14 +104,17 @@ _UNUSED_BY = {
 }
 
 
-def _check_flags_used(method: str, given: set[str]) -> None:
-    """Refuse flags `method` ignores, and --steps beside --forward-budget (which overrides it)."""
+def _check_flags_used(method: str, dtype: str, given: set[str]) -> None:
+    """Refuse flags `method` ignores, --steps beside --forward-budget (which overrides it) and
+    --rounding for float32 weights (which are never rounded)."""
     unused = [name for name in _UNUSED_BY.get(method, ()) if name in given]
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
         raise _UsageError(f"method {method} does not use {flags}; leave it out")
     if {"steps", "forward_budget"} <= given:
         raise _UsageError("--forward-budget sets the number of steps: give it or --steps, not both")
+    if "rounding" in given and dtype == "float32":
+        raise _UsageError("--rounding applies to bfloat16 / float16: float32 is not rounded")
 
 
 def _check_device(name: str) -> str:
@@ -301,7 +304,7 @@ def _same_path(a: Path, b: Path) -> bool:
 def _cmd_train(args) -> int:
     from zofast.train import train
 
-    _check_flags_used(args.method, getattr(args, "given", set()))
+    _check_flags_used(args.method, args.dtype, getattr(args, "given", set()))
     args.device = _check_device(args.device)
     config = _config_from_args(args)
     result = train(config)
