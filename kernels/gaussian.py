@@ -12,9 +12,8 @@ and w is only read.
 """
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,

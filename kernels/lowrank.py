@@ -12,9 +12,8 @@ row and column; kernels.philox's docstring). With `out` the result goes there, w
 """
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,

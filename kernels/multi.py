@@ -33,9 +33,8 @@ seed]) and scales rows (T scales, [w scale]).
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .lowrank import default_tile
 from .philox import (
     CONTRACT_OPTIONS,

@@ -41,8 +41,8 @@ it is bit-identical across backends.
 """
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import HAS_TRITON, MISSING, tl, triton
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -278,6 +278,8 @@ def _noise_kernel(out_ptr, seed_ptr, scale_ptr, n, offset, BLOCK: tl.constexpr):
 
 
 def _check_interpretable(t):
+    if not HAS_TRITON:
+        raise ImportError(MISSING)
     if t.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(
             "backend='triton' on a CPU tensor runs Triton's interpreter, which must be enabled "
@@ -287,8 +289,9 @@ def _check_interpretable(t):
 
 
 def triton_interpreting() -> bool:
-    """Whether the Triton kernels were built for the interpreter (TRITON_INTERPRET=1)."""
-    return not isinstance(_noise_kernel, triton.runtime.JITFunction)
+    """Whether the Triton kernels were built for the interpreter (TRITON_INTERPRET=1); False
+    without triton."""
+    return HAS_TRITON and not isinstance(_noise_kernel, triton.runtime.JITFunction)
 
 
 def philox4x32_triton(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:

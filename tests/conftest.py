@@ -1,24 +1,60 @@
 """Shared test setup. Triton's interpreter must be on before triton is first imported when there is
-no GPU (zofast.kernels does the same); tests that need a GPU are marked `gpu` and skipped here."""
+no GPU (zofast.kernels does the same); tests that need a GPU are marked `gpu` and skipped here.
 
+``ZOFAST_HIDE_MODULES="triton zofast._C"`` runs the suite as on a machine where those modules are
+not installed: importing them (or anything below them) raises ModuleNotFoundError, as it would
+there. Tests that need a hidden module are marked `triton` / `extension` and skipped (CI's
+fallback step, .ci/run).
+"""
+
+import importlib.abc
 import os
 import secrets
+import sys
 
 import pytest
 import torch
-from helpers_models import make_tiny_model
+from helpers_backends import HIDDEN
+
+
+class _Hide(importlib.abc.MetaPathFinder):
+    """Refuses to find the hidden modules, so `import` fails as if they were not installed."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if any(fullname == name or fullname.startswith(name + ".") for name in HIDDEN):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by the tests)")
+        return None
+
+
+if HIDDEN:
+    loaded = [m for m in sys.modules if any(m == n or m.startswith(n + ".") for n in HIDDEN)]
+    if loaded:
+        raise RuntimeError(f"ZOFAST_HIDE_MODULES: {loaded} were imported before the tests began")
+    sys.meta_path.insert(0, _Hide())
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# After the hiding and the interpreter switch: it imports transformers, which may import triton.
+from helpers_models import make_tiny_model  # noqa: E402
+
+_NEEDS = {"triton": "triton", "extension": "zofast._C"}
+# Modules that import triton themselves (their kernels are the subject of every test in them).
+collect_ignore = ["test_rounding.py", "test_stochastic_rounding.py"] if "triton" in HIDDEN else []
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skips = {
+        marker: pytest.mark.skip(reason=f"{module} is hidden (ZOFAST_HIDE_MODULES)")
+        for marker, module in _NEEDS.items()
+        if module in HIDDEN
+    }
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture

@@ -101,6 +101,22 @@ BAD_TRAIN = [
     (["--nu", "0"], "nu must be an integer >= 1"),
     (["--freeze", "."], "the model has no trainable parameters"),
     (["--lr", "abc"], "invalid float value"),
+    (["--device", "gpu"], "--device: unknown device 'gpu'"),
+    pytest.param(
+        ["--device", "cuda"],
+        "torch sees no CUDA device",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+    ),
+    (["--method", "dfo-lora", "--lr", "1e-3"], "method dfo-lora does not use --lr"),
+    (["--method", "mezo", "--rank", "4"], "method mezo does not use --rank"),
+    (["--method", "adam", "--eps", "1e-3", "--no-pipeline"], "does not use --eps, --pipeline"),
+    (["--popsize", "10"], "method lozo does not use --popsize"),
+    (["--method", "lozo-m", "--momentum", "0"], "momentum 0 is plain LOZO"),
+    (["--forward-budget", "100"], "give it or --steps, not both"),
+    (["--rounding", "stochastic"], "--rounding applies to bfloat16 / float16"),
+    (["--lr", "1e39"], "lr = 1e+39 overflows float32"),
+    (["--eps", "1e-50"], "eps = 1e-50 underflows to 0"),
+    (["--eps", "1e37"], "eps = 1e+37 would overflow float32"),
 ]
 
 
@@ -144,6 +160,71 @@ def test_replay_and_eval_refuse_bad_input(tiny, tmp_path, capsys):
         assert message in err and "\n" not in err, (argv, err)
     assert _digest(tiny) == before
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize(
+    ("train_file", "message"),
+    [
+        ('{"text": "fine", "label": 1}\n{"text": "bro', "cannot be read as jsonl"),
+        ('{"text": null, "label": 1}\n', "text column 'text' is missing"),
+        ('{"text": "fine", "label": 0.5}\n', "label 0.5 is not a class id"),
+    ],
+)
+def test_a_malformed_data_file_exits_2(tiny, tmp_path, capsys, train_file, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(train_file)
+    run = tmp_path / "run"
+    before = _digest(tiny), _digest(data)
+    assert _exit_code(_train_args(tiny, run, "--data", str(data))) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not run.exists() and (_digest(tiny), _digest(data)) == before
+
+
+def test_inconsistent_trajectory_and_overridden_dtype_exit_2(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(_train_args(tiny, run, "--steps", "2", "--no-plot")) == 0
+    data = json.loads((run / "trajectory.json").read_text())
+    data["params"][0]["group"] = 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    before = _digest(tiny)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    cases = [
+        (["replay", "--model", tiny, "--trajectory", str(bad), "--out", str(out)],
+         "group must be in 0..1, got 5"),
+        (["replay", "--model", tiny, "--trajectory", str(run / "trajectory.json"), "--out",
+          str(out), "--device", "tpu"], "unknown device 'tpu'"),
+        (["eval", "--model", tiny, "--trajectory", str(run / "trajectory.json"), "--task", "demo",
+          "--data", "demo", "--dtype", "bfloat16"], "recorded in float32"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+    assert _digest(tiny) == before and not out.exists()
+
+
+def test_debug_shows_the_traceback_and_other_failures_exit_1(monkeypatch, capsys):
+    with pytest.raises(cli._UsageError, match="unknown device"):
+        cli.main(["--debug", "train", "--device", "gpu"])
+    with pytest.raises(cli._UsageError, match="unknown device"):
+        cli.main(["train", "--device", "gpu", "--debug"])
+
+    def broken(args):
+        raise RuntimeError("something\ninside")
+
+    monkeypatch.setitem(cli._COMMANDS, "eval", broken)
+    capsys.readouterr()
+    assert cli.main(["eval", "--task", "demo", "--data", "demo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "zofast eval: failed: RuntimeError: something inside (--debug shows the traceback)"
+    )
+    with pytest.raises(RuntimeError, match="something"):
+        cli.main(["eval", "--task", "demo", "--data", "demo", "--debug"])
 
 
 @pytest.mark.skipif(not shutil.which("zofast"), reason="the zofast console script is not installed")

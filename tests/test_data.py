@@ -167,6 +167,47 @@ def test_load_hf_dataset_errors(tmp_path):
         load_hf_dataset(no_pair, "rte", cache_dir=cache)
 
 
+BAD_FILES = [
+    ("null.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": null, "label": 0}\n',
+     "row 1: text column 'sentence' is missing"),
+    ("number.jsonl", '{"sentence": 12, "label": 1}\n', "text column 'sentence' holds int 12"),
+    ("float.jsonl", '{"sentence": "good", "label": 1.7}\n', "label 1.7 is not a class id"),
+    ("bool.jsonl", '{"sentence": "good", "label": true}\n', "label True is not a class id"),
+    ("broken.jsonl", '{"sentence": "good"}\n{"sentence": "ba', "cannot be read as jsonl"),
+    ("empty.jsonl", "", "the file is empty"),
+    ("header.csv", "sentence,label\n", "cannot be read as csv: .* no data"),
+    ("latin1.csv", "sentence,label\ncaf\xe9,1\n", "cannot be read as csv"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "text", "match"), BAD_FILES)
+def test_bad_data_files_raise_one_value_error_naming_the_file(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1" if name.startswith("latin1") else "utf-8"))
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=match) as raised:
+        load_hf_dataset(path, "sst-2", cache_dir=str(tmp_path / "cache"))
+    assert name in str(raised.value) and "\n" not in str(raised.value)
+    assert path.read_bytes() == before
+
+
+def test_integral_float_labels_are_class_ids(tmp_path):
+    # pandas writes an int column with gaps as floats: 1.0 is class 1, not an error.
+    path = _write(tmp_path / "f.jsonl", '{"sentence": "good", "label": 1.0}\n')
+    assert load_hf_dataset(path, "sst-2", cache_dir=str(tmp_path / "c")) == [Example("good", 1)]
+
+
+def test_kshot_empty_split_and_wrong_encoding(tmp_path):
+    _write(tmp_path / "a" / "train.tsv", "sentence\tlabel\nfine\t1\n")
+    _write(tmp_path / "a" / "dev.tsv", "sentence\tlabel\n")
+    with pytest.raises(ValueError, match=r"dev\.tsv holds no examples"):
+        load_kshot(tmp_path / "a", "SST-2")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train.tsv").write_bytes(b"sentence\tlabel\ncaf\xe9\t1\n")
+    with pytest.raises(ValueError, match=r"train\.tsv: not UTF-8 text"):
+        load_kshot(tmp_path / "b", "SST-2")
+
+
 def test_load_demo():
     demo = load_demo()
     assert {k: len(v) for k, v in demo.items()} == {"train": 64, "dev": 64, "test": 200}

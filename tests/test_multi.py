@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from zofast import perturb
-from zofast.kernels.philox import triton_interpreting
 from zofast.rng import to_signed64
 
-pytestmark = pytest.mark.skipif(
-    not triton_interpreting() and not torch.cuda.is_available(),
-    reason="Triton runs CPU tensors only under its interpreter",
-)
+pytestmark = pytest.mark.triton
 
 # (shape, rank): odd sizes, a 1-row and a 1-column matrix, a ≥3-D tensor, vectors, a scalar-ish.
 TENSORS = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import signal
 
 import numpy as np
@@ -294,6 +293,16 @@ def same(model, snap):
         (MeZO, {"lr": 0.0}, "lr"),
         (MeZO, {"lr": 1e-3, "eps": -1e-3}, "eps"),
         (MeZO, {"lr": 1e-3, "weight_decay": float("nan")}, "weight_decay"),
+        # Finite in float64, used in float32: inf weights, NaN restores, or nothing at all.
+        (LOZO, {"lr": 1e-3, "eps": 1e39}, "eps = 1e\\+39 overflows float32"),
+        (LOZO, {"lr": 1e-3, "eps": 1e-50}, "eps = 1e-50 underflows to 0"),
+        (LOZO, {"lr": 1e-3, "eps": 1e37, "rank": 2}, "eps = 1e\\+37 would overflow"),
+        (MeZO, {"lr": 1e-3, "eps": 1e38}, "eps = 1e\\+38 would overflow"),
+        (MeZO, {"lr": 1e39}, "lr = 1e\\+39 overflows float32"),
+        (MeZO, {"lr": 1e-50}, "lr = 1e-50 underflows to 0"),
+        (LOZO, {"lr": 1e-3, "weight_decay": 1e39}, "weight_decay = 1e\\+39 overflows"),
+        (LOZO, {"lr": 1e-3, "weight_decay": 1e-50}, "weight_decay = 1e-50 underflows"),
+        (LOZO, {"lr": 1e-3, "momentum": 10**400}, "momentum must be finite"),
     ],
 )
 def test_bad_hyperparameters_raise_and_leave_weights(cls, kwargs, name):
@@ -302,6 +311,34 @@ def test_bad_hyperparameters_raise_and_leave_weights(cls, kwargs, name):
     with pytest.raises(ValueError, match=name):
         cls(model.parameters(), **kwargs)
     assert same(model, snap)
+
+
+@pytest.mark.parametrize("lr", [1e39, float("nan"), -1.0, 1e-50])
+def test_a_group_lr_set_out_of_float32_range_is_refused_before_any_write(lr):
+    model = small_model()
+    snap = snapshot(model)
+    opt = LOZO(model.parameters(), lr=1e-3, seed=1)
+    opt.param_groups[0]["lr"] = lr  # as a scheduler might
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(lambda: model(torch.ones(2, model[0].in_features)).sum())
+    assert same(model, snap) and opt.trajectory.steps == 0 and not opt.trajectory.events
+
+
+def test_eps_at_the_float32_bound_restores_finite_weights():
+    # The largest ε the bound admits: the ±ε passes stay finite, so an abort restores finite
+    # weights (at 1e39, which used to pass, they were inf, then NaN).
+    from zofast.optim.checks import FLOAT32_MAX, NORMAL_MAX
+
+    model = small_model()
+    eps = FLOAT32_MAX / (2 * NORMAL_MAX * NORMAL_MAX * 2) * 0.999
+    opt = LOZO(model.parameters(), lr=1e-3, eps=eps, rank=2, mode="inplace", seed=2)
+
+    def closure():
+        raise FloatingPointError("stop after the +ε pass")
+
+    with pytest.raises(FloatingPointError):
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_virtual_mode_needs_the_model():
@@ -660,12 +697,19 @@ def test_abort_with_a_pending_perturbation_equals_settle():
 
 
 def test_interrupts_are_held_until_a_pass_is_over():
-    done = []
-    with pytest.raises(KeyboardInterrupt), _deferred_interrupts():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("pass finished")
-    assert done == ["pass finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
+    # jobs with SIGINT ignored, and then there is no KeyboardInterrupt to hold (the test failed
+    # under `pytest ... &`).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), _deferred_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            done.append("pass finished")
+        assert done == ["pass finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _RecordingGraph:
@@ -817,9 +861,11 @@ def test_an_update_that_overflows_float32_restores_the_weights_on_both_paths(met
     x = torch.randn(5, 6).to(torch.bfloat16)
     for model, opt in (queued, host):
         opt.step(lambda model=model: model(x).float().pow(2).mean())
-        opt.param_groups[0]["lr"] = 1e300  # −lr·g is far beyond float32's range
+        # lr within float32 (the step checks it), −lr·g beyond it: the loss is scaled so that
+        # |g| > 1 (an lr that itself overflows float32 is refused before the step).
+        opt.param_groups[0]["lr"] = 3.4e38
         with pytest.raises(FloatingPointError, match="overflows float32"):
-            opt.step(lambda model=model: model(x).float().pow(2).mean())
+            opt.step(lambda model=model: 1e6 * model(x).float().pow(2).mean())
         assert opt.steps == 1 and not opt.pending
         assert all(torch.isfinite(p).all() for p in model.parameters())
         opt.param_groups[0]["lr"] = 1e-2

@@ -3,11 +3,11 @@ contract's properties (block independence, rows as global indices, sharding) and
 
 import pytest
 import torch
+from helpers_backends import CPU_BACKENDS, TRITON_ON_CPU
 
 from zofast import perturb
 from zofast.kernels import gaussian as gaussian_kernels
 from zofast.kernels import lowrank as lowrank_kernels
-from zofast.kernels.philox import triton_interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The interpreter and the pure-torch reference are slow on 2 CPU cores: they get smaller shapes.
@@ -16,8 +16,6 @@ SHAPES = {
     "triton": [(183, 79), (1, 257), (257, 1), (3, 5, 7, 2)],
     "torch": [(61, 37), (1, 130), (3, 4, 5)],
 }
-# Triton runs CPU tensors only under its interpreter (a GPU machine checks it in test_gpu.py).
-CPU_BACKENDS = ["cpp", "triton", "torch"] if triton_interpreting() else ["cpp", "torch"]
 CASES = [(b, s) for b, shapes in SHAPES.items() if b in CPU_BACKENDS for s in shapes]
 
 
@@ -107,7 +105,7 @@ def test_in_place_ops_touch_exactly_w(backend):
     assert torch.isnan(buffer[:1000]).all() and torch.isnan(buffer[2000:]).all()
 
 
-@pytest.mark.skipif(not triton_interpreting(), reason="Triton on CPU tensors needs its interpreter")
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors: its interpreter")
 def test_block_configurations_give_identical_results():
     w = weights((131, 97), torch.float32, 0)
     seeds = torch.tensor([12345, -7], dtype=torch.int64)
@@ -196,7 +194,12 @@ BAD_INPUTS = [
     (lambda: torch.zeros(4, 6), {"scale": float("inf")}, ValueError, "scale"),
     (lambda: torch.zeros(4, 6), {"scale": [1.0, 2.0]}, ValueError, "scale"),
     (lambda: torch.zeros(4, 6), {"offset": -3}, ValueError, "offset"),
+    (lambda: torch.zeros(4, 6), {"offset": 2**63 - 8}, ValueError, "past 2\\*\\*63"),
     (lambda: torch.zeros(4, 6), {"backend": "cuda"}, ValueError, "backend"),
+    # Finite in float64, used in float32: 1e39 would write inf, 1e-50 nothing, 10**400 overflow.
+    (lambda: torch.zeros(4, 6), {"scale": 1e39}, ValueError, "scale = 1e\\+39 overflows float32"),
+    (lambda: torch.zeros(4, 6), {"scale": 10**400}, ValueError, "overflows float32"),
+    (lambda: torch.zeros(4, 6), {"scale": 1e-50}, ValueError, "underflows to 0 in float32"),
 ]
 
 
@@ -226,6 +229,33 @@ def test_bad_input_is_rejected_and_w_untouched(op, make, kwargs, error, match):
         call()
     if before is not None:
         assert torch.equal(w, before)
+
+
+def test_triton_backend_without_triton_is_refused_before_writing(monkeypatch):
+    from zofast.kernels import _triton
+
+    monkeypatch.setattr(_triton, "HAS_TRITON", False)
+    w = weights((8, 6), torch.float32, 1)
+    before = w.clone()
+    for call in (
+        lambda: perturb.gaussian_(w, 1, 1.0, backend="triton"),
+        lambda: perturb.lowrank_(w, 1, 2, 2, 1.0, backend="triton"),
+    ):
+        with pytest.raises(RuntimeError, match="needs the triton package"):
+            call()
+    assert torch.equal(w, before)
+
+
+def test_gaussian_noise_bad_arguments():
+    for kwargs, error, match in [
+        ({"shape": (3, -1)}, ValueError, "non-negative integer sizes"),
+        ({"shape": 7}, TypeError, "shape must be a sequence"),
+        ({"dtype": torch.int32}, TypeError, "floating"),
+        ({"out": [0.0] * 12}, TypeError, "out must be a torch.Tensor"),
+        ({"offset": 2**63 - 4}, ValueError, "past 2\\*\\*63"),
+    ]:
+        with pytest.raises(error, match=match):
+            perturb.gaussian_noise(**{"shape": (3, 4), "seed": 1, **kwargs})
 
 
 def test_one_dimensional_tensors_take_full_rank_noise_only():

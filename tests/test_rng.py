@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
+from helpers_backends import CPU_BACKENDS
 
 from zofast import rng
-from zofast.kernels.philox import triton_interpreting
 from zofast.perturb import gaussian_noise
 
-# Triton runs CPU tensors only under its interpreter (a GPU machine checks it in test_gpu.py).
-BACKENDS = ["cpp", "triton", "torch"] if triton_interpreting() else ["cpp", "torch"]
+BACKENDS = CPU_BACKENDS
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> output.
 KNOWN_ANSWERS = [

@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers_backends import CPU_BACKENDS
 
 from zofast import perturb
 from zofast.kernels import lowrank as lowrank_kernels
@@ -14,7 +15,6 @@ from zofast.kernels.philox import narrow, triton_interpreting
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = triton_interpreting() or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton runs CPU tensors only interpreted")
-CPU_BACKENDS = ["cpp", "triton", "torch"] if triton_interpreting() else ["cpp", "torch"]
 NARROW = [torch.bfloat16, torch.float16]
 
 # float32 bit patterns around the roundings to bfloat16 and float16, and the same negated.

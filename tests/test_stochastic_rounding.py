@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers_backends import CPU_BACKENDS
 
 from zofast import perturb, rng
 from zofast.kernels.philox import (
@@ -26,7 +27,7 @@ from zofast.rng import to_signed64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BACKENDS = ["cpp", "triton", "torch"] if triton_interpreting() else ["cpp", "torch"]
+BACKENDS = CPU_BACKENDS
 NARROW = [torch.bfloat16, torch.float16]
 ROUND_SEED = 2**64 - 12345  # both words of the key non-zero, the high bit set
 

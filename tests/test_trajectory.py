@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from array import array
 
 import numpy as np
 import pytest
@@ -180,21 +181,24 @@ def test_replay_with_a_parameter_list_and_frozen_inference_copy():
 def test_replay_refuses_a_mismatched_model():
     model, opt = run("LOZO", torch.float32, "inplace", steps=3)
     traj = opt.trajectory
-    with pytest.raises(ValueError, match="base weights"):
-        replay(model, traj)  # the fine-tuned model is not the base
-    with pytest.raises(ValueError, match="dtype"):
-        replay(make_net(torch.bfloat16), traj)
     torch.manual_seed(1)
-    with pytest.raises(ValueError, match="base weights"):
-        replay(Net(), traj)  # same architecture, other initial weights
-    with pytest.raises(ValueError, match="no parameters named"):
-        replay(torch.nn.Linear(3, 3), traj)
-    with pytest.raises(ValueError, match="tensors"):
-        replay(list(make_net().parameters())[:-1], traj)
+    other = Net()  # same architecture, other initial weights
     wrong = make_net()
     wrong.head = torch.nn.Linear(6, 4)
-    with pytest.raises(ValueError, match="shape"):
-        replay(wrong, traj)
+    cases = [
+        (model, "base weights"),  # the fine-tuned model is not the base
+        (make_net(torch.bfloat16), "dtype"),
+        (other, "base weights"),
+        (torch.nn.Linear(3, 3), "no parameters named"),
+        (list(make_net().parameters())[:-1], "tensors"),
+        (wrong, "shape"),
+    ]
+    for target, match in cases:
+        params = list(target.parameters()) if isinstance(target, torch.nn.Module) else target
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(ValueError, match=match):
+            replay(target, traj)
+        assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)), match
 
 
 def test_trajectory_records_what_replay_needs():
@@ -269,6 +273,79 @@ def test_files_are_json_and_malformed_ones_are_refused(tmp_path):
         bad.write_text(json.dumps(d))
         with pytest.raises(ValueError, match=match):
             Trajectory.load(bad)
+
+
+def _hostile(d: dict, what: str) -> None:
+    """Mutate a saved trajectory's dict the way `what` says."""
+    from zofast.trajectory import _pack
+
+    n = Trajectory.from_dict(d).lr.size  # one per step and group
+    if what == "group out of range":
+        d["params"][0]["group"] = 7
+    elif what == "negative lr":
+        d["events"]["lr"] = _pack(array("d", [-1.0] * n), "f8")
+    elif what == "NaN weight decay":
+        d["events"]["weight_decay"] = _pack(array("d", [math.nan] * n), "f8")
+    elif what == "a billion groups":
+        d["n_groups"] = 10**9
+    elif what == "run seed not a number":
+        d["run_seed"] = "abc"
+    elif what == "negative size":
+        d["params"][0]["shape"] = [-1, 4]
+    elif what == "trained not a bool":
+        d["params"][0]["trained"] = "yes"
+    elif what == "hyperparameters not a dict":
+        d["hyperparameters"] = [1, 2]
+    elif what == "eps that overflows float32":
+        d["hyperparameters"]["eps"] = 1e39
+
+
+HOSTILE = [
+    ("group out of range", "group must be in 0..1, got 7"),
+    ("negative lr", "lr or weight decay is negative or not finite"),
+    ("NaN weight decay", "lr or weight decay is negative or not finite"),
+    ("a billion groups", "1000000000 parameter groups"),
+    ("run seed not a number", "run_seed 'abc' is not a number"),
+    ("negative size", "shape must be a list of sizes"),
+    ("trained not a bool", "trained must be true or false"),
+    ("hyperparameters not a dict", "hyperparameters must be a dict"),
+    ("eps that overflows float32", "eps = 1e\\+39 overflows float32"),
+]
+
+
+@pytest.mark.parametrize(("what", "match"), HOSTILE)
+def test_hostile_trajectory_files_are_refused_and_the_base_untouched(tmp_path, what, match):
+    _, opt = run("MeZO", torch.float32, "inplace", steps=3)
+    path = tmp_path / "t.json"
+    opt.trajectory.save(path)
+    d = json.loads(path.read_text())
+    _hostile(d, what)
+    path.write_text(json.dumps(d))
+    base = make_net()
+    before = [p.detach().clone() for p in base.parameters()]
+    with pytest.raises(ValueError, match=match):
+        replay(base, path)
+    assert all(torch.equal(p, b) for p, b in zip(base.parameters(), before, strict=True))
+
+
+def test_truncated_undecodable_and_oversized_files_are_refused(tmp_path, monkeypatch):
+    from zofast import trajectory as trajectory_module
+
+    _, opt = run("MeZO", torch.float32, "inplace", steps=3)
+    path = tmp_path / "t.json"
+    opt.trajectory.save(path)
+    text = path.read_bytes()
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="not a JSON trajectory"):
+        Trajectory.load(cut)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b"\xff\xfe" + text)
+    with pytest.raises(ValueError, match="not a JSON trajectory"):
+        Trajectory.load(latin)
+    monkeypatch.setattr(trajectory_module, "MAX_ARRAY_BYTES", 8)  # 3 steps: g 12 bytes, lr 24
+    with pytest.raises(ValueError, match="'g' is larger than 8 bytes"):
+        Trajectory.load(path)
 
 
 def test_an_unstarted_trajectory_replays_as_a_no_op():

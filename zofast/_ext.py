@@ -72,8 +72,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton can be imported (zofast.kernels then holds real Triton kernels)."""
+    from zofast.kernels._triton import HAS_TRITON
+
+    return HAS_TRITON

@@ -10,9 +10,11 @@ Usage::
     zofast bench
 
 ``--model`` defaults to the embedded all-MiniLM-L6-v2 everywhere. Bad input (unknown task or
-method, missing data folder, lr <= 0, rank < 1, nu < 1, a model with nothing to train, a
-trajectory that does not fit the model, ...) prints one line ``zofast: error: ...`` and exits with
-code 2 before any weight or file is written.
+method, missing data folder, lr <= 0, rank < 1, nu < 1, an unknown or absent ``--device``, a flag
+the method does not use, a model with nothing to train, a malformed data or trajectory file, a
+trajectory that does not fit the model, ...; docs/errors.md lists them) prints one line
+``zofast <command>: error: ...`` and exits with code 2 before any weight or file is written. Any
+other failure prints one line too and exits with code 1; ``--debug`` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -63,6 +65,68 @@ class _UsageError(Exception):
     """Bad input found by the CLI itself (exit code 2)."""
 
 
+class _Given:
+    """Mixin of the train flags' actions: records each flag given on the command line in
+    ``namespace.given`` (defaults are not recorded), so flags a method ignores can be refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+class _GivenStore(_Given, argparse._StoreAction):
+    pass
+
+
+class _GivenBool(_Given, argparse.BooleanOptionalAction):
+    pass
+
+
+# TrainConfig fields each method does not use: giving one on the command line is an error, not a
+# silent no-op. (momentum > 0 outside lozo-m, pipeline outside mode inplace: TrainConfig.validate.)
+_UNUSED_BY = {
+    "lozo": ("popsize", "intrinsic_dim"),
+    "lozo-m": ("popsize", "intrinsic_dim"),
+    "mezo": ("rank", "nu", "popsize", "intrinsic_dim"),
+    "adam": ("eps", "rank", "nu", "popsize", "intrinsic_dim", "mode", "rounding", "pipeline"),
+    "dfo-lora": (
+        "lr",
+        "eps",
+        "nu",
+        "momentum",
+        "weight_decay",
+        "mode",
+        "rounding",
+        "pipeline",
+        "freeze",
+        "log_every",
+    ),
+}
+
+
+def _check_flags_used(method: str, dtype: str, given: set[str]) -> None:
+    """Refuse flags `method` ignores, --steps beside --forward-budget (which overrides it) and
+    --rounding for float32 weights (which are never rounded)."""
+    unused = [name for name in _UNUSED_BY.get(method, ()) if name in given]
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise _UsageError(f"method {method} does not use {flags}; leave it out")
+    if {"steps", "forward_budget"} <= given:
+        raise _UsageError("--forward-budget sets the number of steps: give it or --steps, not both")
+    if "rounding" in given and dtype == "float32":
+        raise _UsageError("--rounding applies to bfloat16 / float16: float32 is not rounded")
+
+
+def _check_device(name: str) -> str:
+    """The device a --device value names ("auto" resolved), or a _UsageError saying why not."""
+    from zofast.models import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except ValueError as error:
+        raise _UsageError(f"--device: {error}") from None
+
+
 def _config_help() -> dict[str, str]:
     """Help text of each TrainConfig field, taken from its docstring's Args section."""
     from zofast.train import TrainConfig
@@ -106,19 +170,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | N
         help_text = helps.get(f.name, "")
         metavar = f.metadata.get("metavar")
         if kind in ("bool", "bool | None"):
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif kind.startswith("tuple"):
-            parser.add_argument(
-                flag, nargs="+", default=default, metavar=metavar or "WORD", help=help_text
-            )
+            parser.add_argument(flag, action=_GivenBool, default=default, help=help_text)
+            continue
+        options = {"action": _GivenStore, "default": default, "help": help_text}
+        if kind.startswith("tuple"):
+            parser.add_argument(flag, nargs="+", metavar=metavar or "WORD", **options)
         elif kind.startswith("int"):
-            parser.add_argument(flag, type=int, default=default, help=help_text)
+            parser.add_argument(flag, type=int, **options)
         elif kind.startswith("float"):
-            parser.add_argument(flag, type=float, default=default, help=help_text)
+            parser.add_argument(flag, type=float, **options)
         else:
-            parser.add_argument(flag, type=str, default=default, metavar=metavar, help=help_text)
+            parser.add_argument(flag, type=str, metavar=metavar, **options)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -132,6 +194,9 @@ def _config_from_args(args: argparse.Namespace):
 def _tuples(values: dict) -> dict:
     """argparse's lists as the tuples TrainConfig holds."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+_DEBUG_HELP = "on an error, show the traceback instead of one line"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zofast",
         description="Zeroth-order (LOZO, LOZO-M, MeZO) and derivative-free fine-tuning.",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -181,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", nargs="+", default=None, help="splits (default: dev and test)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype", default=None, help="float32 (default), bfloat16, float16; with --trajectory: its"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
@@ -193,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the GPU benchmarks (pytest bench --benchmark-only)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    for command in sub.choices.values():
+        if command.prog.split()[-1] != "bench":  # bench passes its arguments on to pytest
+            # SUPPRESS: a subcommand's default would overwrite `zofast --debug <command>`'s flag.
+            command.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+            )
     return parser
 
 
@@ -213,16 +287,21 @@ def _trajectory_dtype(trajectory) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
-def _load_with_trajectory(model: str | None, trajectory_path: str, device: str):
+def _load_with_trajectory(
+    model: str | None, trajectory_path: str, device: str, dtype: str | None = None
+):
     """Load the base model and replay a trajectory onto it (any mismatch is a _UsageError)."""
-    from zofast.models import load_model, resolve_device
+    from zofast.models import load_model
     from zofast.replay import replay
 
     trajectory = _load_trajectory(trajectory_path)
-    try:
-        loaded = load_model(
-            model, dtype=_trajectory_dtype(trajectory), device=resolve_device(device)
+    if dtype is not None and dtype != _trajectory_dtype(trajectory):
+        raise _UsageError(
+            f"--dtype {dtype}: the trajectory was recorded in {_trajectory_dtype(trajectory)}, "
+            "and replays only in it; leave --dtype out"
         )
+    try:
+        loaded = load_model(model, dtype=_trajectory_dtype(trajectory), device=device)
     except (OSError, ValueError, ImportError) as error:
         raise _UsageError(f"cannot load model {model or '(default)'}: {error}") from None
     try:
@@ -256,6 +335,8 @@ def _cmd_train(args) -> int:
         run_dir = Path(args.resume)
         start = partial(resume, args.resume, progress=args.progress)
     else:
+        _check_flags_used(args.method, args.dtype, getattr(args, "given", set()))
+        args.device = _check_device(args.device)
         config = _config_from_args(args)
         run_dir = config.resolved_output_dir
         start = partial(train, config)
@@ -304,7 +385,8 @@ def _cmd_replay(args) -> int:
         raise _UsageError(f"--out {out} is the base model folder; choose another folder")
     if out.exists() and not out.is_dir():
         raise _UsageError(f"--out {out} exists and is not a folder")
-    loaded = _load_with_trajectory(args.model, args.trajectory, args.device)
+    device = _check_device(args.device)
+    loaded = _load_with_trajectory(args.model, args.trajectory, device)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
@@ -313,7 +395,7 @@ def _cmd_replay(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from zofast.models import load_model, resolve_device
+    from zofast.models import load_model
     from zofast.scoring import Scorer
     from zofast.train import (
         COLUMN_FIELDS,
@@ -324,6 +406,8 @@ def _cmd_eval(args) -> int:
         resolve_task,
     )
 
+    device = _check_device(args.device)
+    dtype = args.dtype or "float32"
     config = TrainConfig(
         model=args.model,
         task=args.task,
@@ -332,8 +416,8 @@ def _cmd_eval(args) -> int:
         label_words=None if args.label_words is None else tuple(args.label_words),
         eval_batch_size=args.batch_size,
         max_length=args.max_length,
-        dtype=args.dtype,
-        device=args.device,
+        dtype=dtype,
+        device=device,
         **_tuples({k: getattr(args, k) for k in COLUMN_FIELDS}),
     ).validate()
     task = resolve_task(config)
@@ -343,10 +427,10 @@ def _cmd_eval(args) -> int:
     if missing:
         raise _UsageError(f"split(s) {missing} not in {args.data} (has {sorted(splits)})")
     if args.trajectory is not None:
-        loaded = _load_with_trajectory(args.model, args.trajectory, args.device)
+        loaded = _load_with_trajectory(args.model, args.trajectory, device, args.dtype)
     else:
         try:
-            loaded = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+            loaded = load_model(args.model, dtype=dtype, device=device)
         except (OSError, ValueError, ImportError) as error:
             raise _UsageError(f"cannot load model {args.model or '(default)'}: {error}") from None
     try:
@@ -449,12 +533,17 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 2 on bad input (one-line message on stderr, nothing written),
-        1 when a run diverges (one-line message; its files are kept) or ``zofast bench`` finds
-        no GPU, 130 on Ctrl-C.
+        1 when a run diverges (one-line message; its files are kept), on any other failure (one
+        line; ``--debug`` raises it with its traceback) and when ``zofast bench`` finds no GPU,
+        130 on Ctrl-C.
 
     Example:
-        >>> main(["train", "--method", "lozo", "--steps", "100", "--output-dir", "runs/x"])
+        >>> main(["train", "--steps", "2", "--eval-every", "2", "--no-progress", "--no-plot",
+        ...       "--output-dir", "runs/x"])  # doctest: +ELLIPSIS
+        method lozo, task demo, 2 steps, ...
         0
+        >>> main(["train", "--device", "gpu"])  # stderr: zofast train: error: --device: unknown ...
+        2
     """
     from zofast.models import quiet_transformers
     from zofast.train import ConfigError
@@ -466,11 +555,26 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_transformers(log=False, progress_bars=True):
             return _COMMANDS[args.command](args)
     except (ConfigError, _UsageError) as error:
-        print(f"zofast {args.command}: error: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"zofast {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"zofast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(
+            f"zofast {args.command}: failed: {type(error).__name__}: {_one_line(error)} "
+            "(--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ order of the task's label words (see :mod:`zofast.tasks`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import numbers
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +152,9 @@ def load_kshot(
         out[split] = load_hf_dataset(
             path, the_task, split, label=label_column, label_map=mapping, **cols
         )
+    for split, examples in out.items():
+        if not examples:
+            raise ValueError(f"{files[split]} holds no examples")
     return out
 
 
@@ -208,8 +215,10 @@ def load_hf_dataset(
         A list of :class:`Example`.
 
     Example:
-        >>> train = load_hf_dataset("glue", "sst-2", "train", name="sst2")  # needs network
-        >>> dev = load_hf_dataset("my_reviews.csv", "demo")
+        >>> train = load_hf_dataset("glue", "sst-2", "train", name="sst2")  # doctest: +SKIP
+        >>> dev = load_hf_dataset("my_reviews.csv", "demo")  # doctest: +SKIP
+
+        (The first needs network, the second a file of your own.)
     """
     try:
         import datasets
@@ -224,10 +233,18 @@ def load_hf_dataset(
     if suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty")
         builder, extra = _FILE_BUILDERS[suffix]
-        ds = datasets.load_dataset(
-            builder, data_files={split: str(path)}, split=split, **{**extra, **load_kwargs}
-        )
+        try:
+            with _quiet(datasets):
+                ds = datasets.load_dataset(
+                    builder, data_files={split: str(path)}, split=split, **{**extra, **load_kwargs}
+                )
+        except Exception as error:  # a local file that its builder cannot read: bad input
+            raise ValueError(
+                f"{path}: cannot be read as {suffix[1:]}: {_root_cause(error)}"
+            ) from None
     else:
         if (path.is_absolute() or source.startswith(".")) and not path.exists():
             raise FileNotFoundError(f"dataset folder not found: {path}")
@@ -248,6 +265,7 @@ def load_hf_dataset(
     n = the_task.num_labels
     out = []
     for i, row in enumerate(ds):
+        where = f"{source} [{split}] row {i}"
         raw = row[col_label]
         value = mapping.get(raw, mapping.get(str(raw).strip(), raw)) if mapping else raw
         if label_map is not None and value is raw:
@@ -255,22 +273,75 @@ def load_hf_dataset(
                 f"{source} [{split}] row {i}: label {raw!r} is not in the label map "
                 f"{sorted(label_map)}"
             )
-        try:
-            y = int(value)
-        except (TypeError, ValueError):
+        y = _class_id(value)
+        if y is None:
             raise ValueError(
                 f"{source} [{split}] row {i}: label {raw!r} is not a class id; map label values "
                 "with --label-map VALUE=ID (Python: label_map=)"
-            ) from None
+            )
         if not 0 <= y < n:
             hint = " (unlabelled split? GLUE test splits have label -1)" if y == -1 else ""
-            raise ValueError(f"{source} [{split}] row {i}: label {y} outside 0..{n - 1}{hint}")
-        b = None if col_b is None else str(row[col_b])
-        out.append(Example(str(row[col_a]), y, b))
+            raise ValueError(f"{where}: label {y} outside 0..{n - 1}{hint}")
+        a = _text(row[col_a], col_a, where)
+        b = None if col_b is None else _text(row[col_b], col_b, where)
+        out.append(Example(a, y, b))
+    if not out:
+        raise ValueError(f"{source} [{split}] holds no examples")
     return out
 
 
-def _label_mapping(feature: Any, task: Task, label_map: dict[str, int] | None) -> dict[Any, int]:
+@contextlib.contextmanager
+def _quiet(datasets):
+    """No progress bars or logged errors from datasets while it reads a local file: a failure
+    comes back as one ValueError (the CLI prints it as one line), success says nothing."""
+    logging = datasets.utils.logging
+    verbosity, bars = logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    logging.set_verbosity(logging.CRITICAL + 10)
+    datasets.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bar()
+
+
+def _class_id(value: Any) -> int | None:
+    """A label value as a class id: an int, a float with no fractional part (1.0, as pandas
+    writes an int column with gaps), or a string of an int; None for anything else (1.7, True,
+    "one"), which int() would truncate or accept silently."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return int(value) if math.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+    return None
+
+
+def _text(value: Any, column: str, where: str) -> str:
+    """A text field as it is: missing (None) or non-text values are errors, not "None"."""
+    if value is None:
+        raise ValueError(f"{where}: text column {column!r} is missing (null)")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: text column {column!r} holds {type(value).__name__} {value!r}")
+    return value
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of a chained exception, in one line (datasets wraps the reader's)."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _label_mapping(feature: Any, task: Task, label_map: dict[Any, int] | None) -> dict[Any, int]:
     if label_map is not None:
         return dict(label_map)
     mapping: dict[Any, int] = {name: i for i, name in enumerate(task.label_names or ())}

@@ -187,25 +187,49 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
     )
 
 
-def resolve_device(name: str) -> str:
-    """The device a ``--device`` / ``TrainConfig.device`` value names: ``"auto"`` is ``"cuda"``
-    when torch sees a GPU and ``"cpu"`` otherwise; any other value is returned as it is.
-
-    The one place the CLI, :mod:`zofast.train` and the experiment runners resolve a device.
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device a name stands for, checked to exist here: ``"auto"`` is CUDA when torch sees a
+    GPU and the CPU otherwise; ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` must be present.
 
     Args:
-        name: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        device: a name or a torch.device.
 
     Returns:
-        The device name.
+        The torch.device.
+
+    Raises:
+        ValueError: an unknown name, or a device this machine does not have.
 
     Example:
         >>> resolve_device("cpu")
-        'cpu'
+        device(type='cpu')
+        >>> resolve_device("gpu")
+        Traceback (most recent call last):
+        ValueError: unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps
     """
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: torch sees no CUDA device (torch {torch.__version__}, CUDA "
+                f"build: {torch.version.cuda or 'none'}); use cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s)")
+        return resolved
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available on this machine")
+        return resolved
+    raise ValueError(f"device {device!r}: zofast runs on cpu, cuda or mps, not {resolved.type}")
 
 
 def load_model(
@@ -241,12 +265,16 @@ def load_model(
         >>> lm = load_model()  # the embedded all-MiniLM-L6-v2
         >>> lm.kind
         'encoder'
-        >>> lm = load_model("roberta-large", dtype="bfloat16", device="cuda")  # needs network
+        >>> lm = load_model("roberta-large", dtype="bfloat16", device="cuda")  # doctest: +SKIP
+
+        (That one needs network and a GPU.)
     """
     import transformers
 
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if device is not None:
+        device = resolve_device(device)
     if name_or_path is None:
         name_or_path = default_model_path()
     source = str(name_or_path)

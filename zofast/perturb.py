@@ -94,9 +94,18 @@ def matrix_shape(shape) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def _check_offset(value, name: str) -> int:
+MAX_INDEX = 2**63 - 1  # stream indices are int64 in every backend
+
+
+def _check_offset(value, name: str, size: int = 1, stride: int = 1) -> int:
+    """A non-negative integer offset whose span (offset + size)·stride stays within int64."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if (int(value) + size) * stride > MAX_INDEX:
+        raise ValueError(
+            f"{name} = {value} puts the stream indices past 2**63 - 1 ({size} elements"
+            f"{f' × rank {stride}' if stride > 1 else ''})"
+        )
     return int(value)
 
 
@@ -118,17 +127,35 @@ def _as_list(value) -> list:
     return [value]
 
 
+def as_float32(value, name: str, *, allow_zero: bool = True) -> float:
+    """A real number as the float32 it is used as; ValueError naming `name` if it is not a finite
+    float32 (overflows to inf), or, non-zero, rounds to 0 (underflow: it would do nothing)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    try:
+        wide = float(value)
+    except OverflowError:
+        wide = math.inf
+    if math.isnan(wide):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    narrow = torch.tensor(wide, dtype=torch.float64).to(torch.float32).item()
+    if not math.isfinite(narrow):
+        raise ValueError(f"{name} = {value!r} overflows float32 (largest finite: 3.4028235e38)")
+    if narrow == 0.0 and wide != 0.0:
+        raise ValueError(f"{name} = {value!r} underflows to 0 in float32 (smallest: 1.4e-45)")
+    if narrow == 0.0 and not allow_zero:
+        raise ValueError(f"{name} must be non-zero, got {value!r}")
+    return narrow
+
+
 def _check_scales(scale, n_terms: int) -> list[float]:
     scales = _as_list(scale)
     if len(scales) != n_terms:
         raise ValueError(
             f"scale must give one value per seed: {n_terms} seeds, {len(scales)} scales"
         )
-    for s in scales:
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
-            raise ValueError(f"scale must be finite real numbers, got {s!r}")
-    # Scales enter every backend as float32.
-    return torch.tensor(scales, dtype=torch.float32).tolist()
+    # Scales enter every backend as float32: checked as such.
+    return [as_float32(s, "scale") for s in scales]
 
 
 def _check_seeds(seed, name: str) -> list[int]:
@@ -185,15 +212,7 @@ def _check_w_scale(w_scale, w: torch.Tensor):
         if w_scale.device != w.device:
             raise ValueError(f"w_scale tensor must be on {w.device}, got {w_scale.device}")
         return w_scale.reshape(1)
-    if isinstance(w_scale, bool) or not isinstance(w_scale, numbers.Real):
-        raise ValueError(f"w_scale must be a finite real number, got {w_scale!r}")
-    try:
-        value = float(w_scale)
-    except OverflowError:
-        value = math.inf
-    value = torch.tensor(value, dtype=torch.float32).item()  # it is used in float32
-    if not math.isfinite(value):
-        raise ValueError(f"w_scale must be finite in float32, got {w_scale!r}")
+    value = as_float32(w_scale, "w_scale")  # it is used in float32
     return None if value == 1.0 else value
 
 
@@ -294,7 +313,7 @@ def gaussian_(
         >>> _ = gaussian_(b, seed=3, scale=1e-6, round_seed=4, w_scale=0.999)
     """
     check_weight(w)
-    offset = _check_offset(offset, "offset")
+    offset = _check_offset(offset, "offset", w.numel())
     target, round_seed, w_scale = _pass_options(w, out, round_seed, w_scale)
     if isinstance(seed, torch.Tensor):
         seeds_t, scales_t = _graph_terms(seed, scale, w.device, "seed")
@@ -473,8 +492,8 @@ def lowrank_(
     check_weight(w)
     m, n = matrix_shape(w.shape)
     rank = _check_rank(rank, m, n)
-    row_offset = _check_offset(row_offset, "row_offset")
-    col_offset = _check_offset(col_offset, "col_offset")
+    row_offset = _check_offset(row_offset, "row_offset", m, rank)
+    col_offset = _check_offset(col_offset, "col_offset", n, rank)
     target, round_seed, w_scale = _pass_options(w, out, round_seed, w_scale)
     if isinstance(u_seed, torch.Tensor):
         u_seeds_t, scales_t = _graph_terms(u_seed, scale, w.device, "u_seed")
@@ -548,8 +567,8 @@ def outer_add_(
     """
     check_weight(w)
     m, n = matrix_shape(w.shape)
-    row_offset = _check_offset(row_offset, "row_offset")
-    col_offset = _check_offset(col_offset, "col_offset")
+    row_offset = _check_offset(row_offset, "row_offset", m)
+    col_offset = _check_offset(col_offset, "col_offset", n)
     target, round_seed, w_scale = _pass_options(w, out, round_seed, w_scale)
     for t, name, rows in ((left, "left", m), (right, "right", n)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
@@ -606,11 +625,22 @@ def gaussian_noise(
         >>> z = gaussian_noise((3, 4), seed=9)
     """
     seed = as_seed(seed)
-    offset = _check_offset(offset, "offset")
-    shape = tuple(shape)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of sizes, got {shape!r}") from None
+    if not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ValueError(f"shape must hold non-negative integer sizes, got {shape}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     n = math.prod(shape)
+    offset = _check_offset(offset, "offset", n)
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
         if out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
         device = out.device
@@ -654,8 +684,8 @@ def lowrank_factors(
     m, n = matrix_shape(shape)
     rank = _check_rank(rank, m, n)
     u_seed, v_seed = as_seed(u_seed, "u_seed"), as_seed(v_seed, "v_seed")
-    row_offset = _check_offset(row_offset, "row_offset")
-    col_offset = _check_offset(col_offset, "col_offset")
+    row_offset = _check_offset(row_offset, "row_offset", m, rank)
+    col_offset = _check_offset(col_offset, "col_offset", n, rank)
     device = torch.device(device) if device is not None else torch.device("cpu")
     backend = resolve_backend(backend, device)
     seeds_t, ones = _device_terms([u_seed, v_seed], [1.0, 1.0], device)

@@ -115,11 +115,23 @@ def _pack(values: array, dtype: str) -> str:
     return base64.b64encode(zlib.compress(data, 9)).decode("ascii")
 
 
+# Largest decompressed event array accepted (a 20,000-step run needs well under 1 MB): a hostile
+# file cannot make load() allocate more than this per array.
+MAX_ARRAY_BYTES = 1 << 28
+MAX_GROUPS = 1 << 16
+WEIGHT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
 def _unpack(text, dtype: str, typecode: str, name: str) -> array:
     try:
-        data = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+        inflate = zlib.decompressobj()
+        data = inflate.decompress(
+            base64.b64decode(text.encode("ascii"), validate=True), MAX_ARRAY_BYTES
+        )
     except (ValueError, zlib.error, AttributeError) as error:
         raise ValueError(f"trajectory field {name!r} is not valid base64/zlib data") from error
+    if inflate.unconsumed_tail:
+        raise ValueError(f"trajectory field {name!r} is larger than {MAX_ARRAY_BYTES} bytes")
     little = np.dtype(dtype).newbyteorder("<")
     if len(data) % little.itemsize:
         raise ValueError(f"trajectory field {name!r} has a truncated array")
@@ -127,6 +139,30 @@ def _unpack(text, dtype: str, typecode: str, name: str) -> array:
     out = array(typecode)
     out.frombytes(native.tobytes())
     return out
+
+
+def _fingerprint_problem(entry: dict, n_groups: int) -> str | None:
+    """What is wrong with one fingerprint entry read from a file, or None."""
+
+    def integer(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if entry["name"] is not None and not isinstance(entry["name"], str):
+        return "name must be a string or null"
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(integer(d) and d >= 0 for d in shape):
+        return f"shape must be a list of sizes, got {shape!r}"
+    if not isinstance(entry["dtype"], str):
+        return f"dtype must be a string, got {entry['dtype']!r}"
+    if entry["trained"] is True and entry["dtype"] not in WEIGHT_DTYPE_NAMES:
+        return f"a trained tensor's dtype is one of {WEIGHT_DTYPE_NAMES}, got {entry['dtype']!r}"
+    if not integer(entry["group"]) or not 0 <= entry["group"] < n_groups:
+        return f"group must be in 0..{n_groups - 1}, got {entry['group']!r}"
+    if not isinstance(entry["trained"], bool):
+        return f"trained must be true or false, got {entry['trained']!r}"
+    if entry["trained"] and not isinstance(entry["hash"], str):
+        return "a trained tensor needs its value hash"
+    return None
 
 
 class Trajectory:
@@ -328,6 +364,16 @@ class Trajectory:
         if data.get("version") != VERSION:
             raise ValueError(f"unsupported trajectory version {data.get('version')!r}")
         try:
+            if not isinstance(data["hyperparameters"], dict) or not all(
+                isinstance(k, str) for k in data["hyperparameters"]
+            ):
+                raise ValueError("malformed trajectory: hyperparameters must be a dict by name")
+            run_seed = data["run_seed"]
+            if not (isinstance(run_seed, str) and run_seed.isdigit()):
+                raise ValueError(f"malformed trajectory: run_seed {run_seed!r} is not a number")
+            n_groups = data["n_groups"]
+            if isinstance(n_groups, int) and n_groups > MAX_GROUPS:
+                raise ValueError(f"malformed trajectory: {n_groups} parameter groups")
             traj = cls(
                 data["method"], data["hyperparameters"], int(data["run_seed"]), data["n_groups"]
             )
@@ -347,6 +393,12 @@ class Trajectory:
             raise ValueError("malformed trajectory: event arrays disagree in length")
         if not all(math.isfinite(x) for x in g):
             raise ValueError("malformed trajectory: non-finite g")
+        if not all(math.isfinite(x) and x >= 0 for x in (*lr, *wd)):
+            raise ValueError(
+                "malformed trajectory: an lr or weight decay is negative or not finite"
+            )
+        if device is not None and not isinstance(device, str):
+            raise ValueError("malformed trajectory: device must be a string")
         if kinds and params is None:
             raise ValueError("malformed trajectory: events without a parameter fingerprint")
         if params is not None:
@@ -355,6 +407,10 @@ class Trajectory:
                 isinstance(e, dict) and set(e) == keys for e in params
             ):
                 raise ValueError("malformed trajectory: bad parameter fingerprint")
+            for i, entry in enumerate(params):
+                problem = _fingerprint_problem(entry, traj.n_groups)
+                if problem:
+                    raise ValueError(f"malformed trajectory: parameter {i}: {problem}")
         traj.params = params
         traj.device = device
         traj._kinds = bytearray(kinds.tobytes())
@@ -397,6 +453,6 @@ class Trajectory:
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not a JSON trajectory: {error}") from error
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+                raise ValueError(f"{path} is not a JSON trajectory: {error}") from None
         return cls.from_dict(data)

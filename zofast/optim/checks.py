@@ -10,13 +10,24 @@ import threading
 
 import torch
 
+FLOAT32_MAX = 3.4028234663852886e38
+# The largest |normal| the stream can give: Box-Muller's radius with its uniform clamped at 1e-7
+# (zofast.kernels.philox), sqrt(-2 ln 1e-7) = 5.68.
+NORMAL_MAX = 5.6777
+
 
 def real(value, name: str) -> float:
+    """A finite real number that is also finite in float32 (every pass uses it as one)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if not math.isfinite(float32(value)):
+        raise ValueError(f"{name} = {value} overflows float32, in which the passes use it")
     return value
 
 
@@ -24,6 +35,8 @@ def positive(value, name: str) -> float:
     value = real(value, name)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if float32(value) == 0.0:
+        raise ValueError(f"{name} = {value} underflows to 0 in float32: it would change nothing")
     return value
 
 
@@ -31,7 +44,24 @@ def non_negative(value, name: str) -> float:
     value = real(value, name)
     if value < 0:
         raise ValueError(f"{name} must be ≥ 0, got {value}")
+    if value and float32(value) == 0.0:
+        raise ValueError(f"{name} = {value} underflows to 0 in float32: it would change nothing")
     return value
+
+
+def perturbation_scale(eps, rank: int = 0) -> float:
+    """ε (> 0) such that the −2ε pass and every perturbed weight's noise term stay finite in
+    float32: 2ε·max|Z| ≤ float32 max, where |Z| ≤ 5.68 for full-rank noise and ≤ r·5.68² for
+    low-rank U·Vᵀ (otherwise the perturbation makes inf and restoring it NaN)."""
+    eps = positive(eps, "eps")
+    largest = NORMAL_MAX * NORMAL_MAX * rank if rank else NORMAL_MAX
+    limit = FLOAT32_MAX / (2.0 * largest)
+    if eps > limit:
+        raise ValueError(
+            f"eps = {eps} would overflow float32 in a perturbation (2ε·max|Z| with max|Z| = "
+            f"{largest:.4g}{f' at rank {rank}' if rank else ''}); eps must be ≤ {limit:.3g}"
+        )
+    return eps
 
 
 def count(value, name: str) -> int:

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from zofast.optim.base import ZerothOrder
-from zofast.optim.checks import count, non_negative, positive, real
+from zofast.optim.checks import count, non_negative, perturbation_scale, positive, real
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -127,7 +127,7 @@ class LOZO(ZerothOrder):
         defaults = {
             "lr": positive(lr, "lr"),
             "weight_decay": non_negative(weight_decay, "weight_decay"),
-            "eps": positive(eps, "eps"),
+            "eps": perturbation_scale(eps, count(rank, "rank")),
             "rank": count(rank, "rank"),
             "nu": count(nu, "nu"),
             "momentum": momentum,
@@ -200,7 +200,7 @@ class MeZO(ZerothOrder):
         defaults = {
             "lr": positive(lr, "lr"),
             "weight_decay": non_negative(weight_decay, "weight_decay"),
-            "eps": positive(eps, "eps"),
+            "eps": perturbation_scale(eps),
         }
         super().__init__(
             params,

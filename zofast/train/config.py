@@ -193,6 +193,8 @@ class TrainConfig:
                 raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
             if self.momentum > 0 and self.method != "lozo-m":
                 raise ConfigError(f"momentum applies to lozo-m only (method is {self.method})")
+            if self.momentum == 0 and self.method == "lozo-m":
+                raise ConfigError("lozo-m with momentum 0 is plain LOZO: use method lozo")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.rounding not in ROUNDINGS:
