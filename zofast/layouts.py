@@ -279,8 +279,13 @@ class _Labels:
 def _read_rows(path: Path, ext: str) -> list[list[str]]:
     quoting = csv.QUOTE_NONE if ext == "tsv" else csv.QUOTE_MINIMAL
     delimiter = "\t" if ext == "tsv" else ","
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: malformed {ext.upper()}: {error}") from None
 
 
 def _has_header(first: list[str], layout: Layout) -> bool:
