@@ -16,6 +16,22 @@ FLOAT32_MAX = 3.4028234663852886e38
 NORMAL_MAX = 5.6777
 
 
+def is_int(value) -> bool:
+    """An integer, not a bool (the test behind every integer hyperparameter, here and in
+    zofast.train's configuration)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite real number, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def real(value, name: str) -> float:
     """A finite real number that is also finite in float32 (every pass uses it as one)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -65,7 +81,7 @@ def perturbation_scale(eps, rank: int = 0) -> float:
 
 
 def count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     return int(value)
 

@@ -4,12 +4,12 @@ constants and :class:`ConfigError`."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zofast.optim.checks import is_int, is_real
 from zofast.optim.modes import MODES, ROUNDINGS, auto_mode
 from zofast.tasks import get_task
 
@@ -171,25 +171,25 @@ class TrainConfig:
         """
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.lr is not None and not (_is_real(self.lr) and self.lr > 0):
+        if self.lr is not None and not (is_real(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if not (_is_real(self.eps) and self.eps > 0):
+        if not (is_real(self.eps) and self.eps > 0):
             raise ConfigError(f"eps must be > 0, got {self.eps!r}")
         counts = ("rank", "nu", "popsize", "intrinsic_dim", "batch_size", "eval_every")
         for name in (*counts, "eval_batch_size", "log_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         every = self.checkpoint_every
-        if not _is_int(every) or every < 0:
+        if not is_int(every) or every < 0:
             raise ConfigError(f"checkpoint_every must be an integer >= 0, got {every!r}")
-        if not _is_int(self.steps) or self.steps < 0:
+        if not is_int(self.steps) or self.steps < 0:
             raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}")
         budget = self.forward_budget
-        if budget is not None and (not _is_int(budget) or budget < 0):
+        if budget is not None and (not is_int(budget) or budget < 0):
             raise ConfigError(f"forward_budget must be an integer >= 0, got {budget!r}")
         if self.momentum is not None:
-            if not (_is_real(self.momentum) and 0 <= self.momentum < 1):
+            if not (is_real(self.momentum) and 0 <= self.momentum < 1):
                 raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
             if self.momentum > 0 and self.method != "lozo-m":
                 raise ConfigError(f"momentum applies to lozo-m only (method is {self.method})")
@@ -207,11 +207,11 @@ class TrainConfig:
             raise ConfigError(f"mode 'virtual' is LOZO's (method is {self.method})")
         if self.mode == "virtual" and self.weight_decay:
             raise ConfigError("mode 'virtual' needs weight_decay 0 (decay is a pass per step)")
-        if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
+        if not (is_real(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
-        if not _is_int(self.max_length) or self.max_length < 8:
+        if not is_int(self.max_length) or self.max_length < 8:
             raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -348,18 +348,6 @@ class TrainResult:
         out = dataclasses.asdict(self)
         out["config"] = self.config.to_dict()
         return out
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
 
 
 def _slug(text: str) -> str:
