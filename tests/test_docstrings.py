@@ -109,10 +109,7 @@ NOT_RUN = {
     },
 }
 # Examples whose shown result is wrong: they must fail until the docstring or the code is fixed.
-WRONG = {
-    "zofast.dfo.population.clipped_std": "shows 0.5..., the function returns 2862.9 (the outlier "
-    "counts): for the owner of zofast/dfo",
-}
+WRONG: dict[str, str] = {}
 SLOW = {"zofast.cli.main"}  # a 2-step run of the embedded MiniLM
 
 
