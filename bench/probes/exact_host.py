@@ -16,7 +16,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(BENCH / "tools"), str(BENCH / "suites")]
 from precision import describe, finish, make_optimizer  # noqa: E402
-from test_steps import OPT_SHAPES, SEQ  # noqa: E402
+from test_steps import random_opt  # noqa: E402
 
 
 def timed(fn, calls=5):
@@ -37,12 +37,7 @@ def timed(fn, calls=5):
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "opt-1.3b"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    from transformers import OPTConfig, OPTForCausalLM
-
-    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **OPT_SHAPES[name])
-    with torch.device("cuda"):
-        model = OPTForCausalLM(config).to(torch.bfloat16).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, SEQ), device="cuda")
+    model, ids = random_opt(name, batch)
 
     @torch.no_grad()
     def closure():

@@ -43,15 +43,22 @@ BATCH, SEQ = 16, 256
 SMALL_BATCH = 2  # where weight passes weigh most against the forwards: virtual mode's case
 
 
-@pytest.fixture(scope="module", params=list(OPT_SHAPES))
-def opt_model(request):
+def random_opt(name: str, batch: int = BATCH):
+    """An OPT-shaped model with random bf16 weights on the GPU and seeded ids (batch × SEQ):
+    what every step measurement and probe runs."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **OPT_SHAPES[request.param])
+    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **OPT_SHAPES[name])
     with torch.device("cuda"):
         model = OPTForCausalLM(config).to(torch.bfloat16).eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), device="cuda", generator=gen)
+    ids = torch.randint(0, config.vocab_size, (batch, SEQ), device="cuda", generator=gen)
+    return model, ids
+
+
+@pytest.fixture(scope="module", params=list(OPT_SHAPES))
+def opt_model(request):
+    model, ids = random_opt(request.param)
     yield request.param, model, ids
     from zofast.virtual import detach
 

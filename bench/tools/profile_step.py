@@ -14,18 +14,13 @@ from torch.profiler import ProfilerActivity, profile
 from zofast.optim import LOZO, MeZO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suites"))
-from test_steps import OPT_SHAPES, SEQ  # noqa: E402
+from test_steps import random_opt  # noqa: E402
 
 
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "opt-1.3b"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    from transformers import OPTConfig, OPTForCausalLM
-
-    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **OPT_SHAPES[name])
-    with torch.device("cuda"):
-        model = OPTForCausalLM(config).to(torch.bfloat16).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, SEQ), device="cuda")
+    model, ids = random_opt(name, batch)
 
     @torch.no_grad()
     def closure():
