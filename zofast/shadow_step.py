@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from zofast._ext import resolve_backend
-from zofast.perturb import _device_terms, gaussian_, lowrank_, lowrank_factors
+from zofast.perturb import gaussian_, lowrank_, lowrank_factors
 
 # Factor rows are padded to this many elements, as zofast.kernels.multi pads them (that module
 # needs Triton; this one must import without it).
@@ -53,10 +53,14 @@ def transposed(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(factor.t())
 
 
-def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An int64 table of uint64 seeds on `device`, through pinned memory (no host sync)."""
-    host = torch.from_numpy(rows.astype(np.uint64).view(np.int64))
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, through pinned memory (no host sync)."""
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int64 table of uint64 seeds on `device`."""
+    return _to_device(torch.from_numpy(rows.astype(np.uint64).view(np.int64)), device)
 
 
 class StepFactors:
@@ -127,7 +131,7 @@ class DeviceSeeds:
         if not self.tensors or not c:
             return
         device = self.tensors[0].param.device
-        scale = _device_terms([0], [c], device)[1]  # (a seed uploaded with it, unused)
+        scale = _to_device(torch.tensor([c], dtype=torch.float32), device)
         for i, st in enumerate(self.tensors):
             st.set_terms(device, self._seeds[i, : len(st.seeds)], scale)
 
