@@ -102,8 +102,10 @@ def replay(model_or_params, trajectory, *, settle: bool = True):
         for t, entry in zip(tensors, trajectory.params, strict=True):
             t.requires_grad_(entry["trained"])
         try:
-            # Runs recorded before stochastic rounding existed rounded to nearest.
-            hyperparameters = {"rounding": "nearest", **trajectory.hyperparameters}
+            # Runs recorded before stochastic rounding existed rounded to nearest; those
+            # without "accumulate" wrote every update at its step.
+            defaults = {"rounding": "nearest", "accumulate": 1}
+            hyperparameters = {**defaults, **trajectory.hyperparameters}
             if hyperparameters.get("mode") == "virtual":  # and perturbed the rest in place
                 hyperparameters.setdefault("virtual_rest", "inplace")
             opt = METHODS[trajectory.method](

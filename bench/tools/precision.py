@@ -80,10 +80,11 @@ def make_optimizer(
     nu: int = 50,
     momentum: float = LOZO_M_MOMENTUM,
     pipeline: bool = False,
+    accumulate: int | None = None,
 ):
     """MeZO / LOZO / LOZO-M (`momentum`) on `model` (passed as the params: exact modes need it).
 
-    mode / rounding None = the optimizer's default. Raises Unsupported when this
+    mode / rounding / accumulate None = the optimizer's default. Raises Unsupported when this
     optimizer has no such mode or rounding."""
     from zofast.optim import LOZO, MeZO
 
@@ -93,7 +94,7 @@ def make_optimizer(
     kwargs = {"lr": lr, "eps": eps, "seed": seed, "pipeline": pipeline}
     if cls is LOZO:
         kwargs.update(rank=rank, nu=nu, momentum=momentum if method == "lozo-m" else 0.0)
-    for name, value in (("mode", mode), ("rounding", rounding)):
+    for name, value in (("mode", mode), ("rounding", rounding), ("accumulate", accumulate)):
         if value is not None:
             kwargs[name] = value
     try:
@@ -225,6 +226,7 @@ def teacher_run(
     mode: str | None = None,
     rounding: str | None = None,
     cfg: TeacherConfig | None = None,
+    accumulate: int | None = None,
 ) -> dict:
     """One student run; start / final loss in float32 at the settled stored weights."""
     cfg = cfg or TeacherConfig()
@@ -235,7 +237,14 @@ def teacher_run(
     model.to(DTYPES[dtype])
     x_in = x.to(DTYPES[dtype])
     opt = make_optimizer(
-        method, model, cfg.lr, mode=mode, rounding=rounding, eps=cfg.eps, seed=cfg.seed + 1
+        method,
+        model,
+        cfg.lr,
+        mode=mode,
+        rounding=rounding,
+        eps=cfg.eps,
+        seed=cfg.seed + 1,
+        accumulate=accumulate,
     )
 
     def closure():

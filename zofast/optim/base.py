@@ -29,7 +29,7 @@ from zofast.optim.checks import (
     update_finite,
 )
 from zofast.optim.group import DataParallel, check_examples
-from zofast.optim.modes import LOW_PRECISION, check_modes, resolve
+from zofast.optim.modes import LOW_PRECISION, check_modes, resolve, resolve_accumulate
 from zofast.optim.setup import Setup
 from zofast.optim.shadow import Shadow
 from zofast.optim.state import Checkpoint
@@ -90,6 +90,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         virtual_indices=None,
         virtual_rest=None,
         process_group=None,
+        accumulate="auto",
     ):
         try:
             run_seed = as_seed(seed, "seed")
@@ -122,6 +123,12 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             has_model=model is not None,
             replay_only=self._virtual_request is not None,
         )
+        self._accumulate = resolve_accumulate(
+            accumulate,
+            shadow=self._mode == "shadow" or self._rest == "shadow",
+            low=any(p.dtype in LOW_PRECISION for p in trained),
+            momentum=bool(defaults.get("momentum")),
+        )
         self._model = model if self._mode in ("virtual", "shadow") else None
         self._eps = defaults["eps"]
         self._rank = defaults.get("rank", 0)
@@ -146,6 +153,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             "rounding": self._rounding,
             "pipeline": self._pipeline,
         }
+        if self._accumulate > 1:  # (absent: 1, as in runs recorded before it existed)
+            hyper["accumulate"] = self._accumulate
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
             hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
             hyper["virtual_rest"] = self._rest
@@ -350,9 +359,11 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
           W += A·V_Aᵀ, one fused pass per tensor, and A = 0. Between steps the layers already
           compute with W + A·V_Aᵀ, so evaluation needs no settle; saving or exporting
           ``model.state_dict()``, copying the model or reading ``.weight`` does.
+        * ``accumulate`` > 1 (bf16 / fp16 shadow tensors by default): writes the steps not
+          yet written, in one pass. Between writes the forwards see the last written weights.
 
-        Call it before evaluating (pipelined) or saving / exporting the model. It is recorded in
-        the trajectory, so replay repeats it.
+        Call it before evaluating (pipelined, accumulating) or saving / exporting the model.
+        It is recorded in the trajectory, so replay repeats it.
 
         Example:
             >>> model = torch.nn.Linear(4, 1)
@@ -367,6 +378,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
                 self._shift(self._pending, -self._eps)
             if self._virtual is not None:
                 self._virtual.settle(self.state, self._step_count)
+            if self._shadow is not None:
+                self._shadow.write()
             self.trajectory.record(SETTLE)
             self._pending = None
 
@@ -412,9 +425,11 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
 
     @property
     def unflushed(self) -> bool:
-        """mode="virtual": whether updates are pending outside the stored weights (settle()
-        writes them); always False in place."""
-        return self._virtual is not None and self._virtual.unflushed
+        """Whether updates are pending outside the stored weights (settle() writes them):
+        mode="virtual"'s factors, or the steps that accumulate > 1 has not written yet; always
+        False in place."""
+        deferred = self._shadow is not None and bool(self._shadow.deferred)
+        return deferred or (self._virtual is not None and self._virtual.unflushed)
 
     @property
     def virtual_names(self) -> list[str]:

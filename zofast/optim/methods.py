@@ -87,6 +87,11 @@ class LOZO(ZerothOrder):
             process): every rank steps on its own shard of the batch with the same seeds, one
             all-reduce of the losses per step (``step(closure, examples=n)`` weights them);
             see zofast.optim.group.
+        accumulate: steps whose updates of shadow-mode tensors are written together, in one
+            pass and one rounding (the forwards in between see the last written weights; see
+            zofast.optim.shadow): "auto" (default: 64 for bf16 / fp16 without momentum, where a
+            rounding per step would add far more noise than the update, else 1) or an integer
+            ≥ 1. settle() writes what is left.
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -120,6 +125,7 @@ class LOZO(ZerothOrder):
         virtual_indices: list[int] | None = None,
         virtual_rest: str | None = None,
         process_group=None,
+        accumulate="auto",
     ):
         momentum = real(momentum, "momentum")
         if not 0.0 <= momentum < 1.0:
@@ -150,6 +156,7 @@ class LOZO(ZerothOrder):
             virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
             virtual_rest=virtual_rest,
             process_group=process_group,
+            accumulate=accumulate,
         )
 
     def _hyperparameters(self) -> dict:
@@ -174,6 +181,8 @@ class MeZO(ZerothOrder):
         model: shadow mode: the module whose forward the closure runs (default: `params` when
             it is a module).
         process_group: data parallelism over a ``torch.distributed`` group (see LOZO).
+        accumulate: steps whose updates are written together in shadow mode (see LOZO;
+            "auto": 64 for bf16 / fp16 weights, 1 for float32).
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -196,6 +205,7 @@ class MeZO(ZerothOrder):
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
         process_group=None,
+        accumulate="auto",
     ):
         defaults = {
             "lr": positive(lr, "lr"),
@@ -212,6 +222,7 @@ class MeZO(ZerothOrder):
             lowrank=False,
             model=model,
             process_group=process_group,
+            accumulate=accumulate,
         )
 
 

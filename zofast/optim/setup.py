@@ -114,7 +114,9 @@ class Setup:
         rest = [s for s in slots if s.virtual is None] if exact else []
         shadow = None
         if rest:
-            shadow = Shadow(rest, self._noise, self._model, self._names(), stochastic, self)
+            shadow = Shadow(
+                rest, self._noise, self._model, self._names(), stochastic, self, self._accumulate
+            )
         for part in (self._virtual, self._shadow):  # add_param_group before the first step
             if part is not None:
                 part.layers.remove_hooks()

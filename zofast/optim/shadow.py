@@ -6,6 +6,14 @@ c = +ε in the first forward, −ε in the second and 0 otherwise; the stored we
 the update alone: one pass per step, ``W ← (1 − lr·wd)·W − lr·g·Z_t`` (LOZO-M: ``− lr·N·Vᵀ``),
 rounded stochastically by default for bf16 / fp16 (``rounding``). A failing step writes nothing,
 so the weights stay bit-identical; at lr = 0 they never move.
+
+``accumulate`` = K > 1 (no momentum): the updates of K steps are written together, in one pass
+with K terms and one rounding, W ← (Π d_k)·W + Σ_k (Π_(j>k) d_j)·(−lr_k·g_k)·Z_k; the forwards in
+between see the weights of the last write, as K micro-batches of gradient accumulation see one
+set of weights. A stochastic rounding per step adds a variance of about ulp·|lr·g·z| per weight,
+far more than the update's own when |lr·g·z| ≪ ulp (bf16 at ZO learning rates); one rounding per
+K steps divides it by about √K (bench/tools/precision.py teacher, 64 inputs, MeZO bf16 ÷ fp32's
+loss reduction: 63 % at K = 1, 74 % at 8, 90 % at 32, 93 % at 64, 99 % at 128).
 """
 
 from __future__ import annotations
@@ -30,8 +38,13 @@ class Shadow:
         owner: the optimizer (held weakly by the hooks' registry).
     """
 
-    def __init__(self, slots, noise: NoisePlan, model, names, stochastic: bool, owner):
+    def __init__(
+        self, slots, noise: NoisePlan, model, names, stochastic: bool, owner, accumulate: int = 1
+    ):
         self.slots, self.noise, self.model = slots, noise, model
+        self.accumulate = accumulate
+        # Steps not yet written (accumulate > 1): (step, −lr·g per group, decay per group).
+        self.deferred: list[tuple[int, list[float], list[float]]] = []
         self.passes = Passes(slots, noise)
         self.stochastic = stochastic
         tensors = [
@@ -130,13 +143,40 @@ class Shadow:
                     w_scale=decays[slot.group],
                 )
             return
+        if self.accumulate > 1:
+            self.deferred.append((t, [-lr * g for lr in lrs], decays))
+            if len(self.deferred) == self.accumulate:
+                self.write()
+            return
         scaled = {"group_w_scales": decays} if any(d != 1.0 for d in decays) else {}
         self.passes.run([t], [[-lr * g] for lr in lrs], **self._round(t), **scaled)
+
+    def write(self) -> None:
+        """Write the deferred steps' updates in one pass (module docstring), rounded with the
+        round seeds of the last of them; nothing to do when none is deferred."""
+        if not self.deferred:
+            return
+        self.layers.restore()
+        steps = [t for t, _, _ in self.deferred]
+        groups = range(len(self.deferred[0][1]))
+        scales, w_scales = [], []
+        for gi in groups:
+            later, terms = 1.0, []
+            for _, updates, decays in reversed(self.deferred):
+                terms.append(updates[gi] * later)
+                later *= decays[gi]
+            scales.append(terms[::-1])
+            w_scales.append(later)
+        scaled = {"group_w_scales": w_scales} if any(d != 1.0 for d in w_scales) else {}
+        self.passes.run(steps, scales, **self._round(steps[-1]), **scaled)
+        self.deferred = []
 
     def finish_queued(self, t, loss_plus, loss_minus, lrs, eps):
         """:meth:`finish` (no momentum, no decay) with −lr·g computed on the device and the pass
         queued behind the second forward (Passes.queued); None where that does not apply. A
         non-finite g or update gives a zero term: the pass then writes W unchanged."""
+        if self.accumulate > 1:
+            return None
         self.layers.restore()
         scales = [[0.0]] * len(lrs)
         return self.passes.queued([t], scales, 0, loss_plus, loss_minus, lrs, eps, **self._round(t))
