@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from zofast.device_map import by_device
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
 
@@ -32,7 +33,9 @@ class Momentum:
         buffers, used = {}, {}
         for slot in slots:
             buffers[slot.index], used[slot.index] = self._step(slot, state, t, g)
-        if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
+        # One check (one host sync) per device the buffers are on.
+        groups = by_device(buffers.values(), key=lambda b: b.device)
+        if not all(torch.stack([torch.isfinite(b).all() for b in bs]).all() for bs in groups):
             raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
         return buffers, used
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from zofast.device_map import device_types
 from zofast.optim.checks import non_negative, positive
 from zofast.optim.inplace import InPlace
 from zofast.optim.momentum import Momentum
@@ -178,4 +179,4 @@ class Setup:
             if sharded:  # the whole tensor's shape; a shard's values differ from rank to rank
                 row.update(shape=list(p.shape), hash=None)
         self.trajectory.params = described
-        self.trajectory.device = self._slots[0].param.device.type
+        self.trajectory.device = device_types(s.param for s in self._slots)

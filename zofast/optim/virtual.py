@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zofast.device_map import by_device, on_device
 from zofast.optim.noise import NoisePlan
 from zofast.optim.passes import graphs_enabled
 from zofast.virtual import VirtualLayers, VirtualTensor, plan
@@ -60,9 +61,9 @@ class Virtual:
         self.slots = [s for s in slots if s.virtual is not None]
         self.noise, self.model, self.stochastic = noise, model, stochastic
         self.layers = VirtualLayers([s.virtual for s in self.slots], owner=owner)
-        # On one GPU each step's (U, V) of every virtual tensor come from one launch.
-        self._batched = graphs_enabled(self.slots)
-        self._directions = None
+        # Per device its slots, and whether their (U, V) come from one launch (a GPU).
+        self._devices = [(group, graphs_enabled(group)) for group in by_device(self.slots)]
+        self._directions: dict[int, object] = {}  # device group -> its factors-only MultiPass
         self.detached = False
 
     def attach(self) -> None:
@@ -102,24 +103,33 @@ class Virtual:
             vt.set_coef(c)
 
     def _step_directions(self, t: int) -> list:
-        """(U_t, V) of every virtual tensor: one launch on a GPU (zofast.kernels.multi, bit for
+        """(U_t, V) of every virtual tensor: one launch per GPU (zofast.kernels.multi, bit for
         bit lowrank_factors' numbers), one lowrank_factors call per tensor elsewhere."""
-        if not self._batched:
-            return [self.noise.factors(slot, t) for slot in self.slots]
+        found = {}
+        for i, (slots, batched) in enumerate(self._devices):
+            if batched:
+                with on_device(slots[0].param.device):
+                    pairs = self._batched_directions(i, slots, t)
+            else:
+                pairs = [self.noise.factors(slot, t) for slot in slots]
+            found.update(zip(map(id, slots), pairs, strict=True))
+        return [found[id(slot)] for slot in self.slots]
+
+    def _batched_directions(self, i: int, slots: list, t: int) -> list:
         from zofast.kernels.multi import MultiPass
 
-        if self._directions is None:
-            params, ranks = [s.param for s in self.slots], [s.rank for s in self.slots]
-            self._directions = MultiPass(params, ranks, 1, factors_only=True)
-        index = np.array([s.index for s in self.slots])
+        if i not in self._directions:
+            params, ranks = [s.param for s in slots], [s.rank for s in slots]
+            self._directions[i] = MultiPass(params, ranks, 1, factors_only=True)
+        index = np.array([s.index for s in slots])
         nu = self.noise.nu
         table = np.stack(
             [self.noise.seed_array("u", t)[index], self.noise.seed_array("v", t // nu)[index]], 1
         )
-        device = self.slots[0].param.device
+        device = slots[0].param.device
         seeds = torch.from_numpy(table.view(np.int64)).pin_memory().to(device, non_blocking=True)
-        ones = torch.ones(len(self.slots), 1, device=device)
-        return self._directions.factors(seeds, ones)
+        ones = torch.ones(len(slots), 1, device=device)
+        return self._directions[i].factors(seeds, ones)
 
     def updates(self, t, g, lrs, buffers, used) -> list[tuple]:
         """Every virtual tensor's new pending factor after step t, computed before any write:
