@@ -61,6 +61,15 @@ class Passes:
         """One pass: slot i gets the terms group_scales[g][k]·Z_(steps[k]) (g its group),
         after W ← group_w_scales[g]·W where given, rounded stochastically with the round seeds
         of step `round_index` where given (to nearest otherwise)."""
+        if self._split:
+            for part in self.devices:
+                part.run(steps, group_scales, round_index, group_w_scales)
+            return
+        if self.slots:
+            with on_device(self.slots[0].param.device):
+                self._run(steps, group_scales, round_index, group_w_scales)
+
+    def _run(self, steps, group_scales, round_index, group_w_scales) -> None:
         plan = self.graph_plan(steps, group_scales, round_index, group_w_scales)
         if plan is not None:
             graph, table, scales = plan

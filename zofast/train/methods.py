@@ -252,7 +252,7 @@ class Adam(_Weights):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = self.scorer.head_logits(self.scorer.forward_hidden(batch), batch)
-            loss = F.cross_entropy(logits, batch.labels)
+            loss = F.cross_entropy(logits, batch.labels.to(logits.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss is {float(loss.detach())}; no update was made"
