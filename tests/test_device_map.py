@@ -324,9 +324,12 @@ def test_zofast_train_with_a_device_map(tiny_model_dirs, tmp_path, capsys):
     for extra, message in [
         (["--device-map", "balanced"], "JSON object"),
         (["--device-map", mapped, "--device", "cpu"], "not both"),
-        (["--device-map", mapped, "--method", "dfo-lora"], "device_map is for"),
     ]:
         capsys.readouterr()
         assert cli.main([*flags, *extra, "--output-dir", str(tmp_path / "bad")]) == 2, extra
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    from zofast.train import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="device_map is for"):
+        TrainConfig(method="dfo-lora", device_map=mapped).validate()
