@@ -250,6 +250,9 @@ def test_device_maps_are_parsed_and_checked():
     gpus = torch.cuda.device_count()
     with pytest.raises(ValueError, match="torch sees"):
         device_map.dispatch(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"0": gpus})
+    split_tied = {"model.decoder": "cpu", "lm_head": gpus}
+    with pytest.raises(ValueError, match="tied weights"):
+        device_map.dispatch(tiny_opt(), split_tied)
 
 
 def test_load_model_with_a_device_map(tiny_model_dirs):
@@ -295,8 +298,8 @@ def test_opt_split_between_cuda_and_cpu_trains_as_on_one_gpu(method, dtype, opti
             gpu = next(g for g in part.passes.devices if g.slots[0].param.is_cuda)
             assert gpu.graphs, "the GPU's passes replayed no graph"
     g_split, g_one = (torch.tensor(list(t.trajectory._g)) for t in (opt, one))
-    rtol = 0.05 if dtype == "bfloat16" else 1e-3
-    torch.testing.assert_close(g_split, g_one, rtol=rtol, atol=1e-3)
+    rtol = 0.05 if dtype == "bfloat16" else 1e-3  # of g, and of the largest g (small g's)
+    torch.testing.assert_close(g_split, g_one, rtol=rtol, atol=rtol * float(g_one.abs().max()))
     moved_split, moved_one = weights(split_model), weights(one_model)
     tol = 0.15 if dtype == "bfloat16" else 1e-2
     for name, w in moved_one.items():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -182,6 +183,12 @@ def resolve(model: torch.nn.Module, device_map: str | dict) -> dict:
     return _checked(resolved)
 
 
+def _mapped(name: str, device_map: dict):
+    """The device `device_map` gives the parameter `name` (its longest matching module prefix)."""
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(keys, key=len)] if keys else None
+
+
 def dispatch(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
     """Put every module of `model` on its device of `device_map` and make it run there
     (accelerate's ``dispatch_model``; see the module docstring): inputs move to each block's
@@ -208,6 +215,12 @@ def dispatch(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
     except ImportError:
         raise ImportError(ACCELERATE_MISSING) from None
     device_map = resolve(model, device_map)
+    for names in find_tied_parameters(model):
+        if len({str(_mapped(name, device_map)) for name in names}) > 1:
+            raise ValueError(
+                f"tied weights {names} are mapped to different devices: put the modules that "
+                "share them on one device"
+            )
     devices = {
         torch.device(d if not isinstance(d, int) else f"cuda:{d}") for d in device_map.values()
     }
@@ -215,21 +228,20 @@ def dispatch(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
     missing = sorted(str(d) for d in devices if d.type == "cuda" and (d.index or 0) >= count)
     if missing:
         raise ValueError(f"device map uses {missing}, torch sees {count} CUDA device(s)")
-    tied = find_tied_parameters(model)
     # "cpu" as the main device: accelerate offloads only to "disk" then, and runs CPU layers on
-    # the CPU (another main device would offload them and compute them there).
+    # the CPU (another main device would offload them and compute them there). Its warning
+    # that CPU layers were offloaded to the meta device does not hold then: silenced.
     main = "cpu" if any(d.type == "cpu" for d in devices) else None
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         dispatch_model(model, device_map=device_map, main_device=main)
     except (KeyError, ValueError) as error:
         raise ValueError(f"cannot dispatch the model with this device map: {error}") from None
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for names in tied:
-        if len({id(params[n]) for n in names if n in params}) > 1:
-            raise ValueError(
-                f"tied weights {names} ended on different devices: put the modules that share "
-                "them on one device"
-            )
+    finally:
+        log.setLevel(level)
+    params = dict(model.named_parameters())
     meta = [n for n, p in params.items() if p.device.type == "meta"]
     if meta:
         raise ValueError(f"{meta[:3]} are on the meta device after dispatch: they hold no data")
