@@ -20,6 +20,7 @@ optimizer state, data order; DFO-LoRA: its own ``save`` folder and its log's off
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,28 @@ class ZerothOrder(_Weights):
         loss = self.optimizer.step(lambda: self.scorer.loss(batch), examples=len(examples))
         self.steps_done += 1
         return [(self.steps_done, loss)]
+
+    @property
+    def world(self) -> int:
+        """The number of processes taking each step together (torchrun's world size)."""
+        return 1 if self.ranks is None else self.ranks.world
+
+    def state_dict(self) -> tuple[dict, dict]:
+        state, folders = super().state_dict()
+        state["world"] = self.world
+        return state, folders
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        world = int(state.get("world", 1))
+        if world != self.world and (self.ranks is None or self.ranks.main):
+            warnings.warn(
+                f"the run took its steps in {world} process(es) and resumes in {self.world}: it "
+                "continues, but its losses are means over other slices of the batches, so it "
+                "does not end bit for bit as the uninterrupted run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        super().load_state_dict(state, folder)
 
     def settle(self) -> None:
         self.optimizer.settle()
