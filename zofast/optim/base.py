@@ -195,7 +195,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         nxt = t + 1 if self._pipeline else None
         buffers, used = {}, {}
         if self._momentum is not None:  # all state first: a failure leaves the weights untouched
-            buffers, used = self._momentum.buffers(self._slots, self.state, t, g)
+            flat = None if self._virtual is None else self._virtual.flat_step(t)
+            buffers, used = self._momentum.buffers(self._slots, self.state, t, g, flat)
         pending = []
         if self._virtual is not None:
             self._virtual.check_decay(wds)

@@ -6,6 +6,9 @@ transformers' GPT-2 ``Conv1D`` or an ``nn.Embedding`` is never written during a 
 ``state[p]["virtual_factor"]``, on the V epoch ``state[p]["virtual_epoch"]``) holds the updates
 not yet written: A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N); at the end of a V-refresh step the old
 A goes into W in one pass, W += A·V_oldᵀ, and A restarts on the new V.
+
+On one GPU the tensors' U_t, V, A and the hooks' casts are flat buffers (zofast.virtual_step): a
+forward costs one launch for all tensors, an update two.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zofast.device_map import by_device, on_device
 from zofast.optim.noise import NoisePlan
 from zofast.optim.passes import graphs_enabled
 from zofast.virtual import VirtualLayers, VirtualTensor, plan
+from zofast.virtual_step import FlatVirtual
+
+
+def flat_enabled(slots) -> bool:
+    """Whether `slots` keep their factors in flat buffers (FlatVirtual): one GPU with Triton."""
+    return graphs_enabled(slots)
 
 
 class Virtual:
@@ -61,9 +69,11 @@ class Virtual:
         self.slots = [s for s in slots if s.virtual is not None]
         self.noise, self.model, self.stochastic = noise, model, stochastic
         self.layers = VirtualLayers([s.virtual for s in self.slots], owner=owner)
-        # Per device its slots, and whether their (U, V) come from one launch (a GPU).
-        self._devices = [(group, graphs_enabled(group)) for group in by_device(self.slots)]
-        self._directions: dict[int, object] = {}  # device group -> its factors-only MultiPass
+        # On one GPU each step's (U, V) of every virtual tensor come from one launch, and the
+        # hooks' factors from one more per forward.
+        self._flat = (
+            FlatVirtual([s.virtual for s in self.slots]) if flat_enabled(self.slots) else None
+        )
         self.detached = False
 
     def attach(self) -> None:
@@ -101,42 +111,31 @@ class Virtual:
                 vt.set_direction(t, t // self.noise.nu, U, V)
         for vt in tensors:
             vt.set_coef(c)
+        if self._flat is not None:
+            self._flat.prepare(c)
 
     def _step_directions(self, t: int) -> list:
-        """(U_t, V) of every virtual tensor: one launch per GPU (zofast.kernels.multi, bit for
-        bit lowrank_factors' numbers), one lowrank_factors call per tensor elsewhere."""
-        found = {}
-        for i, (slots, batched) in enumerate(self._devices):
-            if batched:
-                with on_device(slots[0].param.device):
-                    pairs = self._batched_directions(i, slots, t)
-            else:
-                pairs = [self.noise.factors(slot, t) for slot in slots]
-            found.update(zip(map(id, slots), pairs, strict=True))
-        return [found[id(slot)] for slot in self.slots]
-
-    def _batched_directions(self, i: int, slots: list, t: int) -> list:
-        from zofast.kernels.multi import MultiPass
-
-        if i not in self._directions:
-            params, ranks = [s.param for s in slots], [s.rank for s in slots]
-            self._directions[i] = MultiPass(params, ranks, 1, factors_only=True)
-        index = np.array([s.index for s in slots])
+        """(U_t, V) of every virtual tensor: views of FlatVirtual's buffers (one launch on a GPU,
+        bit for bit lowrank_factors' numbers), or one lowrank_factors call per tensor."""
+        if self._flat is None:
+            return [self.noise.factors(slot, t) for slot in self.slots]
+        index = np.array([s.index for s in self.slots])
         nu = self.noise.nu
         table = np.stack(
             [self.noise.seed_array("u", t)[index], self.noise.seed_array("v", t // nu)[index]], 1
         )
-        device = slots[0].param.device
-        seeds = torch.from_numpy(table.view(np.int64)).pin_memory().to(device, non_blocking=True)
-        ones = torch.ones(len(slots), 1, device=device)
-        return self._directions[i].factors(seeds, ones)
+        return self._flat.load((self.noise.run, t), table)
 
     def updates(self, t, g, lrs, buffers, used) -> list[tuple]:
         """Every virtual tensor's new pending factor after step t, computed before any write:
         A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N), where A is on V_t; a fresh A (−lr·g·U_t) on a
         V refresh, the old one then being folded into W by :meth:`commit`."""
-        out = []
         epoch = t // self.noise.nu
+        if self._flat is not None and self._flat.adopt():
+            source = self._flat.momentum_source(buffers) if buffers else None
+            if source is not None or not buffers:
+                return self._flat_updates(t, g, lrs, epoch, source)
+        out = []
         for slot in self.slots:
             vt, lr = slot.virtual, lrs[slot.group]
             if slot.index in used:
@@ -149,6 +148,28 @@ class Virtual:
             same = vt.epoch == epoch
             out.append((slot, torch.add(vt.A, delta) if same else delta, epoch, V))
         return out
+
+    def flat_step(self, t: int):
+        """The FlatVirtual with step t's directions loaded (and given to the tensors), or None
+        (per-tensor path)."""
+        if self._flat is None:
+            return None
+        if any(s.virtual.step != t for s in self.slots):  # replay: no forward loaded them
+            for vt, (U, V) in zip(self.layers.tensors, self._step_directions(t), strict=True):
+                vt.set_direction(t, t // self.noise.nu, U, V)
+        return self._flat
+
+    def _flat_updates(self, t, g, lrs, epoch, source) -> list[tuple]:
+        """:meth:`updates` in two launches for all tensors (FlatVirtual.updated); `source`:
+        LOZO-M's flat momentum buffer."""
+        self.flat_step(t)
+        fresh = self.slots[0].virtual.epoch != epoch
+        if source is None:
+            scales = [-lrs[s.group] * g for s in self.slots]
+        else:
+            scales = [-lrs[s.group] for s in self.slots]
+        A = self._flat.updated(scales, fresh, source)
+        return [(slot, a, epoch, slot.virtual.V) for slot, a in zip(self.slots, A, strict=True)]
 
     def _round_seeds(self, role: str, t: int):
         return self.noise.seeds(role, t) if self.stochastic else None
@@ -164,6 +185,8 @@ class Virtual:
             vt.set_pending(A, epoch, V)
             state[slot.param]["virtual_factor"] = A
             state[slot.param]["virtual_epoch"] = epoch
+        if self._flat is not None:
+            self._flat.committed()
 
     @property
     def unflushed(self) -> bool:
