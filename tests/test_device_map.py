@@ -270,7 +270,8 @@ def test_load_model_with_a_device_map(tiny_model_dirs):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("method", "dtype", "options"),
-    [case for case in CASES if not case[2]] + [("mezo", "float32", {"pipeline": True})],
+    [(m, d, {}) for m in ("mezo", "lozo", "lozo-m") for d in ("float32", "bfloat16")]
+    + [("lozo", "float32", {"pipeline": True})],
 )
 def test_opt_split_between_cuda_and_cpu_trains_as_on_one_gpu(method, dtype, options):
     """Layers 0 and 2 (and the embeddings, the tied head) on cuda:0, layers 1 and 3 and the
@@ -295,7 +296,8 @@ def test_opt_split_between_cuda_and_cpu_trains_as_on_one_gpu(method, dtype, opti
             kinds = [g.slots[0].param.device.type for g in part.passes.devices]
             assert sorted(kinds) == ["cpu", "cuda"]
             gpu = next(g for g in part.passes.devices if g.slots[0].param.is_cuda)
-            assert gpu.graphs, "the GPU's passes replayed no graph"
+            if part is opt._inplace or opt._momentum is None:  # (LOZO-M's shadow: per tensor)
+                assert gpu.graphs, "the GPU's passes replayed no graph"
     g_split, g_one = (torch.tensor(list(t.trajectory._g)) for t in (opt, one))
     rtol = 0.05 if dtype == "bfloat16" else 1e-3  # of g, and of the largest g (small g's)
     torch.testing.assert_close(g_split, g_one, rtol=rtol, atol=rtol * float(g_one.abs().max()))

@@ -14,7 +14,8 @@ median of 3), step ÷ two forwards, and the bytes communicated per step, by cons
 all-reduce's 3 float64; FSDP2: every forward all-gathers every parameter in bf16) and measured
 (the torch.distributed collectives wrapped and counted over the timed steps). Verifies first:
 process_group's iterates equal the plain optimizer's bit for bit (one rank: the same mean),
-and FSDP2's g's those of one unsharded process computing the same bf16 forwards.
+and FSDP2's g equals (within 5 %, at ε = 1e-2) that of one unsharded process computing the same
+bf16 forwards from the same weights.
 
 Usage (GPU machine, repo root): python bench/probes/distributed_ws1.py OUT.json
 """
@@ -82,7 +83,8 @@ class Counted:
 
 
 def optimizer(method, model, group=None, **options):
-    common = dict(lr=1e-7, eps=1e-3, seed=1, process_group=group, **options)
+    common = dict(lr=1e-7, eps=1e-3, seed=1, process_group=group)
+    common.update(options)
     return MeZO(model, **common) if method == "mezo" else LOZO(model, rank=2, nu=50, **common)
 
 
@@ -179,17 +181,23 @@ def fsdp_rows(counted, ids) -> list[dict]:
             kwargs = {"input_ids": ids, "labels": ids}
             return torch.func.functional_call(model, weights, (), kwargs).loss
 
+        # Verify: one step from the same weights with the same noise, at ε = 1e-2 (L+ − L− far
+        # above the bf16 forwards' rounding): FSDP2's g is one process's.
+        checks = []
+        for model, closure, group in (
+            (sharded, fsdp_closure, dist.group.WORLD),
+            (plain, bf16_closure, None),
+        ):
+            check = optimizer(method, model, group, pipeline=True, eps=1e-2)
+            check.step(closure)
+            check.settle()
+            checks.append(g_of(check)[0])
+        if abs(checks[0] - checks[1]) > 0.05 * abs(checks[1]):
+            raise SystemExit(f"{method}: FSDP2's g {checks[0]}, one process's {checks[1]}")
+        gap = abs(checks[0] - checks[1]) / abs(checks[1])
+        verified = "g bit for bit" if gap == 0 else f"g within {gap:.1e} (relative)"
         opt = optimizer(method, sharded, dist.group.WORLD, pipeline=True)
         reference = optimizer(method, plain, pipeline=True)
-        for _ in range(VERIFY_STEPS):
-            opt.step(fsdp_closure)
-            reference.step(bf16_closure)
-        ga, gb = torch.tensor(g_of(opt)), torch.tensor(g_of(reference))
-        if not torch.allclose(ga, gb, rtol=1e-2, atol=1e-3):
-            raise SystemExit(f"{method}: FSDP2 g's {ga.tolist()} vs one process {gb.tolist()}")
-        gap = float((ga - gb).abs().max())
-        verified = "g bit for bit" if gap == 0 else f"g within {gap:.2e} of one process's"
-        reference.settle()
         for label, closure, step_opt in (
             ("fsdp2 ws1 mixed precision", fsdp_closure, opt),
             ("unsharded float32, bf16 autocast", autocast_closure, reference),
