@@ -2,7 +2,9 @@
 place (float32) and in its default exact mode (bf16). The ranks hold shards of 3 and 5 examples
 of one batch of 8; their weights must stay bit-identical to each other and equal one process
 stepping on the whole batch, and ranks that disagree are refused before anything is written.
-FSDP2 (fully_shard): each rank perturbs its own shard, with the noise of the whole tensor."""
+FSDP2 (fully_shard): each rank perturbs its own shard, with the noise of the whole tensor; with
+mixed precision (float32 shards, bf16 forwards) the steps are those of one process computing the
+same bf16 forwards."""
 
 import os
 import tempfile
@@ -95,9 +97,28 @@ def worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+def shard(model, mesh, mp_policy=None):
+    """FSDP2 on the first two layers; the root (fully_shard(model)) owns the last one's
+    parameters, which FSDP2 keeps gathered after a forward (zofast reshards them)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    options = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for layer in model[:2]:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def bf16_forward(model, x):
+    """What FSDP2's MixedPrecisionPolicy(param_dtype=bf16) computes: bf16 copies of the float32
+    weights, bf16 inputs."""
+    weights = {n: p.to(torch.bfloat16) for n, p in model.named_parameters()}
+    return torch.func.functional_call(model, weights, (x.to(torch.bfloat16),))
+
+
 def fsdp_worker(rank: int, world: int, init_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -108,9 +129,7 @@ def fsdp_worker(rank: int, world: int, init_file: str) -> None:
             for sharded in (False, True):
                 model = new_model("float32")
                 if sharded:
-                    for layer in model:
-                        fully_shard(layer, mesh=mesh)
-                    fully_shard(model, mesh=mesh)
+                    shard(model, mesh)
                 group = dist.group.WORLD if sharded else None
                 opt = new_optimizer(method, model, process_group=group)
                 rows = SHARDS[rank] if sharded else (0, 8)
@@ -130,6 +149,54 @@ def fsdp_worker(rank: int, world: int, init_file: str) -> None:
                 assert torch.equal(a, b), (method, "the shards' noise is not the whole tensor's")
             for a, b in zip(models[False], models[True], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+        # Mixed precision: float32 shards perturbed in place, forwards in bf16. One process on
+        # the whole model, computing the same bf16 forwards on the same two row ranges and
+        # weighing their losses as the all-reduce does, takes the same steps bit for bit.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+        x, y = batch("float32")
+        for method in ("mezo", "lozo", "lozo-m"):
+            model = shard(new_model("float32"), mesh, policy)
+            opt = new_optimizer(method, model, process_group=dist.group.WORLD)
+            assert opt.mode == "inplace" and all(s.param.dtype == torch.float32 for s in opt._slots)
+            lo, hi = SHARDS[rank]
+            out = []
+
+            def closure(model=model, x=x[lo:hi], y=y[lo:hi], out=out):
+                prediction = model(x)
+                out.append(prediction.dtype)
+                return ((prediction.float() - y) ** 2).mean()
+
+            alone = new_model("float32")
+            opt_alone = new_optimizer(method, alone)
+
+            def closure_alone(model=alone):
+                losses = [
+                    float(((bf16_forward(model, x[a:b]).float() - y[a:b]) ** 2).mean())
+                    for a, b in SHARDS
+                ]
+                weights = [b - a for a, b in SHARDS]
+                return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / 8
+
+            for _ in range(STEPS):
+                opt.step(closure, examples=hi - lo)
+                opt_alone.step(closure_alone)
+            assert set(out) == {torch.bfloat16}
+            assert opt.trajectory.to_dict()["events"] == opt_alone.trajectory.to_dict()["events"]
+            for a, b in zip(alone.parameters(), model.parameters(), strict=True):
+                assert torch.equal(a.detach(), full(b)), method
+
+        # bf16 shards without mixed precision: one error, before anything is written.
+        model = shard(new_model("bfloat16"), mesh)
+        before = [full(p) for p in model.parameters()]
+        with pytest.raises(ValueError, match="MixedPrecisionPolicy"):
+            LOZO(model, lr=1e-2, process_group=dist.group.WORLD)
+        with pytest.raises(ValueError, match="in place, not in mode='shadow'"):
+            MeZO(model, lr=1e-2, mode="shadow", process_group=dist.group.WORLD)
+        fp32 = shard(new_model("float32"), mesh)
+        with pytest.raises(ValueError, match="need the model"):
+            MeZO(list(fp32.parameters()), lr=1e-2, process_group=dist.group.WORLD)
+        assert all(torch.equal(a, full(b)) for a, b in zip(before, model.parameters(), strict=True))
     finally:
         dist.destroy_process_group()
 
@@ -139,7 +206,7 @@ def full(p: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fsdp2_shards_take_the_whole_tensors_noise():
+def test_fsdp2_shards_take_the_whole_tensors_noise_and_mixed_precision_trains():
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(fsdp_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 

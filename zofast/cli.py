@@ -336,7 +336,8 @@ def _cmd_train(args) -> int:
         start = partial(resume, args.resume, progress=args.progress)
     else:
         _check_flags_used(args.method, args.dtype, getattr(args, "given", set()))
-        args.device = _check_device(args.device)
+        if args.device_map is None:  # (with a device map, --device stays "auto": refused else)
+            args.device = _check_device(args.device)
         config = _config_from_args(args)
         run_dir = config.resolved_output_dir
         start = partial(train, config)

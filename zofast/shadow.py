@@ -295,7 +295,7 @@ def _output_hook(st: ShadowTensor, use: Use):
         if not st.c or st._stored is not None:  # c = 0, or W + c·Z already swapped in
             return None
         st.used = True
-        x = virtual._input(args, kwargs)
+        x = virtual._input(args, kwargs).to(out.device)  # a device map's wrapper moves it inside
         if st.rank:
             return _add_lowrank(st, use.kind, x, out)
         if use.way == "rows":

@@ -180,7 +180,8 @@ class Trajectory:
     Attributes:
         params: the parameter fingerprint (see :func:`param_fingerprint`), set at the first step;
             None before.
-        device: device type of the parameters when the run started ("cpu", "cuda"), or None.
+        device: device type of the trained tensors when the run started ("cpu", "cuda"; "cpu+cuda"
+            for a model split by a device map, zofast.device_map.device_types), or None.
 
     Example:
         >>> traj = Trajectory("MeZO", {"eps": 1e-3}, run_seed=1, n_groups=1)

@@ -39,6 +39,7 @@ import weakref
 
 import torch
 
+from zofast.device_map import moves_inputs_only
 from zofast.perturb import matrix_shape, outer_add_
 
 __all__ = ["VirtualLayers", "VirtualTensor", "add_lowrank", "plan", "layer_kind", "detach"]
@@ -97,8 +98,8 @@ def layer_kind(module: torch.nn.Module) -> str | None:
         >>> layer_kind(torch.nn.Linear(2, 3)), layer_kind(torch.nn.LayerNorm(3))
         ('linear', None)
     """
-    if "forward" in vars(module):  # forward replaced on the instance (e.g. accelerate's hooks)
-        return None
+    if "forward" in vars(module) and not moves_inputs_only(module):
+        return None  # forward replaced on the instance (other than by a device map's wrapper)
     cls = type(module)
     if isinstance(module, torch.nn.Linear) and cls.forward is torch.nn.Linear.forward:
         return "linear"
@@ -280,14 +281,14 @@ def _make_hook(vt: VirtualTensor, kind: str):
     """The forward hook adding vt's low-rank term L·Rᵀ (W viewed as m×n) to a `kind` layer."""
 
     def hook(module, args, kwargs, out):
+        x = _input(args, kwargs).to(out.device)  # a device map's wrapper moves it only inside
         bulk = vt.bulk
         if bulk is not None and bulk[0].dtype == out.dtype:
-            return add_lowrank(kind, _input(args, kwargs), out, *bulk)
+            return add_lowrank(kind, x, out, *bulk)
         f = vt.factors(out.dtype, out.device)
         if f is None:
             return None
         L, R = f
-        x = _input(args, kwargs)
         if kind == "linear":  # W: (out = m, in = n); y += (x·R)·Lᵀ
             return _add(out, x.reshape(-1, vt.n).to(out.dtype) @ R, L.T)
         if kind == "conv1d":  # W: (in = m, out = n); y += (x·L)·Rᵀ

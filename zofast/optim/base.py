@@ -32,6 +32,7 @@ from zofast.optim.group import DataParallel, check_examples
 from zofast.optim.modes import LOW_PRECISION, check_modes, resolve, resolve_accumulate
 from zofast.optim.setup import Setup
 from zofast.optim.shadow import Shadow
+from zofast.optim.sharding import check_shards, fsdp_modules
 from zofast.optim.state import Checkpoint
 from zofast.optim.virtual import Virtual
 from zofast.rng import as_seed
@@ -100,6 +101,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # FSDP2 resharded first: the parameters taken are the shards (zofast.optim.sharding)
+        self._fsdp = fsdp_modules(params if isinstance(params, torch.nn.Module) else model)
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = list(params.named_parameters())
@@ -112,6 +115,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         self._shadow: Shadow | None = None
         super().__init__(params, defaults)
         trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        check_shards(trained, mode, self._fsdp)
         self._mode, self._rounding, self._rest = resolve(
             mode,
             rounding,

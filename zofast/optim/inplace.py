@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.passes import Passes
+from zofast.optim.sharding import reshard
 
 
 class InPlace:
@@ -20,17 +21,22 @@ class InPlace:
         slots: the in-place slots.
         noise: the run's seeds.
         stochastic: round the update pass stochastically.
+        fsdp: FSDP2 modules to reshard after every pass (zofast.optim.sharding.reshard).
     """
 
-    def __init__(self, slots: list[Slot], noise: NoisePlan, stochastic: bool = False):
+    def __init__(
+        self, slots: list[Slot], noise: NoisePlan, stochastic: bool = False, fsdp: list = ()
+    ):
         self.slots = slots
         self.passes = Passes(slots, noise)
         self.stochastic = stochastic
+        self.fsdp = list(fsdp) if any(s.sharded for s in slots) else []
 
     def shift(self, t: int, scale: float, n_groups: int) -> None:
         """W += scale·Z_t for every slot: one pass."""
         if self.slots:
             self.passes.run([t], [[scale]] * n_groups)
+            reshard(self.fsdp)
 
     def _last_pass(self, t, nxt, group_scales):
         steps = [t, t] if nxt is None else [t, t, nxt]
@@ -65,6 +71,7 @@ class InPlace:
             ]
             steps, group_scales, extra = self._last_pass(t, nxt, group_scales)
             self.passes.run(steps, group_scales, **extra)
+        reshard(self.fsdp)
 
     def _round_seed(self, slot: Slot, t: int):
         return self.passes.noise.seeds("round", t)[slot.index] if self.stochastic else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from zofast.device_map import by_device
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
 from zofast.shadow_step import to_device
@@ -47,7 +48,9 @@ class Momentum:
             if slot.index not in buffers:
                 buffers[slot.index], used[slot.index] = self._step(slot, state, t, g)
                 checks.append(torch.isfinite(buffers[slot.index]).all())
-        if not torch.stack(checks).all():
+        # One check (one host sync) per device the buffers are on (a model on several devices).
+        groups = by_device(checks, key=lambda check: check.device)
+        if not all(torch.stack(group).all() for group in groups):
             raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
         return buffers, used
 

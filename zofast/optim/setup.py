@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from zofast.device_map import device_types
 from zofast.optim.checks import non_negative, positive
 from zofast.optim.inplace import InPlace
 from zofast.optim.momentum import Momentum
@@ -89,12 +90,6 @@ class Setup:
             slots.append(slot)
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-        if any(s.sharded for s in slots) and self._mode != "inplace":
-            raise ValueError(
-                f"sharded (FSDP2 / DTensor) parameters are perturbed in place, not in "
-                f"mode={self._mode!r}: pass mode='inplace' (with FSDP2's mixed precision the "
-                "shards stay float32, where in-place rounding is negligible)"
-            )
         self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
         stochastic = self._rounding == "stochastic"
         virtual = None
@@ -122,7 +117,7 @@ class Setup:
                 part.layers.remove_hooks()
         self._slots = slots
         in_place = [] if exact else [s for s in slots if s.virtual is None]
-        self._inplace = InPlace(in_place, self._noise, stochastic)
+        self._inplace = InPlace(in_place, self._noise, stochastic, self._fsdp)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
         try:
             for part in (virtual, shadow):
@@ -180,4 +175,4 @@ class Setup:
             if sharded:  # the whole tensor's shape; a shard's values differ from rank to rank
                 row.update(shape=list(p.shape), hash=None)
         self.trajectory.params = described
-        self.trajectory.device = self._slots[0].param.device.type
+        self.trajectory.device = device_types(s.param for s in self._slots)

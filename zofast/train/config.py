@@ -84,6 +84,11 @@ class TrainConfig:
         dtype: weight dtype; float32, the fastest on a CPU (bf16 / fp16 train as well: mode
             "auto" applies their perturbations exactly and rounds their updates stochastically).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        device_map: split the model over devices instead of ``device``: ``"auto"`` (the GPUs in
+            order, then the CPU) or a JSON object of module name -> device, e.g.
+            ``{"model.decoder.layers.0": 0, "model.decoder.layers.1": "cpu", ...}``; CPU layers
+            compute on the CPU (:mod:`zofast.device_map`; needs accelerate); one process, ZO
+            methods and adam; None = the whole model on ``device``.
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
         mode: ``"auto"`` (for bf16 / fp16 weights an exact mode: ``"virtual"`` for lozo /
@@ -144,6 +149,7 @@ class TrainConfig:
     max_length: int = 128
     dtype: str = "float32"
     device: str = "auto"
+    device_map: str | None = None
     freeze: str | None = None
     mode: str = "auto"
     rounding: str = "auto"
@@ -213,6 +219,17 @@ class TrainConfig:
             raise ConfigError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
         if not is_int(self.max_length) or self.max_length < 8:
             raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
+        if self.device_map is not None:
+            from zofast.device_map import parse
+
+            try:
+                parse(self.device_map)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            if self.device != "auto":
+                raise ConfigError("give device or device_map, not both")
+            if self.method == "dfo-lora":
+                raise ConfigError("device_map is for lozo, lozo-m, mezo and adam")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.freeze is not None:

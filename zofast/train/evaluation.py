@@ -58,8 +58,9 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         batch = scorer.encode(examples[start : start + batch_size])
         logits = scorer.logits(batch)
-        correct += int((logits.argmax(dim=1) == batch.labels).sum())
-        total_loss += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+        labels = batch.labels.to(logits.device)  # a device map may put the head elsewhere
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
     return correct / len(examples), total_loss / len(examples)
 
 

@@ -20,6 +20,7 @@ optimizer state, data order; DFO-LoRA: its own ``save`` folder and its log's off
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,28 @@ class ZerothOrder(_Weights):
         self.steps_done += 1
         return [(self.steps_done, loss)]
 
+    @property
+    def world(self) -> int:
+        """The number of processes taking each step together (torchrun's world size)."""
+        return 1 if self.ranks is None else self.ranks.world
+
+    def state_dict(self) -> tuple[dict, dict]:
+        state, folders = super().state_dict()
+        state["world"] = self.world
+        return state, folders
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        world = int(state.get("world", 1))
+        if world != self.world and (self.ranks is None or self.ranks.main):
+            warnings.warn(
+                f"the run took its steps in {world} process(es) and resumes in {self.world}: it "
+                "continues, but its losses are means over other slices of the batches, so it "
+                "does not end bit for bit as the uninterrupted run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        super().load_state_dict(state, folder)
+
     def settle(self) -> None:
         self.optimizer.settle()
 
@@ -252,7 +275,7 @@ class Adam(_Weights):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = self.scorer.head_logits(self.scorer.forward_hidden(batch), batch)
-            loss = F.cross_entropy(logits, batch.labels)
+            loss = F.cross_entropy(logits, batch.labels.to(logits.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss is {float(loss.detach())}; no update was made"

@@ -46,6 +46,11 @@ def from_environment(config: TrainConfig) -> Ranks:
             f"torchrun runs data-parallel {', '.join(ZO_METHODS)}; --method {config.method} "
             "runs in one process"
         )
+    if config.device_map is not None:
+        raise ConfigError(
+            "under torchrun every process holds the whole model on its own GPU: drop "
+            "--device-map (it splits one model over this process's devices)"
+        )
     if config.batch_size < world:
         raise ConfigError(
             f"batch_size {config.batch_size} is smaller than the {world} processes: every "
