@@ -95,7 +95,7 @@ class Setup:
                 f"mode={self._mode!r}: pass mode='inplace' (with FSDP2's mixed precision the "
                 "shards stay float32, where in-place rounding is negligible)"
             )
-        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
+        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu, self._directions.q)
         stochastic = self._rounding == "stochastic"
         virtual = None
         if self._mode == "virtual":
@@ -112,6 +112,16 @@ class Setup:
         # Shadow mode: every tensor; virtual mode for bf16 / fp16: those not through layers.
         exact = self._mode == "shadow" or self._rest == "shadow"
         rest = [s for s in slots if s.virtual is None] if exact else []
+        in_place = [] if exact else [s for s in slots if s.virtual is None]
+        if in_place and self._directions.shared:
+            names = self._names()
+            shown = [names.get(id(s.param), f"parameter {s.index}") for s in in_place[:3]]
+            raise ValueError(
+                "split='directions' needs an exact mode (the ranks evaluate different "
+                "directions, so perturbations written into the weights would round differently "
+                f"on each rank); {shown} would be perturbed in place: pass mode='shadow' (or "
+                "mode='virtual' with virtual_rest='shadow')"
+            )
         shadow = None
         if rest:
             shadow = Shadow(rest, self._noise, self._model, self._names(), stochastic, self)
@@ -119,7 +129,6 @@ class Setup:
             if part is not None:
                 part.layers.remove_hooks()
         self._slots = slots
-        in_place = [] if exact else [s for s in slots if s.virtual is None]
         self._inplace = InPlace(in_place, self._noise, stochastic)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
         try:
