@@ -88,11 +88,8 @@ class Directions:
         if self.group is None:
             return [losses[k] for k in range(self.q)]
         if self.shared:
-            return self.gather(losses)
+            return self.group.gather(losses, self.q, self.owner)
         return self.group.mean([losses[k] for k in range(self.q)], examples)
-
-    def gather(self, losses: dict[int, tuple]) -> list[tuple]:
-        return self.group.gather(losses, self.q, self.owner)
 
     def recorded(self, k: int) -> int:
         """The direction an abort at direction k is recorded with: k, or under
