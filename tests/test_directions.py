@@ -32,11 +32,11 @@ def new_model(dtype=torch.float32) -> torch.nn.Module:
     ).to(dtype)
 
 
-def new_optimizer(method, model, **kwargs):
+def new_optimizer(method, params, **kwargs):
     common = {"lr": LR, "eps": EPS, "seed": SEED, **kwargs}
     if method == "mezo":
-        return MeZO(model, **common)
-    return LOZO(model, rank=RANK, nu=NU, momentum=BETA if method == "lozo-m" else 0.0, **common)
+        return MeZO(params, **common)
+    return LOZO(params, rank=RANK, nu=NU, momentum=BETA if method == "lozo-m" else 0.0, **common)
 
 
 def batch(dtype=torch.float32):
@@ -63,10 +63,11 @@ def final(model, opt) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def reference(method, params, q, steps, *, gs=None):
+def reference(method, params, q, steps, *, gs=None, wd=0.0):
     """LOZO / LOZO-M / MeZO with q directions per step in float64, every direction's noise
     materialised from the seeds (direction k of step t: index t·q + k; V: step t // nu), the
-    update the mean of the q estimates. gs: use these g's (steps × q) instead of computing them.
+    update the mean of the q estimates. gs: use these g's (steps × q) instead of computing them;
+    wd: weight decay of the matrices, W ← (1 − lr·wd)·W − lr·(update), once per step.
     Returns (the g's, the final tensors)."""
     model64 = new_model(torch.float64)
     names = [n for n, _ in model64.named_parameters()]
@@ -115,7 +116,8 @@ def reference(method, params, q, steps, *, gs=None):
                 else:
                     buffers[i] = BETA * buffers[i] + (1 - BETA) * left
                 left = buffers[i]
-            p[i] = p[i] - LR * (left if V is None else left @ V.T)
+            decay = 1.0 - LR * wd if p[i].dim() >= 2 else 1.0
+            p[i] = decay * p[i] - LR * (left if V is None else left @ V.T)
     return np.array(out_g), p
 
 
@@ -151,6 +153,24 @@ def test_a_step_averages_the_estimates_of_its_q_directions(method, dtype):
         assert (a.double() - b).abs().max().item() <= bound
         moved.append((b - s.double()).abs().max().item() / bound)
     assert max(moved) > 4  # the updates are far larger than the bound
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["inplace", "shadow"])
+def test_weight_decay_is_applied_once_per_step(method, mode):
+    q, steps, wd = 2, 3, 0.5
+    model = new_model()
+    start = [p.detach().clone() for p in model.parameters()]
+    # One group per tensor keeps the optimizer's order (the seeds' tensor index) the model's.
+    groups = [{"params": [p], "weight_decay": wd * (p.dim() >= 2)} for p in model.parameters()]
+    opt = new_optimizer(method, groups, directions=q, mode=mode, model=model)
+    x, y = batch()
+    for _ in range(steps):
+        opt.step(loss_of(model, x, y))
+    g_ref, want = reference(method, start, q, steps, wd=wd)
+    np.testing.assert_allclose(opt.trajectory.g, g_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(final(model, opt), want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
 def test_one_direction_is_the_default_and_direction_zero_takes_the_steps_seeds():

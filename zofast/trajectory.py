@@ -185,6 +185,7 @@ class Trajectory:
         n_groups: number of parameter groups (each step records one lr and weight decay per group).
 
     Attributes:
+        directions: q, the directions per step (``hyperparameters["directions"]``, 1 if absent).
         params: the parameter fingerprint (see :func:`param_fingerprint`), set at the first step;
             None before.
         device: device type of the parameters when the run started ("cpu", "cuda"), or None.
