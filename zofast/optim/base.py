@@ -227,7 +227,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         nxt = self._index(t + 1, 0) if self._pipeline else None
         buffers, used = {}, {}
         if self._momentum is not None:  # all state first: a failure leaves the weights untouched
-            buffers, used = self._momentum.buffers(self._slots, self.state, t, cs)
+            flat = None if self._virtual is None else self._virtual.flat_step(t)
+            buffers, used = self._momentum.buffers(self._slots, self.state, t, cs, flat)
         pending = []
         if self._virtual is not None:
             self._virtual.check_decay(wds)

@@ -21,6 +21,7 @@ import torch
 
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
+from zofast.shadow_step import to_device
 
 
 class Momentum:
@@ -29,14 +30,29 @@ class Momentum:
     def __init__(self, beta: float, noise: NoisePlan):
         self.beta, self.noise = beta, noise
 
-    def buffers(self, slots: list[Slot], state, t: int, gs: list[float]):
+    def buffers(self, slots: list[Slot], state, t: int, gs: list[float], flat=None):
         """({index: new buffer}, {index: the last direction's tensors}) of every slot after step
-        t, gs being g_k / q for the step's q directions (q = 1: [g]); FloatingPointError (nothing
-        written) if a buffer is not finite."""
-        buffers, used = {}, {}
+        t, gs being g_k / q for the step's q directions (q = 1: [g]); FloatingPointError
+        (nothing written) if a buffer is not finite. `flat`: the virtual part's flat tensors
+        (zofast.virtual_step.FlatVirtual) with step t loaded, whose buffers are made together
+        inside a V epoch (one direction per step only: Virtual.flat_step gives None otherwise)."""
+        buffers, used, checks = {}, {}, []
+        old = (
+            [] if flat is None else [state[vt.param].get("momentum_buffer") for vt in flat.tensors]
+        )
+        fresh = all(x is None for x in old)
+        # (a V-refresh step projects each tensor's buffer: per tensor)
+        if old and (fresh or (t % self.noise.nu and all(x is not None for x in old))):
+            (g,) = gs
+            n, views = flat.momentum(None if fresh else old, self.beta, g)
+            for vt, view in zip(flat.tensors, views, strict=True):
+                buffers[vt.index], used[vt.index] = view, (vt.U, vt.V)
+            checks.append(torch.isfinite(n).all())
         for slot in slots:
-            buffers[slot.index], used[slot.index] = self._step(slot, state, t, gs)
-        if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
+            if slot.index not in buffers:
+                buffers[slot.index], used[slot.index] = self._step(slot, state, t, gs)
+                checks.append(torch.isfinite(buffers[slot.index]).all())
+        if not torch.stack(checks).all():
             shown = gs[0] if len(gs) == 1 else gs
             raise FloatingPointError(f"the momentum overflowed at step {t} (g = {shown})")
         return buffers, used
@@ -101,5 +117,6 @@ class Momentum:
         if nxt is not None:
             cols.append(self.noise.noise(slot, nxt))
             scales.append(eps)
-        right = torch.tensor([scales], dtype=torch.float32, device=p.device)
+        # Through pinned memory: a pageable upload would wait for the GPU (once per tensor).
+        right = to_device(torch.tensor([scales], dtype=torch.float32), p.device)
         outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, row_offset=slot.offset, **rounding)
