@@ -143,7 +143,11 @@ class _EagerGraph:
 
 @pytest.mark.parametrize(
     ("method", "dtype", "options"),
-    [("mezo", "float32", {"pipeline": True}), ("lozo", "float32", {}), ("mezo", "bfloat16", {})],
+    [
+        ("mezo", "float32", {"pipeline": True}),
+        ("lozo", "float32", {}),
+        ("mezo", "bfloat16", {"accumulate": 1}),  # (an update pass per step, counted below)
+    ],
 )
 def test_each_device_replays_its_own_graph(monkeypatch, method, dtype, options):
     """Graphs stood in for on the CPU: every pass replays one graph per device, whose tables

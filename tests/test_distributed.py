@@ -4,7 +4,9 @@ of one batch of 8; their weights must stay bit-identical to each other and equal
 stepping on the whole batch, and ranks that disagree are refused before anything is written.
 FSDP2 (fully_shard): each rank perturbs its own shard, with the noise of the whole tensor; with
 mixed precision (float32 shards, bf16 forwards) the steps are those of one process computing the
-same bf16 forwards."""
+same bf16 forwards. Several directions per step: split="directions" (each rank evaluates its own
+directions on the whole batch) equals the same q directions in one process bit for bit;
+split="batch" with q > 1 equals one process up to the rounding of the mean losses."""
 
 import os
 import tempfile
@@ -30,16 +32,16 @@ def new_model(dtype: str) -> torch.nn.Module:
     ).to(getattr(torch, dtype))
 
 
-def new_optimizer(method: str, model, seed: int = 3, process_group=None):
-    common = dict(lr=1e-2, eps=1e-2, seed=seed, process_group=process_group)
+def new_optimizer(method: str, model, seed: int = 3, process_group=None, **kwargs):
+    common = dict(lr=1e-2, eps=1e-2, seed=seed, process_group=process_group, **kwargs)
     if method == "mezo":
         return MeZO(model, **common)
     return LOZO(model, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
 
 
-def make(method: str, dtype: str, seed: int = 3, process_group=None):
+def make(method: str, dtype: str, seed: int = 3, process_group=None, **kwargs):
     model = new_model(dtype)
-    return model, new_optimizer(method, model, seed, process_group)
+    return model, new_optimizer(method, model, seed, process_group, **kwargs)
 
 
 def batch(dtype: str):
@@ -49,8 +51,8 @@ def batch(dtype: str):
     return x, y
 
 
-def train(method, dtype, rows, process_group=None, seed=3):
-    model, opt = make(method, dtype, seed, process_group)
+def train(method, dtype, rows, process_group=None, seed=3, **kwargs):
+    model, opt = make(method, dtype, seed, process_group, **kwargs)
     x, y = batch(dtype)
     x, y = x[rows[0] : rows[1]], y[rows[0] : rows[1]]
 
@@ -114,6 +116,54 @@ def bf16_forward(model, x):
     weights, bf16 inputs."""
     weights = {n: p.to(torch.bfloat16) for n, p in model.named_parameters()}
     return torch.func.functional_call(model, weights, (x.to(torch.bfloat16),))
+
+
+def directions_worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        q = 3  # rank 0 evaluates directions 0 and 2, rank 1 direction 1
+        for method in ("mezo", "lozo", "lozo-m"):
+            for dtype, mode in (("bfloat16", "auto"), ("float32", "shadow")):
+                options = dict(directions=q, mode=mode)
+                model, opt = train(method, dtype, (0, 8), group, split="directions", **options)
+                alone, alone_opt = train(method, dtype, (0, 8), **options)
+                case = (method, dtype, mode)
+                assert opt.trajectory.g.shape == (STEPS, q), case
+                assert opt.trajectory == alone_opt.trajectory, (case, "g's differ")
+                assert torch.equal(flat(model), flat(alone)), (case, "weights differ")
+                assert not torch.equal(flat(model), flat(make(method, dtype)[0])), case
+            # split="batch": every rank evaluates the q directions on its shard.
+            model, _ = train(method, "float32", SHARDS[rank], group, directions=2)
+            mine = flat(model)
+            others = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(others, mine, group=group)
+            assert all(torch.equal(mine, o) for o in others), (method, "ranks differ")
+            alone, _ = train(method, "float32", (0, 8), directions=2)
+            torch.testing.assert_close(mine, flat(alone), rtol=1e-5, atol=1e-6)
+        # A NaN in rank 1's direction: every rank raises and keeps its weights bit for bit.
+        model, opt = make("lozo", "bfloat16", process_group=group, directions=2, split="directions")
+        start = flat(model)
+        x, y = batch("bfloat16")
+
+        def closure():
+            loss = ((model(x).float() - y) ** 2).mean()
+            return loss * float("nan") if rank == 1 else loss
+
+        with pytest.raises(FloatingPointError, match="direction 1"):
+            opt.step(closure)
+        assert torch.equal(flat(model), start) and opt.trajectory.events == ["abort-"]
+        # In place the ranks' roundings would differ: refused before anything is written.
+        with pytest.raises(ValueError, match="exact mode"):
+            make("mezo", "float32", process_group=group, directions=2, split="directions")
+        # Ranks that disagree on q: refused at the first step, untouched.
+        model, opt = make("lozo", "bfloat16", process_group=group, directions=2 + rank)
+        start = flat(model)
+        with pytest.raises(ValueError, match="disagree"):
+            opt.step(lambda: model(torch.ones(2, 6, dtype=torch.bfloat16)).float().pow(2).mean())
+        assert torch.equal(flat(model), start)
+    finally:
+        dist.destroy_process_group()
 
 
 def fsdp_worker(rank: int, world: int, init_file: str) -> None:
@@ -215,6 +265,12 @@ def test_fsdp2_shards_take_the_whole_tensors_noise_and_mixed_precision_trains():
 def test_two_ranks_equal_one_process_and_each_other():
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ranks_sharing_the_directions_equal_one_process():
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(directions_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 
 
 def test_process_group_needs_distributed():

@@ -84,23 +84,13 @@ class _GivenBool(_Given, argparse.BooleanOptionalAction):
 
 # TrainConfig fields each method does not use: giving one on the command line is an error, not a
 # silent no-op. (momentum > 0 outside lozo-m, pipeline outside mode inplace: TrainConfig.validate.)
+_ZO_ONLY = ("eps", "mode", "rounding", "pipeline", "directions", "split")
 _UNUSED_BY = {
     "lozo": ("popsize", "intrinsic_dim"),
     "lozo-m": ("popsize", "intrinsic_dim"),
     "mezo": ("rank", "nu", "popsize", "intrinsic_dim"),
-    "adam": ("eps", "rank", "nu", "popsize", "intrinsic_dim", "mode", "rounding", "pipeline"),
-    "dfo-lora": (
-        "lr",
-        "eps",
-        "nu",
-        "momentum",
-        "weight_decay",
-        "mode",
-        "rounding",
-        "pipeline",
-        "freeze",
-        "log_every",
-    ),
+    "adam": (*_ZO_ONLY, "rank", "nu", "popsize", "intrinsic_dim"),
+    "dfo-lora": (*_ZO_ONLY, "lr", "nu", "momentum", "weight_decay", "freeze", "log_every"),
 }
 
 

@@ -81,6 +81,7 @@ class ZOTrainingArguments(transformers.TrainingArguments):
         zo_nu: steps between redraws of LOZO's V.
         zo_momentum: β of LOZO-M (``lozo-m`` only; None = 0.9).
         zo_seed: run seed of the noise; None = ``seed``.
+        zo_directions: perturbations per step, their estimates averaged (2 forwards each).
 
     Example:
         >>> args = ZOTrainingArguments("out", learning_rate=1e-6, zo_method="mezo")
@@ -92,6 +93,7 @@ class ZOTrainingArguments(transformers.TrainingArguments):
     zo_nu: int = field(default=50, metadata={"help": "steps between redraws of V"})
     zo_momentum: float | None = field(default=None, metadata={"help": "LOZO-M beta (0.9)"})
     zo_seed: int | None = field(default=None, metadata={"help": "noise seed (default: seed)"})
+    zo_directions: int = field(default=1, metadata={"help": "perturbations per step (averaged)"})
     zo_mode: str = field(
         default="auto",
         metadata={"help": "auto (an exact mode for bf16/fp16), inplace, shadow or virtual"},
@@ -112,6 +114,7 @@ def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
         "seed": getattr(args, "zo_seed", None),
         "mode": getattr(args, "zo_mode", "auto"),
         "rounding": getattr(args, "zo_rounding", "auto"),
+        "directions": getattr(args, "zo_directions", 1),
     }
 
 
@@ -139,6 +142,7 @@ def build_optimizer(model: torch.nn.Module, args: transformers.TrainingArguments
         "seed": seed,
         "mode": s["mode"],
         "rounding": s["rounding"],
+        "directions": s["directions"],
         "model": model,
     }
     if s["method"] == "mezo":

@@ -1,14 +1,18 @@
 """The zeroth-order step protocol, over parts that each apply the perturbation their own way.
 
-``step(closure)``: validate (nothing written yet) → begin (+ε) → L+ → minus (−ε) → L− →
-g = (L+ − L−)/(2ε) → finish (restore, update); any failure after begin → abort (undo the
-perturbation) and re-raise. The parts:
+``step(closure)``: validate (nothing written yet) → for each direction k of the step: enter
+(+ε) → L+ → minus (−ε) → L− → then the losses of every direction (combined over a process group)
+→ g_k = (L+_k − L−_k)/(2ε) → finish (restore, update); any failure after the first write → abort
+(undo the perturbation of the direction under way) and re-raise. With one direction per step
+(the default) that is perturb → L+ → minus → L− → g → finish. The parts:
 
 * :class:`zofast.optim.inplace.InPlace`: tensors that carry the perturbation (engine passes);
 * :class:`zofast.optim.virtual.Virtual`: LOZO's matrices applied through their layers' hooks;
 * :class:`zofast.optim.shadow.Shadow`: exact mode, perturbed temporaries and layer hooks;
 * :class:`zofast.optim.momentum.Momentum`: LOZO-M's buffers, computed before any write;
-* :class:`zofast.optim.noise.NoisePlan`: which seeds every tensor gets at every step.
+* :class:`zofast.optim.noise.NoisePlan`: which seeds every tensor gets at every step;
+* :class:`zofast.optim.directions.Directions`: the q directions of a step (``directions=q``) and
+  which of them this process evaluates.
 
 Building the parts and the checks before a step are in zofast.optim.setup, state_dict /
 load_state_dict in zofast.optim.state.
@@ -28,6 +32,7 @@ from zofast.optim.checks import (
     float32,
     update_finite,
 )
+from zofast.optim.directions import Directions
 from zofast.optim.group import DataParallel, check_examples
 from zofast.optim.modes import LOW_PRECISION, check_modes, resolve, resolve_accumulate
 from zofast.optim.setup import Setup
@@ -61,15 +66,19 @@ def _loss_scalar(loss):
     raise ValueError(f"closure must return a Python number or a one-element tensor, got {kind}")
 
 
-def _loss_value(loss, t: int, which: str) -> float:
+def _loss_value(loss, where: str, which: str) -> float:
     """The float of a checked closure result; FloatingPointError if it is not finite."""
     value = float(loss.item()) if isinstance(loss, torch.Tensor) else loss
     if not math.isfinite(value):
         raise FloatingPointError(
-            f"the loss at the {which}ε perturbation of step {t} is {value}; the weights were "
+            f"the loss at the {which}ε perturbation of {where} is {value}; the weights were "
             "restored"
         )
     return value
+
+
+def _mean(values: list[float]) -> float:
+    return values[0] if len(values) == 1 else math.fsum(values) / len(values)
 
 
 class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
@@ -92,6 +101,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         virtual_rest=None,
         process_group=None,
         accumulate="auto",
+        directions=1,
+        split="batch",
     ):
         try:
             run_seed = as_seed(seed, "seed")
@@ -108,6 +119,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             params = list(params.named_parameters())
         check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest)
         self._group = None if process_group is None else DataParallel(process_group)
+        self._directions = Directions(directions, split, self._group)
         self._ready = False
         self._lowrank = lowrank
         self._virtual_request = None if virtual_indices is None else list(virtual_indices)
@@ -159,6 +171,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         }
         if self._accumulate > 1:  # (absent: 1, as in runs recorded before it existed)
             hyper["accumulate"] = self._accumulate
+        if self._directions.q > 1:  # absent for one direction: the records of earlier versions
+            hyper["directions"] = self._directions.q
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
             hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
             hyper["virtual_rest"] = self._rest
@@ -171,68 +185,90 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
 
     # The protocol. Every write to the weights happens in the parts, called from here.
 
-    def _shift(self, t: int, scale: float) -> None:
-        self._inplace.shift(t, scale, len(self.param_groups))
+    def _index(self, t: int, k: int) -> int:
+        """The direction index of direction k of step t (zofast.optim.noise)."""
+        return t * self._directions.q + k
 
-    def _coef(self, t: int, c: float) -> None:
-        """Virtual and shadow tensors: the forwards see W + c·Z_t (nothing is written)."""
+    def _shift(self, d: int, scale: float) -> None:
+        self._inplace.shift(d, scale, len(self.param_groups))
+
+    def _coef(self, d: int, c: float) -> None:
+        """Virtual and shadow tensors: the forwards see W + c·Z_d (nothing is written)."""
         for part in (self._virtual, self._shadow):
             if part is not None:
-                part.coef(t, c)
+                part.coef(d, c)
 
-    def _begin(self, t: int) -> None:
-        if self._pending is None:
-            self._shift(t, self._eps)
-        elif self._pending != t:
+    def _enter(self, t: int, k: int, previous: int | None) -> None:
+        """To +ε·Z of direction k of step t: from the stored weights (previous None; pipelined,
+        they may already carry it) or from −ε·Z of direction `previous` of the same step."""
+        d = self._index(t, k)
+        if previous is not None:
+            self._inplace.move(self._index(t, previous), d, self._eps, len(self.param_groups))
+        elif self._pending is None:
+            self._shift(d, self._eps)
+        elif self._pending != t or k:
             raise RuntimeError(f"internal error: pending step {self._pending}, stepping {t}")
         self._pending = None
-        self._coef(t, self._eps)
+        self._coef(d, self._eps)
 
-    def _minus(self, t: int) -> None:
+    def _minus(self, t: int, k: int) -> None:
         """From +ε to −ε."""
-        self._shift(t, -2.0 * self._eps)
-        self._coef(t, -self._eps)
+        d = self._index(t, k)
+        self._shift(d, -2.0 * self._eps)
+        self._coef(d, -self._eps)
 
-    def _abort(self, t: int, stage: int) -> None:
-        self._coef(t, 0.0)  # virtual tensors: nothing was written
-        self._shift(t, -self._eps if stage == 1 else self._eps)
-        self.trajectory.record(ABORT_PLUS if stage == 1 else ABORT_MINUS)
+    def _walk(self, t: int, n: int) -> None:
+        """Replay: the passes of evaluating directions 0 .. n − 1 of step t (the weights end at
+        −ε·Z of direction n − 1)."""
+        for k in range(n):
+            self._enter(t, k, k - 1 if k else None)
+            self._minus(t, k)
+
+    def _abort(self, t: int, k: int, stage: int) -> None:
+        d = self._index(t, k)
+        self._coef(d, 0.0)  # virtual tensors: nothing was written
+        self._shift(d, -self._eps if stage == 1 else self._eps)
+        kind = ABORT_PLUS if stage == 1 else ABORT_MINUS
+        self.trajectory.record(kind, self._directions.recorded(k))
         self._pending = None
 
-    def _finish(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
-        """Restore and update (pipelined: perturb for step t + 1): new state first, then writes."""
-        nxt = t + 1 if self._pipeline else None
+    def _finish(self, t: int, gs: list[float], lrs: list[float], wds: list[float]) -> None:
+        """Restore and update (pipelined: perturb for step t + 1): new state first, then writes.
+        gs: the g of every direction; the parts take g_k / q."""
+        q = self._directions.q
+        cs = [g / q for g in gs]
+        nxt = self._index(t + 1, 0) if self._pipeline else None
         buffers, used = {}, {}
         if self._momentum is not None:  # all state first: a failure leaves the weights untouched
             flat = None if self._virtual is None else self._virtual.flat_step(t)
-            buffers, used = self._momentum.buffers(self._slots, self.state, t, g, flat)
+            buffers, used = self._momentum.buffers(self._slots, self.state, t, cs, flat)
         pending = []
         if self._virtual is not None:
             self._virtual.check_decay(wds)
-            pending = self._virtual.updates(t, g, lrs, buffers, used)
-        self._inplace.finish(t, g, lrs, wds, self._eps, nxt, self._momentum, buffers, used)
+            pending = self._virtual.updates(t, cs, lrs, buffers, used)
+        self._inplace.finish(t, cs, lrs, wds, self._eps, nxt, self._momentum, buffers, used)
         if self._shadow is not None:
-            self._shadow.finish(t, g, lrs, wds, self._momentum, buffers, used)
+            self._shadow.finish(t, cs, lrs, wds, self._momentum, buffers, used)
         if self._virtual is not None:
             self._virtual.commit(pending, self.state, t)
         for slot in self._slots:
             if slot.index in buffers:
                 self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
-        self._end_step(t, g, lrs, wds)
+        self._end_step(t, gs, lrs, wds)
 
-    def _end_step(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
-        self._coef(t, 0.0)  # between steps the forwards see the stored (and pending) weights
-        self.trajectory.record_step(g, lrs, wds)
+    def _end_step(self, t: int, gs: list[float], lrs: list[float], wds: list[float]) -> None:
+        self._coef(self._index(t, 0), 0.0)  # between steps the forwards see the stored weights
+        self.trajectory.record_step(gs[0] if len(gs) == 1 else gs, lrs, wds)
         self._step_count = t + 1
         self._pending = t + 1 if self._pipeline else None
 
     def _finish_queued(self, t: int, loss_plus, loss_minus, lrs, wds):
-        """The queued finish of the in-place or the shadow part where it applies (no momentum,
-        virtual tensors or weight decay; see Passes.queued); None otherwise. Records the step,
-        or an abort when g or an update is not finite."""
+        """The queued finish of the in-place or the shadow part where it applies (one direction,
+        no momentum, virtual tensors or weight decay; see Passes.queued); None otherwise.
+        Records the step, or an abort when g or an update is not finite."""
         if self._momentum is not None or self._virtual is not None or any(wds):
             return None
-        if self._group is not None:  # the losses are all-reduced first
+        if self._group is not None or self._directions.q != 1:  # (the losses are combined first)
             return None
         if self._shadow is not None:
             read = self._shadow.finish_queued(t, loss_plus, loss_minus, lrs, self._eps)
@@ -244,11 +280,38 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         loss_plus, loss_minus = read
         g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
         if update_finite(g, lrs):
-            self._end_step(t, g, lrs, wds)
+            self._end_step(t, [g], lrs, wds)
         else:
             self._coef(t, 0.0)
             self.trajectory.record(ABORT_MINUS)
         return loss_plus, loss_minus
+
+    def _read_now(self, loss) -> bool:
+        """Whether to read a loss as soon as the closure returns it. Left unread where a later
+        read costs nothing (a GPU loss, or one the graphed passes may take as it is: the queued
+        finish), and under a process group (a rank must not stop before the collective)."""
+        if self._group is not None:
+            return False
+        return not (isinstance(loss, torch.Tensor) and (loss.is_cuda or self._graphed))
+
+    def _where(self, t: int, k: int) -> str:
+        return f"step {t}" if self._directions.q == 1 else f"step {t}, direction {k}"
+
+    def _estimate(self, t: int, k: int, loss_plus, loss_minus, lrs) -> tuple[float, ...]:
+        """(g, L+, L−) of direction k from its (combined) losses; FloatingPointError where a
+        loss, g or an update scale −lr·g/q is not finite."""
+        where = self._where(t, k)
+        loss_plus = _loss_value(loss_plus, where, "+")
+        loss_minus = _loss_value(loss_minus, where, "−")
+        g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
+        if not math.isfinite(g):
+            raise FloatingPointError(f"g of {where} is {g}; the weights were restored")
+        if not update_finite(g / self._directions.q, lrs):
+            raise FloatingPointError(
+                f"the update −lr·g of {where} overflows float32 (g = {g}, lr = {max(lrs)}); "
+                "the weights were restored"
+            )
+        return g, loss_plus, loss_minus
 
     # Public API.
 
@@ -258,13 +321,16 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
 
         Args:
             closure: callable with no arguments that evaluates the loss of ONE batch (the same
-                batch both times it is called in a step) and returns it as a Python number or a
-                one-element tensor. It is called twice, under torch.no_grad().
-            examples: with process_group, this rank's weight in the mean of the ranks' losses
-                (the number of examples its closure averages); ignored otherwise.
+                batch every time it is called in a step) and returns it as a Python number or a
+                one-element tensor. It is called twice per direction this process evaluates
+                (twice with the default directions=1), under torch.no_grad().
+            examples: with process_group and split="batch", this rank's weight in the mean of
+                the ranks' losses (the number of examples its closure averages); ignored
+                otherwise.
 
         Returns:
-            (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²).
+            (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²) (with
+            several directions, its mean over them).
 
         Raises:
             ValueError: no closure, a closure result that is not a real scalar or requires grad,
@@ -287,54 +353,48 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             self._fingerprint()
         if self._group is not None and not self._group.agreed:
             self._group.check_agreement(self._agreement(lrs, wds))
-        t, eps = self._step_count, self._eps
-        stage = 0
+        t = self._step_count
+        losses = {}
+        at, stage = None, 0  # the direction the weights carry, at +ε (stage 1) or −ε (stage 2)
         try:
-            with deferred_interrupts():
-                self._begin(t)
-                stage = 1
-            loss_plus = _loss_scalar(closure())
-            # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
-            # passes may take as it is (the queued finish).
-            lazy = isinstance(loss_plus, torch.Tensor) and (loss_plus.is_cuda or self._graphed)
-            if not lazy and self._group is None:  # (a rank must not stop before the all-reduce)
-                loss_plus = _loss_value(loss_plus, t, "+")
-            with deferred_interrupts():
-                self._minus(t)
-                stage = 2
-            # A GPU L+ is read only now: the −2ε pass and the second forward were queued behind
-            # the first without waiting for it (one host sync per evaluation pair, not two).
-            loss_minus = _loss_scalar(closure())
-            with deferred_interrupts():
-                read = self._finish_queued(t, loss_plus, loss_minus, lrs, wds)
-                if read is not None:
-                    stage = 3  # finished, or restored and recorded as an abort
-                    loss_plus, loss_minus = read
-            if self._group is not None:
-                loss_plus, loss_minus = self._group.mean(loss_plus, loss_minus, examples)
-            loss_plus = _loss_value(loss_plus, t, "+")
-            loss_minus = _loss_value(loss_minus, t, "−")
-            g = float32((loss_plus - loss_minus) / (2.0 * eps))
-            if not math.isfinite(g):
-                raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
-            if not update_finite(g, lrs):
-                raise FloatingPointError(
-                    f"the update −lr·g of step {t} overflows float32 (g = {g}, lr = {max(lrs)}); "
-                    "the weights were restored"
-                )
+            for k in self._directions.mine:
+                with deferred_interrupts():
+                    self._enter(t, k, at)
+                    at, stage = k, 1
+                loss_plus = _loss_scalar(closure())
+                if self._read_now(loss_plus):
+                    loss_plus = _loss_value(loss_plus, self._where(t, k), "+")
+                with deferred_interrupts():
+                    self._minus(t, k)
+                    stage = 2
+                # A GPU L+ is read only now: the −2ε pass and the second forward were queued
+                # behind the first without waiting for it (one host sync per step at most).
+                loss_minus = _loss_scalar(closure())
+                if self._read_now(loss_minus) and self._directions.q > 1:
+                    loss_minus = _loss_value(loss_minus, self._where(t, k), "−")
+                losses[k] = (loss_plus, loss_minus)
+            if self._directions.q == 1:
+                with deferred_interrupts():
+                    read = self._finish_queued(t, *losses[0], lrs, wds)
+                    if read is not None:
+                        stage = 3  # finished, or restored and recorded as an abort
+                        losses[0] = read
+            pairs = self._directions.combine(losses, examples)
+            estimates = [self._estimate(t, k, *pair, lrs) for k, pair in enumerate(pairs)]
+            gs = [g for g, _, _ in estimates]
             if stage == 2:
                 with deferred_interrupts():
-                    self._finish(t, g, lrs, wds)
+                    self._finish(t, gs, lrs, wds)
                     stage = 3
         except BaseException:
             if stage in (1, 2):
                 with deferred_interrupts():
-                    self._abort(t, stage)
+                    self._abort(t, at, stage)
             raise
         if self._shadow is not None:
             self._shadow.warn_unused()
-        self.last_losses = (loss_plus, loss_minus)
-        return 0.5 * (loss_plus + loss_minus)
+        self.last_losses = tuple(_mean([e[i] for e in estimates]) for i in (1, 2))
+        return 0.5 * (self.last_losses[0] + self.last_losses[1])
 
     def _agreement(self, lrs, wds) -> dict:
         """What every rank of a process group must agree on (DataParallel.check_agreement)."""
@@ -342,6 +402,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             "method": self.method,
             "run_seed": self._run_seed,
             "hyperparameters": self._hyperparameters(),
+            "directions": [self._directions.q, self._directions.split],
             "groups": [lrs, wds],
             "params": self.trajectory.params,
             "step": self._step_count,
@@ -379,7 +440,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             return
         with deferred_interrupts():
             if self._pending is not None:
-                self._shift(self._pending, -self._eps)
+                self._shift(self._index(self._pending, 0), -self._eps)
             if self._virtual is not None:
                 self._virtual.settle(self.state, self._step_count)
             if self._shadow is not None:
@@ -454,17 +515,18 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
 
     def replay(self, trajectory: Trajectory) -> None:
         """Re-run the engine calls of `trajectory` (used by zofast.replay)."""
+        q = self._directions.q
         for kind, g, lrs, wds in trajectory.iter_events():
             t = self._step_count
             if kind == SETTLE:
                 self.settle()
-                continue
-            self._begin(t)
-            if kind == ABORT_PLUS:
-                self._abort(t, 1)
-                continue
-            self._minus(t)
-            if kind == ABORT_MINUS:
-                self._abort(t, 2)
             elif kind == STEP:
-                self._finish(t, g, lrs, wds)
+                self._walk(t, q)
+                self._finish(t, [g] if q == 1 else list(g), lrs, wds)
+            else:  # an abort at direction k = g
+                stage = 1 if kind == ABORT_PLUS else 2
+                self._walk(t, g)
+                self._enter(t, g, g - 1 if g else None)
+                if stage == 2:
+                    self._minus(t, g)
+                self._abort(t, g, stage)

@@ -87,6 +87,13 @@ class LOZO(ZerothOrder):
             process): every rank steps on its own shard of the batch with the same seeds, one
             all-reduce of the losses per step (``step(closure, examples=n)`` weights them);
             see zofast.optim.group.
+        directions: q ≥ 1, the perturbations per step (2q forwards); the update is the average
+            of their q estimates, applied in one pass. The q directions of a step share its V
+            and differ in U. See zofast.optim.directions.
+        split: with process_group, what the ranks share out: "batch" (default: each rank
+            evaluates every direction on its shard of the batch) or "directions" (each rank
+            evaluates its directions, k % world_size == rank, on the whole batch; needs an
+            exact mode and directions ≥ world size).
         accumulate: steps whose updates of shadow-mode tensors are written together, in one
             pass and one rounding (the forwards in between see the last written weights; see
             zofast.optim.shadow): "auto" (default: 64 for bf16 / fp16 without momentum, where a
@@ -125,6 +132,8 @@ class LOZO(ZerothOrder):
         virtual_indices: list[int] | None = None,
         virtual_rest: str | None = None,
         process_group=None,
+        directions: int = 1,
+        split: str = "batch",
         accumulate="auto",
     ):
         momentum = real(momentum, "momentum")
@@ -156,6 +165,8 @@ class LOZO(ZerothOrder):
             virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
             virtual_rest=virtual_rest,
             process_group=process_group,
+            directions=directions,
+            split=split,
             accumulate=accumulate,
         )
 
@@ -181,6 +192,8 @@ class MeZO(ZerothOrder):
         model: shadow mode: the module whose forward the closure runs (default: `params` when
             it is a module).
         process_group: data parallelism over a ``torch.distributed`` group (see LOZO).
+        directions: q ≥ 1 perturbations per step, their estimates averaged (see LOZO).
+        split: with process_group, "batch" or "directions" (see LOZO).
         accumulate: steps whose updates are written together in shadow mode (see LOZO;
             "auto": 64 for bf16 / fp16 weights, 1 for float32).
 
@@ -205,6 +218,8 @@ class MeZO(ZerothOrder):
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
         process_group=None,
+        directions: int = 1,
+        split: str = "batch",
         accumulate="auto",
     ):
         defaults = {
@@ -222,6 +237,8 @@ class MeZO(ZerothOrder):
             lowrank=False,
             model=model,
             process_group=process_group,
+            directions=directions,
+            split=split,
             accumulate=accumulate,
         )
 

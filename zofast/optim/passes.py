@@ -1,6 +1,7 @@
 """Engine passes over a fixed list of trained tensors (slots), as one call or one graph.
 
-A pass gives every slot the terms scale_k·Z_(steps[k]) (its group's scales), optionally scales the
+A pass gives every slot the terms scale_k·Z_(steps[k]) (its group's scales; steps are direction
+indices, zofast.optim.noise), optionally scales the
 stored weight first (``w_scale``, weight decay fused into an update) and optionally rounds the
 result stochastically (round seeds from the run's "round" role, see zofast.optim.noise). On one
 GPU the whole pass replays a CUDA graph (zofast.graphed.GraphedPass) with a seed table built in
@@ -92,8 +93,8 @@ class Passes:
         """(graph, seed table, scale table) of a pass that a CUDA graph can replay, or None: no
         graphs, or low-rank terms on V epochs that are not one run, then at most one other (a
         V-refresh step's restore + update, then next)."""
-        index, lowrank, nu = self.index, self.lowrank, self.noise.nu
-        epochs = [s // nu for s in steps] if lowrank.any() else [0] * len(steps)
+        index, lowrank = self.index, self.lowrank
+        epochs = [self.noise.epoch(s) for s in steps] if lowrank.any() else [0] * len(steps)
         split = epochs.index(epochs[-1])  # the first term on the last V: 0 if one V
         if self.graphs is None or epochs[:split] != [epochs[0]] * split:
             return None

@@ -90,7 +90,7 @@ class Setup:
             slots.append(slot)
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
+        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu, self._directions.q)
         stochastic = self._rounding == "stochastic"
         virtual = None
         if self._mode == "virtual":
@@ -107,6 +107,16 @@ class Setup:
         # Shadow mode: every tensor; virtual mode for bf16 / fp16: those not through layers.
         exact = self._mode == "shadow" or self._rest == "shadow"
         rest = [s for s in slots if s.virtual is None] if exact else []
+        in_place = [] if exact else [s for s in slots if s.virtual is None]
+        if in_place and self._directions.shared:
+            names = self._names()
+            shown = [names.get(id(s.param), f"parameter {s.index}") for s in in_place[:3]]
+            raise ValueError(
+                "split='directions' needs an exact mode (the ranks evaluate different "
+                "directions, so perturbations written into the weights would round differently "
+                f"on each rank); {shown} would be perturbed in place: pass mode='shadow' (or "
+                "mode='virtual' with virtual_rest='shadow')"
+            )
         shadow = None
         if rest:
             shadow = Shadow(
@@ -116,7 +126,6 @@ class Setup:
             if part is not None:
                 part.layers.remove_hooks()
         self._slots = slots
-        in_place = [] if exact else [s for s in slots if s.virtual is None]
         self._inplace = InPlace(in_place, self._noise, stochastic, self._fsdp)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
         try:

@@ -81,6 +81,11 @@ class Checkpoint:
             self._virtual.load(self.state)
         if self._shadow is not None:
             self._shadow.deferred = [
-                (int(t), [float(x) for x in updates], [float(x) for x in decays])
-                for t, updates, decays in extra.get("deferred", [])
+                (
+                    int(t),
+                    [int(d) for d in directions],
+                    [[float(x) for x in group] for group in updates],
+                    [float(x) for x in decays],
+                )
+                for t, directions, updates, decays in extra.get("deferred", [])
             ]

@@ -81,7 +81,7 @@ def trajectory_prefix(trajectory, n_events: int):
         >>> best.steps <= opt.trajectory.steps
         True
     """
-    from zofast.trajectory import STEP, Trajectory
+    from zofast.trajectory import SETTLE, STEP, Trajectory
 
     out = Trajectory(
         trajectory.method, trajectory.hyperparameters, trajectory.run_seed, trajectory.n_groups
@@ -93,6 +93,8 @@ def trajectory_prefix(trajectory, n_events: int):
             break
         if kind == STEP:
             out.record_step(g, lrs, wds)
-        else:
+        elif kind == SETTLE:
             out.record(kind)
+        else:  # an abort, at direction g
+            out.record(kind, g)
     return out

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from zofast.data import Example
 from zofast.models import LoadedModel
 from zofast.scoring import Scorer
-from zofast.train.config import FORWARDS_PER_STEP, ConfigError, TrainConfig
+from zofast.train.config import ConfigError, TrainConfig
 from zofast.train.evaluation import trajectory_prefix
 
 
@@ -134,7 +134,7 @@ class _Weights(Method):
     def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches):
         self.loaded, self.scorer, self.batches = loaded, scorer, batches
         self.trained = [(n, p) for n, p in loaded.model.named_parameters() if p.requires_grad]
-        self.cost = FORWARDS_PER_STEP[config.method]
+        self.cost = config.forwards_per_step
         self.total = config.resolved_steps
         self.steps_done = 0
         self.resolved = {
@@ -196,17 +196,20 @@ class _Weights(Method):
 
 
 class ZerothOrder(_Weights):
-    """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per step, a trajectory of seeds."""
+    """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per direction and step, a
+    trajectory of seeds."""
 
     def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches, ranks):
         super().__init__(config, loaded, scorer, batches)
         self.ranks = ranks
         group = None if ranks is None else ranks.group
         self.optimizer = build_zo_optimizer(config, loaded.model, group)
+        # split="directions": every process evaluates its own directions on the whole batch.
+        self.shard = group is not None and config.split == "batch"
 
     def advance(self, periods: Sequence[int]) -> list[tuple[int, float]]:
         examples = self.batches.next()
-        if self.ranks is not None and self.ranks.group is not None:
+        if self.shard:
             examples = self.ranks.shard(examples)  # the optimizer all-reduces the losses
         batch = self.scorer.encode(examples)
         loss = self.optimizer.step(lambda: self.scorer.loss(batch), examples=len(examples))
@@ -390,9 +393,15 @@ class DFO(Method):
 
 def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_group=None):
     """The LOZO / MeZO optimizer a config describes (ConfigError on a bad combination);
-    ``process_group``: data parallelism (zofast.optim.group)."""
+    ``process_group``: data parallelism (zofast.optim.group), its ranks sharing out the batch
+    or the directions (``config.split``)."""
     from zofast.optim import LOZO, MeZO, param_groups
 
+    if config.split == "directions" and process_group is None:
+        raise ConfigError(
+            "split 'directions' shares each step's directions among torchrun's processes; "
+            "one process evaluates them all: leave split at 'batch'"
+        )
     groups = param_groups(model, config.weight_decay)
     common = {
         "lr": config.resolved_lr,
@@ -403,6 +412,8 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_grou
         "pipeline": config.resolved_mode == "inplace" and config.pipeline is not False,
         "model": model,
         "process_group": process_group,
+        "directions": config.directions,
+        "split": config.split,
     }
     try:
         if config.method == "mezo":
