@@ -2,7 +2,8 @@
 
 ``step(closure)``: validate (nothing written yet) → begin (+ε) → L+ → minus (−ε) → L− →
 g = (L+ − L−)/(2ε) → finish (restore, update); any failure after begin → abort (undo the
-perturbation) and re-raise. The parts:
+perturbation) and re-raise. A paired step (zofast.optim.paired) evaluates (L+, L−) in one
+forward between begin and finish. The parts:
 
 * :class:`zofast.optim.inplace.InPlace`: tensors that carry the perturbation (engine passes);
 * :class:`zofast.optim.virtual.Virtual`: LOZO's matrices applied through their layers' hooks;
@@ -19,17 +20,19 @@ The methods (zofast.optim.methods) only add their hyperparameters.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from zofast.optim.checks import (
     deferred_interrupts,
     float32,
+    loss_scalar,
+    loss_value,
     update_finite,
 )
 from zofast.optim.group import DataParallel, check_examples
 from zofast.optim.modes import LOW_PRECISION, check_modes, resolve
+from zofast.optim.paired import PairedStep
 from zofast.optim.setup import Setup
 from zofast.optim.shadow import Shadow
 from zofast.optim.state import Checkpoint
@@ -38,40 +41,7 @@ from zofast.rng import as_seed
 from zofast.trajectory import ABORT_MINUS, ABORT_PLUS, SETTLE, STEP, Trajectory
 
 
-def _loss_scalar(loss):
-    """Check a closure result without reading it: a one-element real tensor (returned as it is,
-    so a GPU loss is not synchronised yet) or a Python real (returned as a float)."""
-    if isinstance(loss, torch.Tensor):
-        if loss.requires_grad:
-            raise ValueError(
-                "closure returned a tensor that requires grad: the closure must run under "
-                "torch.no_grad() (step() calls it under no_grad; do not re-enable grad inside)"
-            )
-        if loss.numel() != 1:
-            raise ValueError(
-                f"closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
-            )
-        if loss.is_complex() or loss.dtype == torch.bool:
-            raise ValueError(f"closure must return a real loss, got dtype {loss.dtype}")
-        return loss
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
-    kind = type(loss).__name__
-    raise ValueError(f"closure must return a Python number or a one-element tensor, got {kind}")
-
-
-def _loss_value(loss, t: int, which: str) -> float:
-    """The float of a checked closure result; FloatingPointError if it is not finite."""
-    value = float(loss.item()) if isinstance(loss, torch.Tensor) else loss
-    if not math.isfinite(value):
-        raise FloatingPointError(
-            f"the loss at the {which}ε perturbation of step {t} is {value}; the weights were "
-            "restored"
-        )
-    return value
-
-
-class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
+class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
     """The step protocol shared by LOZO and MeZO (see zofast.optim's docstring)."""
 
     method = ""
@@ -90,6 +60,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         virtual_indices=None,
         virtual_rest=None,
         process_group=None,
+        paired=False,
     ):
         try:
             run_seed = as_seed(seed, "seed")
@@ -102,7 +73,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = list(params.named_parameters())
-        check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest)
+        check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest, paired)
+        self._paired = paired
         self._group = None if process_group is None else DataParallel(process_group)
         self._ready = False
         self._lowrank = lowrank
@@ -121,6 +93,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             decay=any(group["weight_decay"] for group in self.param_groups),
             has_model=model is not None,
             replay_only=self._virtual_request is not None,
+            paired=paired,
         )
         self._model = model if self._mode in ("virtual", "shadow") else None
         self._eps = defaults["eps"]
@@ -149,6 +122,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
             hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
             hyper["virtual_rest"] = self._rest
+        if self._paired:  # the record says so (the updates, hence replay, are the same)
+            hyper["paired"] = True
         return hyper
 
     def _new_trajectory(self) -> Trajectory:
@@ -245,7 +220,9 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         Args:
             closure: callable with no arguments that evaluates the loss of ONE batch (the same
                 batch both times it is called in a step) and returns it as a Python number or a
-                one-element tensor. It is called twice, under torch.no_grad().
+                one-element tensor. It is called twice, under torch.no_grad(). With
+                ``paired=True`` it is called once, runs the model on the batch stacked twice
+                and returns (L+, L−), the losses of the two copies (see zofast.optim.paired).
             examples: with process_group, this rank's weight in the mean of the ranks' losses
                 (the number of examples its closure averages); ignored otherwise.
 
@@ -273,41 +250,32 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             self._fingerprint()
         if self._group is not None and not self._group.agreed:
             self._group.check_agreement(self._agreement(lrs, wds))
-        t, eps = self._step_count, self._eps
+        if self._paired:
+            return self._step_paired(closure, lrs, wds, examples)
+        t = self._step_count
         stage = 0
         try:
             with deferred_interrupts():
                 self._begin(t)
                 stage = 1
-            loss_plus = _loss_scalar(closure())
+            loss_plus = loss_scalar(closure())
             # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
             # passes may take as it is (the queued finish).
             lazy = isinstance(loss_plus, torch.Tensor) and (loss_plus.is_cuda or self._graphed)
             if not lazy and self._group is None:  # (a rank must not stop before the all-reduce)
-                loss_plus = _loss_value(loss_plus, t, "+")
+                loss_plus = loss_value(loss_plus, t, "+")
             with deferred_interrupts():
                 self._minus(t)
                 stage = 2
             # A GPU L+ is read only now: the −2ε pass and the second forward were queued behind
             # the first without waiting for it (one host sync per evaluation pair, not two).
-            loss_minus = _loss_scalar(closure())
+            loss_minus = loss_scalar(closure())
             with deferred_interrupts():
                 read = self._finish_queued(t, loss_plus, loss_minus, lrs, wds)
                 if read is not None:
                     stage = 3  # finished, or restored and recorded as an abort
                     loss_plus, loss_minus = read
-            if self._group is not None:
-                loss_plus, loss_minus = self._group.mean(loss_plus, loss_minus, examples)
-            loss_plus = _loss_value(loss_plus, t, "+")
-            loss_minus = _loss_value(loss_minus, t, "−")
-            g = float32((loss_plus - loss_minus) / (2.0 * eps))
-            if not math.isfinite(g):
-                raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
-            if not update_finite(g, lrs):
-                raise FloatingPointError(
-                    f"the update −lr·g of step {t} overflows float32 (g = {g}, lr = {max(lrs)}); "
-                    "the weights were restored"
-                )
+            loss_plus, loss_minus, g = self._read(t, loss_plus, loss_minus, lrs, examples)
             if stage == 2:
                 with deferred_interrupts():
                     self._finish(t, g, lrs, wds)
@@ -317,6 +285,27 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
                 with deferred_interrupts():
                     self._abort(t, stage)
             raise
+        return self._returned(loss_plus, loss_minus)
+
+    def _read(self, t, loss_plus, loss_minus, lrs, examples) -> tuple[float, float, float]:
+        """(L+, L−, g) as floats: the losses all-reduced with a process group, then read; raises
+        FloatingPointError where a loss, g or an update is not finite."""
+        if self._group is not None:
+            loss_plus, loss_minus = self._group.mean(loss_plus, loss_minus, examples)
+        loss_plus = loss_value(loss_plus, t, "+")
+        loss_minus = loss_value(loss_minus, t, "−")
+        g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
+        if not math.isfinite(g):
+            raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
+        if not update_finite(g, lrs):
+            raise FloatingPointError(
+                f"the update −lr·g of step {t} overflows float32 (g = {g}, lr = {max(lrs)}); "
+                "the weights were restored"
+            )
+        return loss_plus, loss_minus, g
+
+    def _returned(self, loss_plus: float, loss_minus: float) -> float:
+        """What a step ends with: the usage warning, last_losses and (L+ + L−)/2."""
         if self._shadow is not None:
             self._shadow.warn_unused()
         self.last_losses = (loss_plus, loss_minus)

@@ -87,6 +87,9 @@ class LOZO(ZerothOrder):
             process): every rank steps on its own shard of the batch with the same seeds, one
             all-reduce of the losses per step (``step(closure, examples=n)`` weights them);
             see zofast.optim.group.
+        paired: evaluate L+ and L− in ONE forward over the batch stacked twice, the first copy
+            at +ε and the second at −ε (needs the model and an exact mode; the closure returns
+            (L+, L−)); see zofast.optim.paired.
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -99,6 +102,9 @@ class LOZO(ZerothOrder):
         ['weight']
         >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
         >>> opt.settle()  # before saving net.state_dict(): W += A·Vᵀ
+        >>> opt = LOZO(net, lr=1e-3, paired=True)  # one forward per step
+        >>> loss = opt.step(lambda: ((net(torch.cat([x, x])) - y.repeat(2, 1)) ** 2)
+        ...                 .view(2, -1).mean(1))  # (L+, L−)
     """
 
     method = "LOZO"
@@ -120,6 +126,7 @@ class LOZO(ZerothOrder):
         virtual_indices: list[int] | None = None,
         virtual_rest: str | None = None,
         process_group=None,
+        paired: bool = False,
     ):
         momentum = real(momentum, "momentum")
         if not 0.0 <= momentum < 1.0:
@@ -150,6 +157,7 @@ class LOZO(ZerothOrder):
             virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
             virtual_rest=virtual_rest,
             process_group=process_group,
+            paired=paired,
         )
 
     def _hyperparameters(self) -> dict:
@@ -174,6 +182,8 @@ class MeZO(ZerothOrder):
         model: shadow mode: the module whose forward the closure runs (default: `params` when
             it is a module).
         process_group: data parallelism over a ``torch.distributed`` group (see LOZO).
+        paired: must be False: paired steps need LOZO's low-rank noise (ValueError otherwise;
+            see zofast.optim.paired).
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -196,6 +206,7 @@ class MeZO(ZerothOrder):
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
         process_group=None,
+        paired: bool = False,
     ):
         defaults = {
             "lr": positive(lr, "lr"),
@@ -212,6 +223,7 @@ class MeZO(ZerothOrder):
             lowrank=False,
             model=model,
             process_group=process_group,
+            paired=paired,
         )
 
 

@@ -6,12 +6,16 @@ c = +ε in the first forward, −ε in the second and 0 otherwise; the stored we
 the update alone: one pass per step, ``W ← (1 − lr·wd)·W − lr·g·Z_t`` (LOZO-M: ``− lr·N·Vᵀ``),
 rounded stochastically by default for bf16 / fp16 (``rounding``). A failing step writes nothing,
 so the weights stay bit-identical; at lr = 0 they never move.
+
+Paired steps (zofast.optim.paired) hook the same tensors per row instead
+(:mod:`zofast.paired_layers`); the update pass is the same.
 """
 
 from __future__ import annotations
 
 import warnings
 
+from zofast import paired_layers
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.passes import Passes
 from zofast.shadow import ShadowLayers, ShadowTensor, plan
@@ -28,9 +32,11 @@ class Shadow:
         names: {id(param): name}.
         stochastic: round the update pass stochastically.
         owner: the optimizer (held weakly by the hooks' registry).
+        rows: paired steps: the optimizer's :class:`zofast.paired_layers.Rows` (the tensors are
+            then hooked per row, zofast.paired_layers); None otherwise.
     """
 
-    def __init__(self, slots, noise: NoisePlan, model, names, stochastic: bool, owner):
+    def __init__(self, slots, noise: NoisePlan, model, names, stochastic: bool, owner, rows=None):
         self.slots, self.noise, self.model = slots, noise, model
         self.passes = Passes(slots, noise)
         self.stochastic = stochastic
@@ -45,14 +51,19 @@ class Shadow:
         # (bench/results/2026-12-02-shadow-layers).
         # Biases and norms: perturbed together before each forward (PRESET_MAX_NUMEL).
         lowrank = any(s.rank for s in slots)
-        if model is not None:
-            plan(
-                model,
-                tensors,
-                product_min_numel=0 if lowrank else None,
-                preset_max_numel=PRESET_MAX_NUMEL,
-            )
-        self.layers = ShadowLayers(tensors, owner)
+        if rows is not None:
+            if model is not None:
+                paired_layers.plan(model, tensors)
+            self.layers = paired_layers.PairedShadowLayers(tensors, rows, owner)
+        else:
+            if model is not None:
+                plan(
+                    model,
+                    tensors,
+                    product_min_numel=0 if lowrank else None,
+                    preset_max_numel=PRESET_MAX_NUMEL,
+                )
+            self.layers = ShadowLayers(tensors, owner)
         self.detached = False
         self._checked_usage = False
         self._directions = None
