@@ -665,4 +665,3 @@ class PairedShadowLayers(ShadowLayers):
         for split in self._splits:
             split.restore()
         super().restore()
-

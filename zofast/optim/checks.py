@@ -145,6 +145,7 @@ def loss_pair(result) -> tuple:
         "(zofast.paired.losses(model, inputs) makes them for a transformers model)"
     )
 
+
 @contextlib.contextmanager
 def deferred_interrupts():
     """Hold SIGINT (KeyboardInterrupt) until the block is over, so no pass stops half-way."""
