@@ -87,8 +87,18 @@ class _GivenBool(_Given, argparse.BooleanOptionalAction):
 _UNUSED_BY = {
     "lozo": ("popsize", "intrinsic_dim"),
     "lozo-m": ("popsize", "intrinsic_dim"),
-    "mezo": ("rank", "nu", "popsize", "intrinsic_dim"),
-    "adam": ("eps", "rank", "nu", "popsize", "intrinsic_dim", "mode", "rounding", "pipeline"),
+    "mezo": ("rank", "nu", "popsize", "intrinsic_dim", "paired"),
+    "adam": (
+        "eps",
+        "rank",
+        "nu",
+        "popsize",
+        "intrinsic_dim",
+        "mode",
+        "rounding",
+        "pipeline",
+        "paired",
+    ),
     "dfo-lora": (
         "lr",
         "eps",
@@ -98,6 +108,7 @@ _UNUSED_BY = {
         "mode",
         "rounding",
         "pipeline",
+        "paired",
         "freeze",
         "log_every",
     ),
