@@ -127,8 +127,13 @@ def losses(model: torch.nn.Module, inputs) -> torch.Tensor:
             closure by hand: run the model once on :func:`stack` (inputs), return both losses).
 
     Example:
-        >>> opt = zofast.LOZO(model, lr=1e-6, paired=True)
-        >>> loss = opt.step(lambda: zofast.paired.losses(model, batch))  # doctest: +SKIP
+        >>> import transformers
+        >>> config = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20)
+        >>> model = transformers.GPT2LMHeadModel(config).eval()
+        >>> ids = torch.arange(12).view(2, 6)
+        >>> batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        >>> opt = LOZO(model, lr=1e-3, paired=True)
+        >>> loss = opt.step(lambda: losses(model, batch))  # one forward of 4 rows
     """
     if not isinstance(inputs, Mapping) or inputs.get("labels") is None:
         raise ValueError("zofast.paired.losses needs the model's inputs with their labels")

@@ -39,6 +39,8 @@ its own perturbation. Any other first dimension raises ValueError in the forward
 then aborted, the weights bit-identical). Sequence-first layouts, (seq, batch, dim), are not
 supported: a sequence length equal to 2B would go unnoticed.
 
+The hooks are for ``no_grad`` / ``inference_mode`` forwards (ZO), not for backward.
+
 Memory: "product" / "rows" as shadow mode; the virtual L± (2·m·r per tensor in the output's
 dtype, padded to 8 columns on a GPU); "bias" / "norm" three float copies of the small tensors
 (+, −, and their differences); "split" the module's two temporaries and a second output.
@@ -49,7 +51,8 @@ Example:
     ...            for i, (n, p) in enumerate(model.named_parameters())]
     >>> layers = PairedShadowLayers(plan(model, tensors), Rows()); layers.attach()
     >>> layers.set_direction(0, [(11, 12), (13,), (14,), (15,)]); layers.set_coef(1e-3)
-    >>> y = model(torch.ones(2, 3, 4))  # y[0] at W + 1e-3·Z, y[1] at W − 1e-3·Z
+    >>> with torch.no_grad():  # ZO forwards: no autograd through the hooks
+    ...     y = model(torch.ones(2, 3, 4))  # y[0] at W + 1e-3·Z, y[1] at W − 1e-3·Z
     >>> layers.remove_hooks()
 """
 

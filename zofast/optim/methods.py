@@ -102,9 +102,10 @@ class LOZO(ZerothOrder):
         ['weight']
         >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
         >>> opt.settle()  # before saving net.state_dict(): W += A·Vᵀ
-        >>> opt = LOZO(net, lr=1e-3, paired=True)  # one forward per step
-        >>> loss = opt.step(lambda: ((net(torch.cat([x, x])) - y.repeat(2, 1)) ** 2)
-        ...                 .view(2, -1).mean(1))  # (L+, L−)
+        >>> opt.detach()
+        >>> opt = LOZO(net, lr=1e-3, paired=True)  # both losses from one forward
+        >>> out = lambda: net(torch.cat([x, x]))  # the batch stacked twice: +ε, then −ε
+        >>> loss = opt.step(lambda: (out() - y.repeat(2, 1)).pow(2).view(2, -1).mean(1))
     """
 
     method = "LOZO"
