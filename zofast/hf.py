@@ -27,9 +27,10 @@ How it fits into Trainer's loop
 
     With ``zo_paired=True`` (LOZO / LOZO-M, or an optimizer built with ``paired=True``) a step is
     one forward over the batch stacked twice (:mod:`zofast.optim.paired`): the closure is
-    ``zofast.paired.losses(model, inputs)``, each copy's loss computed as the model's own head
-    computes it, averaged over that copy. A paired step cannot go through a custom
-    ``compute_loss`` or label smoothing (ValueError when the optimizer is created).
+    ``zofast.paired.losses(model, inputs, num_items_in_batch)``, each copy's loss computed as
+    ``compute_loss`` computes the batch's (the model's head, Trainer's ``num_items_in_batch``). A
+    paired step cannot go through a custom ``compute_loss`` / ``compute_loss_func`` or label
+    smoothing (ValueError when the optimizer is created).
 
 Divergence
     A step the optimizer refuses (FloatingPointError: NaN / inf loss or g, an update that
@@ -315,7 +316,10 @@ class ZOTrainer(transformers.Trainer):
 
     def _check_paired(self) -> None:
         """ValueError where a paired step would not compute the loss Trainer computes."""
-        if type(self).compute_loss is not transformers.Trainer.compute_loss:
+        if (
+            type(self).compute_loss is not transformers.Trainer.compute_loss
+            or self.compute_loss_func is not None
+        ):
             raise ValueError(
                 "a paired step computes each copy's loss with zofast.paired.losses, not with a "
                 "custom compute_loss: drop zo_paired (or override training_step)"
@@ -399,8 +403,9 @@ class ZOTrainer(transformers.Trainer):
 
         def closure():
             with torch.no_grad(), self.compute_loss_context_manager():
-                if paired:  # one forward over the batch twice: (L+, L−)
-                    return losses(model, inputs)
+                if paired:  # one forward over the batch twice: (L+, L−), as compute_loss
+                    items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+                    return losses(model, inputs, num_items_in_batch=items)
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             return loss.mean() if loss.numel() > 1 else loss
 

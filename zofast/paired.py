@@ -78,15 +78,22 @@ def _loss_type(model) -> str:
     return kind
 
 
-def _copy_loss(model, kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _cross_entropy(logits, labels, items) -> torch.Tensor:
+    """transformers' cross-entropy: the mean over labels ≠ -100, or their sum / `items`."""
+    if items is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum") / torch.as_tensor(items).to(logits)
+
+
+def _copy_loss(model, kind: str, logits, labels, items) -> torch.Tensor:
     """One copy's loss, as the model's forward computes it from its logits and the labels."""
     logits = logits.float()
     labels = labels.to(logits.device)
-    if kind == "ForCausalLM":  # tokens < n predict n; -100 ignored; mean over the copy
+    if kind == "ForCausalLM":  # tokens < n predict n; -100 ignored
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+        return _cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), items)
     if kind in _TOKENS:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return _cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), items)
     config = model.config
     problem = getattr(config, "problem_type", None)
     n_labels = config.num_labels
@@ -102,11 +109,11 @@ def _copy_loss(model, kind: str, logits: torch.Tensor, labels: torch.Tensor) -> 
             return F.mse_loss(logits.squeeze(), labels.squeeze().float())
         return F.mse_loss(logits, labels.float())
     if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, n_labels), labels.view(-1))
+        return _cross_entropy(logits.view(-1, n_labels), labels.view(-1), items)
     return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
-def losses(model: torch.nn.Module, inputs) -> torch.Tensor:
+def losses(model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
     """(L+, L−): one forward of `model` over `inputs` stacked twice, each copy's loss.
 
     The closure of a paired step for a transformers model: ``opt.step(lambda:
@@ -116,11 +123,14 @@ def losses(model: torch.nn.Module, inputs) -> torch.Tensor:
         model: a transformers model with a causal LM (``...ForCausalLM``, ``...LMHeadModel``),
             masked LM, token classification or sequence classification head.
         inputs: its keyword inputs, with ``labels`` (a dict or ``BatchEncoding``, batch first).
+        num_items_in_batch: as transformers' models take it: the cross-entropy losses are then
+            each copy's sum divided by it instead of its mean (what ``Trainer`` passes).
 
     Returns:
         A float32 tensor of two losses: the first copy's and the second's, each computed as
-        ``model(**inputs).loss`` would be on that copy alone (mean over the copy's labelled
-        tokens or examples; causal LM labels are shifted, -100 is ignored).
+        ``model(**inputs, num_items_in_batch=...).loss`` would be on that copy alone (the mean
+        over the copy's labelled tokens or examples by default; causal LM labels are shifted,
+        -100 is ignored).
 
     Raises:
         ValueError: no ``labels``, or a head whose loss this function does not know (write the
@@ -151,4 +161,5 @@ def losses(model: torch.nn.Module, inputs) -> torch.Tensor:
     out = model(**stack(rest))
     logits = out["logits"] if isinstance(out, Mapping) else out[0]
     first, second = logits.chunk(2)
-    return torch.stack([_copy_loss(model, kind, half, labels) for half in (first, second)])
+    items = num_items_in_batch
+    return torch.stack([_copy_loss(model, kind, h, labels, items) for h in (first, second)])
