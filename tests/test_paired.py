@@ -408,6 +408,7 @@ def test_scorer_of_a_bert_encoder(tiny_model_dirs):
     check_accuracy(errors, floor=8 * 2.0**-24)
 
 
+@pytest.mark.slow
 def test_scorer_of_the_embedded_minilm():
     """zofast train's default model (the embedded all-MiniLM-L6-v2), 4 steps, batch 2."""
     from zofast.models import load_model
@@ -705,6 +706,7 @@ def data_parallel_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_data_parallel_paired_steps():
     """Two gloo ranks, shards of 1 and 3 examples: one all-reduce of (L+, L−) per step, the
     ranks bit-identical and equal to one process on the whole batch."""

@@ -80,11 +80,13 @@ def make_optimizer(
     nu: int = 50,
     momentum: float = LOZO_M_MOMENTUM,
     pipeline: bool = False,
+    paired: bool = False,
 ):
     """MeZO / LOZO / LOZO-M (`momentum`) on `model` (passed as the params: exact modes need it).
 
-    mode / rounding None = the optimizer's default. Raises Unsupported when this
-    optimizer has no such mode or rounding."""
+    mode / rounding None = the optimizer's default; paired: LOZO's paired steps (its closure
+    returns (L+, L−) of the batch stacked twice). Raises Unsupported when this optimizer has
+    no such mode or rounding."""
     from zofast.optim import LOZO, MeZO
 
     if method not in METHODS:
@@ -96,6 +98,8 @@ def make_optimizer(
     for name, value in (("mode", mode), ("rounding", rounding)):
         if value is not None:
             kwargs[name] = value
+    if paired:
+        kwargs["paired"] = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bf16 in place warns: the contrast rows ask for it
