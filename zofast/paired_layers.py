@@ -11,6 +11,8 @@ L+ and the second's L−. Each (module, tensor) pair takes one of five ways, cho
   U·Vᵀ), zofast.shadow's low-rank product with the rank-r side's second half negated;
 * ``"bias"`` (the bias of a stock Linear / Conv1D): y_i += (b ± ε·z) − b, where b ± ε·z is the
   perturbed bias rounded to the weights' dtype bit for bit as a two-forward step's temporary;
+  ``"fused"`` where the Linear's weight is virtual: the same differences, added by the weight's
+  own product (one more column of its factors, :class:`zofast.paired_ways.SignedFactors`);
 * ``"norm"`` (the weight / bias of a stock ``nn.LayerNorm`` or ``nn.RMSNorm``): with a trained
   weight the module runs with its affine parameters swapped for ones and zeros, so it returns
   the normalised input x̂ (which does not depend on them), and y_i = x̂_i ⊙ (γ ± ε·z_γ) +
@@ -23,8 +25,9 @@ L+ and the second's L−. Each (module, tensor) pair takes one of five ways, cho
 
 LOZO's virtual tensors (:mod:`zofast.virtual`) go through :class:`PairedVirtualLayers`:
 y_i += (x_i·R)·L_iᵀ with L_i = A ± ε·U (on a V-refresh step [A | ±ε·U], R = [V_A | V]), the two
-L's stacked and applied by one batched product; with c = 0 (between steps) the hooks are
-virtual mode's own, applying the pending A·V_Aᵀ. Both halves apply the same pending A.
+L's stacked and applied by one batched product (two launches per layer; the factors of all
+tensors made in a few launches per forward); with c = 0 (between steps) the hooks are virtual
+mode's own, applying the pending A·V_Aᵀ. Both halves apply the same pending A.
 
 Each half equals the layer with weight W ± ε·Z up to the rounding of the forward (a two-forward
 step's, except that "norm" rounds x̂ to the output's dtype before the affine step and "bias"
@@ -64,6 +67,7 @@ from zofast import virtual as virtual_mode
 from zofast.paired_ways import (
     NormHooks,
     Rows,
+    SignedFactors,
     SmallValues,
     SplitHooks,
     bias_hook,
@@ -76,7 +80,7 @@ from zofast.virtual import VirtualLayers, VirtualTensor, layer_kind
 
 __all__ = ["WAYS", "PairedShadowLayers", "PairedVirtualLayers", "Rows", "plan"]
 
-WAYS = ("product", "rows", "bias", "norm", "split")
+WAYS = ("product", "rows", "bias", "fused", "norm", "split")
 
 
 class PairedVirtualLayers(VirtualLayers):
@@ -91,6 +95,21 @@ class PairedVirtualLayers(VirtualLayers):
     def __init__(self, tensors: list[VirtualTensor], rows: Rows, owner=None):
         super().__init__(tensors, owner)
         self.rows = rows
+        self.factors = SignedFactors(self.tensors)
+
+    def fuse_biases(self, shadow: PairedShadowLayers) -> None:
+        """Apply the bias of each Linear whose weight is virtual (and used by that Linear alone)
+        in the weight's own product, instead of through a "bias" hook of its own: its way
+        becomes "fused" (before attach)."""
+        by_param = {id(st.param): st for st in shadow.tensors}
+        for vt in self.tensors:
+            if len(vt.layers) != 1 or vt.layers[0][1] != "linear":
+                continue
+            module = vt.layers[0][0]
+            st = by_param.get(id(getattr(module, "bias", None)))
+            if st is not None and st.uses == [Use(module, "bias", "linear")]:
+                st.uses = [Use(module, "fused", "linear")]
+                self.factors.fused[id(vt)] = (st, shadow.values)
 
     def attach(self) -> None:
         if self.attached:
@@ -98,7 +117,7 @@ class PairedVirtualLayers(VirtualLayers):
         virtual_mode.claim(self, self.modules)
         for vt in self.tensors:
             for module, kind in vt.layers:
-                hook = virtual_hook(vt, kind, self.rows)
+                hook = virtual_hook(vt, kind, self.rows, self.factors)
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         self.attached = True
 
@@ -207,7 +226,7 @@ class PairedShadowLayers(ShadowLayers):
             for device, group in by_device.items():
                 ways = {id(st): {u.way for u in st.uses} for st in group}
                 lowrank = [st for st in group if st.rank and ways[id(st)] & {"product", "rows"}]
-                small = [st for st in group if ways[id(st)] & {"bias", "norm"}]
+                small = [st for st in group if ways[id(st)] & {"bias", "norm", "fused"}]
                 self._parts[device] = (StepFactors(lowrank), SmallValues(small))
         return self._parts
 
@@ -249,6 +268,8 @@ class PairedShadowLayers(ShadowLayers):
                 elif use.way == "bias":
                     hook = bias_hook(st, self.rows, self.values)
                     self._handles.append(module.register_forward_hook(hook))
+                elif use.way == "fused":
+                    continue  # applied by its weight's virtual hook
                 elif use.way == "norm":
                     entry = norms.setdefault(id(module), (module, {}))
                     entry[1]["weight" if st.param is module.weight else "bias"] = st

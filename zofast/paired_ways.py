@@ -20,7 +20,9 @@ __all__ = [
     "SignedFactors",
     "SmallValues",
     "SplitHooks",
+    "FACTOR_ALIGN",
     "bias_hook",
+    "factor_width",
     "halves",
     "lowrank_hook",
     "virtual_hook",
@@ -34,9 +36,11 @@ class Rows:
 
     def __init__(self):
         self.rows: int | None = None
+        self.generation = 0  # counts paired forwards: what the hooks prepare once per forward
 
     def reset(self) -> None:
         self.rows = None
+        self.generation += 1
 
 
 def halves(rows: Rows, out: torch.Tensor, name: str, x=None, width: int | None = None):
@@ -69,85 +73,133 @@ def halves(rows: Rows, out: torch.Tensor, name: str, x=None, width: int | None =
     return x, y, y.view(2, -1, width or y.shape[-1])
 
 
+# Factor columns are padded to a multiple of this on a GPU, so that every operand of the hooks'
+# rank-k products is 16-byte aligned (cuBLAS falls back to slow kernels otherwise; the zero
+# columns add exact zeros).
+FACTOR_ALIGN = 8
+
+
+def factor_width(k: int, device: torch.device) -> int:
+    """k columns as the factors hold them on `device`."""
+    return k + (-k % FACTOR_ALIGN if device.type == "cuda" else 0)
+
+
 class SignedFactors:
-    """One virtual tensor's paired factors per (dtype, device): L± (2, m, k), L±[0] = L at +c
-    and L±[1] at −c, and R (n, k), in that dtype, columns zero-padded to a multiple of 8 on a
-    GPU (aligned operands for cuBLAS). Rebuilt in place when c, A, U or V change (held buffers
-    per width: their padding columns stay zero)."""
+    """Every virtual tensor's paired factors for the current paired forward, per (dtype, device):
+    L± (2, m, w) with L±[0] = L at +c and L±[1] at −c (virtual mode's L = A + c·U, or [A | c·U]
+    on a V-refresh step) and R (n, w) (V, or [V_A | V]); w = k columns (+ 1 where a Linear's bias
+    is fused: column k of L± holds its differences (b ± c·z) − b and column k of R is zero, the
+    hook's x·R then getting a column of ones), padded by factor_width.
 
-    def __init__(self, vt: VirtualTensor):
-        self.vt = vt
-        self._buffers: dict = {}
-        self._made: dict = {}
+    Made at the first hook call of each paired forward (a new ``rows.generation``) for all the
+    tensors at once: per group of tensors of one shape and form, the factors stacked and one add
+    per sign, computed in float32 and rounded once into the dtype (as virtual mode's own factors,
+    bit for bit): a few launches per group instead of a few per tensor.
 
-    def get(self, dtype: torch.dtype, device: torch.device):
-        vt = self.vt
-        key = (vt.c, vt.A, vt.V_A, vt.U, vt.V)
+    Args:
+        tensors: the :class:`zofast.virtual.VirtualTensor` objects.
+        fused: {id(tensor): (its Linear's bias ShadowTensor, that tensor's SmallValues lookup)}.
+    """
+
+    def __init__(self, tensors, fused: dict | None = None):
+        self.tensors = list(tensors)
+        self.fused = {} if fused is None else fused
+        self._buffers: dict = {}  # (dtype, device, group) -> (L (G, 2, m, w), R (G, n, w))
+        self._made: dict = {}  # (dtype, device) -> (generation, {id(vt): (L, R, bias column)})
+
+    def get(self, vt: VirtualTensor, dtype, device, generation: int):
+        """(L±, R, the column of the fused bias or None) of `vt` for this paired forward."""
         made = self._made.get((dtype, device))
-        if made is not None and all(a is b for a, b in zip(made[0], key, strict=True)):
-            return made[1]
-        with torch.inference_mode(False), torch.no_grad():
-            factors = self._build(dtype, device)
-        self._made[(dtype, device)] = (key, factors)
-        return factors
+        if made is None or made[0] != generation:
+            with torch.inference_mode(False), torch.no_grad():
+                made = (generation, self._build(dtype, device))
+            self._made[(dtype, device)] = made
+        return made[1][id(vt)]
 
-    def _build(self, dtype, device):
-        vt = self.vt
-        c, A, U, V = vt.c, vt.A, vt.U, vt.V
-        r = U.shape[1]
-        refresh = A is not None and vt.epoch != vt.V_epoch
-        k = 2 * r if refresh else r
-        buffers = self._buffers.get((dtype, device, k))
-        if buffers is None:
-            padded = k + (-k % 8 if device.type == "cuda" else 0)
-            buffers = (
-                torch.zeros(2, vt.m, padded, dtype=dtype, device=device),
-                torch.zeros(vt.n, padded, dtype=dtype, device=device),
-            )
-            self._buffers[(dtype, device, k)] = buffers
-        L, R = buffers
-        # Computed in float32 and rounded once into the buffers: as virtual mode's L = A + c·U.
-        if A is None:
-            torch.mul(U, c, out=L[0, :, :r])
-            torch.mul(U, -c, out=L[1, :, :r])
-        elif not refresh:
-            torch.add(A, U, alpha=c, out=L[0, :, :r])
-            torch.add(A, U, alpha=-c, out=L[1, :, :r])
-        else:  # A on the old V, c·U on the new: [A | c·U]·[V_A | V]ᵀ
-            L[:, :, :r].copy_(A)
-            torch.mul(U, c, out=L[0, :, r:k])
-            torch.mul(U, -c, out=L[1, :, r:k])
-            R[:, r:k].copy_(V)
-            V = vt.V_A
-        R[:, :r].copy_(V)
-        return L, R
+    def _build(self, dtype, device) -> dict:
+        groups: dict = {}
+        for vt in self.tensors:
+            r = vt.U.shape[1]
+            form = "new" if vt.A is None else ("same" if vt.epoch == vt.V_epoch else "refresh")
+            key = (vt.m, vt.n, r, form, id(vt) in self.fused)
+            groups.setdefault(key, []).append(vt)
+        made = {}
+        for key, group in groups.items():
+            m, n, r, form, fused = key
+            k = 2 * r if form == "refresh" else r
+            slot = (dtype, device, key, tuple(id(vt) for vt in group))
+            buffers = self._buffers.get(slot)
+            if buffers is None:
+                w = factor_width(k + fused, device)
+                buffers = self._buffers[slot] = (
+                    torch.zeros(len(group), 2, m, w, dtype=dtype, device=device),
+                    torch.zeros(len(group), n, w, dtype=dtype, device=device),
+                )
+            L, R = buffers
+            c = group[0].c
+            U = torch.stack([vt.U for vt in group])
+            R[:, :, k - r : k].copy_(torch.stack([vt.V for vt in group]))  # V: the last r
+            if form == "new":
+                torch.mul(U, c, out=L[:, 0, :, :r])
+                torch.mul(U, -c, out=L[:, 1, :, :r])
+            elif form == "same":
+                A = torch.stack([vt.A for vt in group])
+                torch.add(A, U, alpha=c, out=L[:, 0, :, :r])
+                torch.add(A, U, alpha=-c, out=L[:, 1, :, :r])
+            else:  # A on the old V, c·U on the new: [A | c·U]·[V_A | V]ᵀ
+                L[:, :, :, :r].copy_(torch.stack([vt.A for vt in group]).unsqueeze(1))
+                torch.mul(U, c, out=L[:, 0, :, r:k])
+                torch.mul(U, -c, out=L[:, 1, :, r:k])
+                R[:, :, :r].copy_(torch.stack([vt.V_A for vt in group]))
+            if fused:
+                biases = [self.fused[id(vt)] for vt in group]
+                L[:, :, :, k].copy_(torch.stack([v(st).differences(st) for st, v in biases]))
+            for i, vt in enumerate(group):
+                made[id(vt)] = (L[i], R[i], k if fused else None)
+        return made
 
 
-def virtual_hook(vt: VirtualTensor, kind: str, rows: Rows):
+def virtual_hook(vt: VirtualTensor, kind: str, rows: Rows, factors: SignedFactors):
     """A virtual tensor's forward hook: virtual mode's own with c = 0, the paired product with
-    c ≠ 0 (see the module docstring)."""
+    c ≠ 0 (see zofast.paired_layers)."""
     plain = virtual_mode._make_hook(vt, kind)
-    signed = SignedFactors(vt)
-    offsets: dict = {}
+    bias = factors.fused.get(id(vt), (None,))[0]
+    constants: dict = {}
+
+    def constant(key, make):
+        t = constants.get(key)
+        if t is None:
+            with torch.inference_mode(False), torch.no_grad():
+                t = constants[key] = make()
+        return t
 
     def hook(module, args, kwargs, out):
         if vt.c == 0.0:
             return plain(module, args, kwargs, out)
         x, y, y3 = halves(rows, out, vt.name, x=virtual_mode._input(args, kwargs))
-        L, R = signed.get(y.dtype, y.device)
-        k = R.shape[1]
+        L, R, column = factors.get(vt, y.dtype, y.device, rows.generation)
+        w = R.shape[1]
         if kind == "linear":  # W: (out = m, in = n); y_i += (x_i·R)·L_iᵀ
-            xr = x.reshape(-1, vt.n).to(y.dtype) @ R
-            y3.baddbmm_(xr.view(2, -1, k), L.transpose(1, 2))
+            x2 = x.reshape(-1, vt.n).to(y.dtype)
+            if column is None:
+                xr = x2 @ R
+            else:  # [x·R | 1]: the fused bias's row of L±ᵀ is added once per row
+                ones = constant(
+                    (y.dtype, y.device, w, column),
+                    lambda: torch.zeros(1, w, dtype=y.dtype, device=y.device).index_fill_(
+                        1, torch.tensor([column], device=y.device), 1.0
+                    ),
+                )
+                xr = torch.addmm(ones, x2, R)
+                bias.used = True
+            y3.baddbmm_(xr.view(2, -1, w), L.transpose(1, 2))
         elif kind == "conv1d":  # W: (in = m, out = n); y_i += (x_i·L_i)·Rᵀ
             xl = torch.bmm(x.reshape(2, -1, vt.m).to(y.dtype), L)
-            y.view(-1, vt.n).addmm_(xl.view(-1, k), R.T)
+            y.view(-1, vt.n).addmm_(xl.view(-1, w), R.T)
         else:  # embedding, W: (vocab = m, dim = n); y_i += L_i[id_i]·Rᵀ, L± read as 2m rows
-            shift = offsets.get(x.device)
-            if shift is None:
-                shift = offsets[x.device] = torch.tensor([[0], [vt.m]], device=x.device)
+            shift = constant(x.device, lambda: torch.tensor([[0], [vt.m]], device=x.device))
             index = (x.reshape(2, -1) + shift).reshape(-1)
-            y.view(-1, vt.n).addmm_(L.view(-1, k).index_select(0, index), R.T)
+            y.view(-1, vt.n).addmm_(L.view(-1, w).index_select(0, index), R.T)
         return y
 
     return hook

@@ -128,6 +128,8 @@ class Setup:
         in_place = [] if exact else [s for s in slots if s.virtual is None]
         self._inplace = InPlace(in_place, self._noise, stochastic)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
+        if self._paired and virtual is not None and shadow is not None:
+            virtual.layers.fuse_biases(shadow.layers)  # Linear biases in their weights' products
         try:
             for part in (virtual, shadow):
                 if part is not None:
