@@ -215,7 +215,7 @@ class SmallValues:
         self.tensors = list(tensors)
         self._slices: dict[int, tuple] | None = None  # id(st) -> (values, differences) (2, n)
         self._flat: list = []  # per dtype: (stored, perturbed (2, S), differences (2, S))
-        self._copies: list = []  # (stored view, perturbed view, sign) per tensor and sign
+        self._copies: list = []  # per tensor: [stored, + and − copies] (views of the flat buffers)
         self._graph = None
 
     def _allocate(self) -> None:
