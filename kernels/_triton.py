@@ -12,6 +12,10 @@ CI runs the core tests with triton and zofast._C hidden (tests/conftest.py, ZOFA
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 MISSING = (
     "zofast's Triton kernels need the triton package (pip install triton); without it use "
     "backend='cpp' or backend='torch'"
@@ -61,3 +65,15 @@ if not HAS_TRITON:
     tl = _Unavailable("triton.language")
 
 __all__ = ["HAS_TRITON", "MISSING", "tl", "triton"]
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on torch's current CUDA device, not on its tensors': a context in which
+    t's device is current (a null context where it already is, and on the CPU). Tensors of a
+    model split over several GPUs (a device map) need it."""
+    device = t.device
+    if device.type != "cuda" or device.index is None:
+        return contextlib.nullcontext()
+    if device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

@@ -13,7 +13,7 @@ and w is only read.
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import on_device, tl, triton
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
@@ -81,20 +81,21 @@ def gaussian_triton(
     n_blocks = (offset + n + 3) // 4 - offset // 4
     if w.dtype == torch.float32:
         round_seed = None  # nothing to round
-    _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
-        w,
-        seeds,
-        scales,
-        n,
-        offset,
-        N_TERMS=seeds.numel(),
-        BLOCK=block,
-        EXACT=not triton_interpreting(),
-        out_ptr=None if out is w else out,
-        round_seed_ptr=round_seed,
-        w_scale_ptr=w_scale,
-        **CONTRACT_OPTIONS,
-    )
+    with on_device(w):
+        _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
+            w,
+            seeds,
+            scales,
+            n,
+            offset,
+            N_TERMS=seeds.numel(),
+            BLOCK=block,
+            EXACT=not triton_interpreting(),
+            out_ptr=None if out is w else out,
+            round_seed_ptr=round_seed,
+            w_scale_ptr=w_scale,
+            **CONTRACT_OPTIONS,
+        )
     return w if out is None else out
 
 

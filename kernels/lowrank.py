@@ -13,7 +13,7 @@ row and column; kernels.philox's docstring). With `out` the result goes there, w
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import on_device, tl, triton
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
@@ -137,20 +137,21 @@ def factors_triton(
     u_programs = triton.cdiv(u_offset % 4 + m * rank, 4 * block)
     v_programs = triton.cdiv(v_offset % 4 + n * rank, 4 * block)
     grid = (u_programs + v_programs, terms)
-    _factors_kernel[grid](
-        u,
-        v,
-        seeds,
-        scales,
-        m * rank,
-        n * rank,
-        u_offset,
-        v_offset,
-        N_TERMS=terms,
-        RANK=rank,
-        BLOCK=block,
-        **CONTRACT_OPTIONS,
-    )
+    with on_device(seeds):
+        _factors_kernel[grid](
+            u,
+            v,
+            seeds,
+            scales,
+            m * rank,
+            n * rank,
+            u_offset,
+            v_offset,
+            N_TERMS=terms,
+            RANK=rank,
+            BLOCK=block,
+            **CONTRACT_OPTIONS,
+        )
     return u, v
 
 
@@ -178,24 +179,25 @@ def lowrank_triton(
     if w.dtype == torch.float32:
         round_seed = None  # nothing to round
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _lowrank_kernel[grid](
-        w,
-        u,
-        v,
-        m,
-        n,
-        N_TERMS=u.shape[0],
-        RANK=u.shape[1],
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        EXACT=not triton_interpreting(),
-        out_ptr=None if out is w else out,
-        round_seed_ptr=round_seed,
-        w_scale_ptr=w_scale,
-        row_offset=row_offset,
-        col_offset=col_offset,
-        COL_ALIGNED=col_offset % 4 == 0 and block_n % 4 == 0,
-    )
+    with on_device(w):
+        _lowrank_kernel[grid](
+            w,
+            u,
+            v,
+            m,
+            n,
+            N_TERMS=u.shape[0],
+            RANK=u.shape[1],
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            EXACT=not triton_interpreting(),
+            out_ptr=None if out is w else out,
+            round_seed_ptr=round_seed,
+            w_scale_ptr=w_scale,
+            row_offset=row_offset,
+            col_offset=col_offset,
+            COL_ALIGNED=col_offset % 4 == 0 and block_n % 4 == 0,
+        )
     return w if out is None else out
 
 

@@ -34,7 +34,7 @@ seed]) and scales rows (T scales, [w scale]).
 import numpy as np
 import torch
 
-from ._triton import tl, triton
+from ._triton import on_device, tl, triton
 from .lowrank import default_tile
 from .philox import (
     CONTRACT_OPTIONS,
@@ -392,6 +392,10 @@ class MultiPass:
     def launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
         """Run the pass: tensor i takes seeds[i] (T seeds, then its v seed or two, then its
         round seed if stochastic) and scales[i] (T scales, then its weight scale if scaled)."""
+        with on_device(seeds):
+            self._launch(seeds, scales)
+
+    def _launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
         terms = self.n_terms
         scale_width = terms + self.scaled
         for table, jobs, w0, aligned in self._gaussian:
@@ -432,6 +436,10 @@ class MultiPass:
             )
 
     def _launch_factors(self, seeds, scales, u, v) -> None:
+        with on_device(seeds):
+            self._launch_factor_kernels(seeds, scales, u, v)
+
+    def _launch_factor_kernels(self, seeds, scales, u, v) -> None:
         for table, jobs, rank in self._factors:
             _multi_factors_kernel[(jobs.shape[0],)](
                 table,

@@ -42,7 +42,7 @@ it is bit-identical across backends.
 
 import torch
 
-from ._triton import HAS_TRITON, MISSING, tl, triton
+from ._triton import HAS_TRITON, MISSING, on_device, tl, triton
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -301,7 +301,8 @@ def philox4x32_triton(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     key = torch.tensor([k0, k1], dtype=torch.int64, device=counters.device)
     n = counters.shape[0]
     block = 256
-    _philox_kernel[(triton.cdiv(n, block),)](counters, key, out, n, BLOCK=block)
+    with on_device(counters):
+        _philox_kernel[(triton.cdiv(n, block),)](counters, key, out, n, BLOCK=block)
     return out
 
 
@@ -315,9 +316,10 @@ def sample_triton(offsets: torch.Tensor, seed: torch.Tensor, *, normal: bool, ou
     )
     n = offsets.numel()
     block = 512
-    _sample_kernel[(triton.cdiv(n, block),)](
-        offsets, seed, out, n, BLOCK=block, NORMAL=normal, **CONTRACT_OPTIONS
-    )
+    with on_device(offsets):
+        _sample_kernel[(triton.cdiv(n, block),)](
+            offsets, seed, out, n, BLOCK=block, NORMAL=normal, **CONTRACT_OPTIONS
+        )
     return out
 
 
@@ -328,9 +330,10 @@ def noise_triton(
     _check_interpretable(out)
     n = out.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
-    _noise_kernel[(triton.cdiv(n_blocks, block),)](
-        out, seed, scale, n, offset, BLOCK=block, **CONTRACT_OPTIONS
-    )
+    with on_device(out):
+        _noise_kernel[(triton.cdiv(n_blocks, block),)](
+            out, seed, scale, n, offset, BLOCK=block, **CONTRACT_OPTIONS
+        )
     return out
 
 

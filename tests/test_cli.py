@@ -117,6 +117,8 @@ BAD_TRAIN = [
     (["--lr", "1e39"], "lr = 1e+39 overflows float32"),
     (["--eps", "1e-50"], "eps = 1e-50 underflows to 0"),
     (["--eps", "1e37"], "eps = 1e+37 would overflow float32"),
+    (["--directions", "0"], "directions must be an integer >= 1"),
+    (["--method", "adam", "--directions", "2"], "method adam does not use --directions"),
 ]
 
 

@@ -141,6 +141,8 @@ def test_build_optimizer_reads_the_arguments(tmp_path):
     args = _args(tmp_path, zo_method="lozo-m", zo_rank=1, zo_nu=7, weight_decay=0.1)
     opt = build_optimizer(model, args)
     assert isinstance(opt, LOZO)
+    assert "directions" not in opt.trajectory.hyperparameters
+    assert build_optimizer(model, _args(tmp_path, zo_directions=3)).trajectory.directions == 3
     assert opt.trajectory.hyperparameters["rank"] == 1
     assert opt.trajectory.hyperparameters["nu"] == 7
     assert opt.trajectory.hyperparameters["momentum"] == 0.9

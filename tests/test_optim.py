@@ -883,7 +883,8 @@ def test_shadow_queued_finish_gives_the_host_finish_bit_for_bit(method):
     for queued in (True, False):
         model = small_model(torch.bfloat16)
         cls, kwargs = (LOZO, {"rank": 2, "nu": 3}) if method == "lozo" else (MeZO, {})
-        opt = cls(model, lr=1e-2, eps=1e-2, seed=5, mode="shadow", **kwargs)
+        # (the queued finish writes every step's update: accumulate = 1)
+        opt = cls(model, lr=1e-2, eps=1e-2, seed=5, mode="shadow", accumulate=1, **kwargs)
         assert opt.rounding == "stochastic"
         if queued:
             stand_in = _EagerGraph(opt, counts, part="_shadow", stochastic=True)
@@ -937,3 +938,92 @@ def test_shadow_resume_into_an_optimizer_that_already_stepped_with_another_seed(
     for _ in range(3):
         opt_b.step(lambda: b(x).float().pow(2).mean())
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+# accumulate: the shadow part writes K steps' updates in one pass.
+
+
+def test_accumulate_writes_k_steps_in_one_pass():
+    """accumulate = 3 (MeZO, bf16 shadow): the stored weights stay put for two steps, then take
+    the three updates in one engine pass with one stochastic rounding, bit for bit; the
+    forwards of the three steps saw the same weights; settle() writes a partial block."""
+    from zofast.perturb import gaussian_
+
+    model = small_model(torch.bfloat16)
+    opt = MeZO(model, lr=1e-2, eps=1e-2, seed=4, accumulate=3)
+    assert opt.mode == "shadow" and opt.trajectory.hyperparameters["accumulate"] == 3
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    start = snapshot(model)
+    for _ in range(2):
+        opt.step(lambda: model(x).float().pow(2).mean())
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), start, strict=True))
+        assert opt.unflushed
+    opt.step(lambda: model(x).float().pow(2).mean())
+    assert not opt.unflushed
+    g = opt.trajectory.g
+    noise = opt._noise
+    for i, (w, p) in enumerate(zip(start, model.parameters(), strict=True)):
+        seeds = [noise.seeds("full", t)[i] for t in range(3)]
+        expected = gaussian_(
+            w.clone(), seeds, [-1e-2 * float(g[t]) for t in range(3)],
+            round_seed=noise.seeds("round", 2)[i],
+        )  # fmt: skip
+        assert torch.equal(p, expected), i
+    opt.step(lambda: model(x).float().pow(2).mean())
+    written = snapshot(model)
+    opt.settle()
+    assert not opt.unflushed and not all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), written, strict=True)
+    )
+
+
+def test_accumulate_resumes_and_replays_bit_for_bit(tmp_path):
+    """A state_dict taken between writes (LOZO's shadow part, weight decay: the deferred decays)
+    continues bit for bit; replay of the trajectory gives the settled weights."""
+    from zofast.replay import replay
+    from zofast.trajectory import Trajectory
+
+    def make(model):
+        groups = param_groups(model, 0.1)
+        return LOZO(groups, model=model, lr=1e-2, eps=1e-2, rank=1, nu=2, seed=9, accumulate=4)
+
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    model = small_model(torch.bfloat16)
+    opt = make(model)
+    assert opt.mode == "shadow"
+    for _ in range(6):
+        opt.step(lambda: model(x).float().pow(2).mean())
+    state, weights = opt.state_dict(), snapshot(model)
+    for _ in range(5):
+        opt.step(lambda: model(x).float().pow(2).mean())
+    opt.settle()
+    expected = snapshot(model)
+    opt.trajectory.save(tmp_path / "run.json")
+
+    again_model = small_model(torch.bfloat16)
+    for p, w in zip(again_model.parameters(), weights, strict=True):
+        p.data.copy_(w)
+    again = make(again_model)
+    again.load_state_dict(state)
+    assert again.unflushed
+    for _ in range(5):
+        again.step(lambda: again_model(x).float().pow(2).mean())
+    again.settle()
+    assert all(torch.equal(a, b) for a, b in zip(again_model.parameters(), expected, strict=True))
+
+    fresh = small_model(torch.bfloat16)
+    replay(fresh, Trajectory.load(tmp_path / "run.json"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), expected, strict=True))
+
+
+def test_accumulate_defaults_and_refusals():
+    bf16, fp32 = small_model(torch.bfloat16), small_model()
+    assert MeZO(bf16, lr=1e-3)._accumulate == 64
+    assert MeZO(fp32, lr=1e-3)._accumulate == 1
+    assert LOZO(small_model(torch.bfloat16), lr=1e-3, momentum=0.9)._accumulate == 1
+    with pytest.raises(ValueError, match="accumulate must be"):
+        MeZO(small_model(torch.bfloat16), lr=1e-3, accumulate=0)
+    with pytest.raises(ValueError, match="defers the updates of shadow-mode"):
+        MeZO(fp32, lr=1e-3, accumulate=2)
+    with pytest.raises(ValueError, match="momentum=0"):
+        LOZO(small_model(torch.bfloat16), lr=1e-3, momentum=0.9, accumulate=2)

@@ -152,6 +152,17 @@ def test_adam_baseline_and_forward_budget(tiny, tmp_path):
     assert changed == (result.best_step > 0)
 
 
+def test_several_directions_per_step_count_their_forwards_and_replay(tiny, tmp_path):
+    loaded = load_model(tiny)
+    config = _config(tiny, tmp_path, directions=3, forward_budget=24, eval_every=2)
+    assert config.resolved_steps == 4  # 6 forwards per step
+    result = train(config, loaded=loaded)
+    assert result.steps == 4 and result.forwards == 24
+    full = Trajectory.load(result.files["trajectory"])
+    assert full.g.shape == (4, 3) and full.hyperparameters["directions"] == 3
+    _assert_replays_to(tiny, Trajectory.load(result.files["trajectory_best"]), loaded.model)
+
+
 def test_freeze_keeps_matching_parameters(tiny, tmp_path):
     loaded = load_model(tiny)
     base = _params(loaded.model)
@@ -187,6 +198,9 @@ def test_freeze_keeps_matching_parameters(tiny, tmp_path):
         ({"mode": "virtual", "method": "mezo"}, "mode 'virtual' is LOZO's"),
         ({"mode": "virtual", "weight_decay": 0.1}, "needs weight_decay 0"),
         ({"checkpoint_every": -1}, "checkpoint_every must be an integer >= 0"),
+        ({"directions": 0}, "directions must be an integer >= 1"),
+        ({"split": "rows"}, "split must be one of batch, directions"),
+        ({"split": "directions", "directions": 2}, "split 'directions' shares"),
     ],
 )
 def test_bad_configs_are_refused_before_anything_is_written(tiny, tmp_path, kwargs, message):
@@ -383,3 +397,31 @@ def test_zofast_train_under_torchrun(tiny, tmp_path):
     )
     checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     assert len(checkpoints) == 1, checkpoints  # rank 0's, at the end
+
+    # --split directions: each process evaluates its own direction of every step on the whole
+    # batch; the g's are those of one process evaluating both (up to the threads' sums).
+    flags += ["--directions", "2", "--split", "directions", "--mode", "shadow", "--steps", "2"]
+    out = tmp_path / "directions"
+    done = subprocess.run(
+        [*launch, *flags, "--output-dir", str(out)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = _config(
+        tiny,
+        tmp_path,
+        steps=2,
+        eps=1e-2,
+        directions=2,
+        mode="shadow",
+        output_dir=str(tmp_path / "2"),
+    )
+    shared, one = (
+        Trajectory.load(out / "trajectory.json"),
+        Trajectory.load(train(alone).files["trajectory"]),
+    )
+    assert shared.g.shape == one.g.shape == (2, 2)
+    torch.testing.assert_close(torch.tensor(shared.g), torch.tensor(one.g), rtol=1e-4, atol=1e-6)

@@ -503,3 +503,108 @@ def test_bf16_weights_do_not_drift_in_virtual_mode():
         drift[mode] = ((model.weight.float() - start.float()).norm() / start.float().norm()).item()
     assert drift["virtual"] == 0.0
     assert drift["inplace"] > 1e-3
+
+
+# The flat buffers (zofast.virtual_step): one GPU's path, forced here on the CPU.
+
+
+@pytest.fixture
+def flat(monkeypatch):
+    """Force FlatVirtual (on a GPU it is on by itself)."""
+    import zofast.optim.virtual as part
+
+    monkeypatch.setattr(part, "flat_enabled", lambda slots: bool(slots))
+    return part
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_buffers_give_the_per_tensor_updates(flat, dtype, momentum, tmp_path):
+    """The same g's replayed with the per-tensor path give the flat run's weights bit for bit (A
+    and LOZO-M's N are elementwise the same arithmetic), and the flat run's iterates stay within
+    rounding of a per-tensor run's (the hooks' products take another layout), across V refreshes
+    (nu = 3), an abort and a settle; the hooks really took the flat factors."""
+    model, ref = toy(dtype), toy(dtype)
+    kwargs = dict(lr=5e-2, eps=1e-2, rank=2, nu=3, momentum=momentum, seed=12, mode="virtual")
+    opt = LOZO(param_groups(model, 0.0), model=model, **kwargs)
+    assert opt._virtual._flat is not None
+    train(model, opt, 0, 4)
+    with pytest.raises(FloatingPointError):
+        opt.step(lambda: float("inf"))
+    assert all(vt.bulk is not None for vt in opt._virtual.layers.tensors)  # c = 0: L = A
+    train(model, opt, 4, 8)
+    opt.trajectory.save(tmp_path / "run.json")
+    opt.settle()
+    trained = snapshot(model)
+
+    fresh = toy(dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flat, "flat_enabled", lambda slots: False)
+        replay(fresh, Trajectory.load(tmp_path / "run.json"))
+        assert same(fresh, trained)
+        opt_ref = LOZO(param_groups(ref, 0.0), model=ref, **kwargs)
+        assert opt_ref._virtual._flat is None
+        train(ref, opt_ref, 0, 8)
+        opt_ref.settle()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for p, q in zip(ref.parameters(), trained, strict=True):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+
+
+def test_flat_buffers_with_momentum_and_a_loaded_state(flat):
+    """LOZO-M (per-tensor momentum, adopted into the flat buffer each step) and a state_dict
+    loaded into a new optimizer (its A's copied into a new flat buffer) continue bit for bit."""
+    model = toy(torch.bfloat16)
+    kwargs = dict(lr=5e-2, eps=1e-2, rank=2, nu=3, momentum=0.5, seed=3, mode="virtual")
+    opt = LOZO(param_groups(model, 0.0), model=model, **kwargs)
+    train(model, opt, 0, 4)
+    state = opt.state_dict()
+    weights = snapshot(model)
+    train(model, opt, 4, 7)
+    opt.settle()
+    expected = snapshot(model)
+
+    opt.detach()
+    for p, w in zip(model.parameters(), weights, strict=True):
+        p.data.copy_(w)
+    again = LOZO(param_groups(model, 0.0), model=model, **kwargs)
+    again.load_state_dict(state)
+    train(model, again, 4, 7)
+    again.settle()
+    assert same(model, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_flat_buffers_on_the_gpu(momentum, tmp_path):
+    """On one GPU the flat path is the default: a bf16 OPT run's replay through the per-tensor
+    path is bit-identical, its iterates match a per-tensor run's within rounding, and the factor
+    buffers' padding is zeros (the momentum's finite check reads whole buffers)."""
+    import zofast.optim.virtual as part
+
+    def run():
+        model = opt_model().to("cuda", torch.bfloat16)
+        opt = LOZO(model, lr=1e-3, eps=1e-2, rank=2, nu=3, momentum=momentum, seed=5)
+        for k in range(7):
+            gen = torch.Generator().manual_seed(200 + k)
+            ids = torch.randint(3, 50, (2, 10), generator=gen).cuda()
+            opt.step(lambda ids=ids: model(input_ids=ids, labels=ids).loss)
+        return model, opt
+
+    model, opt = run()
+    flat = opt._virtual._flat
+    assert opt.mode == "virtual" and flat is not None
+    assert torch.isfinite(flat.u).all() and torch.isfinite(flat.v).all()
+    opt.trajectory.save(tmp_path / "run.json")
+    opt.settle()
+    trained = snapshot(model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(part, "flat_enabled", lambda slots: False)
+        fresh = opt_model().to("cuda", torch.bfloat16)
+        replay(fresh, Trajectory.load(tmp_path / "run.json"))
+        assert same(fresh, trained)
+        ref, opt_ref = run()
+        assert opt_ref._virtual._flat is None
+        opt_ref.settle()
+    for p, q in zip(ref.parameters(), trained, strict=True):
+        torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-2)

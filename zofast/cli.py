@@ -84,33 +84,21 @@ class _GivenBool(_Given, argparse.BooleanOptionalAction):
 
 # TrainConfig fields each method does not use: giving one on the command line is an error, not a
 # silent no-op. (momentum > 0 outside lozo-m, pipeline outside mode inplace: TrainConfig.validate.)
+_ZO_ONLY = ("eps", "mode", "rounding", "pipeline", "directions", "split")
 _UNUSED_BY = {
     "lozo": ("popsize", "intrinsic_dim"),
     "lozo-m": ("popsize", "intrinsic_dim"),
     "mezo": ("rank", "nu", "popsize", "intrinsic_dim", "paired"),
-    "adam": (
-        "eps",
-        "rank",
-        "nu",
-        "popsize",
-        "intrinsic_dim",
-        "mode",
-        "rounding",
-        "pipeline",
-        "paired",
-    ),
+    "adam": (*_ZO_ONLY, "rank", "nu", "popsize", "intrinsic_dim", "paired"),
     "dfo-lora": (
+        *_ZO_ONLY,
         "lr",
-        "eps",
         "nu",
         "momentum",
         "weight_decay",
-        "mode",
-        "rounding",
-        "pipeline",
-        "paired",
         "freeze",
         "log_every",
+        "paired",
     ),
 }
 
@@ -347,7 +335,8 @@ def _cmd_train(args) -> int:
         start = partial(resume, args.resume, progress=args.progress)
     else:
         _check_flags_used(args.method, args.dtype, getattr(args, "given", set()))
-        args.device = _check_device(args.device)
+        if args.device_map is None:  # (with a device map, --device stays "auto": refused else)
+            args.device = _check_device(args.device)
         config = _config_from_args(args)
         run_dir = config.resolved_output_dir
         start = partial(train, config)

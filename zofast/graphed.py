@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from zofast.device_map import on_device
 from zofast.perturb import _check_rank, check_weight, matrix_shape
 from zofast.rng import MAX_SEED
 
@@ -68,8 +69,6 @@ class GraphedPass:
         stochastic: bool = False,
         scaled: bool = False,
     ):
-        from zofast.kernels.multi import MultiPass, vector_aligned
-
         if len(tensors) != len(ranks) or not tensors:
             raise ValueError("GraphedPass needs one rank per tensor and at least one tensor")
         device = tensors[0].device
@@ -98,6 +97,12 @@ class GraphedPass:
         self._scales = torch.zeros(count, n_terms + scaled, dtype=torch.float32, device=device)
         self._host_seeds = torch.zeros_like(self._seeds, device="cpu").pin_memory()
         self._host_scales = torch.zeros_like(self._scales, device="cpu").pin_memory()
+        with on_device(device):  # the events, the launches and the capture: on w's GPU
+            self._capture(device, share_with)
+
+    def _capture(self, device: torch.device, share_with: GraphedPass | None) -> None:
+        from zofast.kernels.multi import MultiPass, vector_aligned
+
         self._copied = torch.cuda.Event()
         # Compile every kernel variant on tiny stand-ins first (same dtype, rank and alignment),
         # so that capture compiles nothing and the weights are untouched until the first replay.
@@ -114,12 +119,12 @@ class GraphedPass:
             length = 16 * math.ceil(max(rank, 1) / 16) + (0 if aligned else 1)
             shape = (rank, length) if rank else (length,)
             stand_ins.append(torch.zeros(shape, dtype=dtype, device=device))
-        options = dict(v_split=v_split, stochastic=stochastic, scaled=scaled)
-        MultiPass(stand_ins, [r for _, r, _ in kinds], n_terms, **options).launch(
+        options = dict(v_split=self.v_split, stochastic=self.stochastic, scaled=self.scaled)
+        MultiPass(stand_ins, [r for _, r, _ in kinds], self.n_terms, **options).launch(
             self._seeds[: len(kinds)], self._scales[: len(kinds)]
         )
         share = share_with._plan if share_with is not None and not share_with.stale else None
-        self._plan = MultiPass(self.tensors, self.ranks, n_terms, share=share, **options)
+        self._plan = MultiPass(self.tensors, self.ranks, self.n_terms, share=share, **options)
         torch.cuda.synchronize(device)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
@@ -197,6 +202,10 @@ class GraphedPass:
             raise ValueError("scale (and w_scale) must be finite real numbers in float32")
         if self.stale:
             raise RuntimeError("a tensor was reallocated since the graph was captured")
+        with on_device(self.tensors[0].device):
+            self._replay(seeds_now, scales_now, edit_scales)
+
+    def _replay(self, seeds_now, scales_now, edit_scales) -> None:
         self._copied.synchronize()  # the previous replay's copy has read the pinned buffers
         self._host_seeds.copy_(seeds_now)
         self._host_scales.copy_(scales_now)

@@ -51,10 +51,10 @@ Checkpoints and resume
 
 Choosing the optimizer
     ``ZOTrainingArguments`` adds ``zo_method`` (``lozo``, ``lozo-m``, ``mezo``), ``zo_eps``,
-    ``zo_rank``, ``zo_nu``, ``zo_momentum``, ``zo_seed``, ``zo_mode``, ``zo_rounding`` and
-    ``zo_paired`` to ``TrainingArguments``; the learning
-    rate and weight decay are Trainer's own ``learning_rate`` and ``weight_decay`` (decay on
-    matrices only, as :func:`zofast.optim.param_groups`). Plain ``TrainingArguments`` give LOZO
+    ``zo_rank``, ``zo_nu``, ``zo_momentum``, ``zo_seed``, ``zo_mode``, ``zo_rounding``,
+    ``zo_directions`` and ``zo_paired`` to ``TrainingArguments``; the learning rate and weight
+    decay are Trainer's own ``learning_rate`` and ``weight_decay`` (decay on matrices only, as
+    :func:`zofast.optim.param_groups`). Plain ``TrainingArguments`` give LOZO
     with its defaults. Or build the optimizer yourself and pass ``optimizers=(opt, None)``.
 """
 
@@ -92,7 +92,8 @@ class ZOTrainingArguments(transformers.TrainingArguments):
         zo_seed: run seed of the noise; None = ``seed``.
         zo_mode: ``"auto"``, ``"inplace"``, ``"shadow"`` or ``"virtual"`` (see zofast.optim).
         zo_rounding: ``"auto"``, ``"nearest"`` or ``"stochastic"``.
-        zo_paired: one forward per step over the batch stacked twice (lozo / lozo-m).
+        zo_directions: perturbations per step, their estimates averaged (2 forwards each).
+        zo_paired: one forward per direction over the batch stacked twice (lozo / lozo-m).
 
     Example:
         >>> args = ZOTrainingArguments("out", learning_rate=1e-6, zo_method="mezo")
@@ -104,6 +105,7 @@ class ZOTrainingArguments(transformers.TrainingArguments):
     zo_nu: int = field(default=50, metadata={"help": "steps between redraws of V"})
     zo_momentum: float | None = field(default=None, metadata={"help": "LOZO-M beta (0.9)"})
     zo_seed: int | None = field(default=None, metadata={"help": "noise seed (default: seed)"})
+    zo_directions: int = field(default=1, metadata={"help": "perturbations per step (averaged)"})
     zo_mode: str = field(
         default="auto",
         metadata={"help": "auto (an exact mode for bf16/fp16), inplace, shadow or virtual"},
@@ -128,6 +130,7 @@ def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
         "seed": getattr(args, "zo_seed", None),
         "mode": getattr(args, "zo_mode", "auto"),
         "rounding": getattr(args, "zo_rounding", "auto"),
+        "directions": getattr(args, "zo_directions", 1),
         "paired": getattr(args, "zo_paired", False),
     }
 
@@ -156,6 +159,7 @@ def build_optimizer(model: torch.nn.Module, args: transformers.TrainingArguments
         "seed": seed,
         "mode": s["mode"],
         "rounding": s["rounding"],
+        "directions": s["directions"],
         "model": model,
     }
     if s["method"] == "mezo":

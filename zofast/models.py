@@ -238,6 +238,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     kind: str | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer and decide how it scores labels.
 
@@ -257,6 +258,11 @@ def load_model(
         device: where to put the model (``"cuda"``, ``"cpu"``, ...); ``None`` leaves it on CPU.
         kind: force ``"mlm"``, ``"causal"`` or ``"encoder"`` instead of detecting it; a forced LM
             kind whose head is missing from the checkpoint gives a warning (random head).
+        device_map: split the model over devices instead (not with `device`): ``"auto"`` (the
+            GPUs in order, then the CPU) or {module name: device} (``"cpu"``, ``"cuda:1"``, a GPU
+            index), or its JSON text; needs accelerate. The model is loaded on the CPU, then
+            dispatched so that every module runs where its weights are, CPU layers on the CPU
+            (:func:`zofast.device_map.dispatch`; host memory must hold the whole model once).
 
     Returns:
         A :class:`LoadedModel` whose model is in eval mode.
@@ -266,15 +272,26 @@ def load_model(
         >>> lm.kind
         'encoder'
         >>> lm = load_model("roberta-large", dtype="bfloat16", device="cuda")  # doctest: +SKIP
+        >>> big = load_model("facebook/opt-13b", device_map="auto")  # doctest: +SKIP
 
-        (That one needs network and a GPU.)
+        (Those need network and a GPU.)
     """
     import transformers
 
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
     if device is not None:
         device = resolve_device(device)
+    if device_map is not None:
+        from zofast import device_map as maps
+
+        device_map = maps.parse(device_map)
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ImportError(maps.ACCELERATE_MISSING) from None
     if name_or_path is None:
         name_or_path = default_model_path()
     source = str(name_or_path)
@@ -316,5 +333,7 @@ def load_model(
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     if device is not None:
         model = model.to(device)
+    if device_map is not None:
+        model = maps.dispatch(model, device_map)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, kind=chosen, name=source)

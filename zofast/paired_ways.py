@@ -176,7 +176,8 @@ def virtual_hook(vt: VirtualTensor, kind: str, rows: Rows, factors: SignedFactor
     def hook(module, args, kwargs, out):
         if vt.c == 0.0:
             return plain(module, args, kwargs, out)
-        x, y, y3 = halves(rows, out, vt.name, x=virtual_mode._input(args, kwargs))
+        x = virtual_mode._input(args, kwargs).to(out.device)  # (a device map moves it inside)
+        x, y, y3 = halves(rows, out, vt.name, x=x)
         L, R, column = factors.get(vt, y.dtype, y.device, rows.generation)
         w = R.shape[1]
         if kind == "linear":  # W: (out = m, in = n); y_i += (x_i·R)·L_iᵀ
@@ -293,7 +294,8 @@ def lowrank_hook(st: ShadowTensor, kind: str, rows: Rows):
         if not st.c or st._stored is not None:  # c = 0, or W ± c·Z already swapped in
             return None
         st.used = True
-        x, y, _ = halves(rows, out, st.name, x=virtual_mode._input(args, kwargs))
+        x = virtual_mode._input(args, kwargs).to(out.device)  # (a device map moves it inside)
+        x, y, _ = halves(rows, out, st.name, x=x)
         Ut, Vt = st.factors(y.dtype)
         if kind == "embedding":
             left, right = Ut.index_select(1, x.reshape(-1)), Vt

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from zofast.device_map import device_types
 from zofast.optim import METHODS
 from zofast.trajectory import Trajectory
 
@@ -86,10 +87,11 @@ def replay(model_or_params, trajectory, *, settle: bool = True):
         raise ValueError(f"unknown method {trajectory.method!r} (known: {sorted(METHODS)})")
     tensors = _resolve_params(model_or_params, trajectory.params)
     trajectory.check_params(tensors)
-    devices = {t.device.type for t in tensors}
-    if trajectory.device is not None and devices != {trajectory.device}:
+    trained = zip(tensors, trajectory.params, strict=True)
+    devices = device_types(t for t, entry in trained if entry["trained"])
+    if trajectory.device is not None and devices != trajectory.device:
         warnings.warn(
-            f"the trajectory was recorded on {trajectory.device}, replaying on {sorted(devices)}: "
+            f"the trajectory was recorded on {trajectory.device}, replaying on {devices}: "
             "the result will be close to, not bit-identical with, the trained weights",
             RuntimeWarning,
             stacklevel=2,
@@ -102,8 +104,10 @@ def replay(model_or_params, trajectory, *, settle: bool = True):
         for t, entry in zip(tensors, trajectory.params, strict=True):
             t.requires_grad_(entry["trained"])
         try:
-            # Runs recorded before stochastic rounding existed rounded to nearest.
-            hyperparameters = {"rounding": "nearest", **trajectory.hyperparameters}
+            # Runs recorded before stochastic rounding existed rounded to nearest; those
+            # without "accumulate" wrote every update at its step.
+            defaults = {"rounding": "nearest", "accumulate": 1}
+            hyperparameters = {**defaults, **trajectory.hyperparameters}
             if hyperparameters.get("mode") == "virtual":  # and perturbed the rest in place
                 hyperparameters.setdefault("virtual_rest", "inplace")
             opt = METHODS[trajectory.method](

@@ -455,7 +455,7 @@ class Scorer:
             )
         copies, n, per_copy = batch.num_copies, batch.num_examples, batch.rows_per_copy
         if self.kind == "encoder":
-            mask = batch.attention_mask.unsqueeze(-1).to(torch.float32)
+            mask = batch.attention_mask.unsqueeze(-1).to(last_hidden_state.device, torch.float32)
             summed = (last_hidden_state.to(torch.float32) * mask).sum(dim=1)
             pooled = summed / mask.sum(dim=1).clamp_min(1.0)
             pooled = F.normalize(pooled, dim=-1).view(copies, per_copy, -1)
@@ -463,13 +463,18 @@ class Scorer:
             return (self.encoder_scale * cos).reshape(copies * n, self.num_labels)
         row_index = torch.arange(rows, device=last_hidden_state.device)
         row_index = row_index.view(copies, per_copy)[:, :n].reshape(-1)
-        picked = last_hidden_state[row_index, batch.positions]
-        ids = self.label_token_ids.to(picked.device)
+        # (a model split by a device map: the hidden states, the batch and the head may each be
+        # on another device)
+        picked = last_hidden_state[row_index, batch.positions.to(row_index.device)]
         if self.kind == "mlm":
-            return self._mlm_head(picked)[:, ids].to(torch.float32)
+            scores = self._mlm_head(picked)
+            return scores[:, self.label_token_ids.to(scores.device)].to(torch.float32)
         head = self.model.get_output_embeddings()
+        ids = self.label_token_ids.to(head.weight.device)
         bias = getattr(head, "bias", None)
-        logits = F.linear(picked, head.weight[ids], None if bias is None else bias[ids])
+        logits = F.linear(
+            picked.to(head.weight.device), head.weight[ids], None if bias is None else bias[ids]
+        )
         logits = logits.to(torch.float32)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
@@ -506,7 +511,8 @@ class Scorer:
             0.6931
         """
         with torch.no_grad():
-            return F.cross_entropy(self.logits(batch), batch.labels)
+            logits = self.logits(batch)
+            return F.cross_entropy(logits, batch.labels.to(logits.device))
 
     def losses(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy of the label logits of each copy of a stacked batch, without
@@ -523,7 +529,9 @@ class Scorer:
             torch.Size([2])
         """
         with torch.no_grad():
-            per_example = F.cross_entropy(self.logits(batch), batch.labels, reduction="none")
+            logits = self.logits(batch)
+            labels = batch.labels.to(logits.device)
+            per_example = F.cross_entropy(logits, labels, reduction="none")
             return per_example.view(batch.num_copies, batch.num_examples).mean(dim=1)
 
     def predict(self, examples: Sequence[Example], batch_size: int = 32) -> torch.Tensor:

@@ -283,19 +283,9 @@ def _add_product(st: ShadowTensor, kind: str, x: torch.Tensor, out: torch.Tensor
 
 
 def _add_lowrank(st: ShadowTensor, kind: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Low-rank y += c·(the layer applied to U·Vᵀ), Z = U·Vᵀ with W viewed as m×n: Linear
-    (W: out × in) y += c·(x·V)·Uᵀ, Conv1D (W: in × out) y += c·(x·U)·Vᵀ, Embedding (W: vocab
-    × dim) y += c·U[ids]·Vᵀ. The rank-r side is computed transposed, (r, tokens), so that every
-    operand of both products is 16-byte aligned (cuBLAS's slow path otherwise)."""
-    y = _contiguous(out)
-    Ut, Vt = st.factors(y.dtype)
-    if kind == "embedding":
-        left, right = Ut.index_select(1, x.reshape(-1)), Vt
-    else:
-        inner, right = (Vt, Ut) if kind == "linear" else (Ut, Vt)
-        left = inner @ x.reshape(-1, inner.shape[1]).to(y.dtype).T
-    y.view(-1, right.shape[1]).addmm_(left.T, right, alpha=st.c)
-    return y
+    """Low-rank y += c·(the layer applied to U·Vᵀ), Z = U·Vᵀ with W viewed as m×n
+    (zofast.virtual.add_lowrank with L = U, R = V)."""
+    return virtual.add_lowrank(kind, x, out, *st.factors(out.dtype), alpha=st.c)
 
 
 def _output_hook(st: ShadowTensor, use: Use):
@@ -305,7 +295,7 @@ def _output_hook(st: ShadowTensor, use: Use):
         if not st.c or st._stored is not None:  # c = 0, or W + c·Z already swapped in
             return None
         st.used = True
-        x = virtual._input(args, kwargs)
+        x = virtual._input(args, kwargs).to(out.device)  # a device map's wrapper moves it inside
         if st.rank:
             return _add_lowrank(st, use.kind, x, out)
         if use.way == "rows":

@@ -53,14 +53,14 @@ def transposed(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(factor.t())
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, through pinned memory (no host sync)."""
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-def _upload(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+def upload_seeds(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """An int64 table of uint64 seeds on `device`."""
-    return _to_device(torch.from_numpy(rows.astype(np.uint64).view(np.int64)), device)
+    return to_device(torch.from_numpy(rows.astype(np.uint64).view(np.int64)), device)
 
 
 class StepFactors:
@@ -83,7 +83,7 @@ class StepFactors:
             return
         if self._plan is None:
             self._build(device)
-        seeds = _upload(np.array([st.seeds for st in self.tensors], dtype=np.uint64), device)
+        seeds = upload_seeds(np.array([st.seeds for st in self.tensors], dtype=np.uint64), device)
         self._plan.launch_factors(seeds, self._ones, *self._float32)
         for u, v in self._casts.values():
             u.copy_(self._float32[0])
@@ -124,14 +124,14 @@ class DeviceSeeds:
         rows = np.zeros((len(self.tensors), width), dtype=np.uint64)
         for i, st in enumerate(self.tensors):
             rows[i, : len(st.seeds)] = st.seeds
-        self._seeds = _upload(rows, self.tensors[0].param.device)
+        self._seeds = upload_seeds(rows, self.tensors[0].param.device)
 
     def set_coef(self, c: float) -> None:
         """Give each tensor (seeds, c) on the device (after its own set_coef(c))."""
         if not self.tensors or not c:
             return
         device = self.tensors[0].param.device
-        scale = _to_device(torch.tensor([c], dtype=torch.float32), device)
+        scale = to_device(torch.tensor([c], dtype=torch.float32), device)
         for i, st in enumerate(self.tensors):
             st.set_terms(device, self._seeds[i, : len(st.seeds)], scale)
 

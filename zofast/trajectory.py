@@ -12,6 +12,12 @@ hyperparameters, the run seed, a fingerprint of the parameter list, and the list
   and whose perturbation was undone (these passes round the weights, so replay repeats them);
 * ``"settle"``: :meth:`zofast.optim.LOZO.settle` removed a pipelined pending perturbation.
 
+With ``directions=q`` > 1 per step (zofast.optim.directions; the hyperparameters then hold
+``"directions": q``) a step records the g of each of its q directions, in direction order (the
+seeds of direction k of step t are those of direction index t·q + k), and an abort records the
+direction k it happened at (replay repeats the passes of the directions before it). A run with
+one direction per step records neither, exactly as before the option existed.
+
 Momentum needs nothing more: LOZO-M's state is a function of the g's and the seeds.
 
 :func:`zofast.replay` rebuilds the fine-tuned weights from the base weights by re-running exactly
@@ -119,6 +125,7 @@ def _pack(values: array, dtype: str) -> str:
 # file cannot make load() allocate more than this per array.
 MAX_ARRAY_BYTES = 1 << 28
 MAX_GROUPS = 1 << 16
+MAX_DIRECTIONS = 1 << 16
 WEIGHT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -178,9 +185,11 @@ class Trajectory:
         n_groups: number of parameter groups (each step records one lr and weight decay per group).
 
     Attributes:
+        directions: q, the directions per step (``hyperparameters["directions"]``, 1 if absent).
         params: the parameter fingerprint (see :func:`param_fingerprint`), set at the first step;
             None before.
-        device: device type of the parameters when the run started ("cpu", "cuda"), or None.
+        device: device type of the trained tensors when the run started ("cpu", "cuda"; "cpu+cuda"
+            for a model split by a device map, zofast.device_map.device_types), or None.
 
     Example:
         >>> traj = Trajectory("MeZO", {"eps": 1e-3}, run_seed=1, n_groups=1)
@@ -194,35 +203,51 @@ class Trajectory:
             raise ValueError(f"method must be a non-empty string, got {method!r}")
         if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
             raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
+        q = hyperparameters.get("directions", 1)
+        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= MAX_DIRECTIONS:
+            raise ValueError(f"directions must be an integer in 1..{MAX_DIRECTIONS}, got {q!r}")
         self.method = method
         self.hyperparameters = dict(hyperparameters)
         self.run_seed = as_seed(run_seed, "run_seed")
         self.n_groups = n_groups
+        self.directions = q
         self.params: list[dict] | None = None
         self.device: str | None = None
         self._kinds = bytearray()
         self._g = array("f")
         self._lr = array("d")
         self._wd = array("d")
+        self._abort_direction = array("I")
 
     # Recording (used by the optimizers).
 
-    def record_step(self, g: float, lrs, wds) -> None:
-        """Append a completed step: g (rounded to float32), one lr and weight decay per group."""
+    def record_step(self, g, lrs, wds) -> None:
+        """Append a completed step: g (rounded to float32; with directions q > 1 a sequence of
+        the q directions' g's), one lr and weight decay per group."""
         lrs, wds = [float(x) for x in lrs], [float(x) for x in wds]
         if len(lrs) != self.n_groups or len(wds) != self.n_groups:
             raise ValueError(f"need one lr and weight decay per group ({self.n_groups})")
-        if not math.isfinite(g):
+        gs = [float(x) for x in g] if isinstance(g, (list, tuple, np.ndarray)) else [float(g)]
+        if len(gs) != self.directions:
+            raise ValueError(f"need one g per direction ({self.directions}), got {len(gs)}")
+        if not all(math.isfinite(x) for x in gs):
             raise ValueError(f"g must be finite, got {g}")
         self._kinds.append(STEP)
-        self._g.append(g)
+        self._g.extend(gs)
         self._lr.extend(lrs)
         self._wd.extend(wds)
 
-    def record(self, kind: int) -> None:
-        """Append an event without data: ABORT_PLUS, ABORT_MINUS or SETTLE."""
+    def record(self, kind: int, direction: int = 0) -> None:
+        """Append an event without data: ABORT_PLUS, ABORT_MINUS (at `direction` k of the step,
+        0 .. directions − 1) or SETTLE."""
         if kind not in (ABORT_PLUS, ABORT_MINUS, SETTLE):
             raise ValueError(f"kind must be ABORT_PLUS, ABORT_MINUS or SETTLE, got {kind!r}")
+        if kind != SETTLE:
+            if isinstance(direction, bool) or not isinstance(direction, int):
+                raise ValueError(f"direction must be an integer, got {direction!r}")
+            if not 0 <= direction < self.directions:
+                raise ValueError(f"direction must be in 0..{self.directions - 1}, got {direction}")
+            self._abort_direction.append(direction)
         self._kinds.append(kind)
 
     # Inspection.
@@ -230,15 +255,17 @@ class Trajectory:
     @property
     def steps(self) -> int:
         """Number of completed steps."""
-        return len(self._g)
+        return len(self._g) // self.directions
 
     def __len__(self) -> int:
         return self.steps
 
     @property
     def g(self) -> np.ndarray:
-        """float32 array of the projected gradients, one per completed step."""
-        return np.frombuffer(self._g.tobytes(), dtype=np.float32).copy()
+        """float32 array of the projected gradients: one per completed step, or (steps, q)
+        with directions q > 1 (row t: the g of each direction of step t)."""
+        g = np.frombuffer(self._g.tobytes(), dtype=np.float32).copy()
+        return g if self.directions == 1 else g.reshape(-1, self.directions)
 
     @property
     def lr(self) -> np.ndarray:
@@ -256,19 +283,26 @@ class Trajectory:
         return [EVENT_NAMES[k] for k in self._kinds]
 
     def iter_events(self):
-        """Yield (kind, g, lrs, wds) per event (g, lrs, wds are None except for steps)."""
-        s, n = 0, self.n_groups
+        """Yield (kind, g, lrs, wds) per event: for a step its g (a float; with directions
+        q > 1 a tuple of the q directions' g's) and lists of each group's lr and weight decay;
+        for an abort g is the direction k it happened at (an int, 0 with one direction) and
+        lrs, wds are None; for a settle all three are None."""
+        s, a, n, q = 0, 0, self.n_groups, self.directions
         for kind in self._kinds:
             if kind == STEP:
+                g = self._g[s] if q == 1 else tuple(self._g[s * q : (s + 1) * q])
                 yield (
                     kind,
-                    self._g[s],
+                    g,
                     list(self._lr[s * n : (s + 1) * n]),
                     list(self._wd[s * n : (s + 1) * n]),
                 )
                 s += 1
-            else:
+            elif kind == SETTLE:
                 yield kind, None, None, None
+            else:
+                yield kind, self._abort_direction[a], None, None
+                a += 1
 
     def __repr__(self) -> str:
         return (
@@ -347,6 +381,12 @@ class Trajectory:
                 "g": _pack(self._g, "f4"),
                 "lr": _pack(self._lr, "f8"),
                 "weight_decay": _pack(self._wd, "f8"),
+                # one direction: every abort is at direction 0, and files stay as they were
+                **(
+                    {"abort_direction": _pack(self._abort_direction, "u4")}
+                    if self.directions > 1
+                    else {}
+                ),
             },
         }
 
@@ -382,6 +422,11 @@ class Trajectory:
             g = _unpack(events["g"], "f4", "f", "g")
             lr = _unpack(events["lr"], "f8", "d", "lr")
             wd = _unpack(events["weight_decay"], "f8", "d", "weight_decay")
+            n_aborts = sum(1 for k in kinds if k in (ABORT_PLUS, ABORT_MINUS))
+            if "abort_direction" in events:
+                aborts = _unpack(events["abort_direction"], "u4", "I", "abort_direction")
+            else:
+                aborts = array("I", [0] * n_aborts)
             params = data["params"]
             device = data["device"]
         except (KeyError, TypeError) as error:
@@ -389,8 +434,15 @@ class Trajectory:
         if any(k > SETTLE for k in kinds):
             raise ValueError("malformed trajectory: unknown event kind")
         n_steps = sum(1 for k in kinds if k == STEP)
-        if len(g) != n_steps or len(lr) != n_steps * traj.n_groups or len(wd) != len(lr):
+        if (
+            len(g) != n_steps * traj.directions
+            or len(lr) != n_steps * traj.n_groups
+            or len(wd) != len(lr)
+            or len(aborts) != n_aborts
+        ):
             raise ValueError("malformed trajectory: event arrays disagree in length")
+        if any(k >= traj.directions for k in aborts):
+            raise ValueError("malformed trajectory: an abort's direction is out of range")
         if not all(math.isfinite(x) for x in g):
             raise ValueError("malformed trajectory: non-finite g")
         if not all(math.isfinite(x) and x >= 0 for x in (*lr, *wd)):
@@ -415,6 +467,7 @@ class Trajectory:
         traj.device = device
         traj._kinds = bytearray(kinds.tobytes())
         traj._g, traj._lr, traj._wd = g, lr, wd
+        traj._abort_direction = aborts
         return traj
 
     def save(self, path) -> None:

@@ -39,9 +39,10 @@ import weakref
 
 import torch
 
+from zofast.device_map import moves_inputs_only
 from zofast.perturb import matrix_shape, outer_add_
 
-__all__ = ["VirtualLayers", "VirtualTensor", "plan", "layer_kind", "detach"]
+__all__ = ["VirtualLayers", "VirtualTensor", "add_lowrank", "plan", "layer_kind", "detach"]
 
 # The hooked modules and the hook sets (VirtualLayers, zofast.shadow.ShadowLayers) on each: the
 # sets of one optimizer may share a module, those of two optimizers may not.
@@ -97,8 +98,8 @@ def layer_kind(module: torch.nn.Module) -> str | None:
         >>> layer_kind(torch.nn.Linear(2, 3)), layer_kind(torch.nn.LayerNorm(3))
         ('linear', None)
     """
-    if "forward" in vars(module):  # forward replaced on the instance (e.g. accelerate's hooks)
-        return None
+    if "forward" in vars(module) and not moves_inputs_only(module):
+        return None  # forward replaced on the instance (other than by a device map's wrapper)
     cls = type(module)
     if isinstance(module, torch.nn.Linear) and cls.forward is torch.nn.Linear.forward:
         return "linear"
@@ -172,19 +173,25 @@ class VirtualTensor:
         self._fresh = True  # _pair is current
         self._cast: dict = {}  # (dtype, device) -> the hooks' (L, R)
         self._cast_R: dict = {}  # (dtype, device) -> (R, its cast): R changes only with V
+        self.bulk: tuple | None = None  # (Lᵀ, Rᵀ) made for all tensors (zofast.virtual_step)
 
     def set_pending(self, A, epoch, V_A) -> None:
         self.A, self.epoch, self.V_A = A, epoch, V_A
-        self._fresh = False
+        self._fresh, self.bulk = False, None
 
     def set_direction(self, step: int, epoch: int, U, V) -> None:
         self.step, self.V_epoch, self.U, self.V = step, epoch, U, V
-        self._fresh = False
+        self._fresh, self.bulk = False, None
 
     def set_coef(self, c: float) -> None:
         if c != self.c:
             self.c = c
-            self._fresh = False
+            self._fresh, self.bulk = False, None
+
+    def set_bulk(self, Lt: torch.Tensor, Rt: torch.Tensor) -> None:
+        """The current L·Rᵀ as (Lᵀ, Rᵀ), (r, m) and (r, n) in the weight's dtype, made in bulk
+        for many tensors; cleared by every change of A, direction or c."""
+        self.bulk = (Lt, Rt)
 
     def pair(self) -> tuple | None:
         """(L, R), float32, with W_eff = W + L·Rᵀ; None when W_eff = W."""
@@ -253,15 +260,35 @@ def _input(args, kwargs):
     return args[0] if args else next(iter(kwargs.values()))
 
 
+def add_lowrank(kind: str, x: torch.Tensor, out: torch.Tensor, Lt, Rt, alpha: float = 1.0):
+    """out += alpha·(the `kind` layer applied to L·Rᵀ), from (Lᵀ, Rᵀ), (r, m) and (r, n) in
+    out's dtype: Linear (W: out × in) y += (x·R)·Lᵀ, Conv1D (W: in × out) y += (x·L)·Rᵀ,
+    Embedding (W: vocab × dim) y += L[ids]·Rᵀ. The rank-r side is computed transposed,
+    (r, tokens), so that every operand of both products is 16-byte aligned when the factors'
+    rows are (cuBLAS's slow path otherwise). Returns the output (a copy if out was not
+    contiguous)."""
+    y = out if out.is_contiguous() else out.contiguous()
+    if kind == "embedding":
+        left, right = Lt.index_select(1, x.reshape(-1)), Rt
+    else:
+        inner, right = (Rt, Lt) if kind == "linear" else (Lt, Rt)
+        left = inner @ x.reshape(-1, inner.shape[1]).to(y.dtype).T
+    y.view(-1, right.shape[1]).addmm_(left.T, right, alpha=alpha)
+    return y
+
+
 def _make_hook(vt: VirtualTensor, kind: str):
     """The forward hook adding vt's low-rank term L·Rᵀ (W viewed as m×n) to a `kind` layer."""
 
     def hook(module, args, kwargs, out):
+        x = _input(args, kwargs).to(out.device)  # a device map's wrapper moves it only inside
+        bulk = vt.bulk
+        if bulk is not None and bulk[0].dtype == out.dtype:
+            return add_lowrank(kind, x, out, *bulk)
         f = vt.factors(out.dtype, out.device)
         if f is None:
             return None
         L, R = f
-        x = _input(args, kwargs)
         if kind == "linear":  # W: (out = m, in = n); y += (x·R)·Lᵀ
             return _add(out, x.reshape(-1, vt.n).to(out.dtype) @ R, L.T)
         if kind == "conv1d":  # W: (in = m, out = n); y += (x·L)·Rᵀ

@@ -80,13 +80,14 @@ def make_optimizer(
     nu: int = 50,
     momentum: float = LOZO_M_MOMENTUM,
     pipeline: bool = False,
+    accumulate: int | None = None,
     paired: bool = False,
 ):
     """MeZO / LOZO / LOZO-M (`momentum`) on `model` (passed as the params: exact modes need it).
 
-    mode / rounding None = the optimizer's default; paired: LOZO's paired steps (its closure
-    returns (L+, L−) of the batch stacked twice). Raises Unsupported when this optimizer has
-    no such mode or rounding."""
+    mode / rounding / accumulate None = the optimizer's default; paired: LOZO's paired steps
+    (its closure returns (L+, L−) of the batch stacked twice). Raises Unsupported when this
+    optimizer has no such mode or rounding."""
     from zofast.optim import LOZO, MeZO
 
     if method not in METHODS:
@@ -95,7 +96,7 @@ def make_optimizer(
     kwargs = {"lr": lr, "eps": eps, "seed": seed, "pipeline": pipeline}
     if cls is LOZO:
         kwargs.update(rank=rank, nu=nu, momentum=momentum if method == "lozo-m" else 0.0)
-    for name, value in (("mode", mode), ("rounding", rounding)):
+    for name, value in (("mode", mode), ("rounding", rounding), ("accumulate", accumulate)):
         if value is not None:
             kwargs[name] = value
     if paired:
@@ -229,6 +230,7 @@ def teacher_run(
     mode: str | None = None,
     rounding: str | None = None,
     cfg: TeacherConfig | None = None,
+    accumulate: int | None = None,
 ) -> dict:
     """One student run; start / final loss in float32 at the settled stored weights."""
     cfg = cfg or TeacherConfig()
@@ -239,7 +241,14 @@ def teacher_run(
     model.to(DTYPES[dtype])
     x_in = x.to(DTYPES[dtype])
     opt = make_optimizer(
-        method, model, cfg.lr, mode=mode, rounding=rounding, eps=cfg.eps, seed=cfg.seed + 1
+        method,
+        model,
+        cfg.lr,
+        mode=mode,
+        rounding=rounding,
+        eps=cfg.eps,
+        seed=cfg.seed + 1,
+        accumulate=accumulate,
     )
 
     def closure():

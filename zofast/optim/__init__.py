@@ -20,13 +20,23 @@ The step
     ``step`` returns (L+ + L−)/2 as a Python float: the loss at the unperturbed weights up to
     O(ε²), a better training-loss signal than L+ alone. ``opt.last_losses`` holds (L+, L−).
 
+Several directions per step (``directions=q``, default 1)
+    Steps 1–3 run for each of q directions in turn (in place, one pass moves the weights from
+    −ε·Z of one direction to +ε·Z of the next), giving g_0 .. g_(q−1); step 5 applies the
+    average of the q estimates, −lr·(1/q)·Σ_k g_k·Z_k, in its one pass. Under a process group the
+    ranks share out the batch (``split="batch"``) or the directions (``split="directions"``,
+    exact modes). ``step`` returns and ``last_losses`` hold the means over the directions. See
+    :mod:`zofast.optim.directions`.
+
 Noise
     Seeds come from ``zofast.rng.RunSeeds(seed)`` with tensor index = the tensor's position in
     the optimizer's flat parameter list (frozen tensors included, so freezing does not shift
     seeds). LOZO: every tensor with ndim ≥ 2 gets Z = U·Vᵀ (U: m×r from role "u" at index = step,
-    V: n×r from role "v" at index = step // nu, a ≥3-D tensor viewed as (shape[0], rest), no 1/√r
+    with q directions per step index = step·q + k for direction k; V: n×r from role "v" at
+    index = step // nu, a ≥3-D tensor viewed as (shape[0], rest), no 1/√r
     scaling as in the authors' code, r clamped to min(rank, m, n) per tensor); 1-D (and 0-D)
-    tensors get full-rank z from role "full" at index = step. MeZO: everything full-rank.
+    tensors get full-rank z from role "full" at index = step (step·q + k). MeZO: everything
+    full-rank.
 
 LOZO-M (``momentum`` = β > 0)
     See :mod:`zofast.optim.momentum`: matrices keep the left factor N (m×r) of the momentum
@@ -141,7 +151,8 @@ Where things are
     :mod:`zofast.optim.virtual` (the ways of applying a perturbation),
     :mod:`zofast.optim.shadow`, :mod:`zofast.optim.passes`, :mod:`zofast.optim.modes` ("auto"),
     :mod:`zofast.optim.setup` (parts, pre-step checks), :mod:`zofast.optim.state` (state_dict),
-    :mod:`zofast.optim.momentum`, :mod:`zofast.optim.noise` (seeds), :mod:`zofast.optim.methods`
+    :mod:`zofast.optim.momentum`, :mod:`zofast.optim.noise` (seeds),
+    :mod:`zofast.optim.directions` (q per step, split), :mod:`zofast.optim.methods`
     (LOZO, MeZO, param_groups); :func:`zofast.replay` rebuilds weights from a trajectory.
 """
 

@@ -1,15 +1,20 @@
 """The zeroth-order step protocol, over parts that each apply the perturbation their own way.
 
-``step(closure)``: validate (nothing written yet) → begin (+ε) → L+ → minus (−ε) → L− →
-g = (L+ − L−)/(2ε) → finish (restore, update); any failure after begin → abort (undo the
-perturbation) and re-raise. A paired step (zofast.optim.paired) evaluates (L+, L−) in one
-forward between begin and finish. The parts:
+``step(closure)``: validate (nothing written yet) → for each direction k of the step: enter
+(+ε) → L+ → minus (−ε) → L− → then the losses of every direction (combined over a process group)
+→ g_k = (L+_k − L−_k)/(2ε) → finish (restore, update); any failure after the first write → abort
+(undo the perturbation of the direction under way) and re-raise. With one direction per step
+(the default) that is perturb → L+ → minus → L− → g → finish. A paired step
+(zofast.optim.paired) evaluates each direction's (L+, L−) in one forward after enter, with no
+minus. The parts:
 
 * :class:`zofast.optim.inplace.InPlace`: tensors that carry the perturbation (engine passes);
 * :class:`zofast.optim.virtual.Virtual`: LOZO's matrices applied through their layers' hooks;
 * :class:`zofast.optim.shadow.Shadow`: exact mode, perturbed temporaries and layer hooks;
 * :class:`zofast.optim.momentum.Momentum`: LOZO-M's buffers, computed before any write;
-* :class:`zofast.optim.noise.NoisePlan`: which seeds every tensor gets at every step.
+* :class:`zofast.optim.noise.NoisePlan`: which seeds every tensor gets at every step;
+* :class:`zofast.optim.directions.Directions`: the q directions of a step (``directions=q``) and
+  which of them this process evaluates.
 
 Building the parts and the checks before a step are in zofast.optim.setup, state_dict /
 load_state_dict in zofast.optim.state.
@@ -20,28 +25,83 @@ The methods (zofast.optim.methods) only add their hyperparameters.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from zofast.optim.checks import (
     deferred_interrupts,
     float32,
-    loss_scalar,
-    loss_value,
     update_finite,
 )
+from zofast.optim.directions import Directions
 from zofast.optim.group import DataParallel, check_examples
-from zofast.optim.modes import LOW_PRECISION, check_modes, resolve
-from zofast.optim.paired import PairedStep
+from zofast.optim.modes import LOW_PRECISION, check_modes, resolve, resolve_accumulate
 from zofast.optim.setup import Setup
 from zofast.optim.shadow import Shadow
+from zofast.optim.sharding import check_shards, fsdp_modules
 from zofast.optim.state import Checkpoint
 from zofast.optim.virtual import Virtual
 from zofast.rng import as_seed
 from zofast.trajectory import ABORT_MINUS, ABORT_PLUS, SETTLE, STEP, Trajectory
 
 
-class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
+def _loss_scalar(loss):
+    """Check a closure result without reading it: a one-element real tensor (returned as it is,
+    so a GPU loss is not synchronised yet) or a Python real (returned as a float)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.requires_grad:
+            raise ValueError(
+                "closure returned a tensor that requires grad: the closure must run under "
+                "torch.no_grad() (step() calls it under no_grad; do not re-enable grad inside)"
+            )
+        if loss.numel() != 1:
+            raise ValueError(
+                f"closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
+            )
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise ValueError(f"closure must return a real loss, got dtype {loss.dtype}")
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    kind = type(loss).__name__
+    raise ValueError(f"closure must return a Python number or a one-element tensor, got {kind}")
+
+
+def _loss_value(loss, where: str, which: str) -> float:
+    """The float of a checked closure result; FloatingPointError if it is not finite."""
+    value = float(loss.item()) if isinstance(loss, torch.Tensor) else loss
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"the loss at the {which}ε perturbation of {where} is {value}; the weights were "
+            "restored"
+        )
+    return value
+
+
+def _loss_pair(result) -> tuple:
+    """Check a paired closure's result without reading it: (L+, L−) from a two-element tensor
+    (two one-element views; a GPU one is not synchronised) or a pair of closure results (each
+    as :func:`_loss_scalar`)."""
+    if isinstance(result, torch.Tensor) and result.numel() == 2:
+        flat = result.reshape(-1)
+        return _loss_scalar(flat[0]), _loss_scalar(flat[1])
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return _loss_scalar(result[0]), _loss_scalar(result[1])
+    shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+    got = f"a tensor of shape {shape}" if shape is not None else type(result).__name__
+    raise ValueError(
+        "a paired step's closure returns (L+, L−), the losses of the first and the second copy "
+        f"of the batch stacked twice, as a two-element tensor or a pair of numbers; got {got} "
+        "(zofast.paired.losses(model, inputs) makes them for a transformers model)"
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return values[0] if len(values) == 1 else math.fsum(values) / len(values)
+
+
+class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
     """The step protocol shared by LOZO and MeZO (see zofast.optim's docstring)."""
 
     method = ""
@@ -60,6 +120,9 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
         virtual_indices=None,
         virtual_rest=None,
         process_group=None,
+        accumulate="auto",
+        directions=1,
+        split="batch",
         paired=False,
     ):
         try:
@@ -70,12 +133,15 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
             raise ValueError(f"pipeline must be True or False, got {pipeline!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # FSDP2 resharded first: the parameters taken are the shards (zofast.optim.sharding)
+        self._fsdp = fsdp_modules(params if isinstance(params, torch.nn.Module) else model)
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = list(params.named_parameters())
         check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest, paired)
         self._paired = paired
         self._group = None if process_group is None else DataParallel(process_group)
+        self._directions = Directions(directions, split, self._group)
         self._ready = False
         self._lowrank = lowrank
         self._virtual_request = None if virtual_indices is None else list(virtual_indices)
@@ -83,6 +149,7 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
         self._shadow: Shadow | None = None
         super().__init__(params, defaults)
         trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        check_shards(trained, mode, self._fsdp)
         self._mode, self._rounding, self._rest = resolve(
             mode,
             rounding,
@@ -94,6 +161,12 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
             has_model=model is not None,
             replay_only=self._virtual_request is not None,
             paired=paired,
+        )
+        self._accumulate = resolve_accumulate(
+            accumulate,
+            shadow=self._mode == "shadow" or self._rest == "shadow",
+            low=any(p.dtype in LOW_PRECISION for p in trained),
+            momentum=bool(defaults.get("momentum")),
         )
         self._model = model if self._mode in ("virtual", "shadow") else None
         self._eps = defaults["eps"]
@@ -119,6 +192,10 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
             "rounding": self._rounding,
             "pipeline": self._pipeline,
         }
+        if self._accumulate > 1:  # (absent: 1, as in runs recorded before it existed)
+            hyper["accumulate"] = self._accumulate
+        if self._directions.q > 1:  # absent for one direction: the records of earlier versions
+            hyper["directions"] = self._directions.q
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
             hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
             hyper["virtual_rest"] = self._rest
@@ -133,67 +210,90 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
 
     # The protocol. Every write to the weights happens in the parts, called from here.
 
-    def _shift(self, t: int, scale: float) -> None:
-        self._inplace.shift(t, scale, len(self.param_groups))
+    def _index(self, t: int, k: int) -> int:
+        """The direction index of direction k of step t (zofast.optim.noise)."""
+        return t * self._directions.q + k
 
-    def _coef(self, t: int, c: float) -> None:
-        """Virtual and shadow tensors: the forwards see W + c·Z_t (nothing is written)."""
+    def _shift(self, d: int, scale: float) -> None:
+        self._inplace.shift(d, scale, len(self.param_groups))
+
+    def _coef(self, d: int, c: float) -> None:
+        """Virtual and shadow tensors: the forwards see W + c·Z_d (nothing is written)."""
         for part in (self._virtual, self._shadow):
             if part is not None:
-                part.coef(t, c)
+                part.coef(d, c)
 
-    def _begin(self, t: int) -> None:
-        if self._pending is None:
-            self._shift(t, self._eps)
-        elif self._pending != t:
+    def _enter(self, t: int, k: int, previous: int | None) -> None:
+        """To +ε·Z of direction k of step t: from the stored weights (previous None; pipelined,
+        they may already carry it) or from −ε·Z of direction `previous` of the same step."""
+        d = self._index(t, k)
+        if previous is not None:
+            self._inplace.move(self._index(t, previous), d, self._eps, len(self.param_groups))
+        elif self._pending is None:
+            self._shift(d, self._eps)
+        elif self._pending != t or k:
             raise RuntimeError(f"internal error: pending step {self._pending}, stepping {t}")
         self._pending = None
-        self._coef(t, self._eps)
+        self._coef(d, self._eps)
 
-    def _minus(self, t: int) -> None:
+    def _minus(self, t: int, k: int) -> None:
         """From +ε to −ε."""
-        self._shift(t, -2.0 * self._eps)
-        self._coef(t, -self._eps)
+        d = self._index(t, k)
+        self._shift(d, -2.0 * self._eps)
+        self._coef(d, -self._eps)
 
-    def _abort(self, t: int, stage: int) -> None:
-        self._coef(t, 0.0)  # virtual tensors: nothing was written
-        self._shift(t, -self._eps if stage == 1 else self._eps)
-        self.trajectory.record(ABORT_PLUS if stage == 1 else ABORT_MINUS)
+    def _walk(self, t: int, n: int) -> None:
+        """Replay: the passes of evaluating directions 0 .. n − 1 of step t (the weights end at
+        −ε·Z of direction n − 1)."""
+        for k in range(n):
+            self._enter(t, k, k - 1 if k else None)
+            self._minus(t, k)
+
+    def _abort(self, t: int, k: int, stage: int) -> None:
+        d = self._index(t, k)
+        self._coef(d, 0.0)  # virtual tensors: nothing was written
+        self._shift(d, -self._eps if stage == 1 else self._eps)
+        kind = ABORT_PLUS if stage == 1 else ABORT_MINUS
+        self.trajectory.record(kind, self._directions.recorded(k))
         self._pending = None
 
-    def _finish(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
-        """Restore and update (pipelined: perturb for step t + 1): new state first, then writes."""
-        nxt = t + 1 if self._pipeline else None
+    def _finish(self, t: int, gs: list[float], lrs: list[float], wds: list[float]) -> None:
+        """Restore and update (pipelined: perturb for step t + 1): new state first, then writes.
+        gs: the g of every direction; the parts take g_k / q."""
+        q = self._directions.q
+        cs = [g / q for g in gs]
+        nxt = self._index(t + 1, 0) if self._pipeline else None
         buffers, used = {}, {}
         if self._momentum is not None:  # all state first: a failure leaves the weights untouched
-            buffers, used = self._momentum.buffers(self._slots, self.state, t, g)
+            flat = None if self._virtual is None else self._virtual.flat_step(t)
+            buffers, used = self._momentum.buffers(self._slots, self.state, t, cs, flat)
         pending = []
         if self._virtual is not None:
             self._virtual.check_decay(wds)
-            pending = self._virtual.updates(t, g, lrs, buffers, used)
-        self._inplace.finish(t, g, lrs, wds, self._eps, nxt, self._momentum, buffers, used)
+            pending = self._virtual.updates(t, cs, lrs, buffers, used)
+        self._inplace.finish(t, cs, lrs, wds, self._eps, nxt, self._momentum, buffers, used)
         if self._shadow is not None:
-            self._shadow.finish(t, g, lrs, wds, self._momentum, buffers, used)
+            self._shadow.finish(t, cs, lrs, wds, self._momentum, buffers, used)
         if self._virtual is not None:
             self._virtual.commit(pending, self.state, t)
         for slot in self._slots:
             if slot.index in buffers:
                 self.state[slot.param]["momentum_buffer"] = buffers[slot.index]
-        self._end_step(t, g, lrs, wds)
+        self._end_step(t, gs, lrs, wds)
 
-    def _end_step(self, t: int, g: float, lrs: list[float], wds: list[float]) -> None:
-        self._coef(t, 0.0)  # between steps the forwards see the stored (and pending) weights
-        self.trajectory.record_step(g, lrs, wds)
+    def _end_step(self, t: int, gs: list[float], lrs: list[float], wds: list[float]) -> None:
+        self._coef(self._index(t, 0), 0.0)  # between steps the forwards see the stored weights
+        self.trajectory.record_step(gs[0] if len(gs) == 1 else gs, lrs, wds)
         self._step_count = t + 1
         self._pending = t + 1 if self._pipeline else None
 
     def _finish_queued(self, t: int, loss_plus, loss_minus, lrs, wds):
-        """The queued finish of the in-place or the shadow part where it applies (no momentum,
-        virtual tensors or weight decay; see Passes.queued); None otherwise. Records the step,
-        or an abort when g or an update is not finite."""
+        """The queued finish of the in-place or the shadow part where it applies (one direction,
+        no momentum, virtual tensors or weight decay; see Passes.queued); None otherwise.
+        Records the step, or an abort when g or an update is not finite."""
         if self._momentum is not None or self._virtual is not None or any(wds):
             return None
-        if self._group is not None:  # the losses are all-reduced first
+        if self._group is not None or self._directions.q != 1:  # (the losses are combined first)
             return None
         if self._shadow is not None:
             read = self._shadow.finish_queued(t, loss_plus, loss_minus, lrs, self._eps)
@@ -205,11 +305,38 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
         loss_plus, loss_minus = read
         g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
         if update_finite(g, lrs):
-            self._end_step(t, g, lrs, wds)
+            self._end_step(t, [g], lrs, wds)
         else:
             self._coef(t, 0.0)
             self.trajectory.record(ABORT_MINUS)
         return loss_plus, loss_minus
+
+    def _read_now(self, loss) -> bool:
+        """Whether to read a loss as soon as the closure returns it. Left unread where a later
+        read costs nothing (a GPU loss, or one the graphed passes may take as it is: the queued
+        finish), and under a process group (a rank must not stop before the collective)."""
+        if self._group is not None:
+            return False
+        return not (isinstance(loss, torch.Tensor) and (loss.is_cuda or self._graphed))
+
+    def _where(self, t: int, k: int) -> str:
+        return f"step {t}" if self._directions.q == 1 else f"step {t}, direction {k}"
+
+    def _estimate(self, t: int, k: int, loss_plus, loss_minus, lrs) -> tuple[float, ...]:
+        """(g, L+, L−) of direction k from its (combined) losses; FloatingPointError where a
+        loss, g or an update scale −lr·g/q is not finite."""
+        where = self._where(t, k)
+        loss_plus = _loss_value(loss_plus, where, "+")
+        loss_minus = _loss_value(loss_minus, where, "−")
+        g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
+        if not math.isfinite(g):
+            raise FloatingPointError(f"g of {where} is {g}; the weights were restored")
+        if not update_finite(g / self._directions.q, lrs):
+            raise FloatingPointError(
+                f"the update −lr·g of {where} overflows float32 (g = {g}, lr = {max(lrs)}); "
+                "the weights were restored"
+            )
+        return g, loss_plus, loss_minus
 
     # Public API.
 
@@ -219,15 +346,18 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
 
         Args:
             closure: callable with no arguments that evaluates the loss of ONE batch (the same
-                batch both times it is called in a step) and returns it as a Python number or a
-                one-element tensor. It is called twice, under torch.no_grad(). With
-                ``paired=True`` it is called once, runs the model on the batch stacked twice
-                and returns (L+, L−), the losses of the two copies (see zofast.optim.paired).
-            examples: with process_group, this rank's weight in the mean of the ranks' losses
-                (the number of examples its closure averages); ignored otherwise.
+                batch every time it is called in a step) and returns it as a Python number or a
+                one-element tensor. It is called twice per direction this process evaluates
+                (twice with the default directions=1), under torch.no_grad(). With
+                ``paired=True`` it is called once per direction, runs the model on the batch
+                stacked twice and returns (L+, L−), the two copies' losses (zofast.optim.paired).
+            examples: with process_group and split="batch", this rank's weight in the mean of
+                the ranks' losses (the number of examples its closure averages); ignored
+                otherwise.
 
         Returns:
-            (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²).
+            (L+ + L−)/2, a Python float: the loss at the unperturbed weights up to O(ε²) (with
+            several directions, its mean over them).
 
         Raises:
             ValueError: no closure, a closure result that is not a real scalar or requires grad,
@@ -250,66 +380,54 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
             self._fingerprint()
         if self._group is not None and not self._group.agreed:
             self._group.check_agreement(self._agreement(lrs, wds))
-        if self._paired:
-            return self._step_paired(closure, lrs, wds, examples)
         t = self._step_count
-        stage = 0
+        losses = {}
+        at, stage = None, 0  # the direction the weights carry, at +ε (stage 1) or −ε (stage 2)
         try:
-            with deferred_interrupts():
-                self._begin(t)
-                stage = 1
-            loss_plus = loss_scalar(closure())
-            # Left unread where a later read costs nothing: a GPU loss, or one that the graphed
-            # passes may take as it is (the queued finish).
-            lazy = isinstance(loss_plus, torch.Tensor) and (loss_plus.is_cuda or self._graphed)
-            if not lazy and self._group is None:  # (a rank must not stop before the all-reduce)
-                loss_plus = loss_value(loss_plus, t, "+")
-            with deferred_interrupts():
-                self._minus(t)
-                stage = 2
-            # A GPU L+ is read only now: the −2ε pass and the second forward were queued behind
-            # the first without waiting for it (one host sync per evaluation pair, not two).
-            loss_minus = loss_scalar(closure())
-            with deferred_interrupts():
-                read = self._finish_queued(t, loss_plus, loss_minus, lrs, wds)
-                if read is not None:
-                    stage = 3  # finished, or restored and recorded as an abort
-                    loss_plus, loss_minus = read
-            loss_plus, loss_minus, g = self._read(t, loss_plus, loss_minus, lrs, examples)
+            for k in self._directions.mine:
+                with deferred_interrupts():
+                    self._enter(t, k, at)
+                    at, stage = k, 1
+                if self._paired:  # one forward: the first copy at +ε, the second at −ε
+                    self._rows.reset()
+                    loss_plus, loss_minus = _loss_pair(closure())
+                    stage = 2  # (both evaluated; nothing to undo in an exact mode)
+                    losses[k] = (loss_plus, loss_minus)
+                    continue
+                loss_plus = _loss_scalar(closure())
+                if self._read_now(loss_plus):
+                    loss_plus = _loss_value(loss_plus, self._where(t, k), "+")
+                with deferred_interrupts():
+                    self._minus(t, k)
+                    stage = 2
+                # A GPU L+ is read only now: the −2ε pass and the second forward were queued
+                # behind the first without waiting for it (one host sync per step at most).
+                loss_minus = _loss_scalar(closure())
+                if self._read_now(loss_minus) and self._directions.q > 1:
+                    loss_minus = _loss_value(loss_minus, self._where(t, k), "−")
+                losses[k] = (loss_plus, loss_minus)
+            if self._directions.q == 1:
+                with deferred_interrupts():
+                    read = self._finish_queued(t, *losses[0], lrs, wds)
+                    if read is not None:
+                        stage = 3  # finished, or restored and recorded as an abort
+                        losses[0] = read
+            pairs = self._directions.combine(losses, examples)
+            estimates = [self._estimate(t, k, *pair, lrs) for k, pair in enumerate(pairs)]
+            gs = [g for g, _, _ in estimates]
             if stage == 2:
                 with deferred_interrupts():
-                    self._finish(t, g, lrs, wds)
+                    self._finish(t, gs, lrs, wds)
                     stage = 3
         except BaseException:
             if stage in (1, 2):
                 with deferred_interrupts():
-                    self._abort(t, stage)
+                    self._abort(t, at, stage)
             raise
-        return self._returned(loss_plus, loss_minus)
-
-    def _read(self, t, loss_plus, loss_minus, lrs, examples) -> tuple[float, float, float]:
-        """(L+, L−, g) as floats: the losses all-reduced with a process group, then read; raises
-        FloatingPointError where a loss, g or an update is not finite."""
-        if self._group is not None:
-            loss_plus, loss_minus = self._group.mean(loss_plus, loss_minus, examples)
-        loss_plus = loss_value(loss_plus, t, "+")
-        loss_minus = loss_value(loss_minus, t, "−")
-        g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
-        if not math.isfinite(g):
-            raise FloatingPointError(f"g of step {t} is {g}; the weights were restored")
-        if not update_finite(g, lrs):
-            raise FloatingPointError(
-                f"the update −lr·g of step {t} overflows float32 (g = {g}, lr = {max(lrs)}); "
-                "the weights were restored"
-            )
-        return loss_plus, loss_minus, g
-
-    def _returned(self, loss_plus: float, loss_minus: float) -> float:
-        """What a step ends with: the usage warning, last_losses and (L+ + L−)/2."""
         if self._shadow is not None:
             self._shadow.warn_unused()
-        self.last_losses = (loss_plus, loss_minus)
-        return 0.5 * (loss_plus + loss_minus)
+        self.last_losses = tuple(_mean([e[i] for e in estimates]) for i in (1, 2))
+        return 0.5 * (self.last_losses[0] + self.last_losses[1])
 
     def _agreement(self, lrs, wds) -> dict:
         """What every rank of a process group must agree on (DataParallel.check_agreement)."""
@@ -317,6 +435,7 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
             "method": self.method,
             "run_seed": self._run_seed,
             "hyperparameters": self._hyperparameters(),
+            "directions": [self._directions.q, self._directions.split],
             "groups": [lrs, wds],
             "params": self.trajectory.params,
             "step": self._step_count,
@@ -338,9 +457,11 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
           W += A·V_Aᵀ, one fused pass per tensor, and A = 0. Between steps the layers already
           compute with W + A·V_Aᵀ, so evaluation needs no settle; saving or exporting
           ``model.state_dict()``, copying the model or reading ``.weight`` does.
+        * ``accumulate`` > 1 (bf16 / fp16 shadow tensors by default): writes the steps not
+          yet written, in one pass. Between writes the forwards see the last written weights.
 
-        Call it before evaluating (pipelined) or saving / exporting the model. It is recorded in
-        the trajectory, so replay repeats it.
+        Call it before evaluating (pipelined, accumulating) or saving / exporting the model.
+        It is recorded in the trajectory, so replay repeats it.
 
         Example:
             >>> model = torch.nn.Linear(4, 1)
@@ -352,9 +473,11 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
             return
         with deferred_interrupts():
             if self._pending is not None:
-                self._shift(self._pending, -self._eps)
+                self._shift(self._index(self._pending, 0), -self._eps)
             if self._virtual is not None:
                 self._virtual.settle(self.state, self._step_count)
+            if self._shadow is not None:
+                self._shadow.write()
             self.trajectory.record(SETTLE)
             self._pending = None
 
@@ -383,6 +506,12 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
         return self._mode
 
     @property
+    def paired(self) -> bool:
+        """Whether a step evaluates each direction's (L+, L−) in one forward over the batch
+        stacked twice (zofast.optim.paired)."""
+        return self._paired
+
+    @property
     def rounding(self) -> str:
         """How update passes round to the weights' dtype: "nearest" or "stochastic"."""
         return self._rounding
@@ -400,9 +529,11 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
 
     @property
     def unflushed(self) -> bool:
-        """mode="virtual": whether updates are pending outside the stored weights (settle()
-        writes them); always False in place."""
-        return self._virtual is not None and self._virtual.unflushed
+        """Whether updates are pending outside the stored weights (settle() writes them):
+        mode="virtual"'s factors, or the steps that accumulate > 1 has not written yet; always
+        False in place."""
+        deferred = self._shadow is not None and bool(self._shadow.deferred)
+        return deferred or (self._virtual is not None and self._virtual.unflushed)
 
     @property
     def virtual_names(self) -> list[str]:
@@ -423,17 +554,18 @@ class ZerothOrder(Setup, Checkpoint, PairedStep, torch.optim.Optimizer):
 
     def replay(self, trajectory: Trajectory) -> None:
         """Re-run the engine calls of `trajectory` (used by zofast.replay)."""
+        q = self._directions.q
         for kind, g, lrs, wds in trajectory.iter_events():
             t = self._step_count
             if kind == SETTLE:
                 self.settle()
-                continue
-            self._begin(t)
-            if kind == ABORT_PLUS:
-                self._abort(t, 1)
-                continue
-            self._minus(t)
-            if kind == ABORT_MINUS:
-                self._abort(t, 2)
             elif kind == STEP:
-                self._finish(t, g, lrs, wds)
+                self._walk(t, q)
+                self._finish(t, [g] if q == 1 else list(g), lrs, wds)
+            else:  # an abort at direction k = g
+                stage = 1 if kind == ABORT_PLUS else 2
+                self._walk(t, g)
+                self._enter(t, g, g - 1 if g else None)
+                if stage == 2:
+                    self._minus(t, g)
+                self._abort(t, g, stage)

@@ -4,7 +4,12 @@ Each rank evaluates L+ and L− on its own shard of the batch, with the same see
 pure function of the run seed and the step). One all-reduce per step sums (w·L+, w·L−, w), where
 w is the rank's weight in the mean (its number of examples): every rank then holds the same
 mean losses, hence the same g, the same update and the same trajectory, and its weights stay
-bit-identical to the others'. Nothing else travels: 24 bytes per rank and step.
+bit-identical to the others'. Nothing else travels: 24 bytes per rank and step (with
+``directions=q``: one pair per direction, 16·q + 8 bytes).
+
+With ``split="directions"`` (zofast.optim.directions) the ranks split a step's q directions
+instead of the batch: each evaluates its own directions on the whole batch, and one all-gather
+gives every rank every direction's losses (16·q bytes per rank and step).
 
 At the first step one more all-reduce compares a fingerprint of what the ranks are about to
 train (run seed, method, mode, rounding, hyperparameters, step, trained tensors' names, shapes,
@@ -77,18 +82,57 @@ class DataParallel:
             )
         self.agreed = True
 
-    def mean(self, loss_plus, loss_minus, examples: float) -> tuple[float, float]:
-        """The weighted means of L+ and L− over the ranks (one all-reduce), in float64. A
-        non-finite loss on any rank makes the means non-finite on every rank."""
+    def mean(self, losses: list[tuple], examples: float) -> list[tuple[float, float]]:
+        """The weighted means over the ranks of every (L+, L−) pair in `losses` (one pair per
+        direction; one all-reduce), in float64. A non-finite loss on any rank makes its means
+        non-finite on every rank."""
         import torch.distributed as dist
 
-        plus, minus = (
-            float(x.item() if isinstance(x, torch.Tensor) else x) for x in (loss_plus, loss_minus)
-        )
-        sums = torch.tensor([examples * plus, examples * minus, examples], dtype=torch.float64)
+        values = [_as_float(x) for pair in losses for x in pair]
+        sums = torch.tensor([examples * x for x in values] + [examples], dtype=torch.float64)
         sums = self._all_reduce(sums, dist.ReduceOp.SUM)
-        total = float(sums[2])
-        return float(sums[0]) / total, float(sums[1]) / total
+        total = float(sums[-1])
+        means = [float(x) / total for x in sums[:-1]]
+        return list(zip(means[0::2], means[1::2], strict=True))
+
+    @property
+    def size(self) -> int:
+        """The number of ranks."""
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+        import torch.distributed as dist
+
+        return dist.get_rank(self.group)
+
+    def gather(self, losses: dict[int, tuple], q: int, owner) -> list[tuple[float, float]]:
+        """Every direction's (L+, L−), each from the rank that evaluated it (one all-gather of
+        q·2 float64 per rank; the values travel as they are, so every rank reads the same bits).
+
+        Args:
+            losses: this rank's pairs, by direction k.
+            q: the number of directions.
+            owner: the rank of direction k, ``owner(k)``.
+        """
+        import torch.distributed as dist
+
+        mine = torch.zeros(q, 2, dtype=torch.float64)
+        for k, pair in losses.items():
+            mine[k] = torch.tensor([_as_float(x) for x in pair], dtype=torch.float64)
+        if self.device is not None:
+            mine = mine.to(self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        parts = [part.cpu() for part in parts]
+        return [tuple(parts[owner(k)][k].tolist()) for k in range(q)]
+
+
+def _as_float(x) -> float:
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
 
 
 def check_examples(examples) -> float:

@@ -87,6 +87,18 @@ class LOZO(ZerothOrder):
             process): every rank steps on its own shard of the batch with the same seeds, one
             all-reduce of the losses per step (``step(closure, examples=n)`` weights them);
             see zofast.optim.group.
+        directions: q ≥ 1, the perturbations per step (2q forwards); the update is the average
+            of their q estimates, applied in one pass. The q directions of a step share its V
+            and differ in U. See zofast.optim.directions.
+        split: with process_group, what the ranks share out: "batch" (default: each rank
+            evaluates every direction on its shard of the batch) or "directions" (each rank
+            evaluates its directions, k % world_size == rank, on the whole batch; needs an
+            exact mode and directions ≥ world size).
+        accumulate: steps whose updates of shadow-mode tensors are written together, in one
+            pass and one rounding (the forwards in between see the last written weights; see
+            zofast.optim.shadow): "auto" (default: 64 for bf16 / fp16 without momentum, where a
+            rounding per step would add far more noise than the update, else 1) or an integer
+            ≥ 1. settle() writes what is left.
         paired: evaluate L+ and L− in ONE forward over the batch stacked twice, the first copy
             at +ε and the second at −ε (needs the model and an exact mode; the closure returns
             (L+, L−)); see zofast.optim.paired.
@@ -127,6 +139,9 @@ class LOZO(ZerothOrder):
         virtual_indices: list[int] | None = None,
         virtual_rest: str | None = None,
         process_group=None,
+        directions: int = 1,
+        split: str = "batch",
+        accumulate="auto",
         paired: bool = False,
     ):
         momentum = real(momentum, "momentum")
@@ -158,6 +173,9 @@ class LOZO(ZerothOrder):
             virtual_indices=None if virtual_indices is None else [int(i) for i in virtual_indices],
             virtual_rest=virtual_rest,
             process_group=process_group,
+            directions=directions,
+            split=split,
+            accumulate=accumulate,
             paired=paired,
         )
 
@@ -183,6 +201,10 @@ class MeZO(ZerothOrder):
         model: shadow mode: the module whose forward the closure runs (default: `params` when
             it is a module).
         process_group: data parallelism over a ``torch.distributed`` group (see LOZO).
+        directions: q ≥ 1 perturbations per step, their estimates averaged (see LOZO).
+        split: with process_group, "batch" or "directions" (see LOZO).
+        accumulate: steps whose updates are written together in shadow mode (see LOZO;
+            "auto": 64 for bf16 / fp16 weights, 1 for float32).
         paired: must be False: paired steps need LOZO's low-rank noise (ValueError otherwise;
             see zofast.optim.paired).
 
@@ -207,6 +229,9 @@ class MeZO(ZerothOrder):
         pipeline: bool = False,
         model: torch.nn.Module | None = None,
         process_group=None,
+        directions: int = 1,
+        split: str = "batch",
+        accumulate="auto",
         paired: bool = False,
     ):
         defaults = {
@@ -224,6 +249,9 @@ class MeZO(ZerothOrder):
             lowrank=False,
             model=model,
             process_group=process_group,
+            directions=directions,
+            split=split,
+            accumulate=accumulate,
             paired=paired,
         )
 

@@ -10,14 +10,19 @@ g·U·Vᵀ):
   momentum N·V_oldᵀ is projected onto the new subspace (V_newᵀ·V_new ≈ n·I for Gaussian V),
   as in the authors' code (computed in float64, rounded once to float32);
 * update: W ← W − lr·N·Vᵀ (1-D: b ← b − lr·m), through ``outer_add_`` in one pass.
+
+With ``directions=q`` the momentum takes the step's averaged estimate: g·U above stands for
+(1/q)·Σ_k g_k·U_k (the q directions share the step's V), g·z for (1/q)·Σ_k g_k·z_k.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zofast.device_map import by_device
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
+from zofast.shadow_step import to_device
 
 
 class Momentum:
@@ -26,37 +31,75 @@ class Momentum:
     def __init__(self, beta: float, noise: NoisePlan):
         self.beta, self.noise = beta, noise
 
-    def buffers(self, slots: list[Slot], state, t: int, g: float):
-        """({index: new buffer}, {index: the direction tensors it used}) of every slot after
-        step t; FloatingPointError (nothing written) if a buffer is not finite."""
-        buffers, used = {}, {}
+    def buffers(self, slots: list[Slot], state, t: int, gs: list[float], flat=None):
+        """({index: new buffer}, {index: the last direction's tensors}) of every slot after step
+        t, gs being g_k / q for the step's q directions (q = 1: [g]); FloatingPointError
+        (nothing written) if a buffer is not finite. `flat`: the virtual part's flat tensors
+        (zofast.virtual_step.FlatVirtual) with step t loaded, whose buffers are made together
+        inside a V epoch (one direction per step only: Virtual.flat_step gives None otherwise)."""
+        buffers, used, checks = {}, {}, []
+        old = (
+            [] if flat is None else [state[vt.param].get("momentum_buffer") for vt in flat.tensors]
+        )
+        fresh = all(x is None for x in old)
+        # (a V-refresh step projects each tensor's buffer: per tensor)
+        if old and (fresh or (t % self.noise.nu and all(x is not None for x in old))):
+            (g,) = gs
+            n, views = flat.momentum(None if fresh else old, self.beta, g)
+            for vt, view in zip(flat.tensors, views, strict=True):
+                buffers[vt.index], used[vt.index] = view, (vt.U, vt.V)
+            checks.append(torch.isfinite(n).all())
         for slot in slots:
-            buffers[slot.index], used[slot.index] = self._step(slot, state, t, g)
-        if not torch.stack([torch.isfinite(b).all() for b in buffers.values()]).all():
-            raise FloatingPointError(f"the momentum overflowed at step {t} (g = {g})")
+            if slot.index not in buffers:
+                buffers[slot.index], used[slot.index] = self._step(slot, state, t, gs)
+                checks.append(torch.isfinite(buffers[slot.index]).all())
+        # One check (one host sync) per device the buffers are on (a model on several devices).
+        groups = by_device(checks, key=lambda check: check.device)
+        if not all(torch.stack(group).all() for group in groups):
+            shown = gs[0] if len(gs) == 1 else gs
+            raise FloatingPointError(f"the momentum overflowed at step {t} (g = {shown})")
         return buffers, used
 
-    def _step(self, slot: Slot, state, t: int, g: float):
+    def _step(self, slot: Slot, state, t: int, gs: list[float]):
+        """The new buffer: the estimate's left factor is Σ_k (g_k / q)·U_k (full-rank: z_k),
+        added term by term in direction order."""
         beta, nu = self.beta, self.noise.nu
         old = state[slot.param].get("momentum_buffer")
+        directions = self.noise.directions(t)
         if slot.rank:
-            U, V = self.noise.factors(slot, t)
+            factors = [self.noise.factors(slot, d) for d in directions]
+            V = factors[0][1]  # one V per step
+            us = [U for U, _ in factors]
             if old is None:
-                new = U * g
+                new = us[0] * gs[0]
+                for U, c in zip(us[1:], gs[1:], strict=True):
+                    new = torch.add(new, U, alpha=c)
             elif t % nu == 0:
-                _, V_old = self.noise.factors(slot, t, t // nu - 1)
+                _, V_old = self.noise.factors(slot, directions[0], t // nu - 1)
                 carry = (old.double() @ (V_old.double().T @ V.double())) * (beta / V.shape[0])
-                new = (carry + U.double() * ((1.0 - beta) * g)).float()
+                for U, c in zip(us, gs, strict=True):
+                    carry = carry + U.double() * ((1.0 - beta) * c)
+                new = carry.float()
             else:
-                new = torch.add(old * beta, U, alpha=(1.0 - beta) * g)
-            return new, (U, V)
-        z = self.noise.noise(slot, t)
-        new = z * g if old is None else torch.add(old * beta, z, alpha=(1.0 - beta) * g)
-        return new, (z,)
+                new = old * beta
+                for U, c in zip(us, gs, strict=True):
+                    new = torch.add(new, U, alpha=(1.0 - beta) * c)
+            return new, (us[-1], V)
+        zs = [self.noise.noise(slot, d) for d in directions]
+        if old is None:
+            new = zs[0] * gs[0]
+            for z, c in zip(zs[1:], gs[1:], strict=True):
+                new = torch.add(new, z, alpha=c)
+        else:
+            new = old * beta
+            for z, c in zip(zs, gs, strict=True):
+                new = torch.add(new, z, alpha=(1.0 - beta) * c)
+        return new, (zs[-1],)
 
     def apply(self, slot, used, buffer, restore, lr, eps, nxt, round_seed=None, w_scale=1.0):
-        """One pass over a slot: W ← w_scale·W + restore·Z_t − lr·(momentum), + ε·Z_nxt where
-        nxt is not None (pipelined), rounded stochastically with `round_seed` where given."""
+        """One pass over a slot: W ← w_scale·W + restore·Z_last − lr·(momentum), + ε·Z_nxt where
+        nxt (a direction index) is not None (pipelined), rounded stochastically with
+        `round_seed` where given; `used` holds Z_last, the step's last direction."""
         p, rounding = slot.param, {"round_seed": round_seed, "w_scale": w_scale}
         if slot.rank:
             U, V = used
@@ -77,5 +120,6 @@ class Momentum:
         if nxt is not None:
             cols.append(self.noise.noise(slot, nxt))
             scales.append(eps)
-        right = torch.tensor([scales], dtype=torch.float32, device=p.device)
+        # Through pinned memory: a pageable upload would wait for the GPU (once per tensor).
+        right = to_device(torch.tensor([scales], dtype=torch.float32), p.device)
         outer_add_(p.view(-1, 1), torch.stack(cols, 1), right, row_offset=slot.offset, **rounding)

@@ -2,8 +2,10 @@
 
 Seeds come from ``zofast.rng.RunSeeds(seed)`` with tensor index = the tensor's position in the
 optimizer's flat parameter list (frozen tensors included, so freezing does not shift seeds).
-Low-rank slots: U_t from role "u" at index t, V from role "v" at index t // nu; full-rank slots:
-z_t from role "full" at index t; stochastic rounding of an update: role "round" at index t.
+Direction k of step t (``directions=q`` per step, zofast.optim.directions) has the direction index
+d = t·q + k (q = 1: d = t). Low-rank slots: U_d from role "u" at index d, V from role "v" at index
+t // nu (every direction of a step shares the step's V); full-rank slots: z_d from role "full" at
+index d; stochastic rounding of an update: role "round" at index t.
 """
 
 from __future__ import annotations
@@ -43,11 +45,20 @@ class NoisePlan:
         run_seed: the run seed.
         n_params: length of the optimizer's flat parameter list.
         nu: steps per V epoch (LOZO; 1 for MeZO).
+        q: directions per step.
     """
 
-    def __init__(self, run_seed: int, n_params: int, nu: int):
-        self.n_params, self.nu = n_params, nu
+    def __init__(self, run_seed: int, n_params: int, nu: int, q: int = 1):
+        self.n_params, self.nu, self.q = n_params, nu, q
         self.reseed(run_seed)
+
+    def directions(self, t: int) -> list[int]:
+        """The direction indices of step t: t·q .. t·q + q − 1."""
+        return list(range(t * self.q, (t + 1) * self.q))
+
+    def epoch(self, d: int) -> int:
+        """The V epoch of direction index d: its step d // q, over nu."""
+        return d // (self.q * self.nu)
 
     def reseed(self, run_seed: int) -> None:
         """Derive every seed from `run_seed` from now on (a loaded optimizer state's)."""
@@ -58,7 +69,7 @@ class NoisePlan:
         key = (role, index)
         seeds = self._cache.get(key)
         if seeds is None:
-            if len(self._cache) >= 32:
+            if len(self._cache) >= 32 + 4 * self.q:  # a step uses about 2q + 4 keys
                 self._cache.clear()
             seeds = self.run.seeds(index, self.n_params, role)
             self._cache[key] = seeds
@@ -73,29 +84,31 @@ class NoisePlan:
             self._cache[key] = seeds
         return seeds
 
-    def factors(self, slot: Slot, t: int, epoch: int | None = None):
-        """Materialised (U_t, V_epoch) of a low-rank slot (epoch defaults to t // nu)."""
-        epoch = t // self.nu if epoch is None else epoch
+    def factors(self, slot: Slot, d: int, epoch: int | None = None):
+        """Materialised (U_d, V_epoch) of a low-rank slot, d a direction index (epoch defaults to
+        d's)."""
+        epoch = self.epoch(d) if epoch is None else epoch
         return lowrank_factors(
             slot.shape,
-            self.seeds("u", t)[slot.index],
+            self.seeds("u", d)[slot.index],
             self.seeds("v", epoch)[slot.index],
             slot.rank,
             row_offset=slot.row_offset,
             device=slot.param.device,
         )
 
-    def noise(self, slot: Slot, t: int) -> torch.Tensor:
-        """Materialised full-rank z_t of a slot, flattened."""
-        seed = self.seeds("full", t)[slot.index]
+    def noise(self, slot: Slot, d: int) -> torch.Tensor:
+        """Materialised full-rank z_d of a slot (d a direction index), flattened."""
+        seed = self.seeds("full", d)[slot.index]
         return gaussian_noise(
             (slot.param.numel(),), seed, offset=slot.offset, device=slot.param.device
         )
 
     def terms(self, slot: Slot, steps: list[int], scales: list[float]):
-        """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot."""
+        """(seeds, v_seeds or None, scales) of the terms scale_k·Z_(steps[k]) of one slot, steps
+        being direction indices."""
         if slot.rank:
             us = [self.seeds("u", s)[slot.index] for s in steps]
-            vs = [self.seeds("v", s // self.nu)[slot.index] for s in steps]
+            vs = [self.seeds("v", self.epoch(s))[slot.index] for s in steps]
             return us, vs, scales
         return [self.seeds("full", s)[slot.index] for s in steps], None, scales

@@ -42,46 +42,11 @@ What can be paired
     hooked layer must see the stacked batch as its first dimension (or its tokens flattened
     batch-major); a layer that does not raises ValueError in the forward (the step is aborted,
     the weights bit-identical).
+
+Where things are
+    The step is :meth:`zofast.optim.base.ZerothOrder.step` (its paired branch: per direction,
+    enter → (L+, L−) = closure() → the rest as any step); the per-row hooks are
+    :mod:`zofast.paired_layers` (which tensor takes which way) and :mod:`zofast.paired_ways` (the
+    maths of each); the closures :mod:`zofast.paired`. ``directions=q`` takes one paired forward
+    per direction.
 """
-
-from __future__ import annotations
-
-from zofast.optim.checks import deferred_interrupts, loss_pair
-
-
-class PairedStep:
-    """The paired step (a mixin of zofast.optim.base.ZerothOrder; see the module docstring)."""
-
-    @property
-    def paired(self) -> bool:
-        """Whether a step evaluates (L+, L−) in one forward over the batch stacked twice."""
-        return self._paired
-
-    def _step_paired(self, closure, lrs, wds, examples) -> float:
-        """ZerothOrder.step for ``paired=True``: begin (directions, c = ε: +ε on the first copy,
-        −ε on the second) → (L+, L−) = closure() → g → finish; abort on any failure."""
-        t = self._step_count
-        stage = 0
-        try:
-            with deferred_interrupts():
-                self._begin(t)
-                self._rows.reset()
-                stage = 1
-            loss_plus, loss_minus = loss_pair(closure())
-            stage = 2
-            with deferred_interrupts():
-                read = self._finish_queued(t, loss_plus, loss_minus, lrs, wds)
-                if read is not None:
-                    stage = 3  # finished, or restored and recorded as an abort
-                    loss_plus, loss_minus = read
-            loss_plus, loss_minus, g = self._read(t, loss_plus, loss_minus, lrs, examples)
-            if stage == 2:
-                with deferred_interrupts():
-                    self._finish(t, g, lrs, wds)
-                    stage = 3
-        except BaseException:
-            if stage in (1, 2):
-                with deferred_interrupts():
-                    self._abort(t, stage)
-            raise
-        return self._returned(loss_plus, loss_minus)

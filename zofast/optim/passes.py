@@ -1,10 +1,13 @@
 """Engine passes over a fixed list of trained tensors (slots), as one call or one graph.
 
-A pass gives every slot the terms scale_k·Z_(steps[k]) (its group's scales), optionally scales the
+A pass gives every slot the terms scale_k·Z_(steps[k]) (its group's scales; steps are direction
+indices, zofast.optim.noise), optionally scales the
 stored weight first (``w_scale``, weight decay fused into an update) and optionally rounds the
 result stochastically (round seeds from the run's "round" role, see zofast.optim.noise). On one
 GPU the whole pass replays a CUDA graph (zofast.graphed.GraphedPass) with a seed table built in
 numpy, no Python call per tensor; elsewhere it is one engine call per tensor, bit for bit the same.
+Slots on several devices (a device map, zofast.device_map) take one pass per device, each with
+its own graphs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from zofast._ext import triton_available
+from zofast.device_map import by_device, on_device
 from zofast.graphed import GraphedPass
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import gaussian_, lowrank_
@@ -36,10 +40,16 @@ class Passes:
     Args:
         slots: the tensors every pass writes.
         noise: the run's seeds.
+
+    Slots on several devices: ``devices`` holds one Passes per device (its slots in their
+    order, its own graphs) and every pass runs each of them; one device: ``devices == [self]``.
     """
 
     def __init__(self, slots: list[Slot], noise: NoisePlan):
         self.slots, self.noise = slots, noise
+        groups = by_device(slots)
+        self._split = len(groups) > 1
+        self.devices = [Passes(group, noise) for group in groups] if self._split else [self]
         # Per slot, as arrays: what a graphed pass's seed / scale tables are built from.
         self.index = np.array([s.index for s in slots], dtype=np.int64)
         self.lowrank = np.array([s.rank > 0 for s in slots], dtype=bool)
@@ -52,6 +62,15 @@ class Passes:
         """One pass: slot i gets the terms group_scales[g][k]·Z_(steps[k]) (g its group),
         after W ← group_w_scales[g]·W where given, rounded stochastically with the round seeds
         of step `round_index` where given (to nearest otherwise)."""
+        if self._split:
+            for part in self.devices:
+                part.run(steps, group_scales, round_index, group_w_scales)
+            return
+        if self.slots:
+            with on_device(self.slots[0].param.device):
+                self._run(steps, group_scales, round_index, group_w_scales)
+
+    def _run(self, steps, group_scales, round_index, group_w_scales) -> None:
         plan = self.graph_plan(steps, group_scales, round_index, group_w_scales)
         if plan is not None:
             graph, table, scales = plan
@@ -74,8 +93,8 @@ class Passes:
         """(graph, seed table, scale table) of a pass that a CUDA graph can replay, or None: no
         graphs, or low-rank terms on V epochs that are not one run, then at most one other (a
         V-refresh step's restore + update, then next)."""
-        index, lowrank, nu = self.index, self.lowrank, self.noise.nu
-        epochs = [s // nu for s in steps] if lowrank.any() else [0] * len(steps)
+        index, lowrank = self.index, self.lowrank
+        epochs = [self.noise.epoch(s) for s in steps] if lowrank.any() else [0] * len(steps)
         split = epochs.index(epochs[-1])  # the first term on the last V: 0 if one V
         if self.graphs is None or epochs[:split] != [epochs[0]] * split:
             return None
@@ -125,20 +144,27 @@ class Passes:
         right behind the second forward: the GPU does not wait for the host to read the losses,
         which it does (from a copy queued before the pass) while the pass runs.
 
-        Only for a graphed pass with both losses tensors on the slots' device; returns None
-        otherwise (the caller reads the losses and runs the pass itself). Returns the losses as
-        floats. −lr·g is computed on the device in the host's float64 arithmetic (so bit for bit
-        the same). If g or any group's −lr·g is not finite in float32, the device zeroes the
-        update column and those after it: the pass then adds exact zeros for them."""
-        device = self.slots[0].param.device if self.slots else None
-        on_device = all(
+        Only for a graphed pass with both losses tensors on the slots' device (one device);
+        returns None otherwise (the caller reads the losses and runs the pass itself). Returns
+        the losses as floats. −lr·g is computed on the device in the host's float64 arithmetic
+        (so bit for bit the same). If g or any group's −lr·g is not finite in float32, the
+        device zeroes the update column and those after it: the pass then adds exact zeros for
+        them."""
+        if self._split or not self.slots:
+            return None
+        device = self.slots[0].param.device
+        if not all(
             isinstance(x, torch.Tensor) and x.device == device for x in (loss_plus, loss_minus)
-        )
-        if not on_device:
+        ):
             return None
-        plan = self.graph_plan(steps, group_scales, **extra)
-        if plan is None:
-            return None
+        with on_device(device):
+            plan = self.graph_plan(steps, group_scales, **extra)
+            if plan is None:
+                return None
+            return self._queued(plan, update_col, loss_plus, loss_minus, lrs, eps, len(steps))
+
+    def _queued(self, plan, update_col, loss_plus, loss_minus, lrs, eps, terms):
+        device = self.slots[0].param.device
         graph, table, scales = plan
         losses = torch.stack([loss_plus.reshape(()).double(), loss_minus.reshape(()).double()])
         g = ((losses[0] - losses[1]) / (2.0 * eps)).float()
@@ -148,7 +174,6 @@ class Passes:
         lr_groups = lr_host.to(device, non_blocking=True)
         updates = (lr_groups * -g.double()).float()  # per group, as the host's float32 scales
         finite = torch.isfinite(g) & torch.isfinite(updates).all()
-        terms = len(steps)
 
         def set_update(device_scales):
             row_updates = updates[self._group_rows(device)]

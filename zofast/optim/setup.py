@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from zofast.device_map import device_types
 from zofast.optim.checks import non_negative, positive
 from zofast.optim.inplace import InPlace
 from zofast.optim.momentum import Momentum
@@ -90,13 +91,7 @@ class Setup:
             slots.append(slot)
         if not slots:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-        if any(s.sharded for s in slots) and self._mode != "inplace":
-            raise ValueError(
-                f"sharded (FSDP2 / DTensor) parameters are perturbed in place, not in "
-                f"mode={self._mode!r}: pass mode='inplace' (with FSDP2's mixed precision the "
-                "shards stay float32, where in-place rounding is negligible)"
-            )
-        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu)
+        self._noise = NoisePlan(self._run_seed, self._n_params, self._nu, self._directions.q)
         stochastic = self._rounding == "stochastic"
         # Paired steps: the parts' hooks give each copy of the stacked batch its own sign.
         self._rows = Rows() if self._paired else None
@@ -117,16 +112,33 @@ class Setup:
         # Shadow mode: every tensor; virtual mode for bf16 / fp16: those not through layers.
         exact = self._mode == "shadow" or self._rest == "shadow"
         rest = [s for s in slots if s.virtual is None] if exact else []
+        in_place = [] if exact else [s for s in slots if s.virtual is None]
+        if in_place and self._directions.shared:
+            names = self._names()
+            shown = [names.get(id(s.param), f"parameter {s.index}") for s in in_place[:3]]
+            raise ValueError(
+                "split='directions' needs an exact mode (the ranks evaluate different "
+                "directions, so perturbations written into the weights would round differently "
+                f"on each rank); {shown} would be perturbed in place: pass mode='shadow' (or "
+                "mode='virtual' with virtual_rest='shadow')"
+            )
         shadow = None
         if rest:
-            names = self._names()
-            shadow = Shadow(rest, self._noise, self._model, names, stochastic, self, self._rows)
+            shadow = Shadow(
+                rest,
+                self._noise,
+                self._model,
+                self._names(),
+                stochastic,
+                self,
+                self._accumulate,
+                rows=self._rows,
+            )
         for part in (self._virtual, self._shadow):  # add_param_group before the first step
             if part is not None:
                 part.layers.remove_hooks()
         self._slots = slots
-        in_place = [] if exact else [s for s in slots if s.virtual is None]
-        self._inplace = InPlace(in_place, self._noise, stochastic)
+        self._inplace = InPlace(in_place, self._noise, stochastic, self._fsdp)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
         if self._paired and virtual is not None and shadow is not None:
             virtual.layers.fuse_biases(shadow.layers)  # Linear biases in their weights' products
@@ -186,4 +198,4 @@ class Setup:
             if sharded:  # the whole tensor's shape; a shard's values differ from rank to rank
                 row.update(shape=list(p.shape), hash=None)
         self.trajectory.params = described
-        self.trajectory.device = self._slots[0].param.device.type
+        self.trajectory.device = device_types(s.param for s in self._slots)

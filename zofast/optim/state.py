@@ -35,6 +35,8 @@ class Checkpoint:
             "pending": self._pending,
             "trajectory": self.trajectory.to_dict(),
         }
+        if self._shadow is not None and self._shadow.deferred:  # accumulate > 1: not written yet
+            sd["zofast"]["deferred"] = [list(d) for d in self._shadow.deferred]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -77,3 +79,13 @@ class Checkpoint:
         self.trajectory = trajectory
         if self._virtual is not None:
             self._virtual.load(self.state)
+        if self._shadow is not None:
+            self._shadow.deferred = [
+                (
+                    int(t),
+                    [int(d) for d in directions],
+                    [[float(x) for x in group] for group in updates],
+                    [float(x) for x in decays],
+                )
+                for t, directions, updates, decays in extra.get("deferred", [])
+            ]

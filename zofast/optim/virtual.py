@@ -4,8 +4,13 @@ A trained matrix whose every use in the model is as the ``.weight`` of an ``nn.L
 transformers' GPT-2 ``Conv1D`` or an ``nn.Embedding`` is never written during a step: hooks add
 ``(x·V)·(A + c·U_t)ᵀ`` (c = ±ε during the forwards, 0 otherwise). A (m×r, float32,
 ``state[p]["virtual_factor"]``, on the V epoch ``state[p]["virtual_epoch"]``) holds the updates
-not yet written: A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N); at the end of a V-refresh step the old
-A goes into W in one pass, W += A·V_oldᵀ, and A restarts on the new V.
+not yet written: A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N; ``directions=q``:
+A ← A − lr·Σ_k (g_k/q)·U_(d_k), the step's directions sharing its V); at the end of a V-refresh
+step the old A goes into W in one pass, W += A·V_oldᵀ, and A restarts on the new V.
+
+On one GPU the tensors' U_t, V, A and the hooks' casts are flat buffers (zofast.virtual_step): a
+forward costs one launch for all tensors, an update two (with one direction per step; with
+several, the update and LOZO-M's momentum run per tensor).
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ import torch
 from zofast.optim.noise import NoisePlan
 from zofast.optim.passes import graphs_enabled
 from zofast.virtual import VirtualLayers, VirtualTensor, plan
+from zofast.virtual_step import FlatVirtual
+
+
+def flat_enabled(slots) -> bool:
+    """Whether `slots` keep their factors in flat buffers (FlatVirtual): one GPU with Triton."""
+    return graphs_enabled(slots)
 
 
 class Virtual:
@@ -60,9 +71,11 @@ class Virtual:
         self.slots = [s for s in slots if s.virtual is not None]
         self.noise, self.model, self.stochastic = noise, model, stochastic
         self.layers = VirtualLayers([s.virtual for s in self.slots], owner=owner)
-        # On one GPU each step's (U, V) of every virtual tensor come from one launch.
-        self._batched = graphs_enabled(self.slots)
-        self._directions = None
+        # On one GPU each step's (U, V) of every virtual tensor come from one launch, and the
+        # hooks' factors from one more per forward.
+        self._flat = (
+            FlatVirtual([s.virtual for s in self.slots]) if flat_enabled(self.slots) else None
+        )
         self.detached = False
 
     def attach(self) -> None:
@@ -90,55 +103,82 @@ class Virtual:
                 "cannot step; pass model=..."
             )
 
-    def coef(self, t: int, c: float) -> None:
-        """The layers see W + A·V_Aᵀ + c·U_t·V_tᵀ (c = 0: no perturbation)."""
+    def coef(self, d: int, c: float) -> None:
+        """The layers see W + A·V_Aᵀ + c·U_d·V_dᵀ, d a direction index (c = 0: no
+        perturbation)."""
         if not self.layers.attached:
             return  # no hooks (replay): no forward runs, the factors are not needed
         tensors = self.layers.tensors
-        if c and any(vt.step != t for vt in tensors):
-            for vt, (U, V) in zip(tensors, self._step_directions(t), strict=True):
-                vt.set_direction(t, t // self.noise.nu, U, V)
+        if c and any(vt.step != d for vt in tensors):
+            for vt, (U, V) in zip(tensors, self._step_directions(d), strict=True):
+                vt.set_direction(d, self.noise.epoch(d), U, V)
         for vt in tensors:
             vt.set_coef(c)
+        if self._flat is not None:
+            self._flat.prepare(c)
 
-    def _step_directions(self, t: int) -> list:
-        """(U_t, V) of every virtual tensor: one launch on a GPU (zofast.kernels.multi, bit for
-        bit lowrank_factors' numbers), one lowrank_factors call per tensor elsewhere."""
-        if not self._batched:
-            return [self.noise.factors(slot, t) for slot in self.slots]
-        from zofast.kernels.multi import MultiPass
-
-        if self._directions is None:
-            params, ranks = [s.param for s in self.slots], [s.rank for s in self.slots]
-            self._directions = MultiPass(params, ranks, 1, factors_only=True)
+    def _step_directions(self, d: int) -> list:
+        """(U_d, V) of every virtual tensor: views of FlatVirtual's buffers (one launch on a GPU,
+        bit for bit lowrank_factors' numbers), or one lowrank_factors call per tensor."""
+        if self._flat is None:
+            return [self.noise.factors(slot, d) for slot in self.slots]
         index = np.array([s.index for s in self.slots])
-        nu = self.noise.nu
+        epoch = self.noise.epoch(d)
         table = np.stack(
-            [self.noise.seed_array("u", t)[index], self.noise.seed_array("v", t // nu)[index]], 1
+            [self.noise.seed_array("u", d)[index], self.noise.seed_array("v", epoch)[index]], 1
         )
-        device = self.slots[0].param.device
-        seeds = torch.from_numpy(table.view(np.int64)).pin_memory().to(device, non_blocking=True)
-        ones = torch.ones(len(self.slots), 1, device=device)
-        return self._directions.factors(seeds, ones)
+        return self._flat.load((self.noise.run, d), table)
 
-    def updates(self, t, g, lrs, buffers, used) -> list[tuple]:
+    def updates(self, t, gs, lrs, buffers, used) -> list[tuple]:
         """Every virtual tensor's new pending factor after step t, computed before any write:
-        A ← A − lr·g·U_t (LOZO-M: A ← A − lr·N), where A is on V_t; a fresh A (−lr·g·U_t) on a
-        V refresh, the old one then being folded into W by :meth:`commit`."""
-        out = []
+        A ← A − lr·Σ_k (g_k/q)·U_(d_k) over the step's directions, gs being the g_k/q (q = 1:
+        A − lr·g·U_t; LOZO-M: A ← A − lr·N), where A is on the step's V; a fresh A on a V
+        refresh, the old one then being folded into W by :meth:`commit`."""
         epoch = t // self.noise.nu
+        if len(gs) == 1 and self._flat is not None and self._flat.adopt():
+            source = self._flat.momentum_source(buffers) if buffers else None
+            if source is not None or not buffers:
+                return self._flat_updates(t, gs[0], lrs, epoch, source)
+        out = []
+        directions = self.noise.directions(t)
         for slot in self.slots:
             vt, lr = slot.virtual, lrs[slot.group]
             if slot.index in used:
-                U, V = used[slot.index]
-            elif vt.step == t:
-                U, V = vt.U, vt.V
+                V = used[slot.index][1]
+                delta = buffers[slot.index] * -lr
             else:
-                U, V = self.noise.factors(slot, t)
-            delta = buffers[slot.index] * -lr if buffers else U * (-lr * g)
+                delta = V = None
+                for d, c in zip(directions, gs, strict=True):
+                    if vt.step == d:  # the direction the hooks hold
+                        U, V = vt.U, vt.V
+                    else:
+                        U, V = self.noise.factors(slot, d)
+                    delta = U * (-lr * c) if delta is None else torch.add(delta, U, alpha=-lr * c)
             same = vt.epoch == epoch
             out.append((slot, torch.add(vt.A, delta) if same else delta, epoch, V))
         return out
+
+    def flat_step(self, t: int):
+        """The FlatVirtual with step t's direction loaded (and given to the tensors), or None
+        (per-tensor path; also with several directions per step)."""
+        if self._flat is None or self.noise.q > 1:
+            return None
+        if any(s.virtual.step != t for s in self.slots):  # replay: no forward loaded them
+            for vt, (U, V) in zip(self.layers.tensors, self._step_directions(t), strict=True):
+                vt.set_direction(t, self.noise.epoch(t), U, V)
+        return self._flat
+
+    def _flat_updates(self, t, g, lrs, epoch, source) -> list[tuple]:
+        """:meth:`updates` in two launches for all tensors (FlatVirtual.updated); `source`:
+        LOZO-M's flat momentum buffer."""
+        self.flat_step(t)
+        fresh = self.slots[0].virtual.epoch != epoch
+        if source is None:
+            scales = [-lrs[s.group] * g for s in self.slots]
+        else:
+            scales = [-lrs[s.group] for s in self.slots]
+        A = self._flat.updated(scales, fresh, source)
+        return [(slot, a, epoch, slot.virtual.V) for slot, a in zip(self.slots, A, strict=True)]
 
     def _round_seeds(self, role: str, t: int):
         return self.noise.seeds(role, t) if self.stochastic else None
@@ -154,6 +194,8 @@ class Virtual:
             vt.set_pending(A, epoch, V)
             state[slot.param]["virtual_factor"] = A
             state[slot.param]["virtual_epoch"] = epoch
+        if self._flat is not None:
+            self._flat.committed()
 
     @property
     def unflushed(self) -> bool:

@@ -34,10 +34,11 @@ Keeping the best checkpoint
     weights can always be rebuilt without the copy.
 
 Forward-pass budget
-    A zeroth-order step costs 2 forward passes (L+ and L−, same batch); an Adam step costs one
+    A zeroth-order step costs 2 forward passes (L+ and L−, same batch; 2q with ``directions``
+    q); an Adam step costs one
     forward and one backward pass, counted as 3 forward passes (a backward pass costs about two
     forwards: gradients with respect to activations and to weights). ``forward_budget`` turns a
-    budget into steps: ``steps = forward_budget // FORWARDS_PER_STEP[method]``, so a 3000-step
+    budget into steps: ``steps = forward_budget // TrainConfig.forwards_per_step``, so a 3000-step
     ZO run (6000 forwards) and a 2000-step Adam run spend the same compute. A DFO-LoRA step is a
     call (one candidate on the whole training set): ``ceil(len(train) / batch_size)`` forwards.
     Evaluation passes are not counted (every method evaluates the same number of times).

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from zofast.optim.checks import is_int, is_real
+from zofast.optim.directions import SPLITS
 from zofast.optim.modes import MODES, ROUNDINGS, auto_mode
 from zofast.tasks import get_task
 
@@ -71,9 +72,17 @@ class TrainConfig:
             first step, which initialises the momentum, weighs 1/(1-β) times any later one, 10x
             at 0.9, which derails short runs) and 0 otherwise.
         weight_decay: decay of matrices (biases and norms exempt); 0, as in MeZO's runs.
+        directions: perturbations per zeroth-order step (2 forwards each; the update averages
+            their estimates); 1, as in MeZO's and LOZO's published runs.
+        split: under torchrun, what the processes share out: ``"batch"`` (each takes a slice of
+            every batch and evaluates every direction) or ``"directions"`` (each evaluates its
+            own directions on the whole batch; needs an exact mode, i.e. bf16 / fp16 weights or
+            ``mode`` shadow, and ``directions`` >= the number of processes); ``"batch"``, which
+            works for any setting.
         steps: optimizer steps; 1000, a few minutes for MiniLM on 2 CPU cores.
         forward_budget: if set, overrides ``steps`` with ``forward_budget //
-            FORWARDS_PER_STEP[method]`` so methods compare at equal compute.
+            forwards_per_step`` (``FORWARDS_PER_STEP[method]``, times ``directions`` for the
+            zeroth-order methods) so methods compare at equal compute.
         batch_size: examples per step; 16, MeZO's batch size (capped at the train split's size).
         eval_every: steps between dev evaluations; 100 keeps evaluation under ~5 % of the run.
         eval_batch_size: examples per evaluation forward pass; 64 amortises padding well.
@@ -84,6 +93,11 @@ class TrainConfig:
         dtype: weight dtype; float32, the fastest on a CPU (bf16 / fp16 train as well: mode
             "auto" applies their perturbations exactly and rounds their updates stochastically).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        device_map: split the model over devices instead of ``device``: ``"auto"`` (the GPUs in
+            order, then the CPU) or a JSON object of module name -> device, e.g.
+            ``{"model.decoder.layers.0": 0, "model.decoder.layers.1": "cpu", ...}``; CPU layers
+            compute on the CPU (:mod:`zofast.device_map`; needs accelerate); one process, ZO
+            methods and adam; None = the whole model on ``device``.
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
         mode: ``"auto"`` (for bf16 / fp16 weights an exact mode: ``"virtual"`` for lozo /
@@ -139,6 +153,8 @@ class TrainConfig:
     intrinsic_dim: int = 500
     momentum: float | None = None
     weight_decay: float = 0.0
+    directions: int = 1
+    split: str = "batch"
     steps: int = 1000
     forward_budget: int | None = None
     batch_size: int = 16
@@ -149,6 +165,7 @@ class TrainConfig:
     max_length: int = 128
     dtype: str = "float32"
     device: str = "auto"
+    device_map: str | None = None
     freeze: str | None = None
     mode: str = "auto"
     rounding: str = "auto"
@@ -181,7 +198,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not (is_real(self.eps) and self.eps > 0):
             raise ConfigError(f"eps must be > 0, got {self.eps!r}")
-        counts = ("rank", "nu", "popsize", "intrinsic_dim", "batch_size", "eval_every")
+        counts = ("rank", "nu", "directions", "popsize", "intrinsic_dim", "batch_size")
+        counts = (*counts, "eval_every")
         for name in (*counts, "eval_batch_size", "log_every"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -201,6 +219,8 @@ class TrainConfig:
                 raise ConfigError(f"momentum applies to lozo-m only (method is {self.method})")
             if self.momentum == 0 and self.method == "lozo-m":
                 raise ConfigError("lozo-m with momentum 0 is plain LOZO: use method lozo")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.rounding not in ROUNDINGS:
@@ -228,6 +248,17 @@ class TrainConfig:
             raise ConfigError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
         if not is_int(self.max_length) or self.max_length < 8:
             raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
+        if self.device_map is not None:
+            from zofast.device_map import parse
+
+            try:
+                parse(self.device_map)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            if self.device != "auto":
+                raise ConfigError("give device or device_map, not both")
+            if self.method == "dfo-lora":
+                raise ConfigError("device_map is for lozo, lozo-m, mezo and adam")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.freeze is not None:
@@ -290,7 +321,14 @@ class TrainConfig:
         """
         if self.forward_budget is None or self.method == "dfo-lora":
             return self.steps
-        return self.forward_budget // FORWARDS_PER_STEP[self.method]
+        return self.forward_budget // self.forwards_per_step
+
+    @property
+    def forwards_per_step(self) -> int:
+        """Forward passes per step: ``FORWARDS_PER_STEP[method]``, times ``directions`` for the
+        zeroth-order methods."""
+        per_direction = FORWARDS_PER_STEP[self.method]
+        return per_direction * self.directions if self.method in ZO_METHODS else per_direction
 
     @property
     def resolved_output_dir(self) -> Path:

@@ -58,8 +58,9 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         batch = scorer.encode(examples[start : start + batch_size])
         logits = scorer.logits(batch)
-        correct += int((logits.argmax(dim=1) == batch.labels).sum())
-        total_loss += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+        labels = batch.labels.to(logits.device)  # a device map may put the head elsewhere
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
     return correct / len(examples), total_loss / len(examples)
 
 
@@ -80,7 +81,7 @@ def trajectory_prefix(trajectory, n_events: int):
         >>> best.steps <= opt.trajectory.steps
         True
     """
-    from zofast.trajectory import STEP, Trajectory
+    from zofast.trajectory import SETTLE, STEP, Trajectory
 
     out = Trajectory(
         trajectory.method, trajectory.hyperparameters, trajectory.run_seed, trajectory.n_groups
@@ -92,6 +93,8 @@ def trajectory_prefix(trajectory, n_events: int):
             break
         if kind == STEP:
             out.record_step(g, lrs, wds)
-        else:
+        elif kind == SETTLE:
             out.record(kind)
+        else:  # an abort, at direction g
+            out.record(kind, g)
     return out

@@ -115,9 +115,10 @@ def setup(
     splits = load_splits(config.data, task, **config.columns)
     if loaded is None:
         try:
-            loaded = load_model(
-                config.model, dtype=config.dtype, device=resolve_device(config.device)
-            )
+            where = {"device": resolve_device(config.device)}
+            if config.device_map is not None:
+                where = {"device_map": config.device_map}
+            loaded = load_model(config.model, dtype=config.dtype, **where)
         except (OSError, ValueError, ImportError) as error:
             name = config.model or "(default)"
             raise ConfigError(f"cannot load model {name}: {error}") from None

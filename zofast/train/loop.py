@@ -70,6 +70,12 @@ def resume(
     the log (timings aside) are bit for bit those of an uninterrupted run on the same machine.
     A finished run's last checkpoint only writes its files again.
 
+    Under torchrun every process reads the checkpoint that rank 0 wrote (the run folder must be
+    visible to all of them), takes its slice of the same data order and continues the same
+    trajectory; rank 0 writes the files, as in :func:`train`. With the same number of processes
+    the run ends bit for bit as the uninterrupted one; with another it continues (a warning
+    says so), its losses being means over other slices.
+
     Args:
         path: the run folder (its newest ``checkpoint-*``) or one checkpoint folder.
         loaded: the base model, freshly loaded (None loads the config's model).
@@ -85,8 +91,6 @@ def resume(
     Example:
         >>> result = resume("runs/sst2-lozo")  # after a crash, Ctrl-C or kill -9
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--resume runs in one process (not under torchrun) for now")
     folder = checkpoint.latest(Path(path))
     if folder is None:
         raise ConfigError(
@@ -108,19 +112,31 @@ def resume(
     out_dir = folder.parent
     if config.resolved_output_dir.resolve() != out_dir.resolve():
         config = dataclasses.replace(config, output_dir=str(out_dir))
+    ranks = from_environment(config)
+    if not ranks.main:  # its files go to a temporary folder, as in train()
+        with tempfile.TemporaryDirectory(prefix=f"zofast-rank{ranks.rank}-") as files:
+            worker = worker_config(config, files)
+            return _resume(worker, folder, document, tensors, loaded, progress, ranks)
+    return _resume(config, folder, document, tensors, loaded, progress, ranks)
+
+
+def _resume(config, folder, document, tensors, loaded, progress, ranks: Ranks) -> TrainResult:
+    """resume() from a read checkpoint; `config.output_dir` is where this process writes (the run
+    folder, or a worker's temporary one)."""
+    run_dir, out_dir = folder.parent, config.resolved_output_dir
     loaded, scorer, splits, _ = setup(config, loaded)
     base = _fingerprint(loaded.model)
     if document.get("base") != base:
         raise ConfigError(
-            f"the model is not the one run {out_dir} started from (its base weights, shapes or "
+            f"the model is not the one run {run_dir} started from (its base weights, shapes or "
             "dtypes differ): resume needs a fresh copy of the base model"
         )
-    log_path, offset = out_dir / "log.jsonl", document.get("log_offset")
+    log_path, offset = run_dir / "log.jsonl", document.get("log_offset")
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise ConfigError(f"cannot resume from {folder}: bad log offset {offset!r}")
     if not log_path.is_file() or log_path.stat().st_size < offset:
         raise ConfigError(f"cannot resume from {folder}: {log_path} is missing or shorter")
-    method = build_method(config, loaded, scorer, splits, out_dir)
+    method = build_method(config, loaded, scorer, splits, out_dir, ranks)
     try:
         state = checkpoint.decode(document["loop"], tensors("state"))
         method_state = checkpoint.decode(document["method"], tensors("state"))
@@ -133,10 +149,15 @@ def resume(
         method.load_state_dict(method_state, folder)
     except (checkpoint.CheckpointError, KeyError, TypeError, ValueError, OSError) as error:
         raise ConfigError(f"cannot resume from {folder}: {error}") from None
+    if ranks.group is not None:  # every rank has read the checkpoint before rank 0 replaces it
+        import torch.distributed as dist
+
+        dist.barrier(group=ranks.group)
     state["best_weights"] = best_weights
     state["base"] = base
     state["checkpoint"] = {"folder": folder, "best": document.get("best")}
-    log = Log(log_path, offset=offset)
+    # rank 0 continues the run's log from the checkpoint; another rank starts its own
+    log = Log(log_path, offset=offset) if ranks.main else Log(out_dir / "log.jsonl")
     try:
         return run(
             config, loaded, scorer, splits, method, out_dir, log, state=state, progress=progress

@@ -20,6 +20,7 @@ optimizer state, data order; DFO-LoRA: its own ``save`` folder and its log's off
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from zofast.data import Example
 from zofast.models import LoadedModel
 from zofast.scoring import Scorer
-from zofast.train.config import FORWARDS_PER_STEP, ConfigError, TrainConfig
+from zofast.train.config import ConfigError, TrainConfig
 from zofast.train.evaluation import trajectory_prefix
 
 
@@ -133,7 +134,7 @@ class _Weights(Method):
     def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches):
         self.loaded, self.scorer, self.batches = loaded, scorer, batches
         self.trained = [(n, p) for n, p in loaded.model.named_parameters() if p.requires_grad]
-        self.cost = FORWARDS_PER_STEP[config.method]
+        self.cost = config.forwards_per_step
         self.total = config.resolved_steps
         self.steps_done = 0
         self.resolved = {
@@ -195,18 +196,20 @@ class _Weights(Method):
 
 
 class ZerothOrder(_Weights):
-    """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per step (or, paired, one over
-    the batch stacked twice), a trajectory of seeds."""
+    """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per direction and step (or,
+    paired, one over the batch stacked twice), a trajectory of seeds."""
 
     def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches, ranks):
         super().__init__(config, loaded, scorer, batches)
         self.ranks = ranks
         group = None if ranks is None else ranks.group
         self.optimizer = build_zo_optimizer(config, loaded.model, group)
+        # split="directions": every process evaluates its own directions on the whole batch.
+        self.shard = group is not None and config.split == "batch"
 
     def advance(self, periods: Sequence[int]) -> list[tuple[int, float]]:
         examples = self.batches.next()
-        if self.ranks is not None and self.ranks.group is not None:
+        if self.shard:
             examples = self.ranks.shard(examples)  # the optimizer all-reduces the losses
         batch = self.scorer.encode(examples)
         if self.optimizer.paired:  # one forward: the batch twice, (L+, L−) of its two copies
@@ -217,6 +220,28 @@ class ZerothOrder(_Weights):
         loss = self.optimizer.step(closure, examples=len(examples))
         self.steps_done += 1
         return [(self.steps_done, loss)]
+
+    @property
+    def world(self) -> int:
+        """The number of processes taking each step together (torchrun's world size)."""
+        return 1 if self.ranks is None else self.ranks.world
+
+    def state_dict(self) -> tuple[dict, dict]:
+        state, folders = super().state_dict()
+        state["world"] = self.world
+        return state, folders
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        world = int(state.get("world", 1))
+        if world != self.world and (self.ranks is None or self.ranks.main):
+            warnings.warn(
+                f"the run took its steps in {world} process(es) and resumes in {self.world}: it "
+                "continues, but its losses are means over other slices of the batches, so it "
+                "does not end bit for bit as the uninterrupted run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        super().load_state_dict(state, folder)
 
     def settle(self) -> None:
         self.optimizer.settle()
@@ -258,7 +283,7 @@ class Adam(_Weights):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = self.scorer.head_logits(self.scorer.forward_hidden(batch), batch)
-            loss = F.cross_entropy(logits, batch.labels)
+            loss = F.cross_entropy(logits, batch.labels.to(logits.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss is {float(loss.detach())}; no update was made"
@@ -373,9 +398,15 @@ class DFO(Method):
 
 def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_group=None):
     """The LOZO / MeZO optimizer a config describes (ConfigError on a bad combination);
-    ``process_group``: data parallelism (zofast.optim.group)."""
+    ``process_group``: data parallelism (zofast.optim.group), its ranks sharing out the batch
+    or the directions (``config.split``)."""
     from zofast.optim import LOZO, MeZO, param_groups
 
+    if config.split == "directions" and process_group is None:
+        raise ConfigError(
+            "split 'directions' shares each step's directions among torchrun's processes; "
+            "one process evaluates them all: leave split at 'batch'"
+        )
     groups = param_groups(model, config.weight_decay)
     common = {
         "lr": config.resolved_lr,
@@ -386,6 +417,8 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_grou
         "pipeline": config.resolved_mode == "inplace" and config.pipeline is not False,
         "model": model,
         "process_group": process_group,
+        "directions": config.directions,
+        "split": config.split,
     }
     try:
         if config.method == "mezo":

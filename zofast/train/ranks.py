@@ -2,7 +2,9 @@
 
 Every process holds the whole model and the same data order; each takes its slice of every
 batch, and the optimizer all-reduces the two losses (``process_group=``, zofast.optim.group), so
-every process takes the same steps and ends with the same weights. Rank 0 writes the run's
+every process takes the same steps and ends with the same weights. With ``split="directions"``
+each process evaluates its own directions of every step on the whole batch instead, and the
+optimizer all-gathers the losses (zofast.optim.directions). Rank 0 writes the run's
 files (log, checkpoints, trajectory, result); the other ranks write theirs into a temporary
 folder that is removed at the end, and no checkpoints. Under torchrun zofast starts the process
 group itself (gloo on CPUs, NCCL on GPUs, one GPU per process by LOCAL_RANK).
@@ -46,10 +48,20 @@ def from_environment(config: TrainConfig) -> Ranks:
             f"torchrun runs data-parallel {', '.join(ZO_METHODS)}; --method {config.method} "
             "runs in one process"
         )
-    if config.batch_size < world:
+    if config.device_map is not None:
+        raise ConfigError(
+            "under torchrun every process holds the whole model on its own GPU: drop "
+            "--device-map (it splits one model over this process's devices)"
+        )
+    if config.split == "batch" and config.batch_size < world:
         raise ConfigError(
             f"batch_size {config.batch_size} is smaller than the {world} processes: every "
             "process needs an example of each batch"
+        )
+    if config.split == "directions" and config.directions < world:
+        raise ConfigError(
+            f"directions {config.directions} is fewer than the {world} processes: with split "
+            "'directions' every process evaluates at least one"
         )
     import torch
     import torch.distributed as dist
