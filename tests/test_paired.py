@@ -354,6 +354,28 @@ def test_free_runs_agree(arch, variant, mode):
     assert "paired" not in opt_two.trajectory.hyperparameters
 
 
+@pytest.mark.parametrize("mode", ["virtual", "shadow"])
+def test_several_directions_per_step(mode):
+    """directions=3: one paired forward per direction, the same g's as the two-forward step's
+    six forwards (to float32 rounding, as test_free_runs_agree), the trajectory's g per
+    direction."""
+    runs = []
+    for paired in (False, True):
+        model = Toy()
+        opt = optimizer(model, paired, mode, "lozo-m", directions=3)
+        calls = []
+        for k in range(4):
+            e = toy_evaluation(model, k)
+            closure = e.paired if paired else e.two
+            opt.step(lambda closure=closure, calls=calls: (calls.append(1), closure())[1])
+        opt.detach()
+        assert len(calls) == 4 * (3 if paired else 6)
+        runs.append(opt.trajectory.g)
+    two, paired = runs
+    assert two.shape == paired.shape == (4, 3)
+    assert abs(paired - two).max() <= 1e-4 * abs(two).max()
+
+
 def test_modes_and_names():
     model = Toy()
     opt = LOZO(model, lr=1e-2, paired=True)  # float32: "auto" is virtual with a shadow rest
