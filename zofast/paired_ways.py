@@ -108,17 +108,26 @@ class SignedFactors:
         self._made: dict = {}  # (dtype, device) -> (generation, {id(vt): (L, R, bias column)})
 
     def get(self, vt: VirtualTensor, dtype, device, generation: int):
-        """(L±, R, the column of the fused bias or None) of `vt` for this paired forward."""
+        """(L±, R, the column of the fused bias or None) of `vt` for this paired forward, on
+        `device` (its weight's: made there for every tensor of that device)."""
         made = self._made.get((dtype, device))
         if made is None or made[0] != generation:
             with torch.inference_mode(False), torch.no_grad():
                 made = (generation, self._build(dtype, device))
             self._made[(dtype, device)] = made
-        return made[1][id(vt)]
+        entry = made[1].get(id(vt))
+        if entry is None:
+            raise ValueError(
+                f"paired step: {vt.name} is on {vt.U.device} but its layer computes on {device} "
+                "(offloaded weights cannot be paired)"
+            )
+        return entry
 
     def _build(self, dtype, device) -> dict:
         groups: dict = {}
         for vt in self.tensors:
+            if vt.U.device != device:  # a device map: the tensors of another device
+                continue
             r = vt.U.shape[1]
             form = "new" if vt.A is None else ("same" if vt.epoch == vt.V_epoch else "refresh")
             key = (vt.m, vt.n, r, form, id(vt) in self.fused)
