@@ -76,6 +76,7 @@ NOT_RUN = {
             "zofast.scoring.Scorer.label_tokens",
             "zofast.scoring.Scorer.logits",
             "zofast.scoring.Scorer.loss",
+            "zofast.scoring.Scorer.losses",
             "zofast.scoring.Scorer.predict",
             "zofast.dfo.lora.checkpoint",
             "zofast.dfo.lora.checkpoint.load",

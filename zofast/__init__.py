@@ -1,10 +1,11 @@
 """zofast: zeroth-order and derivative-free fine-tuning at the speed and memory of inference.
 
 The engine (zofast.rng, zofast.perturb) adds seeded Gaussian perturbations to weights in place,
-low-rank (U·Vᵀ) or full-rank, as a pure function of (seed, element index).
+low-rank (U·Vᵀ) or full-rank, as a pure function of (seed, element index). zofast.paired makes
+the closures of paired steps (LOZO(..., paired=True): both losses from one forward).
 """
 
-from zofast import perturb, rng
+from zofast import paired, perturb, rng
 from zofast.optim import LOZO, MeZO
 from zofast.perturb import gaussian_, gaussian_noise, lowrank_, lowrank_factors, outer_add_
 from zofast.replay import replay
@@ -23,6 +24,7 @@ __all__ = [
     "lowrank_",
     "lowrank_factors",
     "outer_add_",
+    "paired",
     "perturb",
     "replay",
     "rng",

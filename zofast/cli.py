@@ -88,9 +88,18 @@ _ZO_ONLY = ("eps", "mode", "rounding", "pipeline", "directions", "split")
 _UNUSED_BY = {
     "lozo": ("popsize", "intrinsic_dim"),
     "lozo-m": ("popsize", "intrinsic_dim"),
-    "mezo": ("rank", "nu", "popsize", "intrinsic_dim"),
-    "adam": (*_ZO_ONLY, "rank", "nu", "popsize", "intrinsic_dim"),
-    "dfo-lora": (*_ZO_ONLY, "lr", "nu", "momentum", "weight_decay", "freeze", "log_every"),
+    "mezo": ("rank", "nu", "popsize", "intrinsic_dim", "paired"),
+    "adam": (*_ZO_ONLY, "rank", "nu", "popsize", "intrinsic_dim", "paired"),
+    "dfo-lora": (
+        *_ZO_ONLY,
+        "lr",
+        "nu",
+        "momentum",
+        "weight_decay",
+        "freeze",
+        "log_every",
+        "paired",
+    ),
 }
 
 

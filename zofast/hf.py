@@ -25,6 +25,13 @@ How it fits into Trainer's loop
     evaluations of a step must see the same function, or the finite difference measures the
     dropout noise. Gradient accumulation is refused (every batch is its own step).
 
+    With ``zo_paired=True`` (LOZO / LOZO-M, or an optimizer built with ``paired=True``) a step is
+    one forward over the batch stacked twice (:mod:`zofast.optim.paired`): the closure is
+    ``zofast.paired.losses(model, inputs, num_items_in_batch)``, each copy's loss computed as
+    ``compute_loss`` computes the batch's (the model's head, Trainer's ``num_items_in_batch``). A
+    paired step cannot go through a custom ``compute_loss`` / ``compute_loss_func`` or label
+    smoothing (ValueError when the optimizer is created).
+
 Divergence
     A step the optimizer refuses (FloatingPointError: NaN / inf loss or g, an update that
     overflows float32; the weights are restored) stops training with a one-line warning instead
@@ -44,9 +51,10 @@ Checkpoints and resume
 
 Choosing the optimizer
     ``ZOTrainingArguments`` adds ``zo_method`` (``lozo``, ``lozo-m``, ``mezo``), ``zo_eps``,
-    ``zo_rank``, ``zo_nu``, ``zo_momentum`` and ``zo_seed`` to ``TrainingArguments``; the learning
-    rate and weight decay are Trainer's own ``learning_rate`` and ``weight_decay`` (decay on
-    matrices only, as :func:`zofast.optim.param_groups`). Plain ``TrainingArguments`` give LOZO
+    ``zo_rank``, ``zo_nu``, ``zo_momentum``, ``zo_seed``, ``zo_mode``, ``zo_rounding``,
+    ``zo_directions`` and ``zo_paired`` to ``TrainingArguments``; the learning rate and weight
+    decay are Trainer's own ``learning_rate`` and ``weight_decay`` (decay on matrices only, as
+    :func:`zofast.optim.param_groups`). Plain ``TrainingArguments`` give LOZO
     with its defaults. Or build the optimizer yourself and pass ``optimizers=(opt, None)``.
 """
 
@@ -62,6 +70,7 @@ import torch
 import transformers
 
 from zofast.optim import LOZO, MeZO, param_groups
+from zofast.paired import losses
 
 __all__ = ["ZOTrainer", "ZOTrainingArguments", "TrainerOptimizer", "ZO_METHODS"]
 
@@ -81,7 +90,10 @@ class ZOTrainingArguments(transformers.TrainingArguments):
         zo_nu: steps between redraws of LOZO's V.
         zo_momentum: β of LOZO-M (``lozo-m`` only; None = 0.9).
         zo_seed: run seed of the noise; None = ``seed``.
+        zo_mode: ``"auto"``, ``"inplace"``, ``"shadow"`` or ``"virtual"`` (see zofast.optim).
+        zo_rounding: ``"auto"``, ``"nearest"`` or ``"stochastic"``.
         zo_directions: perturbations per step, their estimates averaged (2 forwards each).
+        zo_paired: one forward per direction over the batch stacked twice (lozo / lozo-m).
 
     Example:
         >>> args = ZOTrainingArguments("out", learning_rate=1e-6, zo_method="mezo")
@@ -102,6 +114,10 @@ class ZOTrainingArguments(transformers.TrainingArguments):
         default="auto",
         metadata={"help": "auto (stochastic for bf16/fp16), nearest or stochastic"},
     )
+    zo_paired: bool = field(
+        default=False,
+        metadata={"help": "lozo / lozo-m: both losses from one forward over the batch twice"},
+    )
 
 
 def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
@@ -115,6 +131,7 @@ def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
         "mode": getattr(args, "zo_mode", "auto"),
         "rounding": getattr(args, "zo_rounding", "auto"),
         "directions": getattr(args, "zo_directions", 1),
+        "paired": getattr(args, "zo_paired", False),
     }
 
 
@@ -148,14 +165,14 @@ def build_optimizer(model: torch.nn.Module, args: transformers.TrainingArguments
     if s["method"] == "mezo":
         if s["momentum"]:
             raise ValueError("zo_momentum applies to lozo-m only")
-        return MeZO(groups, **common)
+        return MeZO(groups, paired=s["paired"], **common)
     if s["method"] == "lozo":
         if s["momentum"]:
             raise ValueError("zo_momentum applies to lozo-m only (zo_method='lozo-m')")
         momentum = 0.0
     else:
         momentum = 0.9 if s["momentum"] is None else s["momentum"]
-    return LOZO(groups, rank=s["rank"], nu=s["nu"], momentum=momentum, **common)
+    return LOZO(groups, rank=s["rank"], nu=s["nu"], momentum=momentum, paired=s["paired"], **common)
 
 
 def _delegated(name: str) -> property:
@@ -296,8 +313,23 @@ class ZOTrainer(transformers.Trainer):
             self.zo_optimizer = build_optimizer(self.model if model is None else model, self.args)
         else:
             self.zo_optimizer = self.optimizer
+        if self.zo_optimizer.paired:
+            self._check_paired()
         self.optimizer = TrainerOptimizer(self.zo_optimizer)
         return self.optimizer
+
+    def _check_paired(self) -> None:
+        """ValueError where a paired step would not compute the loss Trainer computes."""
+        if (
+            type(self).compute_loss is not transformers.Trainer.compute_loss
+            or self.compute_loss_func is not None
+        ):
+            raise ValueError(
+                "a paired step computes each copy's loss with zofast.paired.losses, not with a "
+                "custom compute_loss: drop zo_paired (or override training_step)"
+            )
+        if self.args.label_smoothing_factor:
+            raise ValueError("a paired step has no label smoothing: drop zo_paired or it")
 
     @property
     def trajectory(self):
@@ -375,8 +407,13 @@ class ZOTrainer(transformers.Trainer):
 
         def closure():
             with torch.no_grad(), self.compute_loss_context_manager():
+                if paired:  # one forward over the batch twice: (L+, L−), as compute_loss
+                    items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+                    return losses(model, inputs, num_items_in_batch=items)
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             return loss.mean() if loss.numel() > 1 else loss
+
+        paired = self.zo_optimizer.paired
 
         try:
             loss = self.zo_optimizer.step(closure)

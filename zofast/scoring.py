@@ -514,6 +514,26 @@ class Scorer:
             logits = self.logits(batch)
             return F.cross_entropy(logits, batch.labels.to(logits.device))
 
+    def losses(self, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy of the label logits of each copy of a stacked batch, without
+        gradients: (L+, L−) of a paired step's ``batch.repeat(2)`` (zofast.optim.paired).
+
+        Args:
+            batch: from :meth:`encode`, or stacked with :meth:`Batch.repeat`.
+
+        Returns:
+            A ``(batch.num_copies,)`` float32 tensor; each entry is :meth:`loss` of that copy.
+
+        Example:
+            >>> scorer.losses(batch.repeat(2)).shape
+            torch.Size([2])
+        """
+        with torch.no_grad():
+            logits = self.logits(batch)
+            labels = batch.labels.to(logits.device)
+            per_example = F.cross_entropy(logits, labels, reduction="none")
+            return per_example.view(batch.num_copies, batch.num_examples).mean(dim=1)
+
     def predict(self, examples: Sequence[Example], batch_size: int = 32) -> torch.Tensor:
         """Predicted class of every example.
 

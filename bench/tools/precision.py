@@ -81,10 +81,12 @@ def make_optimizer(
     momentum: float = LOZO_M_MOMENTUM,
     pipeline: bool = False,
     accumulate: int | None = None,
+    paired: bool = False,
 ):
     """MeZO / LOZO / LOZO-M (`momentum`) on `model` (passed as the params: exact modes need it).
 
-    mode / rounding / accumulate None = the optimizer's default. Raises Unsupported when this
+    mode / rounding / accumulate None = the optimizer's default; paired: LOZO's paired steps
+    (its closure returns (L+, L−) of the batch stacked twice). Raises Unsupported when this
     optimizer has no such mode or rounding."""
     from zofast.optim import LOZO, MeZO
 
@@ -97,6 +99,8 @@ def make_optimizer(
     for name, value in (("mode", mode), ("rounding", rounding), ("accumulate", accumulate)):
         if value is not None:
             kwargs[name] = value
+    if paired:
+        kwargs["paired"] = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bf16 in place warns: the contrast rows ask for it

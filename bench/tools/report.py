@@ -7,11 +7,12 @@ reported, in steps.md.)
 latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
               "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
               "steps": [{"model", "method", "dtype", "mode", "rounding", "exact", "pipeline",
-                         "batch", "step_over_two_forwards", "peak_over_forward", ...}]}
+                         "paired", "batch", "step_over_two_forwards", "peak_over_forward", ...}]}
 Step rows: method is "lozo", "lozo-m", "mezo" or "mezo-pattern"; exact is true where the stored
 weights are written by updates only (shadow; virtual where every trained tensor goes through the
-layers). Records from before these fields existed (bf16, round-to-nearest, pipelined, not exact)
-are filled in with those values.
+layers); paired is true where a step was one forward over the batch stacked twice. Records from
+before these fields existed (bf16, round-to-nearest, pipelined, not exact, not paired) are filled
+in with those values.
 """
 
 import argparse
@@ -33,6 +34,7 @@ STEP_KEYS = (
     "rounding",
     "exact",
     "pipeline",
+    "paired",
     "batch",
     "forward_ms",
     "step_ms",
@@ -54,6 +56,7 @@ def step_record(info: dict) -> dict:
     row.setdefault("rounding", "nearest")
     row.setdefault("exact", row.get("mode") == "shadow")
     row.setdefault("pipeline", row.get("mode") != "shadow")
+    row.setdefault("paired", False)
     row.setdefault("batch", "16x256")
     return {k: row[k] for k in STEP_KEYS if k in row}
 
@@ -163,15 +166,16 @@ def main():
             "Each call timed alone (synced), in runs of 10 back-to-back calls (run), and in "
             "interleaved rounds of 4 forwards then 4 steps (median of the rounds' ratios).",
             "",
-            "| model | method | dtype | mode | rounding | exact | batch | forward ms | step ms "
-            "| step ÷ two forwards | run: forward ms | run: step ms | run: step ÷ two forwards "
-            "| interleaved | peak ÷ forward peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | method | dtype | mode | rounding | exact | paired | batch | forward ms "
+            "| step ms | step ÷ two forwards | run: forward ms | run: step ms "
+            "| run: step ÷ two forwards | interleaved | peak ÷ forward peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for st in steps:
             lines.append(
                 f"| {st['model']} | {st['method']} | {st['dtype']} | {st['mode']} | "
-                f"{st['rounding']} | {'yes' if st['exact'] else 'no'} | {st['batch']} | "
+                f"{st['rounding']} | {'yes' if st['exact'] else 'no'} | "
+                f"{'yes' if st['paired'] else 'no'} | {st['batch']} | "
                 f"{st.get('forward_ms', nan):.2f} | {st.get('step_ms', nan):.2f} | "
                 f"{st['step_over_two_forwards']:.3f} | {st.get('forward_run_ms', nan):.2f} | "
                 f"{st.get('step_run_ms', nan):.2f} | "

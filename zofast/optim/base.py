@@ -4,7 +4,9 @@
 (+ε) → L+ → minus (−ε) → L− → then the losses of every direction (combined over a process group)
 → g_k = (L+_k − L−_k)/(2ε) → finish (restore, update); any failure after the first write → abort
 (undo the perturbation of the direction under way) and re-raise. With one direction per step
-(the default) that is perturb → L+ → minus → L− → g → finish. The parts:
+(the default) that is perturb → L+ → minus → L− → g → finish. A paired step
+(zofast.optim.paired) evaluates each direction's (L+, L−) in one forward after enter, with no
+minus. The parts:
 
 * :class:`zofast.optim.inplace.InPlace`: tensors that carry the perturbation (engine passes);
 * :class:`zofast.optim.virtual.Virtual`: LOZO's matrices applied through their layers' hooks;
@@ -77,6 +79,24 @@ def _loss_value(loss, where: str, which: str) -> float:
     return value
 
 
+def _loss_pair(result) -> tuple:
+    """Check a paired closure's result without reading it: (L+, L−) from a two-element tensor
+    (two one-element views; a GPU one is not synchronised) or a pair of closure results (each
+    as :func:`_loss_scalar`)."""
+    if isinstance(result, torch.Tensor) and result.numel() == 2:
+        flat = result.reshape(-1)
+        return _loss_scalar(flat[0]), _loss_scalar(flat[1])
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return _loss_scalar(result[0]), _loss_scalar(result[1])
+    shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+    got = f"a tensor of shape {shape}" if shape is not None else type(result).__name__
+    raise ValueError(
+        "a paired step's closure returns (L+, L−), the losses of the first and the second copy "
+        f"of the batch stacked twice, as a two-element tensor or a pair of numbers; got {got} "
+        "(zofast.paired.losses(model, inputs) makes them for a transformers model)"
+    )
+
+
 def _mean(values: list[float]) -> float:
     return values[0] if len(values) == 1 else math.fsum(values) / len(values)
 
@@ -103,6 +123,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         accumulate="auto",
         directions=1,
         split="batch",
+        paired=False,
     ):
         try:
             run_seed = as_seed(seed, "seed")
@@ -117,7 +138,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = list(params.named_parameters())
-        check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest)
+        check_modes(mode, rounding, lowrank, virtual_indices, virtual_rest, paired)
+        self._paired = paired
         self._group = None if process_group is None else DataParallel(process_group)
         self._directions = Directions(directions, split, self._group)
         self._ready = False
@@ -138,6 +160,7 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             decay=any(group["weight_decay"] for group in self.param_groups),
             has_model=model is not None,
             replay_only=self._virtual_request is not None,
+            paired=paired,
         )
         self._accumulate = resolve_accumulate(
             accumulate,
@@ -176,6 +199,8 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         if self._mode == "virtual":  # replay needs them: it has no model to find them in
             hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
             hyper["virtual_rest"] = self._rest
+        if self._paired:  # the record says so (the updates, hence replay, are the same)
+            hyper["paired"] = True
         return hyper
 
     def _new_trajectory(self) -> Trajectory:
@@ -323,7 +348,9 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             closure: callable with no arguments that evaluates the loss of ONE batch (the same
                 batch every time it is called in a step) and returns it as a Python number or a
                 one-element tensor. It is called twice per direction this process evaluates
-                (twice with the default directions=1), under torch.no_grad().
+                (twice with the default directions=1), under torch.no_grad(). With
+                ``paired=True`` it is called once per direction, runs the model on the batch
+                stacked twice and returns (L+, L−), the two copies' losses (zofast.optim.paired).
             examples: with process_group and split="batch", this rank's weight in the mean of
                 the ranks' losses (the number of examples its closure averages); ignored
                 otherwise.
@@ -361,6 +388,12 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
                 with deferred_interrupts():
                     self._enter(t, k, at)
                     at, stage = k, 1
+                if self._paired:  # one forward: the first copy at +ε, the second at −ε
+                    self._rows.reset()
+                    loss_plus, loss_minus = _loss_pair(closure())
+                    stage = 2  # (both evaluated; nothing to undo in an exact mode)
+                    losses[k] = (loss_plus, loss_minus)
+                    continue
                 loss_plus = _loss_scalar(closure())
                 if self._read_now(loss_plus):
                     loss_plus = _loss_value(loss_plus, self._where(t, k), "+")
@@ -471,6 +504,12 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
     def mode(self) -> str:
         """The mode in use: "inplace", "shadow" or "virtual" ("auto" resolved)."""
         return self._mode
+
+    @property
+    def paired(self) -> bool:
+        """Whether a step evaluates each direction's (L+, L−) in one forward over the batch
+        stacked twice (zofast.optim.paired)."""
+        return self._paired
 
     @property
     def rounding(self) -> str:

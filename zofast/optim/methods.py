@@ -99,6 +99,9 @@ class LOZO(ZerothOrder):
             zofast.optim.shadow): "auto" (default: 64 for bf16 / fp16 without momentum, where a
             rounding per step would add far more noise than the update, else 1) or an integer
             ≥ 1. settle() writes what is left.
+        paired: evaluate L+ and L− in ONE forward over the batch stacked twice, the first copy
+            at +ε and the second at −ε (needs the model and an exact mode; the closure returns
+            (L+, L−)); see zofast.optim.paired.
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -111,6 +114,10 @@ class LOZO(ZerothOrder):
         ['weight']
         >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
         >>> opt.settle()  # before saving net.state_dict(): W += A·Vᵀ
+        >>> opt.detach()
+        >>> opt = LOZO(net, lr=1e-3, paired=True)  # both losses from one forward
+        >>> out = lambda: net(torch.cat([x, x]))  # the batch stacked twice: +ε, then −ε
+        >>> loss = opt.step(lambda: (out() - y.repeat(2, 1)).pow(2).view(2, -1).mean(1))
     """
 
     method = "LOZO"
@@ -135,6 +142,7 @@ class LOZO(ZerothOrder):
         directions: int = 1,
         split: str = "batch",
         accumulate="auto",
+        paired: bool = False,
     ):
         momentum = real(momentum, "momentum")
         if not 0.0 <= momentum < 1.0:
@@ -168,6 +176,7 @@ class LOZO(ZerothOrder):
             directions=directions,
             split=split,
             accumulate=accumulate,
+            paired=paired,
         )
 
     def _hyperparameters(self) -> dict:
@@ -196,6 +205,8 @@ class MeZO(ZerothOrder):
         split: with process_group, "batch" or "directions" (see LOZO).
         accumulate: steps whose updates are written together in shadow mode (see LOZO;
             "auto": 64 for bf16 / fp16 weights, 1 for float32).
+        paired: must be False: paired steps need LOZO's low-rank noise (ValueError otherwise;
+            see zofast.optim.paired).
 
     Example:
         >>> model = torch.nn.Linear(16, 4)
@@ -221,6 +232,7 @@ class MeZO(ZerothOrder):
         directions: int = 1,
         split: str = "batch",
         accumulate="auto",
+        paired: bool = False,
     ):
         defaults = {
             "lr": positive(lr, "lr"),
@@ -240,6 +252,7 @@ class MeZO(ZerothOrder):
             directions=directions,
             split=split,
             accumulate=accumulate,
+            paired=paired,
         )
 
 

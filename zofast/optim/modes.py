@@ -6,6 +6,10 @@ are written by updates only) with stochastic rounding: LOZO's "virtual" (its upd
 float32 low-rank factor, written once per V epoch; the other tensors in "shadow" mode) where no
 group has weight decay, "shadow" otherwise and for MeZO. The shadow part of a bf16 / fp16 run
 without momentum writes its updates every ACCUMULATE steps (zofast.optim.shadow).
+
+Paired steps (LOZO's ``paired=True``, zofast.optim.paired) need an exact mode whatever the dtype:
+"auto" then stands for "virtual" (its other tensors in "shadow" mode) without weight decay and
+"shadow" with it, rounding as above.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 _warned_inplace = False
 
 
-def check_modes(mode, rounding, lowrank: bool, virtual_indices, virtual_rest) -> None:
-    """ValueError for a mode or rounding argument that no weights make valid."""
+def check_modes(
+    mode, rounding, lowrank: bool, virtual_indices, virtual_rest, paired: bool = False
+) -> None:
+    """ValueError for a mode, rounding or paired argument that no weights make valid."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if rounding not in ROUNDINGS:
@@ -39,28 +45,44 @@ def check_modes(mode, rounding, lowrank: bool, virtual_indices, virtual_rest) ->
         raise ValueError("virtual_indices and virtual_rest are for mode='virtual' only")
     if virtual_rest not in (None, "inplace", "shadow"):
         raise ValueError(f"virtual_rest must be 'inplace' or 'shadow', got {virtual_rest!r}")
+    if not isinstance(paired, bool):
+        raise ValueError(f"paired must be True or False, got {paired!r}")
+    if paired and not lowrank:
+        raise ValueError(
+            "paired=True is LOZO's: one forward gives each copy of the batch its own sign of the "
+            "perturbation through per-row low-rank terms, which MeZO's full-rank noise on the "
+            "big matrices does not have (pair LOZO / LOZO-M; MeZO takes two forwards)"
+        )
+    if paired and (mode == "inplace" or virtual_rest == "inplace"):
+        raise ValueError(
+            "paired=True needs an exact mode (the weights cannot carry +ε and −ε at once): use "
+            "mode='auto', 'virtual' or 'shadow' (and virtual_rest='shadow')"
+        )
 
 
-def auto_mode(*, low: bool, lowrank: bool, decay: bool) -> str:
+def auto_mode(*, low: bool, lowrank: bool, decay: bool, paired: bool = False) -> str:
     """What mode="auto" stands for (see the module docstring).
 
     Args:
         low: some trained tensor is bf16 / fp16.
         lowrank: the method's noise is low-rank (LOZO).
         decay: some group has weight decay.
+        paired: paired steps (an exact mode whatever the dtype).
     """
-    if not low:
+    if not low and not paired:
         return "inplace"
     return "virtual" if lowrank and not decay else "shadow"
 
 
-def resolve(mode, rounding, pipeline, rest, *, low, lowrank, decay, has_model, replay_only):
+def resolve(
+    mode, rounding, pipeline, rest, *, low, lowrank, decay, has_model, replay_only, paired=False
+):
     """(mode, rounding, rest): "auto" resolved (see the module docstring); rest is how virtual
-    mode perturbs the tensors that do not go through layers ("shadow" for bf16 / fp16,
-    "inplace" for float32), None in the other modes.
+    mode perturbs the tensors that do not go through layers ("shadow" for bf16 / fp16 and for
+    paired steps, "inplace" for float32), None in the other modes.
 
     Args:
-        low, lowrank, decay: as for :func:`auto_mode`.
+        low, lowrank, decay, paired: as for :func:`auto_mode`.
         has_model: the optimizer was given the model.
         replay_only: built by zofast.replay (no model needed).
     """
@@ -71,20 +93,25 @@ def resolve(mode, rounding, pipeline, rest, *, low, lowrank, decay, has_model, r
                 "weights cannot hold exactly: drop pipeline=True (the default exact mode "
                 "writes the weights once per step), or pass mode='inplace'"
             )
+        if paired and not has_model and not replay_only:
+            raise ValueError(
+                "paired=True applies the perturbation through the model's forward: pass the "
+                "model (LOZO(model, ...) or model=model)"
+            )
         if low and not has_model:
             raise ValueError(
                 "bf16 / fp16 weights need an exact mode, which applies the perturbation "
                 "through the model's forward: pass the model (LOZO(model, ...) or "
                 "model=model), or mode='inplace' to accept the rounding drift"
             )
-        mode = auto_mode(low=low, lowrank=lowrank, decay=decay)
+        mode = auto_mode(low=low, lowrank=lowrank, decay=decay, paired=paired)
     if mode == "virtual" and not has_model and not replay_only:
         raise ValueError(
             "mode='virtual' needs the model whose layers apply the perturbation: pass "
             "model=... (or the model itself as params)"
         )
     if mode == "virtual" and rest is None:
-        rest = "shadow" if low else "inplace"
+        rest = "shadow" if low or paired else "inplace"
     if pipeline and (mode == "shadow" or rest == "shadow"):
         raise ValueError(
             "pipeline=True is for tensors perturbed in place: exact modes never leave a "

@@ -14,6 +14,7 @@ from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.shadow import Shadow
 from zofast.optim.sharding import local_shard
 from zofast.optim.virtual import Virtual
+from zofast.paired_layers import PairedVirtualLayers, Rows
 from zofast.perturb import check_weight, matrix_shape
 from zofast.trajectory import param_fingerprint
 
@@ -92,6 +93,8 @@ class Setup:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
         self._noise = NoisePlan(self._run_seed, self._n_params, self._nu, self._directions.q)
         stochastic = self._rounding == "stochastic"
+        # Paired steps: the parts' hooks give each copy of the stacked batch its own sign.
+        self._rows = Rows() if self._paired else None
         virtual = None
         if self._mode == "virtual":
             virtual = Virtual(
@@ -104,6 +107,8 @@ class Setup:
                 owner=self,
             )
             virtual.check_decay([g["weight_decay"] for g in self.param_groups])
+            if self._rows is not None:  # not attached yet: the paired hooks replace the plain
+                virtual.layers = PairedVirtualLayers(virtual.layers.tensors, self._rows, self)
         # Shadow mode: every tensor; virtual mode for bf16 / fp16: those not through layers.
         exact = self._mode == "shadow" or self._rest == "shadow"
         rest = [s for s in slots if s.virtual is None] if exact else []
@@ -120,7 +125,14 @@ class Setup:
         shadow = None
         if rest:
             shadow = Shadow(
-                rest, self._noise, self._model, self._names(), stochastic, self, self._accumulate
+                rest,
+                self._noise,
+                self._model,
+                self._names(),
+                stochastic,
+                self,
+                self._accumulate,
+                rows=self._rows,
             )
         for part in (self._virtual, self._shadow):  # add_param_group before the first step
             if part is not None:
@@ -128,6 +140,8 @@ class Setup:
         self._slots = slots
         self._inplace = InPlace(in_place, self._noise, stochastic, self._fsdp)
         self._momentum = Momentum(self._beta, self._noise) if self._beta else None
+        if self._paired and virtual is not None and shadow is not None:
+            virtual.layers.fuse_biases(shadow.layers)  # Linear biases in their weights' products
         try:
             for part in (virtual, shadow):
                 if part is not None:

@@ -15,12 +15,16 @@ set of weights. A stochastic rounding per step adds a variance of about ulp·|lr
 far more than the update's own when |lr·g·z| ≪ ulp (bf16 at ZO learning rates); one rounding per
 K steps divides it by about √K (bench/tools/precision.py teacher, 64 inputs, MeZO bf16 ÷ fp32's
 loss reduction: 63 % at K = 1, 74 % at 8, 90 % at 32, 93 % at 64, 99 % at 128).
+
+Paired steps (zofast.optim.paired) hook the same tensors per row instead
+(:mod:`zofast.paired_layers`); the update pass is the same.
 """
 
 from __future__ import annotations
 
 import warnings
 
+from zofast import paired_layers
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.optim.passes import Passes
 from zofast.shadow import ShadowLayers, ShadowTensor, plan
@@ -37,10 +41,21 @@ class Shadow:
         names: {id(param): name}.
         stochastic: round the update pass stochastically.
         owner: the optimizer (held weakly by the hooks' registry).
+        accumulate: steps per write of the updates (see the module docstring).
+        rows: paired steps: the optimizer's :class:`zofast.paired_layers.Rows` (the tensors are
+            then hooked per row, zofast.paired_layers); None otherwise.
     """
 
     def __init__(
-        self, slots, noise: NoisePlan, model, names, stochastic: bool, owner, accumulate: int = 1
+        self,
+        slots,
+        noise: NoisePlan,
+        model,
+        names,
+        stochastic: bool,
+        owner,
+        accumulate: int = 1,
+        rows=None,
     ):
         self.slots, self.noise, self.model = slots, noise, model
         self.accumulate = accumulate
@@ -60,14 +75,19 @@ class Shadow:
         # (bench/results/2026-12-02-shadow-layers).
         # Biases and norms: perturbed together before each forward (PRESET_MAX_NUMEL).
         lowrank = any(s.rank for s in slots)
-        if model is not None:
-            plan(
-                model,
-                tensors,
-                product_min_numel=0 if lowrank else None,
-                preset_max_numel=PRESET_MAX_NUMEL,
-            )
-        self.layers = ShadowLayers(tensors, owner)
+        if rows is not None:
+            if model is not None:
+                paired_layers.plan(model, tensors)
+            self.layers = paired_layers.PairedShadowLayers(tensors, rows, owner)
+        else:
+            if model is not None:
+                plan(
+                    model,
+                    tensors,
+                    product_min_numel=0 if lowrank else None,
+                    preset_max_numel=PRESET_MAX_NUMEL,
+                )
+            self.layers = ShadowLayers(tensors, owner)
         self.detached = False
         self._checked_usage = False
         self._directions = None

@@ -110,6 +110,11 @@ class TrainConfig:
             instead of 3; in place only); None = on where the mode is in place. The optimizer
             settles before every evaluation and at the end, so the results are those of an
             unpipelined run up to rounding.
+        paired: lozo / lozo-m: evaluate a step's two losses in ONE forward over the batch stacked
+            twice, the first copy at +ε and the second at −ε (zofast.optim.paired): fewer launches
+            and one read of the weights per step, the same updates; needs an exact mode (mode
+            "auto" then picks "virtual" or, with weight decay, "shadow", whatever the dtype).
+            Off by default: it doubles the forward's activations.
         save_model: also write the best weights as a transformers folder (``model/``); off by
             default because the trajectory already rebuilds them.
         zero_shot_test: measure zero-shot test accuracy (the dev one is always measured: it is
@@ -165,6 +170,7 @@ class TrainConfig:
     mode: str = "auto"
     rounding: str = "auto"
     pipeline: bool | None = None
+    paired: bool = False
     save_model: bool = False
     zero_shot_test: bool = True
     progress: bool = True
@@ -225,6 +231,15 @@ class TrainConfig:
             raise ConfigError(f"pipeline is for mode 'inplace' (mode is {self.resolved_mode})")
         if self.mode == "virtual" and self.method not in ("lozo", "lozo-m"):
             raise ConfigError(f"mode 'virtual' is LOZO's (method is {self.method})")
+        if not isinstance(self.paired, bool):
+            raise ConfigError(f"paired must be true or false, got {self.paired!r}")
+        if self.paired and self.method not in ("lozo", "lozo-m"):
+            raise ConfigError(
+                f"paired is for lozo / lozo-m (method is {self.method}): MeZO's full-rank noise "
+                "has no per-row form, so it takes two forwards"
+            )
+        if self.paired and self.mode == "inplace":
+            raise ConfigError("paired needs an exact mode (auto, virtual or shadow), not inplace")
         if self.mode == "virtual" and self.weight_decay:
             raise ConfigError("mode 'virtual' needs weight_decay 0 (decay is a pass per step)")
         if not (is_real(self.weight_decay) and self.weight_decay >= 0):
@@ -286,7 +301,9 @@ class TrainConfig:
         if self.mode != "auto":
             return self.mode
         lozo = self.method in ("lozo", "lozo-m")
-        return auto_mode(low=self.dtype != "float32", lowrank=lozo, decay=bool(self.weight_decay))
+        low = self.dtype != "float32"
+        paired = self.paired is True and lozo
+        return auto_mode(low=low, lowrank=lozo, decay=bool(self.weight_decay), paired=paired)
 
     @property
     def resolved_momentum(self) -> float:

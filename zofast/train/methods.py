@@ -196,8 +196,8 @@ class _Weights(Method):
 
 
 class ZerothOrder(_Weights):
-    """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per direction and step, a
-    trajectory of seeds."""
+    """LOZO, LOZO-M or MeZO (:mod:`zofast.optim`): two forwards per direction and step (or,
+    paired, one over the batch stacked twice), a trajectory of seeds."""
 
     def __init__(self, config: TrainConfig, loaded: LoadedModel, scorer: Scorer, batches, ranks):
         super().__init__(config, loaded, scorer, batches)
@@ -212,7 +212,12 @@ class ZerothOrder(_Weights):
         if self.shard:
             examples = self.ranks.shard(examples)  # the optimizer all-reduces the losses
         batch = self.scorer.encode(examples)
-        loss = self.optimizer.step(lambda: self.scorer.loss(batch), examples=len(examples))
+        if self.optimizer.paired:  # one forward: the batch twice, (L+, L−) of its two copies
+            stacked = batch.repeat(2)
+            closure = lambda: self.scorer.losses(stacked)  # noqa: E731
+        else:
+            closure = lambda: self.scorer.loss(batch)  # noqa: E731
+        loss = self.optimizer.step(closure, examples=len(examples))
         self.steps_done += 1
         return [(self.steps_done, loss)]
 
@@ -419,7 +424,12 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_grou
         if config.method == "mezo":
             return MeZO(groups, **common)
         return LOZO(
-            groups, rank=config.rank, nu=config.nu, momentum=config.resolved_momentum, **common
+            groups,
+            rank=config.rank,
+            nu=config.nu,
+            momentum=config.resolved_momentum,
+            paired=config.paired,
+            **common,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
