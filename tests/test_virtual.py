@@ -608,3 +608,16 @@ def test_flat_buffers_on_the_gpu(momentum, tmp_path):
         opt_ref.settle()
     for p, q in zip(ref.parameters(), trained, strict=True):
         torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-2)
+
+
+def test_the_rest_of_a_virtual_model_goes_to_the_presets():
+    """Virtual mode's shadow part holds the biases and norms only; their preset budget is 1 % of
+    everything the optimizer trains, not of that part (which left most of OPT-1.3B's biases and
+    norms as a temporary each, one launch per module and forward)."""
+    blocks = [m for _ in range(40) for m in (torch.nn.Linear(1024, 1024), torch.nn.LayerNorm(1024))]
+    model = torch.nn.Sequential(*blocks).to(torch.bfloat16)
+    opt = LOZO(model, lr=1e-3)
+    assert opt.mode == "virtual"
+    rest = opt._shadow.layers.tensors
+    assert sum(st.param.numel() for st in rest) > 65536  # more than the old budget
+    assert {u.way for st in rest for u in st.uses} == {"preset"}

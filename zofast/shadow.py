@@ -334,6 +334,7 @@ def plan(
     *,
     product_min_numel: int | None = None,
     preset_max_numel: int | None = None,
+    preset_budget: int | None = None,
 ):
     """Choose how each tensor is applied (sets each tensor's ``uses``; see the module docstring).
 
@@ -350,6 +351,8 @@ def plan(
             take "preset" (their copies perturbed together before the forward and swapped in
             for all of it, :class:`zofast.shadow_step.Presets`), smallest first, while the
             copies total at most this many elements or 1 % of the tensors' (None: no "preset").
+        preset_budget: the elements the preset copies may total instead (an optimizer whose
+            big tensors go another way, e.g. virtual mode's, passes 1 % of all it trains).
 
     Returns:
         `tensors`, each with ``uses`` = [:class:`Use`, ...] (one per module that registers it).
@@ -406,7 +409,9 @@ def plan(
                 uses.append(use)
         st.uses = uses
     if preset_max_numel is not None:
-        budget = max(preset_max_numel, sum(st.param.numel() for st in tensors) // 100)
+        budget = preset_budget
+        if budget is None:
+            budget = max(preset_max_numel, sum(st.param.numel() for st in tensors) // 100)
         small = [
             st
             for st in tensors

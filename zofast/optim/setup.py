@@ -133,6 +133,7 @@ class Setup:
                 self,
                 self._accumulate,
                 rows=self._rows,
+                trained_numel=sum(s.param.numel() for s in slots),
             )
         for part in (self._virtual, self._shadow):  # add_param_group before the first step
             if part is not None:

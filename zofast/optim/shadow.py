@@ -44,6 +44,8 @@ class Shadow:
         accumulate: steps per write of the updates (see the module docstring).
         rows: paired steps: the optimizer's :class:`zofast.paired_layers.Rows` (the tensors are
             then hooked per row, zofast.paired_layers); None otherwise.
+        trained_numel: elements of every tensor the optimizer trains (virtual mode's too): 1 %
+            of them may go to the presets' copies.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Shadow:
         owner,
         accumulate: int = 1,
         rows=None,
+        trained_numel: int = 0,
     ):
         self.slots, self.noise, self.model = slots, noise, model
         self.accumulate = accumulate
@@ -73,7 +76,9 @@ class Shadow:
         # tokens, rank 2: +0.03 ms against +0.21 ms); full-rank noise costs less as a copy
         # (+0.10 ms against +0.50 ms), so MeZO takes products for tied heads only
         # (bench/results/2026-12-02-shadow-layers).
-        # Biases and norms: perturbed together before each forward (PRESET_MAX_NUMEL).
+        # Biases and norms: perturbed together before each forward (PRESET_MAX_NUMEL). In
+        # virtual mode this part holds only them: a budget of 1 % of its own elements left most
+        # of OPT-1.3B's 243 as temporaries, a launch per module and forward (2026-12-03-exact-2).
         lowrank = any(s.rank for s in slots)
         if rows is not None:
             if model is not None:
@@ -86,6 +91,10 @@ class Shadow:
                     tensors,
                     product_min_numel=0 if lowrank else None,
                     preset_max_numel=PRESET_MAX_NUMEL,
+                    preset_budget=max(
+                        PRESET_MAX_NUMEL,
+                        (trained_numel or sum(s.param.numel() for s in slots)) // 100,
+                    ),
                 )
             self.layers = ShadowLayers(tensors, owner)
         self.detached = False
