@@ -6,6 +6,8 @@ the GPU. Verifies first: the split forward's loss is the all-GPU one within bf16
 the optimizer runs one pass group per device.
 
 Usage (GPU machine, repo root): python bench/probes/device_map.py OUT.json [--batch 2] [--steps 3]
+[--model opt-125m] (the CPU half's passes run zofast's CPU engine: build the C++ extension there,
+its pure-torch fallback is much slower; 1.3B did not finish in 120 s without it)
 """
 
 import argparse
@@ -68,8 +70,9 @@ def main():
     parser.add_argument("out", help="JSON file to write")
     parser.add_argument("--batch", type=int, default=2, help="sequences of 256 tokens")
     parser.add_argument("--steps", type=int, default=3, help="timed calls (after a warm-up)")
+    parser.add_argument("--model", default="opt-1.3b", choices=list(OPT_SHAPES))
     args = parser.parse_args()
-    name = "opt-1.3b"
+    name = args.model
     model, ids = random_opt(name, args.batch)
     blocks = OPT_SHAPES[name]["num_hidden_layers"]
     on_gpu = blocks // 2
