@@ -201,3 +201,18 @@ def test_a_diverging_run_stops_and_keeps_its_trajectory(tmp_path):
     assert trainer.state.global_step == step < 8, "training stopped at the refused step"
     assert trainer.trajectory.steps == step - 1 and trainer.trajectory.events[-1] != "step"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_saved_weights_are_settled(tmp_path):
+    """bf16 MeZO writes its updates every 64 steps by default (accumulate): the model that
+    ZOTrainer saves (and evaluates) holds every step's update, i.e. the optimizer settles."""
+    model, ds = _gpt2(tmp_path)
+    model = model.to(torch.bfloat16)
+    trainer = ZOTrainer(model=model, args=_args(tmp_path, zo_method="mezo"), train_dataset=ds)
+    start = _snapshot(model)
+    trainer.train()
+    assert trainer.zo_optimizer._accumulate == 64 and trainer.zo_optimizer.unflushed
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # none written
+    trainer.save_model(str(tmp_path / "final"))
+    assert not trainer.zo_optimizer.unflushed
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())

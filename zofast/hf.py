@@ -318,6 +318,23 @@ class ZOTrainer(transformers.Trainer):
         self.optimizer = TrainerOptimizer(self.zo_optimizer)
         return self.optimizer
 
+    def _settle(self) -> None:
+        """Make the stored weights the iterate before they are read or written out: the zofast
+        optimizer's settle() (a pipelined perturbation, virtual mode's pending factors, the
+        steps that ``accumulate`` has not written yet; recorded in the trajectory)."""
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.settle()
+
+    def evaluate(self, *args, **kwargs):
+        """Trainer's evaluate on the settled weights."""
+        self._settle()
+        return super().evaluate(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        """Trainer's save_model (checkpoints too) of the settled weights."""
+        self._settle()
+        return super().save_model(*args, **kwargs)
+
     def _check_paired(self) -> None:
         """ValueError where a paired step would not compute the loss Trainer computes."""
         if (
