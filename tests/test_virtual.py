@@ -560,6 +560,9 @@ def test_flat_buffers_with_momentum_and_a_loaded_state(flat):
     train(model, opt, 0, 4)
     state = opt.state_dict()
     weights = snapshot(model)
+    ids = batch(0)[0]
+    with torch.no_grad():
+        seen = model(ids)  # W + A·V_Aᵀ between steps
     train(model, opt, 4, 7)
     opt.settle()
     expected = snapshot(model)
@@ -569,6 +572,8 @@ def test_flat_buffers_with_momentum_and_a_loaded_state(flat):
         p.data.copy_(w)
     again = LOZO(param_groups(model, 0.0), model=model, **kwargs)
     again.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(model(ids), seen)  # A and V_A copied into new flat buffers
     train(model, again, 4, 7)
     again.settle()
     assert same(model, expected)

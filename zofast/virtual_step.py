@@ -94,7 +94,9 @@ class FlatVirtual:
         self._a_views: list | None = None
         self._pending_next = None  # (buffer, views) of updated(), until committed()
         self._n: tuple = (None, None)  # LOZO-M: the momentum buffers' (flat buffer, views)
-        self._casts: dict = {}  # dtype -> (L buffer, R buffer, views, what R holds)
+        self._va: tuple | None = None  # (flat V_A, the tensors' V_A it holds), see _a_v
+        # dtype -> (L buffer, R buffer, views, [the flat V that R holds a cast of])
+        self._casts: dict = {}
         self._scale_index: torch.Tensor | None = None
 
     def load(self, key, seeds: np.ndarray) -> list:
@@ -229,12 +231,12 @@ class FlatVirtual:
         vt0 = self.tensors[0]
         if self.v is not None and vt0.V_epoch == vt0.epoch:
             return self.v
-        held = getattr(self, "_va", None)
+        held = self._va
         if held is None or any(
             vt.V_A is not V for vt, V in zip(self.tensors, held[1], strict=True)
         ):
-            _, va = self._layout.factor_buffers()
-            for (_, view), vt in zip(self._layout.factor_views(va, va), self.tensors, strict=True):
+            u, va = self._layout.factor_buffers()
+            for (_, view), vt in zip(self._layout.factor_views(u, va), self.tensors, strict=True):
                 view.copy_(vt.V_A)
             held = self._va = (va, [vt.V_A for vt in self.tensors])
         return held[0]
