@@ -20,9 +20,20 @@ from __future__ import annotations
 import torch
 
 from zofast.device_map import by_device
+from zofast.optim.momentum_flat import FlatVectors
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
 from zofast.shadow_step import to_device
+
+
+def _together(state, tensors, continuing: bool) -> list | None:
+    """The old buffers of `tensors` (slots or virtual tensors) when they can be stepped as one
+    flat buffer: [] where none has one yet, all of them where all have one and `continuing`;
+    None otherwise (per tensor)."""
+    old = [state[x.param].get("momentum_buffer") for x in tensors]
+    if all(x is None for x in old):
+        return []
+    return old if continuing and all(x is not None for x in old) else None
 
 
 class Momentum:
@@ -30,6 +41,16 @@ class Momentum:
 
     def __init__(self, beta: float, noise: NoisePlan):
         self.beta, self.noise = beta, noise
+        self._vectors: tuple | None = None  # (the slots it was built for, FlatVectors or None)
+
+    def _flat_vectors(self, slots: list[Slot]) -> FlatVectors | None:
+        """The full-rank slots' flat buffers (FlatVectors), where they share one device and none
+        is a shard; None otherwise."""
+        if self._vectors is None or self._vectors[0] is not slots:
+            full = [s for s in slots if not s.rank]
+            one = len({s.param.device for s in full}) == 1 and not any(s.sharded for s in full)
+            self._vectors = (slots, FlatVectors(full, self.noise) if full and one else None)
+        return self._vectors[1]
 
     def buffers(self, slots: list[Slot], state, t: int, gs: list[float], flat=None):
         """({index: new buffer}, {index: the last direction's tensors}) of every slot after step
@@ -38,16 +59,21 @@ class Momentum:
         (zofast.virtual_step.FlatVirtual) with step t loaded, whose buffers are made together
         inside a V epoch (one direction per step only: Virtual.flat_step gives None otherwise)."""
         buffers, used, checks = {}, {}, []
-        old = (
-            [] if flat is None else [state[vt.param].get("momentum_buffer") for vt in flat.tensors]
-        )
-        fresh = all(x is None for x in old)
-        # (a V-refresh step projects each tensor's buffer: per tensor)
-        if old and (fresh or (t % self.noise.nu and all(x is not None for x in old))):
+        # (a V-refresh step projects each matrix's buffer: per tensor)
+        olds = None if flat is None else _together(state, flat.tensors, t % self.noise.nu != 0)
+        if olds is not None:
             (g,) = gs
-            n, views = flat.momentum(None if fresh else old, self.beta, g)
+            n, views = flat.momentum(olds or None, self.beta, g)
             for vt, view in zip(flat.tensors, views, strict=True):
                 buffers[vt.index], used[vt.index] = view, (vt.U, vt.V)
+            checks.append(torch.isfinite(n).all())
+        vectors = self._flat_vectors(slots) if len(gs) == 1 else None
+        olds = None if vectors is None else _together(state, vectors.slots, True)
+        if olds is not None:
+            zs = vectors.noise(t)
+            n, views = vectors.momentum(olds or None, self.beta, gs[0])
+            for slot, view, z in zip(vectors.slots, views, zs, strict=True):
+                buffers[slot.index], used[slot.index] = view, (z,)
             checks.append(torch.isfinite(n).all())
         for slot in slots:
             if slot.index not in buffers:
