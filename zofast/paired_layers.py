@@ -222,6 +222,8 @@ class PairedShadowLayers(ShadowLayers):
             by_device: dict = {}
             for st in self.tensors:
                 by_device.setdefault(st.param.device, []).append(st)
+            # A streamed block's tensor is on another device during its forward (zofast.offload)
+            self._home = {id(st): st.param.device for st in self.tensors}
             self._parts = {}
             for device, group in by_device.items():
                 ways = {id(st): {u.way for u in st.uses} for st in group}
@@ -231,7 +233,8 @@ class PairedShadowLayers(ShadowLayers):
         return self._parts
 
     def values(self, st: ShadowTensor) -> SmallValues:
-        return self._device_parts()[st.param.device][1]
+        parts = self._device_parts()
+        return parts[self._home[id(st)]][1]
 
     def set_direction(self, step: int, seeds) -> None:
         """Every tensor's direction (seeds[i] for tensors[i]); low-rank factors made in bulk."""

@@ -116,11 +116,9 @@ class SignedFactors:
                 made = (generation, self._build(dtype, device))
             self._made[(dtype, device)] = made
         entry = made[1].get(id(vt))
-        if entry is None:
-            raise ValueError(
-                f"paired step: {vt.name} is on {vt.U.device} but its layer computes on {device} "
-                "(offloaded weights cannot be paired)"
-            )
+        if entry is None:  # a streamed block (zofast.offload): made where vt lives, moved
+            L, R, column = self.get(vt, dtype, vt.U.device, generation)
+            entry = made[1][id(vt)] = (L.to(device), R.to(device), column)
         return entry
 
     def _build(self, dtype, device) -> dict:
@@ -227,6 +225,7 @@ class SmallValues:
         self._flat: list = []  # per dtype: (stored, perturbed (2, S), differences (2, S))
         self._copies: list = []  # per tensor: [stored, + and − copies] (views of the flat buffers)
         self._graph = None
+        self._moved: dict = {}  # (id(st), 0 values / 1 differences, device) -> a copy there
 
     def _allocate(self) -> None:
         by_dtype: dict = {}
@@ -257,6 +256,7 @@ class SmallValues:
             return
         if self._slices is None:
             self._allocate()
+        self._moved = {}
         with torch.inference_mode(False), torch.no_grad():
             params = [st.param.data for st in self.tensors]
             for k in range(3):
@@ -287,13 +287,25 @@ class SmallValues:
                 else:
                     gaussian_(copy, list(st.seeds), [scale])
 
-    def values(self, st: ShadowTensor) -> torch.Tensor:
-        """(2, numel): W + c·Z and W − c·Z, flattened."""
-        return self._slices[id(st)][0]
+    def values(self, st: ShadowTensor, device: torch.device | None = None) -> torch.Tensor:
+        """(2, numel): W + c·Z and W − c·Z, flattened (on `device`: copied there once per
+        build, for the streamed blocks of zofast.offload)."""
+        return self._on(st, 0, device)
 
-    def differences(self, st: ShadowTensor) -> torch.Tensor:
-        """(2, numel): (W + c·Z) − W and (W − c·Z) − W, flattened."""
-        return self._slices[id(st)][1]
+    def differences(self, st: ShadowTensor, device: torch.device | None = None) -> torch.Tensor:
+        """(2, numel): (W + c·Z) − W and (W − c·Z) − W, flattened (on `device`)."""
+        return self._on(st, 1, device)
+
+    def _on(self, st: ShadowTensor, k: int, device) -> torch.Tensor:
+        t = self._slices[id(st)][k]
+        if device is None or t.device == device:
+            return t
+        key = (id(st), k, device)
+        moved = self._moved.get(key)
+        if moved is None:
+            with torch.inference_mode(False), torch.no_grad():
+                moved = self._moved[key] = t.to(device)
+        return moved
 
 
 def lowrank_hook(st: ShadowTensor, kind: str, rows: Rows):
@@ -305,7 +317,7 @@ def lowrank_hook(st: ShadowTensor, kind: str, rows: Rows):
         st.used = True
         x = virtual_mode._input(args, kwargs).to(out.device)  # (a device map moves it inside)
         x, y, _ = halves(rows, out, st.name, x=x)
-        Ut, Vt = st.factors(y.dtype)
+        Ut, Vt = st.factors(y.dtype, y.device)
         if kind == "embedding":
             left, right = Ut.index_select(1, x.reshape(-1)), Vt
         else:
@@ -326,7 +338,7 @@ def bias_hook(st: ShadowTensor, rows: Rows, values):
             return None
         st.used = True
         _, y, y3 = halves(rows, out, st.name)
-        y3.add_(values(st).differences(st).unsqueeze(1))
+        y3.add_(values(st).differences(st, y.device).unsqueeze(1))
         return y
 
     return hook
@@ -384,13 +396,13 @@ class NormHooks:
             values = self.lookup(st)
             width = st.param.numel()
             _, y, y3 = halves(self.rows, out, st.name, width=width)
-            scale = values.values(st).unsqueeze(1)
+            scale = values.values(st, y.device).unsqueeze(1)
             shift = frame.get("shift")
             if shift is None:
                 y3.mul_(scale)
             else:
                 if isinstance(shift, ShadowTensor):
-                    shift = values.values(shift).unsqueeze(1)
+                    shift = values.values(shift, y.device).unsqueeze(1)
                 else:
                     shift = shift[1].reshape(1, 1, width)
                 torch.addcmul(shift, y3, scale, out=y3)
@@ -400,7 +412,7 @@ class NormHooks:
             return None
         st.used = True
         _, y, y3 = halves(self.rows, out, st.name, width=st.param.numel())
-        y3.add_(self.lookup(st).differences(st).unsqueeze(1))
+        y3.add_(self.lookup(st).differences(st, y.device).unsqueeze(1))
         return y
 
     def restore(self) -> None:

@@ -184,9 +184,10 @@ class ShadowTensor:
         """The current direction's (Uᵀ, Vᵀ) (made in bulk for many tensors)."""
         self._factors, self._factors_key = (Ut, Vt), (self.step, self.seeds)
 
-    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Uᵀ, Vᵀ) of the current direction in `dtype`, (r, m) and (r, n): made here if no
-        bulk load made them for this direction."""
+        bulk load made them for this direction; on `device` where given (copied there for a
+        streamed block, zofast.offload)."""
         if self._factors_key != (self.step, self.seeds):
             with torch.inference_mode(False):  # no inference tensors kept for a later forward
                 U, V = lowrank_factors(
@@ -194,6 +195,8 @@ class ShadowTensor:
                 )
             self.set_factors(transposed(U, self.param.dtype), transposed(V, self.param.dtype))
         Ut, Vt = self._factors
+        if device is not None and Ut.device != device:
+            return Ut.to(device, dtype), Vt.to(device, dtype)
         return (Ut, Vt) if Ut.dtype == dtype else (Ut.to(dtype), Vt.to(dtype))
 
     def swap_to(self, tensor: torch.Tensor) -> None:
@@ -285,7 +288,7 @@ def _add_product(st: ShadowTensor, kind: str, x: torch.Tensor, out: torch.Tensor
 def _add_lowrank(st: ShadowTensor, kind: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Low-rank y += c·(the layer applied to U·Vᵀ), Z = U·Vᵀ with W viewed as m×n
     (zofast.virtual.add_lowrank with L = U, R = V)."""
-    return virtual.add_lowrank(kind, x, out, *st.factors(out.dtype), alpha=st.c)
+    return virtual.add_lowrank(kind, x, out, *st.factors(out.dtype, out.device), alpha=st.c)
 
 
 def _output_hook(st: ShadowTensor, use: Use):

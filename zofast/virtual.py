@@ -283,7 +283,7 @@ def _make_hook(vt: VirtualTensor, kind: str):
     def hook(module, args, kwargs, out):
         x = _input(args, kwargs).to(out.device)  # a device map's wrapper moves it only inside
         bulk = vt.bulk
-        if bulk is not None and bulk[0].dtype == out.dtype:
+        if bulk is not None and bulk[0].dtype == out.dtype and bulk[0].device == out.device:
             return add_lowrank(kind, x, out, *bulk)
         f = vt.factors(out.dtype, out.device)
         if f is None:
