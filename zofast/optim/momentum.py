@@ -70,7 +70,7 @@ class Momentum:
         vectors = self._flat_vectors(slots) if len(gs) == 1 else None
         olds = None if vectors is None else _together(state, vectors.slots, True)
         if olds is not None:
-            zs = vectors.noise(t)
+            zs = vectors.load(t)
             n, views = vectors.momentum(olds or None, self.beta, gs[0])
             for slot, view, z in zip(vectors.slots, views, zs, strict=True):
                 buffers[slot.index], used[slot.index] = view, (z,)

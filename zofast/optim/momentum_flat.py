@@ -45,7 +45,7 @@ class FlatVectors:
         """Each slot's part of a flat buffer, as a flat view."""
         return [flat[a:b] for a, b in self._parts]
 
-    def noise(self, t: int) -> list[torch.Tensor]:
+    def load(self, t: int) -> list[torch.Tensor]:
         """z_t of every slot (views of one buffer, overwritten by the next step's)."""
         if self._loaded != (self.noise.run, t):
             if bulk_on(self.device):
@@ -68,7 +68,7 @@ class FlatVectors:
 
     def momentum(self, old: list | None, beta: float, g: float) -> tuple:
         """m ← β·m + (1 − β)·g·z (m = g·z where `old` is None) for every slot, out of place into
-        a new flat buffer, after :meth:`noise`. Returns (the buffer, per-slot views)."""
+        a new flat buffer, after :meth:`load`. Returns (the buffer, per-slot views)."""
         if old is None:
             m = self.z * g
         else:
