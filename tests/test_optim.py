@@ -1027,3 +1027,28 @@ def test_accumulate_defaults_and_refusals():
         MeZO(fp32, lr=1e-3, accumulate=2)
     with pytest.raises(ValueError, match="momentum=0"):
         LOZO(small_model(torch.bfloat16), lr=1e-3, momentum=0.9, accumulate=2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_flat_vectors_give_the_per_tensor_momentum(device, monkeypatch):
+    """LOZO-M's biases and norms in flat buffers (zofast.optim.momentum_flat; on a GPU z_t from
+    one graphed pass) give the weights and momentum buffers of the per-tensor path bit for bit."""
+    from zofast.optim.momentum import Momentum
+
+    def run():
+        model = small_model().to(device)
+        opt = LOZO(model, lr=1e-2, eps=1e-2, rank=1, nu=2, momentum=0.9, seed=3)
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)).to(device)
+        for _ in range(5):
+            opt.step(lambda: model(x).pow(2).mean())
+        return model, opt
+
+    model, opt = run()
+    assert opt._momentum._vectors[1] is not None
+    with monkeypatch.context() as patch:
+        patch.setattr(Momentum, "_flat_vectors", lambda self, slots: None)
+        ref, opt_ref = run()
+    assert same(model, snapshot(ref))
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        a, b = opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"]
+        assert torch.equal(a, b)
