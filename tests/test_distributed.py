@@ -8,6 +8,7 @@ same bf16 forwards. Several directions per step: split="directions" (each rank e
 directions on the whole batch) equals the same q directions in one process bit for bit;
 split="batch" with q > 1 equals one process up to the rounding of the mean losses."""
 
+import contextlib
 import os
 import tempfile
 
@@ -67,13 +68,24 @@ def train(method, dtype, rows, process_group=None, seed=3, **kwargs):
     return model, opt
 
 
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """A gloo process group for one worker; on success every rank meets at a barrier before
+    any tears the group down (a rank whose peer closed its connections first could abort)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
 
 
 def worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         group = dist.group.WORLD
         for method, dtype in CASES:
             model, opt = train(method, dtype, SHARDS[rank], group)
@@ -95,8 +107,6 @@ def worker(rank: int, world: int, init_file: str) -> None:
         with pytest.raises(ValueError, match="disagree"):
             opt.step(lambda: model(torch.ones(2, 6)).pow(2).mean())
         assert torch.equal(flat(model), start)
-    finally:
-        dist.destroy_process_group()
 
 
 def shard(model, mesh, mp_policy=None):
@@ -119,8 +129,7 @@ def bf16_forward(model, x):
 
 
 def directions_worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         group = dist.group.WORLD
         q = 3  # rank 0 evaluates directions 0 and 2, rank 1 direction 1
         for method in ("mezo", "lozo", "lozo-m"):
@@ -162,16 +171,13 @@ def directions_worker(rank: int, world: int, init_file: str) -> None:
         with pytest.raises(ValueError, match="disagree"):
             opt.step(lambda: model(torch.ones(2, 6, dtype=torch.bfloat16)).float().pow(2).mean())
         assert torch.equal(flat(model), start)
-    finally:
-        dist.destroy_process_group()
 
 
 def fsdp_worker(rank: int, world: int, init_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         mesh = init_device_mesh("cpu", (world,))
         for method in ("mezo", "lozo", "lozo-m"):
             seen = {}
@@ -247,8 +253,6 @@ def fsdp_worker(rank: int, world: int, init_file: str) -> None:
         with pytest.raises(ValueError, match="need the model"):
             MeZO(list(fp32.parameters()), lr=1e-2, process_group=dist.group.WORLD)
         assert all(torch.equal(a, full(b)) for a, b in zip(before, model.parameters(), strict=True))
-    finally:
-        dist.destroy_process_group()
 
 
 def full(p: torch.Tensor) -> torch.Tensor:
