@@ -735,6 +735,7 @@ def data_parallel_worker(rank: int, world: int, init_file: str) -> None:
         # One process: g differs in its last bits (one float32 mean against the ranks' float64
         # weighted mean), so the weights do by lr·Δg·|Z|.
         torch.testing.assert_close(mine, run((0, 4), None), rtol=1e-5, atol=1e-5)
+        dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
 
