@@ -74,7 +74,7 @@ from zofast.paired_ways import (
     lowrank_hook,
     virtual_hook,
 )
-from zofast.shadow import ShadowLayers, ShadowTensor, Use
+from zofast.shadow import ShadowLayers, ShadowTensor, Use, registrations
 from zofast.shadow_step import StepFactors
 from zofast.virtual import VirtualLayers, VirtualTensor, layer_kind
 
@@ -164,20 +164,7 @@ def plan(model: torch.nn.Module, tensors):
             f"paired steps apply matrices as low-rank products: {full[:5]} have full-rank noise "
             "(pair LOZO / LOZO-M; MeZO takes two forwards)"
         )
-    parents: dict[int, torch.nn.Module] = {}
-    registered: dict[int, list] = {}
-    for module in model.modules():
-        for child in module.children():
-            parents.setdefault(id(child), module)
-        for attr, p in module._parameters.items():
-            if p is not None and id(p) in by_id:
-                registered.setdefault(id(p), []).append((module, attr))
-    missing = [st.name for st in tensors if id(st.param) not in registered]
-    if missing:
-        raise ValueError(
-            f"no module of the model registers {missing}: a paired tensor is applied by the "
-            "module that owns it (train only the model's own parameters)"
-        )
+    parents, registered = registrations(model, tensors, "paired")
     for st in tensors:
         uses: list[Use] = []
         for module, attr in registered[id(st.param)]:

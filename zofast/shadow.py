@@ -331,6 +331,28 @@ class _Temporaries:
                 st._swap_out()
 
 
+def registrations(model: torch.nn.Module, tensors, kind: str) -> tuple[dict, dict]:
+    """({id(child): its parent module}, {id(param): [(module, attr), ...]}) for `tensors`
+    (objects with ``param`` and ``name``): every module that registers one of them. ValueError
+    naming the tensors no module registers (`kind`: "shadow" or "paired", for the message)."""
+    wanted = {id(st.param) for st in tensors}
+    parents: dict[int, torch.nn.Module] = {}
+    registered: dict[int, list] = {}
+    for module in model.modules():
+        for child in module.children():
+            parents.setdefault(id(child), module)
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in wanted:
+                registered.setdefault(id(p), []).append((module, attr))
+    missing = [st.name for st in tensors if id(st.param) not in registered]
+    if missing:
+        raise ValueError(
+            f"no module of the model registers {missing}: a {kind} tensor is applied by the "
+            "module that owns it (train only the model's own parameters)"
+        )
+    return parents, registered
+
+
 def plan(
     model: torch.nn.Module,
     tensors,
@@ -374,20 +396,7 @@ def plan(
     for st in tensors:
         if by_id.setdefault(id(st.param), st) is not st:
             raise ValueError(f"{st.name} and {by_id[id(st.param)].name} are the same parameter")
-    parents: dict[int, torch.nn.Module] = {}
-    registered: dict[int, list] = {}  # id(param) -> [(module, attr)]
-    for module in model.modules():
-        for child in module.children():
-            parents.setdefault(id(child), module)
-        for attr, p in module._parameters.items():
-            if p is not None and id(p) in by_id:
-                registered.setdefault(id(p), []).append((module, attr))
-    missing = [st.name for st in tensors if id(st.param) not in registered]
-    if missing:
-        raise ValueError(
-            f"no module of the model registers {missing}: a shadow tensor is applied by the "
-            "module that owns it (train only the model's own parameters)"
-        )
+    parents, registered = registrations(model, tensors, "shadow")
     for st in tensors:
         found = registered[id(st.param)]
         tied = any(isinstance(m, torch.nn.Embedding) and a == "weight" for m, a in found)
