@@ -157,6 +157,10 @@ class Scorer:
             ``model_max_length``); longer examples lose the end of their longest text field (the
             mask and template words are kept).
         encoder_scale: logits = ``encoder_scale`` · cosine for encoder models.
+        pad_multiple: a batch's width is its longest row rounded up to a multiple of this
+            (at most ``max_length``): a handful of shapes instead of one per batch, so that
+            shape-keyed caches (cuDNN attention plans, compiled kernels) stay warm. Padding is
+            masked: the logits do not depend on it beyond float rounding.
 
     Example:
         >>> scorer = Scorer(load_model(), "sst-2")
@@ -172,6 +176,7 @@ class Scorer:
         *,
         max_length: int = 256,
         encoder_scale: float = 20.0,
+        pad_multiple: int = 16,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -184,6 +189,9 @@ class Scorer:
         if isinstance(limit, int) and 0 < limit < 1_000_000:
             max_length = min(int(max_length), limit)
         self.max_length = int(max_length)
+        if not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be a positive integer, got {pad_multiple!r}")
+        self.pad_multiple = pad_multiple
         self._prefix, self._suffix = _special_tokens(self.tokenizer)
         if self.kind == "causal":
             self._suffix = []
@@ -345,7 +353,10 @@ class Scorer:
         else:
             rows = {"input_ids": [self._prompt_ids(ex) for ex in examples]}
         ids = rows["input_ids"]
-        width = max(len(r) for r in ids)
+        longest = max(len(r) for r in ids)
+        width = max(
+            longest, min(-(-longest // self.pad_multiple) * self.pad_multiple, self.max_length)
+        )
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, r in enumerate(ids):
