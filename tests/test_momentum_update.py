@@ -84,7 +84,7 @@ class Net(torch.nn.Module):
         return self.head(self.norm(self.fc(x)))
 
 
-def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0.0):
+def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0.0, device="cpu"):
     """Six LOZO-M steps; (model, optimizer, FlatUpdate.run calls)."""
     from zofast.optim import momentum, momentum_update
 
@@ -93,7 +93,7 @@ def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0
         patch.setattr(momentum, "bulk_on", lambda device: flat)
         spy = momentum_update.FlatUpdate.run
         patch.setattr(momentum_update.FlatUpdate, "run", lambda *a: calls.append(1) or spy(*a))
-        model = Net(dtype)
+        model = Net(dtype).to(device)
         opt = LOZO(
             model,
             lr=5e-2,
@@ -107,7 +107,7 @@ def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0
             pipeline=pipeline,
             weight_decay=weight_decay,
         )
-        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         for _ in range(6):
             opt.step(lambda: model(x).float().pow(2).mean())
     return model, opt, len(calls)
@@ -146,4 +146,14 @@ def test_a_pipelined_in_place_step_takes_the_per_tensor_path(monkeypatch):
     model, _, calls = run(torch.float32, "inplace", "nearest", True, monkeypatch, pipeline=True)
     ref, _, _ = run(torch.float32, "inplace", "nearest", False, monkeypatch, pipeline=True)
     assert calls == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["shadow", "virtual"])
+def test_the_graphed_flat_update_gives_the_per_tensor_weights_on_the_gpu(mode, monkeypatch):
+    """On a GPU the pass is a CUDA graph (ColumnsPass) replayed with new tables every step."""
+    model, _, calls = run(torch.bfloat16, mode, "stochastic", True, monkeypatch, device="cuda")
+    ref, _, _ = run(torch.bfloat16, mode, "stochastic", False, monkeypatch, device="cuda")
+    assert calls == 6
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
