@@ -9,16 +9,20 @@ such tensor in one launch (replayed as a CUDA graph on a GPU), bit for bit the p
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from zofast.device_map import on_device
 from zofast.optim.momentum_flat import FlatVectors
+from zofast.shadow_step import to_device
 
 
 class ColumnsPass:
     """One MultiColumns pass over `vectors`' slots with `n_cols` columns, run from host tables
-    (a CUDA graph on a GPU, eagerly elsewhere: the Triton interpreter on a CPU).
+    (a CUDA graph on a GPU unless ZOFAST_CUDA_GRAPHS=0, as zofast.optim.passes; eagerly
+    otherwise, e.g. Triton's interpreter on a CPU).
 
     Args:
         vectors: the flat vectors whose slots it writes.
@@ -40,7 +44,7 @@ class ColumnsPass:
         offsets = [s.offset for s in vectors.slots]
         plan = MultiColumns(self.params, vectors.starts, offsets, n_cols, stochastic, scaled)
         self._graph = None
-        if device.type == "cuda":
+        if device.type == "cuda" and os.environ.get("ZOFAST_CUDA_GRAPHS", "1") != "0":
             with on_device(device):
                 self._capture(plan, n_cols, stochastic, scaled)
         else:
@@ -85,7 +89,7 @@ class ColumnsPass:
             torch.from_numpy(seeds.view(np.int64)),
         )
         if self._graph is None:
-            self._plan.launch(*tables)
+            self._plan.launch(*(to_device(x, self._seeds.device) for x in tables))
             return
         with on_device(self._seeds.device):
             self._copied.synchronize()  # the last replay's uploads have read the pinned tables
