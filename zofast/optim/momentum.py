@@ -142,9 +142,9 @@ class Momentum:
     ) -> None:
         """:meth:`apply` over one part's `slots` after step t: the flat vectors' slots in one
         pass on a GPU (:meth:`_apply_flat`; not pipelined: nxt is a term the flat buffers do not
-        hold), the others one by one. restores: per group the
-        restore scale (in place) or None (exact modes: the update alone); w_scales: per group
-        or None; stochastic: round with step t's round seeds."""
+        hold), the others one by one. restores: per group the restore scale (in place) or None
+        (exact modes: the update alone); w_scales: per group or None; stochastic: round with
+        step t's round seeds."""
         done = set()
         if nxt is None:
             done = self._apply_flat(slots, used, buffers, t, lrs, stochastic, restores, w_scales)
