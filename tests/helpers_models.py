@@ -29,6 +29,8 @@ __all__ = [
     "make_tiny_model",
     "tiny_gpt2_lm",
     "tiny_opt_lm",
+    "optimizer",
+    "weights",
 ]
 
 TINY_ARCHS = ("roberta", "bert", "bert-encoder", "gpt2", "opt", "llama")
@@ -279,3 +281,21 @@ def tiny_opt_lm() -> transformers.OPTForCausalLM:
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.OPTForCausalLM(config)
+
+
+def optimizer(method: str, model, options: dict):
+    """The tests' "mezo" / "lozo" / "lozo-m" optimizer of `model` (lr = eps = 1e-2, seed 7; LOZO:
+    rank 2, nu 4), with `options` (weight_decay through param_groups)."""
+    from zofast.optim import LOZO, MeZO, param_groups
+
+    options = dict(options)
+    groups = param_groups(model, options.pop("weight_decay", 0.0))
+    common = dict(lr=1e-2, eps=1e-2, seed=7, model=model, **options)
+    if method == "mezo":
+        return MeZO(groups, **common)
+    return LOZO(groups, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
+
+
+def weights(model) -> dict:
+    """{name: a CPU copy of the parameter}."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}

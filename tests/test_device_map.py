@@ -13,9 +13,9 @@ import types
 
 import pytest
 import torch
+from helpers_models import optimizer, weights
 
 from zofast import device_map
-from zofast.optim import LOZO, MeZO, param_groups
 from zofast.perturb import gaussian_, lowrank_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,15 +52,6 @@ def ids(device="cpu"):
     return torch.randint(0, 64, (4, 12), generator=gen).to(device)
 
 
-def optimizer(method, model, options):
-    options = dict(options)
-    groups = param_groups(model, options.pop("weight_decay", 0.0))
-    common = dict(lr=1e-2, eps=1e-2, seed=7, model=model, **options)
-    if method == "mezo":
-        return MeZO(groups, **common)
-    return LOZO(groups, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
-
-
 def run(method, dtype, options, model=None, steps=STEPS, device="cpu"):
     model = tiny_opt(dtype) if model is None else model
     opt = optimizer(method, model, options)
@@ -69,10 +60,6 @@ def run(method, dtype, options, model=None, steps=STEPS, device="cpu"):
         opt.step(lambda: model(input_ids=x, labels=x).loss.float())
     opt.detach()
     return model, opt
-
-
-def weights(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def assert_same(a, b):

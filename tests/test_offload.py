@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import optimizer, weights
 
 from zofast import offload, paired
-from zofast.optim import LOZO, MeZO, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,15 +60,6 @@ def batch(device="cpu"):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def optimizer(method, model, options):
-    options = dict(options)
-    groups = param_groups(model, options.pop("weight_decay", 0.0))
-    common = dict(lr=1e-2, eps=1e-2, seed=7, model=model, **options)
-    if method == "mezo":
-        return MeZO(groups, **common)
-    return LOZO(groups, rank=2, nu=4, momentum=0.9 if method == "lozo-m" else 0.0, **common)
-
-
 def train(model, method, options, device="cpu", steps=STEPS):
     opt = optimizer(method, model, options)
     data = batch(device)
@@ -80,10 +71,6 @@ def train(model, method, options, device="cpu", steps=STEPS):
         opt.step(closure)
     opt.detach()
     return opt
-
-
-def weights(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize(("method", "dtype", "options"), CASES)

@@ -13,7 +13,6 @@ its pure-torch fallback is much slower; 1.3B did not finish in 120 s without it)
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,22 +21,9 @@ BENCH = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(BENCH / "tools"), str(BENCH / "suites")]
 from precision import describe, finish, make_optimizer, run_meta  # noqa: E402
 from test_steps import OPT_SHAPES, SEQ, random_opt  # noqa: E402
+from timing import wall_s  # noqa: E402
 
 from zofast.device_map import dispatch  # noqa: E402
-
-
-def wall_ms(fn, calls: int) -> float:
-    """Median wall milliseconds of `calls` calls, each synchronised (the CPU half is
-    synchronous anyway), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(model, ids, steps: int) -> dict:
@@ -45,14 +31,14 @@ def measure(model, ids, steps: int) -> dict:
     def closure():
         return model(input_ids=ids, labels=ids).loss
 
-    forward = wall_ms(closure, steps)
+    forward = wall_s(closure, steps) * 1e3
     opt = make_optimizer("lozo", model, 1e-7)
     parts = {
         name: [str(g.slots[0].param.device) for g in part.passes.devices]
         for name, part in (("inplace", opt._inplace), ("shadow", opt._shadow))
         if part is not None and part.slots
     }
-    step = wall_ms(lambda: opt.step(closure), steps)
+    step = wall_s(lambda: opt.step(closure), steps) * 1e3
     row = {
         **describe(opt),
         "virtual_tensors": len(opt.virtual_names),

@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(BENCH / "tools"), str(BENCH / "suites")]
 from precision import describe, make_optimizer, run_meta  # noqa: E402
 from test_steps import SEQ  # noqa: E402
+from timing import wall_s  # noqa: E402
 
 from zofast import offload, paired  # noqa: E402
 
@@ -89,19 +90,6 @@ def batch(cfg, size: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (size, SEQ), device="cuda", generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-def wall_s(fn, calls: int) -> float:
-    """Median wall seconds of `calls` synchronised calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def h2d_gbps(size_gb: float = 2.0) -> float:

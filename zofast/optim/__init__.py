@@ -151,7 +151,10 @@ Where things are
     :mod:`zofast.optim.virtual` (the ways of applying a perturbation),
     :mod:`zofast.optim.shadow`, :mod:`zofast.optim.passes`, :mod:`zofast.optim.modes` ("auto"),
     :mod:`zofast.optim.setup` (parts, pre-step checks), :mod:`zofast.optim.state` (state_dict),
-    :mod:`zofast.optim.momentum`, :mod:`zofast.optim.noise` (seeds),
+    :mod:`zofast.optim.properties`, :mod:`zofast.optim.settle` (settle, detach),
+    :mod:`zofast.optim.replaying`, :mod:`zofast.optim.losses` (closure results, g),
+    :mod:`zofast.optim.momentum` (its flat vectors: :mod:`zofast.optim.momentum_flat`,
+    :mod:`zofast.optim.momentum_update`), :mod:`zofast.optim.noise` (seeds),
     :mod:`zofast.optim.directions` (q per step, split), :mod:`zofast.optim.methods`
     (LOZO, MeZO, param_groups); :func:`zofast.replay` rebuilds weights from a trajectory.
 """

@@ -16,92 +16,37 @@ minus. The parts:
 * :class:`zofast.optim.directions.Directions`: the q directions of a step (``directions=q``) and
   which of them this process evaluates.
 
-Building the parts and the checks before a step are in zofast.optim.setup, state_dict /
-load_state_dict in zofast.optim.state.
+Around the protocol, each in its own mixin: building the parts and the checks before a step
+(zofast.optim.setup), state_dict / load_state_dict (zofast.optim.state), the read-only
+properties and recorded hyperparameters (zofast.optim.properties), settle / detach
+(zofast.optim.settle) and replay (zofast.optim.replaying); checking the closure's losses and
+turning them into g (zofast.optim.losses).
 
 The methods (zofast.optim.methods) only add their hyperparameters.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from zofast.optim.checks import (
-    deferred_interrupts,
-    float32,
-    update_finite,
-)
+from zofast.optim.checks import deferred_interrupts, float32, update_finite
 from zofast.optim.directions import Directions
 from zofast.optim.group import DataParallel, check_examples
+from zofast.optim.losses import estimate, loss_pair, loss_scalar, loss_value, mean
 from zofast.optim.modes import LOW_PRECISION, check_modes, resolve, resolve_accumulate
+from zofast.optim.properties import Properties
+from zofast.optim.replaying import Replaying
+from zofast.optim.settle import Settling
 from zofast.optim.setup import Setup
 from zofast.optim.shadow import Shadow
 from zofast.optim.sharding import check_shards, fsdp_modules
 from zofast.optim.state import Checkpoint
 from zofast.optim.virtual import Virtual
 from zofast.rng import as_seed
-from zofast.trajectory import ABORT_MINUS, ABORT_PLUS, SETTLE, STEP, Trajectory
+from zofast.trajectory import ABORT_MINUS, ABORT_PLUS
 
 
-def _loss_scalar(loss):
-    """Check a closure result without reading it: a one-element real tensor (returned as it is,
-    so a GPU loss is not synchronised yet) or a Python real (returned as a float)."""
-    if isinstance(loss, torch.Tensor):
-        if loss.requires_grad:
-            raise ValueError(
-                "closure returned a tensor that requires grad: the closure must run under "
-                "torch.no_grad() (step() calls it under no_grad; do not re-enable grad inside)"
-            )
-        if loss.numel() != 1:
-            raise ValueError(
-                f"closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}"
-            )
-        if loss.is_complex() or loss.dtype == torch.bool:
-            raise ValueError(f"closure must return a real loss, got dtype {loss.dtype}")
-        return loss
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
-    kind = type(loss).__name__
-    raise ValueError(f"closure must return a Python number or a one-element tensor, got {kind}")
-
-
-def _loss_value(loss, where: str, which: str) -> float:
-    """The float of a checked closure result; FloatingPointError if it is not finite."""
-    value = float(loss.item()) if isinstance(loss, torch.Tensor) else loss
-    if not math.isfinite(value):
-        raise FloatingPointError(
-            f"the loss at the {which}ε perturbation of {where} is {value}; the weights were "
-            "restored"
-        )
-    return value
-
-
-def _loss_pair(result) -> tuple:
-    """Check a paired closure's result without reading it: (L+, L−) from a two-element tensor
-    (two one-element views; a GPU one is not synchronised) or a pair of closure results (each
-    as :func:`_loss_scalar`)."""
-    if isinstance(result, torch.Tensor) and result.numel() == 2:
-        flat = result.reshape(-1)
-        return _loss_scalar(flat[0]), _loss_scalar(flat[1])
-    if isinstance(result, (tuple, list)) and len(result) == 2:
-        return _loss_scalar(result[0]), _loss_scalar(result[1])
-    shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
-    got = f"a tensor of shape {shape}" if shape is not None else type(result).__name__
-    raise ValueError(
-        "a paired step's closure returns (L+, L−), the losses of the first and the second copy "
-        f"of the batch stacked twice, as a two-element tensor or a pair of numbers; got {got} "
-        "(zofast.paired.losses(model, inputs) makes them for a transformers model)"
-    )
-
-
-def _mean(values: list[float]) -> float:
-    return values[0] if len(values) == 1 else math.fsum(values) / len(values)
-
-
-class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
+class ZerothOrder(Setup, Checkpoint, Properties, Settling, Replaying, torch.optim.Optimizer):
     """The step protocol shared by LOZO and MeZO (see zofast.optim's docstring)."""
 
     method = ""
@@ -182,32 +127,6 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         self.trajectory = self._new_trajectory()
         self._ready = True
 
-    # Setup and validation.
-
-    def _hyperparameters(self) -> dict:
-        """What replay needs besides the seeds and the g's (methods add theirs)."""
-        hyper = {
-            "eps": self._eps,
-            "mode": self._mode,
-            "rounding": self._rounding,
-            "pipeline": self._pipeline,
-        }
-        if self._accumulate > 1:  # (absent: 1, as in runs recorded before it existed)
-            hyper["accumulate"] = self._accumulate
-        if self._directions.q > 1:  # absent for one direction: the records of earlier versions
-            hyper["directions"] = self._directions.q
-        if self._mode == "virtual":  # replay needs them: it has no model to find them in
-            hyper["virtual_indices"] = [s.index for s in self._virtual.slots]
-            hyper["virtual_rest"] = self._rest
-        if self._paired:  # the record says so (the updates, hence replay, are the same)
-            hyper["paired"] = True
-        return hyper
-
-    def _new_trajectory(self) -> Trajectory:
-        return Trajectory(
-            self.method, self._hyperparameters(), self._run_seed, len(self.param_groups)
-        )
-
     # The protocol. Every write to the weights happens in the parts, called from here.
 
     def _index(self, t: int, k: int) -> int:
@@ -241,13 +160,6 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
         d = self._index(t, k)
         self._shift(d, -2.0 * self._eps)
         self._coef(d, -self._eps)
-
-    def _walk(self, t: int, n: int) -> None:
-        """Replay: the passes of evaluating directions 0 .. n − 1 of step t (the weights end at
-        −ε·Z of direction n − 1)."""
-        for k in range(n):
-            self._enter(t, k, k - 1 if k else None)
-            self._minus(t, k)
 
     def _abort(self, t: int, k: int, stage: int) -> None:
         d = self._index(t, k)
@@ -319,25 +231,6 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             return False
         return not (isinstance(loss, torch.Tensor) and (loss.is_cuda or self._graphed))
 
-    def _where(self, t: int, k: int) -> str:
-        return f"step {t}" if self._directions.q == 1 else f"step {t}, direction {k}"
-
-    def _estimate(self, t: int, k: int, loss_plus, loss_minus, lrs) -> tuple[float, ...]:
-        """(g, L+, L−) of direction k from its (combined) losses; FloatingPointError where a
-        loss, g or an update scale −lr·g/q is not finite."""
-        where = self._where(t, k)
-        loss_plus = _loss_value(loss_plus, where, "+")
-        loss_minus = _loss_value(loss_minus, where, "−")
-        g = float32((loss_plus - loss_minus) / (2.0 * self._eps))
-        if not math.isfinite(g):
-            raise FloatingPointError(f"g of {where} is {g}; the weights were restored")
-        if not update_finite(g / self._directions.q, lrs):
-            raise FloatingPointError(
-                f"the update −lr·g of {where} overflows float32 (g = {g}, lr = {max(lrs)}); "
-                "the weights were restored"
-            )
-        return g, loss_plus, loss_minus
-
     # Public API.
 
     @torch.no_grad()
@@ -390,21 +283,21 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
                     at, stage = k, 1
                 if self._paired:  # one forward: the first copy at +ε, the second at −ε
                     self._rows.reset()
-                    loss_plus, loss_minus = _loss_pair(closure())
+                    loss_plus, loss_minus = loss_pair(closure())
                     stage = 2  # (both evaluated; nothing to undo in an exact mode)
                     losses[k] = (loss_plus, loss_minus)
                     continue
-                loss_plus = _loss_scalar(closure())
+                loss_plus = loss_scalar(closure())
                 if self._read_now(loss_plus):
-                    loss_plus = _loss_value(loss_plus, self._where(t, k), "+")
+                    loss_plus = loss_value(loss_plus, self._where(t, k), "+")
                 with deferred_interrupts():
                     self._minus(t, k)
                     stage = 2
                 # A GPU L+ is read only now: the −2ε pass and the second forward were queued
                 # behind the first without waiting for it (one host sync per step at most).
-                loss_minus = _loss_scalar(closure())
+                loss_minus = loss_scalar(closure())
                 if self._read_now(loss_minus) and self._directions.q > 1:
-                    loss_minus = _loss_value(loss_minus, self._where(t, k), "−")
+                    loss_minus = loss_value(loss_minus, self._where(t, k), "−")
                 losses[k] = (loss_plus, loss_minus)
             if self._directions.q == 1:
                 with deferred_interrupts():
@@ -413,7 +306,10 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
                         stage = 3  # finished, or restored and recorded as an abort
                         losses[0] = read
             pairs = self._directions.combine(losses, examples)
-            estimates = [self._estimate(t, k, *pair, lrs) for k, pair in enumerate(pairs)]
+            estimates = [
+                estimate(*pair, self._eps, self._directions.q, lrs, self._where(t, k))
+                for k, pair in enumerate(pairs)
+            ]
             gs = [g for g, _, _ in estimates]
             if stage == 2:
                 with deferred_interrupts():
@@ -426,146 +322,14 @@ class ZerothOrder(Setup, Checkpoint, torch.optim.Optimizer):
             raise
         if self._shadow is not None:
             self._shadow.warn_unused()
-        self.last_losses = tuple(_mean([e[i] for e in estimates]) for i in (1, 2))
+        self.last_losses = tuple(mean([e[i] for e in estimates]) for i in (1, 2))
         return 0.5 * (self.last_losses[0] + self.last_losses[1])
 
-    def _agreement(self, lrs, wds) -> dict:
-        """What every rank of a process group must agree on (DataParallel.check_agreement)."""
-        return {
-            "method": self.method,
-            "run_seed": self._run_seed,
-            "hyperparameters": self._hyperparameters(),
-            "directions": [self._directions.q, self._directions.split],
-            "groups": [lrs, wds],
-            "params": self.trajectory.params,
-            "step": self._step_count,
-        }
+    def _where(self, t: int, k: int) -> str:
+        return f"step {t}" if self._directions.q == 1 else f"step {t}, direction {k}"
 
     @property
     def _graphed(self) -> bool:
         """Whether the step's last pass is a CUDA graph (which may take a loss tensor as is)."""
         part = self._shadow if self._shadow is not None else self._inplace
         return part.passes.graphs is not None
-
-    @torch.no_grad()
-    def settle(self) -> None:
-        """Make the stored weights the current iterate (idempotent; nothing to do: no-op).
-
-        * ``pipeline=True``: removes the next step's +ε perturbation, which the in-place weights
-          carry between steps (one pass).
-        * ``mode="virtual"``: writes the pending low-rank updates into the virtual weights,
-          W += A·V_Aᵀ, one fused pass per tensor, and A = 0. Between steps the layers already
-          compute with W + A·V_Aᵀ, so evaluation needs no settle; saving or exporting
-          ``model.state_dict()``, copying the model or reading ``.weight`` does.
-        * ``accumulate`` > 1 (bf16 / fp16 shadow tensors by default): writes the steps not
-          yet written, in one pass. Between writes the forwards see the last written weights.
-
-        Call it before evaluating (pipelined, accumulating) or saving / exporting the model.
-        It is recorded in the trajectory, so replay repeats it.
-
-        Example:
-            >>> model = torch.nn.Linear(4, 1)
-            >>> opt = MeZO(model.parameters(), lr=1e-3, pipeline=True)
-            >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
-            >>> opt.settle()  # model now holds the weights after step 1
-        """
-        if self._pending is None and not self.unflushed:
-            return
-        with deferred_interrupts():
-            if self._pending is not None:
-                self._shift(self._index(self._pending, 0), -self._eps)
-            if self._virtual is not None:
-                self._virtual.settle(self.state, self._step_count)
-            if self._shadow is not None:
-                self._shadow.write()
-            self.trajectory.record(SETTLE)
-            self._pending = None
-
-    @torch.no_grad()
-    def detach(self) -> None:
-        """Virtual and shadow modes: settle(), then remove the forward hooks from the model.
-
-        After this the model is a plain model holding the trained weights, and this optimizer
-        cannot step any more (a new one can continue the run through load_state_dict). In place
-        it only settles. Idempotent.
-
-        Example:
-            >>> model = torch.nn.Linear(4, 1)
-            >>> opt = LOZO(model, lr=1e-3, rank=1, mode="virtual")
-            >>> _ = opt.step(lambda: model(torch.ones(1, 4)).sum())
-            >>> opt.detach()  # model.weight holds the weights after step 1; no hooks left
-        """
-        self.settle()
-        for part in (self._virtual, self._shadow):
-            if part is not None:
-                part.detach()
-
-    @property
-    def mode(self) -> str:
-        """The mode in use: "inplace", "shadow" or "virtual" ("auto" resolved)."""
-        return self._mode
-
-    @property
-    def paired(self) -> bool:
-        """Whether a step evaluates each direction's (L+, L−) in one forward over the batch
-        stacked twice (zofast.optim.paired)."""
-        return self._paired
-
-    @property
-    def rounding(self) -> str:
-        """How update passes round to the weights' dtype: "nearest" or "stochastic"."""
-        return self._rounding
-
-    @property
-    def exact(self) -> bool:
-        """Whether the stored weights are written by updates only (never by a perturbation):
-        shadow mode, or virtual mode where every trained tensor goes through the layers."""
-        return self._mode == "shadow" or (self._mode == "virtual" and not self._inplace.slots)
-
-    @property
-    def pending(self) -> bool:
-        """Whether the weights now carry a pipelined +ε perturbation (settle() removes it)."""
-        return self._pending is not None
-
-    @property
-    def unflushed(self) -> bool:
-        """Whether updates are pending outside the stored weights (settle() writes them):
-        mode="virtual"'s factors, or the steps that accumulate > 1 has not written yet; always
-        False in place."""
-        deferred = self._shadow is not None and bool(self._shadow.deferred)
-        return deferred or (self._virtual is not None and self._virtual.unflushed)
-
-    @property
-    def virtual_names(self) -> list[str]:
-        """mode="virtual": names of the tensors perturbed and updated through their layers (the
-        others run in place); [] in place."""
-        virtual = self._virtual
-        return [] if virtual is None else [s.virtual.name for s in virtual.slots]
-
-    @property
-    def steps(self) -> int:
-        """Number of completed steps."""
-        return self._step_count
-
-    @property
-    def run_seed(self) -> int:
-        """The seed every perturbation of this run derives from."""
-        return self._run_seed
-
-    def replay(self, trajectory: Trajectory) -> None:
-        """Re-run the engine calls of `trajectory` (used by zofast.replay)."""
-        q = self._directions.q
-        for kind, g, lrs, wds in trajectory.iter_events():
-            t = self._step_count
-            if kind == SETTLE:
-                self.settle()
-            elif kind == STEP:
-                self._walk(t, q)
-                self._finish(t, [g] if q == 1 else list(g), lrs, wds)
-            else:  # an abort at direction k = g
-                stage = 1 if kind == ABORT_PLUS else 2
-                self._walk(t, g)
-                self._enter(t, g, g - 1 if g else None)
-                if stage == 2:
-                    self._minus(t, g)
-                self._abort(t, g, stage)

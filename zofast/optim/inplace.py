@@ -59,24 +59,17 @@ class InPlace:
         tensor; gs are g_k / q for the step's directions (q = 1: [g]).
 
         Weight decay is one ``p.mul_(1 − lr·wd)`` on the −ε-perturbed weights right before the
-        pass, whose restore term is scaled by the same factor. With momentum each slot takes its
-        own pass through ``momentum.apply``."""
+        pass, whose restore term is scaled by the same factor. With momentum the passes are
+        ``momentum.apply_all``'s (one per slot, or one for the flat vectors' slots)."""
         for slot in self.slots:
-            lr, wd = lrs[slot.group], wds[slot.group]
-            decay = 1.0 - lr * wd
+            decay = 1.0 - lrs[slot.group] * wds[slot.group]
             if decay != 1.0:
                 slot.param.mul_(decay)
-            if momentum is not None:
-                momentum.apply(
-                    slot,
-                    used[slot.index],
-                    buffers[slot.index],
-                    decay * eps,
-                    lr,
-                    eps,
-                    nxt,
-                    round_seed=self._round_seed(slot, t),
-                )
+        if momentum is not None:
+            restores = [(1.0 - lr * wd) * eps for lr, wd in zip(lrs, wds, strict=True)]
+            momentum.apply_all(
+                self.slots, used, buffers, t, lrs, self.stochastic, restores, eps, nxt
+            )
         if momentum is None and self.slots:
             group_scales = [
                 [(1.0 - lr * wd) * eps] + [-lr * c for c in gs] + ([] if nxt is None else [eps])
@@ -85,9 +78,6 @@ class InPlace:
             steps, group_scales, extra = self._last_pass(t, nxt, group_scales)
             self.passes.run(steps, group_scales, **extra)
         reshard(self.fsdp)
-
-    def _round_seed(self, slot: Slot, t: int):
-        return self.passes.noise.seeds("round", t)[slot.index] if self.stochastic else None
 
     def finish_queued(self, t, loss_plus, loss_minus, lrs, eps, nxt):
         """:meth:`finish` (one direction, no momentum, no weight decay) with −lr·g computed on

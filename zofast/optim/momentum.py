@@ -9,7 +9,8 @@ g·U·Vᵀ):
 * V-refresh steps (step % nu == 0): N ← β·N·(V_oldᵀ·V_new)/n + (1 − β)·g·U, i.e. the old
   momentum N·V_oldᵀ is projected onto the new subspace (V_newᵀ·V_new ≈ n·I for Gaussian V),
   as in the authors' code (computed in float64, rounded once to float32);
-* update: W ← W − lr·N·Vᵀ (1-D: b ← b − lr·m), through ``outer_add_`` in one pass.
+* update: W ← W − lr·N·Vᵀ (1-D: b ← b − lr·m), through ``outer_add_`` in one pass (the 1-D
+  tensors in FlatVectors' buffers on a GPU: all in one launch, zofast.optim.momentum_update).
 
 With ``directions=q`` the momentum takes the step's averaged estimate: g·U above stands for
 (1/q)·Σ_k g_k·U_k (the q directions share the step's V), g·z for (1/q)·Σ_k g_k·z_k.
@@ -17,13 +18,15 @@ With ``directions=q`` the momentum takes the step's averaged estimate: g·U abov
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from zofast.device_map import by_device
 from zofast.optim.momentum_flat import FlatVectors
+from zofast.optim.momentum_update import FlatUpdate
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
-from zofast.shadow_step import to_device
+from zofast.shadow_step import bulk_on, to_device
 
 
 def _together(state, tensors, continuing: bool) -> list | None:
@@ -41,7 +44,8 @@ class Momentum:
 
     def __init__(self, beta: float, noise: NoisePlan):
         self.beta, self.noise = beta, noise
-        self._vectors: tuple | None = None  # (the slots it was built for, FlatVectors or None)
+        # (the slots it was built for, FlatVectors or None, their FlatUpdate or None)
+        self._vectors: tuple | None = None
 
     def _flat_vectors(self, slots: list[Slot]) -> FlatVectors | None:
         """The full-rank slots' flat buffers (FlatVectors), where they share one device and none
@@ -49,7 +53,8 @@ class Momentum:
         if self._vectors is None or self._vectors[0] is not slots:
             full = [s for s in slots if not s.rank]
             one = len({s.param.device for s in full}) == 1 and not any(s.sharded for s in full)
-            self._vectors = (slots, FlatVectors(full, self.noise) if full and one else None)
+            vectors = FlatVectors(full, self.noise) if full and one else None
+            self._vectors = (slots, vectors, vectors and FlatUpdate(vectors))
         return self._vectors[1]
 
     def buffers(self, slots: list[Slot], state, t: int, gs: list[float], flat=None):
@@ -121,6 +126,66 @@ class Momentum:
             for z, c in zip(zs, gs, strict=True):
                 new = torch.add(new, z, alpha=(1.0 - beta) * c)
         return new, (zs[-1],)
+
+    def apply_all(
+        self,
+        slots,
+        used,
+        buffers,
+        t,
+        lrs,
+        stochastic,
+        restores=None,
+        eps=0.0,
+        nxt=None,
+        w_scales=None,
+    ) -> None:
+        """:meth:`apply` over one part's `slots` after step t: the flat vectors' slots in one
+        pass on a GPU (:meth:`_apply_flat`; not pipelined: nxt is a term the flat buffers do not
+        hold), the others one by one. restores: per group the restore scale (in place) or None
+        (exact modes: the update alone); w_scales: per group or None; stochastic: round with
+        step t's round seeds."""
+        done = set()
+        if nxt is None:
+            done = self._apply_flat(slots, used, buffers, t, lrs, stochastic, restores, w_scales)
+        rounds = self.noise.seeds("round", t) if stochastic else None
+        for slot in slots:
+            if slot.index in done:
+                continue
+            g = slot.group
+            self.apply(
+                slot,
+                used[slot.index],
+                buffers[slot.index],
+                0.0 if restores is None else restores[g],
+                lrs[g],
+                eps,
+                nxt,
+                round_seed=None if rounds is None else rounds[slot.index],
+                w_scale=1.0 if w_scales is None else w_scales[g],
+            )
+
+    def _apply_flat(self, slots, used, buffers, t, lrs, stochastic, restores, w_scales) -> set:
+        """The flat vectors' slots, if all are among `slots` and their buffers and z are the
+        flat ones, in one FlatUpdate pass (columns [m], in place [z, m]); the indices done."""
+        held = self._vectors
+        if held is None or held[1] is None or not bulk_on(held[1].device):
+            return set()
+        vectors, update = held[1], held[2]
+        mine = {id(s) for s in slots}
+        m = vectors.flat_of(buffers, used)
+        if m is None or not all(id(s) in mine for s in vectors.slots):
+            return set()
+        columns, rows = [m], [[-lr] for lr in lrs]
+        if restores is not None:
+            columns, rows = [vectors.z, m], [[r, -lr] for r, lr in zip(restores, lrs, strict=True)]
+        if w_scales is not None and any(a != 1.0 for a in w_scales):
+            rows = [[*row, a] for row, a in zip(rows, w_scales, strict=True)]
+        groups = np.array([s.group for s in vectors.slots], dtype=np.int64)
+        scales = np.asarray(rows, dtype=np.float32)[groups]
+        seeds = self.noise.seed_array("round", t)[vectors.index] if stochastic else None
+        update.run(columns, scales, seeds)
+        return {s.index for s in vectors.slots}
 
     def apply(self, slot, used, buffer, restore, lr, eps, nxt, round_seed=None, w_scale=1.0):
         """One pass over a slot: W ← w_scale·W + restore·Z_last − lr·(momentum), + ε·Z_nxt where

@@ -41,6 +41,22 @@ class FlatVectors:
         self._graph = None  # a GraphedPass over z's views (GPU), built at the first load
         self._m: tuple = (None, None)  # the last momentum's (flat buffer, views)
 
+    @property
+    def starts(self) -> list[int]:
+        """Each slot's first element in the flat buffers."""
+        return [a for a, _ in self._parts]
+
+    def flat_of(self, buffers: dict, used: dict) -> torch.Tensor | None:
+        """The flat momentum behind `buffers` ({index: buffer}) where every slot's entry is a
+        view of :meth:`momentum`'s last buffer and its `used` z a view of z; else None."""
+        m, views = self._m
+        if views is None:
+            return None
+        for slot, view, z in zip(self.slots, views, self.z_views, strict=True):
+            if buffers.get(slot.index) is not view or used.get(slot.index, (None,))[0] is not z:
+                return None
+        return m
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each slot's part of a flat buffer, as a flat view."""
         return [flat[a:b] for a, b in self._parts]

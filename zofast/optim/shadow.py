@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 
 from zofast import paired_layers
-from zofast.optim.noise import NoisePlan, Slot
+from zofast.optim.noise import NoisePlan
 from zofast.optim.passes import Passes
 from zofast.shadow import ShadowLayers, ShadowTensor, plan
 from zofast.shadow_step import PRESET_MAX_NUMEL
@@ -150,9 +150,6 @@ class Shadow:
                 stacklevel=4,
             )
 
-    def round_seed(self, slot: Slot, t: int):
-        return self.noise.seeds("round", t)[slot.index] if self.stochastic else None
-
     def _round(self, t: int) -> dict:
         return {"round_index": t} if self.stochastic else {}
 
@@ -163,18 +160,7 @@ class Shadow:
         self.layers.restore()  # the presets' copies out: the pass writes the stored tensors
         decays = [1.0 - lr * wd for lr, wd in zip(lrs, wds, strict=True)]
         if momentum is not None:
-            for slot in self.slots:
-                momentum.apply(
-                    slot,
-                    used[slot.index],
-                    buffers[slot.index],
-                    0.0,
-                    lrs[slot.group],
-                    0.0,
-                    None,
-                    round_seed=self.round_seed(slot, t),
-                    w_scale=decays[slot.group],
-                )
+            momentum.apply_all(self.slots, used, buffers, t, lrs, self.stochastic, w_scales=decays)
             return
         directions = self.noise.directions(t)
         scales = [[-lr * c for c in gs] for lr in lrs]
