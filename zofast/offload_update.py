@@ -59,6 +59,7 @@ class DeviceWrites:
             return type(value)(self._moved(v, home) for v in value)
         return value
 
+    @torch.no_grad()
     def __call__(self, fn, w: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         copy = torch.empty_like(w, device=self.device).copy_(w, non_blocking=True)
         args = tuple(self._moved(a, w.device) for a in args)
