@@ -335,3 +335,20 @@ def test_updates_on_the_gpu_track_the_host_engines(options):
         step = (w.float() - start[name].float()).norm()
         gap = (gpu[name].float() - w.float()).norm()
         assert gap <= 0.1 * step + 1e-6, (name, float(gap), float(step))
+
+
+def test_the_gpu_probe_imports_and_sizes_its_models():
+    """bench/probes/offload.py's CPU-side parts: it imports, and the OPT-30B shape's blocks are
+    the ~60 GB of bf16 the H200 host (128 GiB) holds once."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "probes" / "offload.py"
+    spec = importlib.util.spec_from_file_location("offload_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cfg = probe.config("opt-30b")
+    h, f = cfg.hidden_size, cfg.ffn_dim
+    per_block = 4 * h * h + 2 * h * f + 4 * h + f + h + 4 * h  # projections, fc1/fc2, biases, norms
+    assert 55 < per_block * cfg.num_hidden_layers * 2 / probe.GB < 62
+    assert probe.config("opt-13b", layers=2).num_hidden_layers == 2
