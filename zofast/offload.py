@@ -11,9 +11,11 @@ reusable buffer sets. GPU memory: the non-block parts, prefetch + 1 blocks, acti
 
 The optimizer is made after :func:`stream` and trains the host tensors: to it the model is one
 split by a device map (:mod:`zofast.device_map`), block tensors on the CPU and the rest on the
-GPU, so every pass over the block tensors (perturbations written in place, the updates with
-their stochastic rounding, virtual mode's flush) runs on the host with the C++ engine, exactly
-as for a CPU-resident layer. Between the optimizer's writes and the forwards nothing but the
+GPU. Every pass over the block tensors (perturbations written in place, the updates with their
+stochastic rounding, virtual mode's flush) runs where ``update`` says: ``"host"``, with the C++
+engine, exactly as for a CPU-resident layer; ``"gpu"``, on an uploaded copy that is written back
+before the pass returns (:mod:`zofast.offload_update`; the GPU's normals, within float32
+rounding of the host's). Between the optimizer's writes and the forwards nothing but the
 copy sits: the forward sees the host tensor's values bit for bit. The exact modes' hooks act on
 the swapped-in GPU copy inside the block's forward: virtual mode's low-rank terms (their small
 factors made on the host and moved to the GPU), shadow mode's temporaries W + c·Z (built on the
@@ -21,10 +23,12 @@ GPU from the copy, never written back), the paired hooks' per-row terms. A forwa
 once every copy of it has been read (the side stream is synchronised by a hook on the model), so
 the optimizer can write the host tensors right after a closure returns.
 
+On a GPU the host tensors are one buffer registered as pinned (:mod:`zofast.offload_host`).
+
 Supported: every optimizer and mode that trains a model split by a device map (LOZO, LOZO-M,
-MeZO; in place, virtual, shadow; ``paired=True``). Not done here: the update written on the GPU
-while a block is resident (the host engine writes it; bench/probes/offload.py measures both
-sides of a step), and training with gradients (a swap is invisible to autograd).
+MeZO; in place, virtual, shadow; ``paired=True``). Not done here: training with gradients (a
+swap is invisible to autograd), and an update fused into the next forward's upload (the shadow
+presets copy the host tensors before the forward, so they must be current when a step returns).
 
 Example:
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -38,6 +42,9 @@ Example:
 from __future__ import annotations
 
 import torch
+
+from zofast.offload_host import HostBuffer
+from zofast.offload_update import DeviceWrites
 
 __all__ = ["Streamed", "find_blocks", "stream"]
 
@@ -91,11 +98,15 @@ class Streamed:
         device: the compute device.
         home: where the block parameters live between their forwards.
         uploads: the number of block uploads so far (a counter for tests and benchmarks).
+        host_buffer: the registered pinned host buffer (:class:`zofast.offload_host.HostBuffer`),
+            or None.
+        writes: update="gpu": the :class:`zofast.offload_update.DeviceWrites` that runs the
+            optimizer's passes over the block tensors; None: the host engine runs them.
     """
 
-    def __init__(self, model, blocks, device, home, prefetch: int):
+    def __init__(self, model, blocks, device, home, prefetch: int, host_buffer=None, writes=None):
         self.model, self.blocks, self.device, self.home = model, blocks, device, home
-        self.prefetch = prefetch
+        self.prefetch, self.host_buffer, self.writes = prefetch, host_buffer, writes
         self.uploads = 0
         self._params = [[p for p in block.parameters()] for _, block in blocks]
         self._index = {id(block): i for i, (_, block) in enumerate(blocks)}
@@ -186,12 +197,17 @@ class Streamed:
         self._drain()
 
     def remove(self) -> None:
-        """Remove the hooks (the block parameters stay on the host)."""
+        """Remove the hooks, give the block tensors' passes back to the host engine and
+        unregister the pinned buffer (the block parameters stay on the host). Idempotent."""
         self.restore()
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._slots = [None] * len(self._slots)
+        if self.writes is not None:
+            self.writes.release()
+        if self.host_buffer is not None:
+            self.host_buffer.release()
 
 
 def stream(
@@ -201,6 +217,7 @@ def stream(
     prefetch: int = 1,
     home="cpu",
     pin: bool | None = None,
+    update: str = "host",
 ) -> Streamed:
     """Keep `model`'s blocks on the host and stream them to `device` block by block.
 
@@ -216,14 +233,20 @@ def stream(
         prefetch: how many blocks ahead are uploaded while a block computes (≥ 1); the device
             holds prefetch + 1 blocks' parameters.
         home: where the block parameters live.
-        pin: pin the host tensors (asynchronous copies); None: when `device` is a GPU.
+        pin: put the host tensors in one host buffer registered as pinned (asynchronous copies;
+            :mod:`zofast.offload_host`); None: when `device` is a GPU.
+        update: where the optimizer's passes over the block tensors run: ``"host"`` (the C++
+            engine on the host tensors) or ``"gpu"`` (on `device`, written back before each
+            pass returns; :mod:`zofast.offload_update`): the same passes, with the noise of the
+            device that runs them (the normals differ in float32 rounding across devices).
 
     Returns:
         The :class:`Streamed` handle (``remove()`` takes the hooks off).
 
     Raises:
-        ValueError: prefetch < 1, no blocks found, or a block parameter also used outside the
-            blocks (tied weights) or in two blocks.
+        ValueError: prefetch < 1, update not "host" / "gpu", no blocks found, or a block
+            parameter also used outside the blocks (tied weights) or in two blocks.
+        RuntimeError: pin=True without CUDA.
 
     Example:
         >>> from transformers import OPTConfig, OPTForCausalLM
@@ -236,6 +259,8 @@ def stream(
     """
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch must be an integer ≥ 1, got {prefetch!r}")
+    if update not in ("host", "gpu"):
+        raise ValueError(f"update must be 'host' or 'gpu', got {update!r}")
     device, home = torch.device(device), torch.device(home)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -265,13 +290,15 @@ def stream(
     pin = device.type == "cuda" and home.type == "cpu" if pin is None else pin
     with torch.no_grad():
         for p in model.parameters():
-            target = home if id(p) in owners else device
-            data = p.data.to(target)
-            if target == home and pin and not data.is_pinned():
-                data = data.pin_memory()
-            p.data = data
+            p.data = p.data.to(home if id(p) in owners else device)  # in place where it is
         for module in model.modules():
             for key, b in module._buffers.items():
                 if b is not None:
                     module._buffers[key] = b.to(device)
-    return Streamed(model, named, device, home, prefetch)
+    held = [p for _, block in named for p in block.parameters()]
+    host_buffer = HostBuffer(held) if pin else None
+    writes = None
+    if update == "gpu":
+        writes = DeviceWrites(device)
+        writes.register(p.data for p in held)
+    return Streamed(model, named, device, home, prefetch, host_buffer, writes)

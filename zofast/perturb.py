@@ -68,6 +68,26 @@ __all__ = [
     "matrix_shape",
 ]
 
+# Host tensors whose in-place passes run elsewhere (zofast.offload_update, streamed offload's
+# update="gpu"): data_ptr -> handler(fn, w, args, kwargs), which runs fn and returns w.
+_WRITES_ELSEWHERE: dict = {}
+
+
+def _redirectable(fn):
+    """Hand an in-place pass over a registered host tensor to its handler (``_WRITES_ELSEWHERE``);
+    a pass that only reads it (``out`` another tensor) runs here."""
+
+    @functools.wraps(fn)
+    def wrapper(w, *args, **kwargs):
+        if _WRITES_ELSEWHERE and isinstance(w, torch.Tensor) and w.device.type == "cpu":
+            handler = _WRITES_ELSEWHERE.get(w.data_ptr())
+            out = kwargs.get("out")
+            if handler is not None and (out is None or out is w):
+                return handler(fn, w, args, kwargs)
+        return fn(w, *args, **kwargs)
+
+    return wrapper
+
 
 def check_weight(w, name: str = "w") -> None:
     """Raise a TypeError / ValueError naming `name` unless w can be perturbed in place."""
@@ -275,6 +295,7 @@ def _graph_terms(seed, scale, device, name: str):
     return seed, scale
 
 
+@_redirectable
 @torch.no_grad()
 def gaussian_(
     w: torch.Tensor,
@@ -443,6 +464,7 @@ def _apply_factors(
     )
 
 
+@_redirectable
 @torch.no_grad()
 def lowrank_(
     w: torch.Tensor,
@@ -532,6 +554,7 @@ def lowrank_(
     return target
 
 
+@_redirectable
 @torch.no_grad()
 def outer_add_(
     w: torch.Tensor,

@@ -1,10 +1,12 @@
 """Streamed offload (zofast.offload) on the H200: OPT-13B / OPT-30B shapes, random bf16 weights,
 the blocks in pinned host memory, the GPU capped to 16 GB (torch.cuda.set_per_process_memory_
 fraction). LOZO's paired step (virtual + shadow, stochastic rounding: one forward of the batch
-stacked twice, each block uploaded once a step). Reports the step time against the floor
-max(block weights ÷ measured host-to-device bandwidth, the paired forward's compute with the
-weights resident), the peak GPU memory, and beside it the same model resident on the uncapped
-GPU. Verifies first: the streamed forward's loss equals the resident one's within bf16 rounding.
+stacked twice, each block uploaded once a step), with the block tensors' update passes on the
+host (C++ engine, update="host") and on the GPU (uploaded, written back, update="gpu").
+Reports the step time against the floor max(block weights ÷ measured host-to-device
+bandwidth, the paired forward's compute with the weights resident), the peak GPU memory, and
+beside it the same model resident on the uncapped GPU. Verifies: the streamed forward's loss
+equals the resident one's within bf16 rounding.
 
 The paired forward's compute is measured on the GPU on a 2- and a 4-block model of the same
 shape and extrapolated linearly to the full depth (the full model need not fit). The host
@@ -13,6 +15,7 @@ is timed apart (flush_s), as settle() runs it.
 
 Usage (GPU machine, repo root; the C++ extension built): python bench/probes/offload.py OUT.json
 [--models opt-13b opt-30b] [--batch 4] [--steps 3] [--cap-gb 16] [--prefetch 1]
+[--update host gpu]
 Writes JSON rows {"model", "gpu_cap_gb", "step_s", "floor_s", "peak_gpu_gb", ...}: the
 "offload" list of latest.json.
 """
@@ -53,8 +56,9 @@ def config(name: str, layers: int | None = None):
 
 def build(cfg, host_blocks: bool):
     """An OPTForCausalLM with random bf16 weights (std 0.02, filled on the GPU): the blocks in
-    one host buffer registered as pinned (no power-of-two rounding of the caching host
-    allocator) where host_blocks, else everything on the GPU."""
+    one host buffer (offload.stream registers it as pinned where it is: no copy, no
+    power-of-two rounding of the caching host allocator) where host_blocks, else everything on
+    the GPU."""
     from transformers import OPTForCausalLM
 
     with torch.device("meta"):
@@ -65,7 +69,6 @@ def build(cfg, host_blocks: bool):
     if host_blocks:
         total = sum(p.numel() for _, _, p in named if id(p) in blocks)
         host = torch.empty(total, dtype=torch.bfloat16)
-        torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * 2, 0)
     gen = torch.Generator(device="cuda").manual_seed(0)
     start, made = 0, {}
     for module, key, p in named:
@@ -117,6 +120,7 @@ def paired_forward_s(name: str, rows: int, calls: int) -> float:
 
 
 def train_row(model, data, steps: int) -> dict:
+    """Median step time, peak GPU memory and virtual mode's flush time of LOZO paired."""
     opt = make_optimizer("lozo", model, 1e-7, paired=True, nu=10**6)  # flush timed apart
     closure = lambda: paired.losses(model, data)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
@@ -141,11 +145,18 @@ def run(name: str, args) -> list[dict]:
     block_bytes = sum(p.numel() * 2 for p in model.model.decoder.layers.parameters())
     floor = max(block_bytes / GB / bandwidth, forward)
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GB / total))
-    streamed = offload.stream(model, device="cuda", prefetch=args.prefetch, pin=False)
-    with torch.no_grad():
-        loss_streamed = float(model(**data).loss)
-    capped = train_row(model, data, args.steps)
-    streamed.remove()
+    rows, loss_streamed = [], None
+    for update in args.update:
+        streamed = offload.stream(model, device="cuda", prefetch=args.prefetch, update=update)
+        if streamed.host_buffer.packed:  # a second copy of the weights: host memory
+            raise SystemExit(f"{name}: the blocks were copied, not registered where built")
+        if loss_streamed is None:  # the weights as built (the resident model's)
+            with torch.no_grad():
+                loss_streamed = float(model(**data).loss)
+        capped = train_row(model, data, args.steps)
+        writes = streamed.writes.writes if streamed.writes is not None else 0
+        streamed.remove()
+        rows.append({"update": update, "device_passes": writes, **capped})
     torch.cuda.set_per_process_memory_fraction(1.0)
     common = {
         "model": name,
@@ -156,9 +167,15 @@ def run(name: str, args) -> list[dict]:
         "paired_forward_s": forward,
         "floor_s": floor,
     }
-    ratio = capped["step_s"] / floor
     rows = [
-        {**common, "gpu_cap_gb": args.cap_gb, "offload": True, **capped, "step_over_floor": ratio}
+        {
+            **common,
+            "gpu_cap_gb": args.cap_gb,
+            "offload": True,
+            **r,
+            "step_over_floor": r["step_s"] / floor,
+        }
+        for r in rows
     ]
     del model, streamed
     gc.collect()
@@ -188,6 +205,10 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up)")
     parser.add_argument("--cap-gb", type=float, default=16.0, help="GPU memory cap, GB")
     parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument(
+        "--update", nargs="+", default=["host", "gpu"], choices=["host", "gpu"],
+        help="where the block tensors' update passes run (each measured)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = [row for name in args.models for row in run(name, args)]
     payload = {**run_meta("cuda"), "method": "lozo paired (default mode)", "rows": rows}
@@ -195,7 +216,8 @@ def main():
     Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
     for r in rows:
         print(
-            f"{r['model']} cap {r['gpu_cap_gb']}: step {r['step_s']:.2f} s, floor "
+            f"{r['model']} cap {r['gpu_cap_gb']} update {r.get('update', '-')}: "
+            f"step {r['step_s']:.2f} s, floor "
             f"{r['floor_s']:.2f} s (×{r['step_over_floor']:.2f}), peak {r['peak_gpu_gb']:.1f} GB, "
             f"flush {r['flush_s']:.1f} s"
         )
