@@ -131,8 +131,11 @@ def factors_triton(
     seeds = [u_seeds, v_seeds] (int64, 2T) and scales (float32, T) on the output device."""
     _check_interpretable(seeds)
     terms = scales.numel()
-    u = torch.empty(terms, rank, m, dtype=torch.float32, device=seeds.device)
-    v = torch.empty(terms, rank, n, dtype=torch.float32, device=seeds.device)
+    # One allocation for both; v starts 64-byte aligned, as a tensor of its own would.
+    u_size = triton.cdiv(terms * rank * m, 16) * 16
+    factors = torch.empty(u_size + terms * rank * n, dtype=torch.float32, device=seeds.device)
+    u = factors[: terms * rank * m].view(terms, rank, m)
+    v = factors[u_size:].view(terms, rank, n)
     u_offset, v_offset = row_offset * rank, col_offset * rank
     u_programs = triton.cdiv(u_offset % 4 + m * rank, 4 * block)
     v_programs = triton.cdiv(v_offset % 4 + n * rank, 4 * block)
