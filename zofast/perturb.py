@@ -100,6 +100,8 @@ MAX_INDEX = 2**63 - 1  # stream indices are int64 in every backend
 
 def _check_offset(value, name: str, size: int = 1, stride: int = 1) -> int:
     """A non-negative integer offset whose span (offset + size)·stride stays within int64."""
+    if type(value) is int and value >= 0 and (value + size) * stride <= MAX_INDEX:
+        return value  # the common case, without abc checks (eager calls pay for each)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if (int(value) + size) * stride > MAX_INDEX:
@@ -111,6 +113,8 @@ def _check_offset(value, name: str, size: int = 1, stride: int = 1) -> int:
 
 
 def _check_rank(rank, m: int, n: int) -> int:
+    if type(rank) is int and 1 <= rank <= min(m, n):
+        return rank
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"rank must be an integer, got {type(rank).__name__}")
     if not 1 <= rank <= min(m, n):
@@ -121,6 +125,8 @@ def _check_rank(rank, m: int, n: int) -> int:
 
 
 def _as_list(value) -> list:
+    if type(value) in (int, float):
+        return [value]
     if isinstance(value, torch.Tensor):
         return value.reshape(-1).tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -131,12 +137,15 @@ def _as_list(value) -> list:
 def as_float32(value, name: str, *, allow_zero: bool = True) -> float:
     """A real number as the float32 it is used as; ValueError naming `name` if it is not a finite
     float32 (overflows to inf), or, non-zero, rounds to 0 (underflow: it would do nothing)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is float:
+        wide = value
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    try:
-        wide = float(value)
-    except OverflowError:
-        wide = math.inf
+    else:
+        try:
+            wide = float(value)
+        except OverflowError:
+            wide = math.inf
     if math.isnan(wide):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     try:  # a C cast to float, rounding to nearest even as torch does, without a torch op
