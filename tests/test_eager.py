@@ -1,13 +1,14 @@
 """The eager ops' host path: the one staged copy of a pass's seeds and scales, the float32 check
-of scales without a torch op, and results unchanged bit for bit by either."""
+of scales without a torch op, the flat tile of odd row lengths; results unchanged bit for bit."""
 
 import math
 
 import pytest
 import torch
-from helpers_backends import CPU_BACKENDS
+from helpers_backends import CPU_BACKENDS, TRITON_ON_CPU
 
 from zofast import perturb
+from zofast.kernels import lowrank as lowrank_kernels
 
 EDGE_FLOATS = [
     0.0,
@@ -144,3 +145,27 @@ def test_bad_input_stages_nothing(monkeypatch, op):
         with pytest.raises(ValueError, match=match):
             call(**kwargs)
     assert calls == [] and torch.equal(w, before)
+
+
+def test_unaligned_rows_take_the_flat_tile():
+    assert lowrank_kernels.default_tile(2, row_aligned=False) == (8, 512)
+    assert lowrank_kernels.default_tile(2) == (32, 128)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the Triton interpreter is not available")
+@pytest.mark.parametrize("shape", [(37, 523), (9, 1030), (20, 29)])
+def test_flat_tile_gives_the_same_bits(shape):
+    """Odd row lengths launch 8×512 tiles: bit for bit the 32×128 tiles' result, with stochastic
+    rounding, a weight scale and a column offset that is not a multiple of 4."""
+    w = torch.randn(shape).to(torch.bfloat16)
+    u = torch.randn(2, 3, shape[0])
+    v = torch.randn(2, 3, shape[1])
+    options = dict(
+        round_seed=torch.tensor([2**62 + 7]),
+        w_scale=torch.tensor([0.999]),
+        row_offset=5,
+        col_offset=6,
+    )
+    flat = lowrank_kernels.lowrank_triton(w.clone(), u, v, **options)
+    tiled = lowrank_kernels.lowrank_triton(w.clone(), u, v, 32, 128, **options)
+    assert torch.equal(flat, tiled)
