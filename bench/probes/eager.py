@@ -5,7 +5,7 @@ One bf16 tensor per row: `lowrank_` at ranks 1, 2, 4, 8 and `gaussian_`, on 8192
 a device copy of the same bytes (read + write of w), the same call captured in a CUDA graph with
 device seed tensors (bench/suites/test_kernels.py's "graphed" rows) and a GraphedPass over the
 tensor, and the host time of one eager call (until it returns, GPU idle). Every variant is checked
-bit for bit against the eager result before it is timed. Times: medians of
+bit for bit against the eager result before it is timed ("*_equal" in the rows). Times: medians of
 triton.testing.do_bench (L2 flushed before each call), as in bench/conftest.py.
 
 Usage (GPU machine, repo root): python bench/probes/eager.py OUT [--label NAME] [--sweep]
@@ -13,7 +13,8 @@ Writes OUT/eager.json ({"gpu", "commit", "torch", "triton", "copy_gbps", "kernel
 shaped like latest.json's kernel rows with "eager": true), OUT/profile.txt (cProfile of eager
 calls: where the host time goes) and with --sweep OUT/tiles.jsonl (the low-rank apply kernel
 alone on pre-made factors, per tile: which tile suits rank 1 and the odd shape). To compare with
-another commit, run it with that commit's zofast first on PYTHONPATH and --label before.
+another commit, install that commit (pip install --no-build-isolation --no-deps .) and run with
+--label before.
 """
 
 import argparse
@@ -88,8 +89,8 @@ def variants(w, rank):
     return eager, graph, lambda: graphed([[11]], [13], [[1e-3]])
 
 
-def check_same(w, calls) -> None:
-    """Each call, from the same start, gives the eager call's bits."""
+def same_bits(w, calls) -> list[bool]:
+    """Whether each call after the first, from the same start, gives the first call's bits."""
     start = w.clone()
     results = []
     for call in calls:
@@ -97,14 +98,13 @@ def check_same(w, calls) -> None:
         call()
         results.append(w.clone())
     w.copy_(start)
-    for result in results[1:]:
-        assert torch.equal(result, results[0]), "a variant differs from the eager call"
+    return [torch.equal(result, results[0]) for result in results[1:]]
 
 
 def row(shape, rank, label) -> dict:
     w = torch.randn(shape, device="cuda").to(torch.bfloat16)
     eager, graph, graphed = variants(w, rank)
-    check_same(w, [eager, graph, graphed])
+    graph_equal, graphed_equal = same_bits(w, [eager, graph, graphed])
     moved = 2 * w.numel() * w.element_size()
     src = torch.empty(w.numel(), dtype=w.dtype, device="cuda")
     dst = torch.empty_like(src)
@@ -126,8 +126,10 @@ def row(shape, rank, label) -> dict:
         "pct_of_copy": None,  # filled in with the 1 GiB ceiling in main
         "pct_of_same_copy": 100 * copy_us / us,
         "same_copy_us": copy_us,
+        "graph_replay_equal": graph_equal,
         "graph_replay_us": graph_us,
         "graph_replay_pct_of_same_copy": 100 * copy_us / graph_us,
+        "graphed_pass_equal": graphed_equal,
         "graphed_pass_us": graphed_us,
         "graphed_pass_pct_of_same_copy": 100 * copy_us / graphed_us,
         "host_us": host_us(eager),
