@@ -138,11 +138,8 @@ def factors_triton(
     seeds = [u_seeds, v_seeds] (int64, 2T) and scales (float32, T) on the output device."""
     _check_interpretable(seeds)
     terms = scales.numel()
-    # One allocation for both; v starts 64-byte aligned, as a tensor of its own would.
-    u_size = triton.cdiv(terms * rank * m, 16) * 16
-    factors = torch.empty(u_size + terms * rank * n, dtype=torch.float32, device=seeds.device)
-    u = factors[: terms * rank * m].view(terms, rank, m)
-    v = factors[u_size:].view(terms, rank, n)
+    u = torch.empty(terms, rank, m, dtype=torch.float32, device=seeds.device)
+    v = torch.empty(terms, rank, n, dtype=torch.float32, device=seeds.device)
     u_offset, v_offset = row_offset * rank, col_offset * rank
     u_programs = triton.cdiv(u_offset % 4 + m * rank, 4 * block)
     v_programs = triton.cdiv(v_offset % 4 + n * rank, 4 * block)
@@ -177,11 +174,14 @@ def lowrank_triton(
     w_scale: torch.Tensor | None = None,
     row_offset: int = 0,
     col_offset: int = 0,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Launch the kernel on validated inputs (see the module docstring); returns out (w when
-    None). Tiles default to default_tile(rank). round_seed: a one-element int64 tensor
-    (stochastic rounding; ignored for float32 w); w_scale: a one-element float32 tensor; both on
-    w's device. row_offset / col_offset: w's first global row / column (the rounding words)."""
+    None). Tiles default to default_tile's (by rank and row alignment). round_seed: a
+    one-element int64 tensor (stochastic rounding; ignored for float32 w); w_scale: a
+    one-element float32 tensor; both on w's device. row_offset / col_offset: w's first global
+    row / column (the rounding words). num_warps: per program (Triton's default, 4;
+    bench/probes/eager.py sweeps it)."""
     _check_interpretable(w)
     m, n = w.shape
     if block_m is None or block_n is None:
@@ -207,6 +207,7 @@ def lowrank_triton(
             row_offset=row_offset,
             col_offset=col_offset,
             COL_ALIGNED=col_offset % 4 == 0 and block_n % 4 == 0,
+            num_warps=num_warps,
         )
     return w if out is None else out
 

@@ -95,6 +95,11 @@ def matrix_shape(shape) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def _matrix(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """t as its (m, n) matrix view (t itself when it is one: a view costs host time)."""
+    return t if t.dim() == 2 else t.view(m, n)
+
+
 MAX_INDEX = 2**63 - 1  # stream indices are int64 in every backend
 
 
@@ -185,8 +190,8 @@ def _device_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint64 values (seeds, as int64 bit patterns) and float32 values (scales) as an int64 and a
     float32 tensor on `device`: views of one buffer that reaches a GPU in one copy through pinned
-    memory, without a sync (one copy, not one per table: they are most of an eager call's host
-    time)."""
+    memory, without a sync (an eager call pays host time for every copy, so one, not one per
+    table)."""
     # The floats start 16-byte aligned, as a tensor of their own would (Triton specialises on it).
     pad = len(ints) % 2
     raw = struct.pack(
@@ -553,11 +558,11 @@ def lowrank_(
     if v_seeds is not None:
         u, v = _merge_shared_v(u, v, v_seeds)
     _apply_factors(
-        w.view(m, n),
+        _matrix(w, m, n),
         u,
         v,
         backend,
-        target.view(m, n),
+        _matrix(target, m, n),
         round_seed,
         w_scale,
         row_offset,
@@ -617,11 +622,11 @@ def outer_add_(
         )
     backend = resolve_backend(backend, w.device)
     _apply_factors(
-        w.view(m, n),
+        _matrix(w, m, n),
         left.T.contiguous()[None],
         right.T.contiguous()[None],
         backend,
-        target.view(m, n),
+        _matrix(target, m, n),
         round_seed,
         w_scale,
         row_offset,

@@ -12,9 +12,9 @@ Usage (GPU machine, repo root): python bench/probes/eager.py OUT [--label NAME] 
 Writes OUT/eager.json ({"gpu", "commit", "torch", "triton", "copy_gbps", "kernels": rows}, rows
 shaped like latest.json's kernel rows with "eager": true), OUT/profile.txt (cProfile of eager
 calls: where the host time goes) and with --sweep OUT/tiles.jsonl (the low-rank apply kernel
-alone on pre-made factors, per tile: which tile suits rank 1 and the odd shape). To compare with
-another commit, install that commit (pip install --no-build-isolation --no-deps .) and run with
---label before.
+alone on pre-made factors, per tile and warp count: which suit each rank and the odd shape).
+To compare with another commit, install that commit (pip install --no-build-isolation --no-deps
+.) and run with --label before.
 """
 
 import argparse
@@ -31,7 +31,20 @@ import torch
 
 SHAPES = [(8192, 8192), (4099, 4093)]
 RANKS = [1, 2, 4, 8]
-TILES = [(32, 128), (64, 64), (16, 256), (8, 512), (4, 1024), (64, 128), (128, 64), (32, 64)]
+# (BLOCK_M, BLOCK_N, num_warps) of the sweep: today's 32×128, the flat tiles of odd row lengths,
+# and larger tiles with 8 warps (128×128 × 8 led an unmasked variant at rank 4, probe-6).
+CONFIGS = [
+    (32, 128, 4),
+    (64, 64, 4),
+    (16, 256, 4),
+    (8, 512, 4),
+    (4, 1024, 4),
+    (8, 512, 8),
+    (32, 128, 8),
+    (64, 128, 8),
+    (128, 64, 8),
+    (128, 128, 8),
+]
 
 
 def median_ms(fn) -> float:
@@ -168,7 +181,7 @@ def profile(out: Path) -> None:
 
 
 def sweep(out: Path, copy_gbps: float) -> None:
-    """The apply kernel alone (pre-made factors) per tile, bf16: lines of OUT/tiles.jsonl."""
+    """The apply kernel alone (pre-made factors) per tile and warps, bf16: OUT/tiles.jsonl."""
     from zofast.kernels import lowrank
 
     with (out / "tiles.jsonl").open("w") as lines:
@@ -177,10 +190,13 @@ def sweep(out: Path, copy_gbps: float) -> None:
             for rank in RANKS:
                 u = torch.randn(1, rank, shape[0], device="cuda")
                 v = torch.randn(1, rank, shape[1], device="cuda")
-                for bm, bn in TILES:
-                    ms = median_ms(functools.partial(lowrank.lowrank_triton, w, u, v, bm, bn))
+                for bm, bn, warps in CONFIGS:
+                    launch = functools.partial(
+                        lowrank.lowrank_triton, w, u, v, bm, bn, num_warps=warps
+                    )
+                    ms = median_ms(launch)
                     pct = 100 * 2 * w.numel() * 2 / ms / 1e6 / copy_gbps
-                    record = {"shape": list(shape), "rank": rank, "tile": [bm, bn]}
+                    record = {"shape": list(shape), "rank": rank, "tile": [bm, bn], "warps": warps}
                     line = json.dumps({**record, "us": ms * 1e3, "pct_of_copy": pct})
                     print(line, flush=True)
                     lines.write(line + "\n")
