@@ -200,6 +200,7 @@ def sweep(out: Path, copy_gbps: float) -> None:
                     line = json.dumps({**record, "us": ms * 1e3, "pct_of_copy": pct})
                     print(line, flush=True)
                     lines.write(line + "\n")
+                    lines.flush()  # a run cut short keeps what it measured
 
 
 def main() -> None:
