@@ -27,11 +27,18 @@ from .philox import (
 )
 
 
-def default_tile(rank: int, many_tensors: bool = False) -> tuple[int, int]:
+def default_tile(rank: int, many_tensors: bool = False, row_aligned: bool = True):
     """(BLOCK_M, BLOCK_N). Swept on the H200, bf16, CUDA-graph replayed (bench/results): one
     8192² matrix peaks at 32×128 for every rank (64×128 lost 66 → 59 % of copy at rank 8); the
     multi-tensor pass over OPT-1.3B / 6.7B weights peaks at 32×128 up to rank 4 (97–99 % at
-    rank 2) and at 64×64 from rank 8 (62 / 46 % at ranks 8 / 16 against 60 / 40 % for 32×128)."""
+    rank 2) and at 64×64 from rank 8 (62 / 46 % at ranks 8 / 16 against 60 / 40 % for 32×128).
+    Rows of a length that is not a multiple of 16 (4099×4093 graph-replayed: 17–36 % of copy at
+    ranks 1–8 with 32×128) cannot be loaded in vectors, and Triton then gives each thread one
+    column of the tile, so every thread loads its BLOCK_M rows' u per rank; a flat 8×512 tile
+    loads 8 (sm_90 PTX: 96 u / v loads per thread at rank 8 against 264; not yet timed:
+    bench/probes/eager.py --sweep times both)."""
+    if not row_aligned:
+        return (8, 512)
     return (64, 64) if many_tensors and rank >= 8 else (32, 128)
 
 
@@ -167,15 +174,18 @@ def lowrank_triton(
     w_scale: torch.Tensor | None = None,
     row_offset: int = 0,
     col_offset: int = 0,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Launch the kernel on validated inputs (see the module docstring); returns out (w when
-    None). Tiles default to default_tile(rank). round_seed: a one-element int64 tensor
-    (stochastic rounding; ignored for float32 w); w_scale: a one-element float32 tensor; both on
-    w's device. row_offset / col_offset: w's first global row / column (the rounding words)."""
+    None). Tiles default to default_tile's (by rank and row alignment). round_seed: a
+    one-element int64 tensor (stochastic rounding; ignored for float32 w); w_scale: a
+    one-element float32 tensor; both on w's device. row_offset / col_offset: w's first global
+    row / column (the rounding words). num_warps: per program (Triton's default, 4;
+    bench/probes/eager.py sweeps it)."""
     _check_interpretable(w)
     m, n = w.shape
     if block_m is None or block_n is None:
-        block_m, block_n = default_tile(u.shape[1])
+        block_m, block_n = default_tile(u.shape[1], row_aligned=n % 16 == 0)
     if w.dtype == torch.float32:
         round_seed = None  # nothing to round
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
@@ -197,6 +207,7 @@ def lowrank_triton(
             row_offset=row_offset,
             col_offset=col_offset,
             COL_ALIGNED=col_offset % 4 == 0 and block_n % 4 == 0,
+            num_warps=num_warps,
         )
     return w if out is None else out
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -99,7 +100,7 @@ def check_weight(w, name: str = "w") -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(w.shape)})")
-    if not w.is_contiguous() or torch._debug_has_internal_overlap(w) != 0:
+    if not w.is_contiguous():  # (a contiguous tensor cannot overlap itself)
         raise ValueError(
             f"{name} must be contiguous and non-overlapping (shape {tuple(w.shape)}, strides "
             f"{w.stride()}); perturb a contiguous copy and copy it back"
@@ -114,11 +115,18 @@ def matrix_shape(shape) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def _matrix(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """t as its (m, n) matrix view (t itself when it is one: a view costs host time)."""
+    return t if t.dim() == 2 else t.view(m, n)
+
+
 MAX_INDEX = 2**63 - 1  # stream indices are int64 in every backend
 
 
 def _check_offset(value, name: str, size: int = 1, stride: int = 1) -> int:
     """A non-negative integer offset whose span (offset + size)·stride stays within int64."""
+    if type(value) is int and value >= 0 and (value + size) * stride <= MAX_INDEX:
+        return value  # the common case, without abc checks (eager calls pay for each)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if (int(value) + size) * stride > MAX_INDEX:
@@ -130,6 +138,8 @@ def _check_offset(value, name: str, size: int = 1, stride: int = 1) -> int:
 
 
 def _check_rank(rank, m: int, n: int) -> int:
+    if type(rank) is int and 1 <= rank <= min(m, n):
+        return rank
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"rank must be an integer, got {type(rank).__name__}")
     if not 1 <= rank <= min(m, n):
@@ -140,6 +150,8 @@ def _check_rank(rank, m: int, n: int) -> int:
 
 
 def _as_list(value) -> list:
+    if type(value) in (int, float):
+        return [value]
     if isinstance(value, torch.Tensor):
         return value.reshape(-1).tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -150,15 +162,21 @@ def _as_list(value) -> list:
 def as_float32(value, name: str, *, allow_zero: bool = True) -> float:
     """A real number as the float32 it is used as; ValueError naming `name` if it is not a finite
     float32 (overflows to inf), or, non-zero, rounds to 0 (underflow: it would do nothing)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is float:
+        wide = value
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    try:
-        wide = float(value)
-    except OverflowError:
-        wide = math.inf
+    else:
+        try:
+            wide = float(value)
+        except OverflowError:
+            wide = math.inf
     if math.isnan(wide):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    narrow = torch.tensor(wide, dtype=torch.float64).to(torch.float32).item()
+    try:  # a C cast to float, rounding to nearest even as torch does, without a torch op
+        narrow = struct.unpack("f", struct.pack("f", wide))[0]
+    except OverflowError:
+        narrow = math.inf
     if not math.isfinite(narrow):
         raise ValueError(f"{name} = {value!r} overflows float32 (largest finite: 3.4028235e38)")
     if narrow == 0.0 and wide != 0.0:
@@ -188,17 +206,36 @@ def _check_seeds(seed, name: str) -> list[int]:
 
 
 def _device_terms(
-    seeds: list[int], scales: list[float], device
+    ints: list[int], floats: list[float], device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeds and scales as device tensors; to a GPU through pinned memory, without a sync."""
-    seeds_t = torch.tensor([to_signed64(s) for s in seeds], dtype=torch.int64)
-    scales_t = torch.tensor(scales, dtype=torch.float32)
-    if device.type == "cpu":
-        return seeds_t, scales_t
-    return (
-        seeds_t.pin_memory().to(device, non_blocking=True),
-        scales_t.pin_memory().to(device, non_blocking=True),
+    """uint64 values (seeds, as int64 bit patterns) and float32 values (scales) as an int64 and a
+    float32 tensor on `device`: views of one buffer that reaches a GPU in one copy through pinned
+    memory, without a sync (an eager call pays host time for every copy, so one, not one per
+    table)."""
+    # The floats start 16-byte aligned, as a tensor of their own would (Triton specialises on it).
+    pad = len(ints) % 2
+    raw = struct.pack(
+        f"<{len(ints) + pad}q{len(floats)}f", *map(to_signed64, ints), *[0] * pad, *floats
     )
+    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if device.type != "cpu":
+        buf = buf.pin_memory().to(device, non_blocking=True)
+    return buf[: 8 * len(ints)].view(torch.int64), buf[8 * (len(ints) + pad) :].view(torch.float32)
+
+
+def _staged_pass(seeds: list[int], scales: list[float], round_seed, w_scale, device):
+    """(seeds, scales, round seed, weight scale) of a pass as device tensors in one copy
+    (_device_terms); a round seed / weight scale that is None or a tensor passes through."""
+    extra_int = isinstance(round_seed, int)
+    extra_float = isinstance(w_scale, float)
+    ints, floats = _device_terms(
+        seeds + [round_seed] * extra_int, scales + [w_scale] * extra_float, device
+    )
+    if extra_int:
+        ints, round_seed = ints[:-1], ints[-1:]
+    if extra_float:
+        floats, w_scale = floats[:-1], floats[-1:]
+    return ints, floats, round_seed, w_scale
 
 
 def _check_round_seed(round_seed, w: torch.Tensor):
@@ -266,13 +303,12 @@ def _pass_options(w: torch.Tensor, out, round_seed, w_scale):
 
 def _on_device(value, dtype: torch.dtype, device: torch.device):
     """A round seed / weight scale as a one-element device tensor (None stays None; tensors are
-    already there), copied through pinned memory without a sync."""
+    already there), copied without a sync (_device_terms)."""
     if value is None or isinstance(value, torch.Tensor):
         return value
-    host = torch.tensor([to_signed64(value) if dtype == torch.int64 else value], dtype=dtype)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    if dtype == torch.int64:
+        return _device_terms([value], [], device)[0]
+    return _device_terms([], [value], device)[1]
 
 
 def _host_value(value, kind):
@@ -344,7 +380,9 @@ def gaussian_(
         scales = _check_scales(scale, len(seeds))
     backend = resolve_backend(backend, w.device)
     if seeds is not None:
-        seeds_t, scales_t = _device_terms(seeds, scales, w.device)
+        seeds_t, scales_t, round_seed, w_scale = _staged_pass(
+            seeds, scales, round_seed, w_scale, w.device
+        )
     if backend == "torch":
         from zofast.kernels import gaussian
 
@@ -384,16 +422,16 @@ def _noise(n: int, seed_t: torch.Tensor, scale_t: torch.Tensor, offset: int, bac
     return out.copy_(philox.sample_ref(index, int(seed_t) % 2**64, normal=True) * scale_t.cpu())
 
 
-def _term_factors(m, n, rank, u_seeds, v_seeds, scales, row_offset, col_offset, backend):
-    """Every term's u_t = fl(s_t·U_t) and V_t from device seed tensors, stored transposed as the
-    kernels read them: u (T, r, m), v (T, r, n)."""
+def _term_factors(m, n, rank, seeds, scales, row_offset, col_offset, backend):
+    """Every term's u_t = fl(s_t·U_t) and V_t from device tensors seeds = [u seeds, v seeds]
+    (2T,) and scales (T,), stored transposed as the kernels read them: u (T, r, m), v (T, r, n)."""
     if backend == "triton":
         from zofast.kernels import lowrank
 
-        seeds = torch.cat([u_seeds, v_seeds])
         return lowrank.factors_triton(seeds, scales, m, n, rank, row_offset, col_offset)
     one = torch.ones(1, dtype=torch.float32, device=scales.device)
     terms = range(scales.numel())
+    u_seeds, v_seeds = seeds[: len(terms)], seeds[len(terms) :]
     u = [
         _noise(m * rank, u_seeds[t : t + 1], scales[t : t + 1], row_offset * rank, backend)
         for t in terms
@@ -524,7 +562,8 @@ def lowrank_(
         # One v_seed shared by every term: their u's are summed (the structure is static).
         shared = v_seed.numel() == 1
         _graph_terms(v_seed, scale[:1] if shared else scale, w.device, "v_seed")
-        v_seeds_t = v_seed.expand(u_seeds_t.numel()).contiguous() if shared else v_seed
+        v_seeds_t = v_seed.expand(u_seeds_t.numel()) if shared else v_seed
+        seeds_t = torch.cat([u_seeds_t, v_seeds_t])
         v_seeds = [0] * u_seeds_t.numel() if shared else None
     else:
         u_seeds = _check_seeds(u_seed, "u_seed")
@@ -532,20 +571,20 @@ def lowrank_(
         if len(u_seeds) != len(v_seeds):
             raise ValueError(f"u_seed and v_seed must pair up: {len(u_seeds)} vs {len(v_seeds)}")
         scales = _check_scales(scale, len(u_seeds))
-        u_seeds_t, scales_t = _device_terms(u_seeds, scales, w.device)
-        v_seeds_t, _ = _device_terms(v_seeds, scales, w.device)
     backend = resolve_backend(backend, w.device)
-    u, v = _term_factors(
-        m, n, rank, u_seeds_t, v_seeds_t, scales_t, row_offset, col_offset, backend
-    )
+    if not isinstance(u_seed, torch.Tensor):
+        seeds_t, scales_t, round_seed, w_scale = _staged_pass(
+            u_seeds + v_seeds, scales, round_seed, w_scale, w.device
+        )
+    u, v = _term_factors(m, n, rank, seeds_t, scales_t, row_offset, col_offset, backend)
     if v_seeds is not None:
         u, v = _merge_shared_v(u, v, v_seeds)
     _apply_factors(
-        w.view(m, n),
+        _matrix(w, m, n),
         u,
         v,
         backend,
-        target.view(m, n),
+        _matrix(target, m, n),
         round_seed,
         w_scale,
         row_offset,
@@ -606,11 +645,11 @@ def outer_add_(
         )
     backend = resolve_backend(backend, w.device)
     _apply_factors(
-        w.view(m, n),
+        _matrix(w, m, n),
         left.T.contiguous()[None],
         right.T.contiguous()[None],
         backend,
-        target.view(m, n),
+        _matrix(target, m, n),
         round_seed,
         w_scale,
         row_offset,

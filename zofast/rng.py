@@ -28,6 +28,8 @@ MAX_SEED = 2**64 - 1
 
 def as_seed(seed, name: str = "seed") -> int:
     """Validate a uint64 seed (a Python or numpy integer in 0 .. 2**64 - 1) and return it as int."""
+    if type(seed) is int and 0 <= seed <= MAX_SEED:  # the common case, without abc checks
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an integer in 0..2**64-1, got {type(seed).__name__}")
     seed = int(seed)
