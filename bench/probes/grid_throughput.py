@@ -2,10 +2,10 @@
 
 Runs ``zofast.train`` on SST-2 16-shot (a k-shot folder), MiniLM, no evaluation but the last:
   single   each (method, dtype) alone: ms per step;
-  profile  torch.profiler over 60 steps of each (method, dtype): the host and device tops;
+  profile  cProfile over --profile-steps steps of each (method, dtype): where the host time goes;
   parallel N processes at once (N in --procs), every one the same run: aggregate steps/s;
   mps      the same with the CUDA MPS daemon on (if nvidia-cuda-mps-control exists).
-Writes throughput.json and profile_<method>-<dtype>.txt into OUT.
+Writes throughput.json and profile_<method>-<dtype>.txt into OUT (run folders under /tmp).
 
     python bench/probes/grid_throughput.py OUT --model .carry/minilm --data .carry/SST-2-16-42
 """
@@ -53,15 +53,19 @@ def one(args, method: str, dtype: str, steps: int, out: str, profile: str | None
     if profile is None:
         result = train(cfg)
         return {"steps": result.steps, "train_s": result.train_seconds}
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
+    import cProfile
+    import io
+    import pstats
 
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        result = train(cfg)
-    table = p.key_averages()
-    text = table.table(sort_by="self_cpu_time_total", row_limit=25)
-    text += "\n\n" + table.table(sort_by="self_cuda_time_total", row_limit=25)
-    Path(profile).write_text(text)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = train(cfg)
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumtime").print_stats("zofast", 40)
+    Path(profile).write_text(text.getvalue())
     return {"steps": result.steps, "train_s": result.train_seconds}
 
 
@@ -88,7 +92,10 @@ def collect(proc) -> dict:
 
 def parallel(args, n: int, method: str, dtype: str, tag: str) -> dict:
     began = time.perf_counter()
-    procs = [spawn(args, method, dtype, args.steps, f"{args.out}/runs/{tag}-{i}") for i in range(n)]
+    procs = [
+        spawn(args, method, dtype, args.steps, f"/tmp/zofast-gt/{tag}-{method}-{dtype}-{i}")
+        for i in range(n)
+    ]
     rows = [collect(p) for p in procs]
     wall = time.perf_counter() - began
     ok = [r for r in rows if "steps" in r]
@@ -109,6 +116,10 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile-steps", type=int, default=200)
+    p.add_argument(
+        "--parallel-pairs", type=int, default=1, help="how many of --pairs the parallel parts run"
+    )
     p.add_argument("--procs", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--pairs", nargs="+", default=["mezo:float32", "lozo:float32", "mezo:bfloat16"])
     p.add_argument("--parts", nargs="+", default=["single", "profile", "parallel", "mps"])
@@ -127,7 +138,7 @@ def main() -> None:
     report: dict = {"single": [], "parallel": [], "mps": []}
     if "single" in args.parts:
         for method, dtype in pairs:
-            row = collect(spawn(args, method, dtype, args.steps, f"{args.out}/runs/s-{method}"))
+            row = collect(spawn(args, method, dtype, args.steps, f"/tmp/zofast-gt/s-{method}"))
             row.update(method=method, dtype=dtype)
             if "steps" in row:
                 row["ms_per_step"] = 1e3 * row["train_s"] / row["steps"]
@@ -136,11 +147,13 @@ def main() -> None:
     if "profile" in args.parts:
         for method, dtype in pairs:
             table = str(out / f"profile_{method}-{dtype}.txt")
-            collect(spawn(args, method, dtype, 60, f"{args.out}/runs/p-{method}", table))
+            collect(
+                spawn(args, method, dtype, args.profile_steps, f"/tmp/zofast-gt/p-{method}", table)
+            )
     if "parallel" in args.parts:
-        method, dtype = pairs[0]
-        for n in args.procs:
-            report["parallel"].append(parallel(args, n, method, dtype, f"n{n}"))
+        for method, dtype in pairs[: args.parallel_pairs]:
+            for n in args.procs:
+                report["parallel"].append(parallel(args, n, method, dtype, f"n{n}"))
     mps = shutil.which("nvidia-cuda-mps-control")
     if "mps" in args.parts and mps:
         env_dir = "/tmp/mps"
@@ -150,9 +163,9 @@ def main() -> None:
         started = subprocess.run([mps, "-d"], capture_output=True, text=True)
         report["mps_start"] = started.returncode
         try:
-            method, dtype = pairs[0]
-            for n in args.procs:
-                report["mps"].append(parallel(args, n, method, dtype, f"mps{n}"))
+            for method, dtype in pairs[: args.parallel_pairs]:
+                for n in args.procs:
+                    report["mps"].append(parallel(args, n, method, dtype, f"mps{n}"))
         finally:
             subprocess.run([mps], input="quit\n", text=True, capture_output=True)
     elif "mps" in args.parts:
