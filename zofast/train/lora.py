@@ -117,6 +117,8 @@ class LoRA(Adam):
                 setattr(parent, child, layer.get_base_layer())
         for name, p in model.named_parameters():
             p.requires_grad_(self._grad_flags.get(name, False))
+        if hasattr(model, "peft_config"):  # set by inject_adapter_in_model
+            del model.peft_config
         self.attached = False
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
