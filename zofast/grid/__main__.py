@@ -20,7 +20,10 @@ def _commit(given: str | None) -> str:
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         raise SystemExit(
@@ -56,16 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cuda")
         p.add_argument("--workers", type=int, default=16)
         p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-        p.add_argument("--deadline", type=float, default=float("inf"),
-                       help="seconds after which no cell starts")  # fmt: skip
-        p.add_argument("--end", type=float, default=None,
-                       help="seconds by which started cells should end (uses earlier timings)")  # fmt: skip
+        p.add_argument(
+            "--deadline", type=float, default=float("inf"), help="seconds: no cell starts after"
+        )
+        p.add_argument(
+            "--end", type=float, default=None, help="seconds: cells estimated to end later wait"
+        )
         p.add_argument("--tasks", nargs="+", choices=list(TASKS))
         p.add_argument("--seeds", nargs="+", type=int)
         p.add_argument("--variants", nargs="+", help=f"of: {', '.join(Protocol().names)}")
         p.add_argument("--dtypes", nargs="+", choices=DTYPES)
-        p.add_argument("--scale", type=float, default=None,
-                       help="rehearsal: every variant's steps times this")  # fmt: skip
+        p.add_argument("--scale", type=float, help="rehearsal: every variant's steps times this")
         p.add_argument("--rerun", action="store_true", help="run cells --records already has")
         p.add_argument("--commit", default=None, help="the code's commit (default: git HEAD)")
     p = sub.add_parser("report", help="docs/results.md, docs/results.json, docs/grid/*.png")
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     protocol = Protocol()
     if args.command == "report":
-        print(report.write(protocol, records.read(args.records), args.docs, plots=not args.no_plots))
+        print(
+            report.write(protocol, records.read(args.records), args.docs, plots=not args.no_plots)
+        )
         return 0
     if args.scale is not None:
         protocol = with_steps(protocol, args.scale)
@@ -84,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             protocol.variant(name)
         except ValueError as error:
             parser.error(str(error))
-    only = {"tasks": args.tasks, "seeds": args.seeds, "variants": args.variants, "dtypes": args.dtypes}
+    only = {
+        "tasks": args.tasks,
+        "seeds": args.seeds,
+        "variants": args.variants,
+        "dtypes": args.dtypes,
+    }
     settings = runner.Settings(
         stage=args.stage,
         out=args.out,

@@ -289,7 +289,9 @@ def with_steps(protocol: Protocol, scale: float) -> Protocol:
     variants = tuple(
         replace(
             v,
-            steps=max(41 if v.method == "dfo-lora" else 1, round(v.steps * scale)) if v.steps else 0,
+            steps=max(41 if v.method == "dfo-lora" else 1, round(v.steps * scale))
+            if v.steps
+            else 0,
             eval_every=max(1, round(v.eval_every * scale)),
         )
         for v in protocol.variants

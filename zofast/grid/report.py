@@ -100,9 +100,9 @@ def summarize(protocol: Protocol, records: list[dict]) -> dict:
                 }
     select_cells = protocol.cells("select")
     missing = {
-        "select": [c.key for c in select_cells if c.key not in by_key],
+        "select": [_missing(c) for c in select_cells if c.key not in by_key],
         "unchosen": [v.name for v in protocol.variants if v.lrs and v.name not in chosen],
-        "final": [c.key for c in cells if c.key not in by_key],
+        "final": [_missing(c) for c in cells if c.key not in by_key],
     }
     return {
         "selection": {
@@ -125,6 +125,11 @@ def summarize(protocol: Protocol, records: list[dict]) -> dict:
     }
 
 
+def _missing(cell) -> dict:
+    return {"task": cell.task, "seed": cell.seed, "variant": cell.variant.name,
+            "dtype": cell.dtype, "lr": cell.lr}  # fmt: skip
+
+
 def goals(table: dict, comparisons: list[dict], precision: dict, protocol: Protocol) -> list:
     """The issue's goals, each ``{"goal", "value", "met"}``; ``met`` None while its runs are
     incomplete (fewer pairs than tasks × seeds)."""
@@ -144,20 +149,22 @@ def goals(table: dict, comparisons: list[dict], precision: dict, protocol: Proto
         c = find(LOZO, ADAM, dtype, "float32")
         text = f"LOZO within 2 points of Adam at the same budget (LOZO {dtype})"
         out.append(_goal(text, c, full, lambda m: m >= -2.0))
-    for name, p in precision.items():
-        text = f"bf16 within 0.5 points of float32: {_label(protocol, name)}"
-        out.append(_goal(text, p, full, lambda m: abs(m) <= 0.5))
+    for v in protocol.variants:
+        if "bfloat16" in v.dtypes:
+            text = f"bf16 within 0.5 points of float32: {v.label}"
+            out.append(_goal(text, precision.get(v.name), full, lambda m: abs(m) <= 0.5))
     return out
 
 
 def _goal(text: str, c: dict | None, full: int, test) -> dict:
     if c is None:
         return {"goal": text, "value": None, "n": 0, "met": None}
-    return {"goal": text, "value": c["mean"], "n": c["n"], "met": test(c["mean"]) if c["n"] == full else None}
-
-
-def _label(protocol: Protocol, name: str) -> str:
-    return protocol.variant(name).label
+    return {
+        "goal": text,
+        "value": c["mean"],
+        "n": c["n"],
+        "met": test(c["mean"]) if c["n"] == full else None,
+    }
 
 
 def _lr(x: float | None) -> str:
@@ -182,7 +189,7 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
         "forwards), dev every 500 steps; first-order methods at the same forward budget (a step "
         "counts 3: 13,333 steps) and at 1,000 steps; DFO-LoRA 8,000 calls; batch 16, ε 1e-3, "
         "every weight trained; the best dev checkpoint tested. ZO methods in float32 and in "
-        "bfloat16 with the default settings (mode and rounding \"auto\": the exact modes); "
+        'bfloat16 with the default settings (mode and rounding "auto": the exact modes); '
         "first-order methods and DFO-LoRA in float32. The 100-step CPU grid this replaces: "
         "[results-cpu-100-steps.md](results-cpu-100-steps.md).",
         "",
@@ -202,8 +209,8 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
         lines += ["", "**The grid is incomplete: every table below holds only the runs listed.**"]
         for stage in ("select", "final"):
             by_variant: dict[str, int] = {}
-            for k in missing[stage]:
-                name = f"{k[2]}{'' if k[3] is None else f'-r{k[3]}'}-{k[5]} {k[4]}"
+            for m in missing[stage]:
+                name = f"{labels[m['variant']]} {m['dtype']}"
                 by_variant[name] = by_variant.get(name, 0) + 1
             if by_variant:
                 text = ", ".join(f"{n}: {c}" for n, c in sorted(by_variant.items()))
@@ -252,10 +259,10 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
         "| comparison | mean | std | 95 % CI | wins / ties / pairs |",
         "|---|---|---|---|---|",
     ]
+    if not summary["comparisons"]:
+        lines.append("| none yet | | | | |")
     for c in summary["comparisons"]:
-        text = (
-            f"{labels[c['a']]} {_short(c['dtype_a'])} − {labels[c['b']]} {_short(c['dtype_b'])}"
-        )
+        text = f"{labels[c['a']]} {_short(c['dtype_a'])} − {labels[c['b']]} {_short(c['dtype_b'])}"
         lines.append(
             f"| {text} | {c['mean']:+.2f} | {c['std']:.2f} | {_ci(c)} | "
             f"{c['wins']} / {c['ties']} / {c['n']} |"
@@ -267,6 +274,8 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
         "| method | mean | std | 95 % CI | wins / ties / pairs |",
         "|---|---|---|---|---|",
     ]
+    if not summary["precision"]:
+        lines.append("| none yet | | | | |")
     for name, p in summary["precision"].items():
         lines.append(
             f"| {labels[name]} | {p['mean']:+.2f} | {p['std']:.2f} | {_ci(p)} | "
@@ -295,6 +304,8 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
         "| variant | dtype | steps/s | s per run | runs | workers | device |",
         "|---|---|---|---|---|---|---|",
     ]
+    if not summary["speed"]:
+        lines.append("| none yet | | | | | | |")
     for name_dtype, s in summary["speed"].items():
         name, dtype = name_dtype.split(" ")
         lines.append(
@@ -302,15 +313,17 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
             f"{s['n']} | {', '.join(map(str, s['workers']))} | {', '.join(s['devices'])} |"
         )
     lines += ["", "## Curves", ""]
-    for task in protocol.tasks:
-        lines.append(f"![{TASKS[task]}](grid/curves-{task}.png)")
+    drawn = [t for t in protocol.tasks if any(r["task"] == t for r in final)]
+    lines += [f"![{TASKS[t]}](grid/curves-{t}.png)" for t in drawn] or ["No final runs yet."]
     lines += [
         "",
         "## Reproduce",
         "",
         f"Commits of the runs: {', '.join(f'`{c}`' for c in commits) or '–'}. Every run is one "
         "line of `bench/results/grid-h200/*.jsonl` (with its curves) and one entry of "
-        "`docs/results.json` (without). One cell again, e.g. LOZO rank 2, RTE, seed 42, bf16:",
+        "`docs/results.json` (without). The two stages, in 10-minute calls on one H200 (each "
+        "call's `runs.jsonl` committed to `bench/results/grid-h200/`); one cell again (LOZO "
+        "rank 2, RTE, seed 42, bf16); this report:",
         "",
         "```bash",
         *commands,
@@ -369,8 +382,8 @@ def write(
     }
     (docs / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     summary["final"] = final
-    if plots:
-        for task in protocol.tasks:
+    for task in protocol.tasks if plots else ():
+        if any(r["task"] == task for r in final):
             task_curves(protocol, final, task, docs / "grid" / f"curves-{task}.png")
     path = docs / "results.md"
     kept = "\n"
@@ -378,4 +391,3 @@ def write(
         kept = old.split(DISCUSSION, 1)[1]
     path.write_text(markdown(protocol, summary, COMMANDS, commits) + kept)
     return path
-

@@ -162,10 +162,10 @@ def _work(index, settings: Settings, cells, estimates, counter, started) -> None
         if i >= len(cells) or time.time() - started >= settings.deadline:
             return
         cell, guess = cells[i], estimates[i]
-        if settings.end is not None and guess is not None:
-            if time.time() - started + 1.1 * guess > settings.end:
-                _say(index, f"skip {cell.describe()}: about {guess:.0f} s, past the end")
-                continue
+        late = settings.end is not None and guess is not None
+        if late and time.time() - started + 1.1 * guess > settings.end:
+            _say(index, f"skip {cell.describe()}: about {guess:.0f} s, past the end")
+            continue
         _say(index, f"start {cell.describe()}")
         try:
             record = run_cell(cell, settings, models)

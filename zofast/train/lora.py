@@ -6,10 +6,12 @@ and alpha 16 in the accuracy grid) go on every attention projection, found by na
 q/k/v and output projections; GPT-2's fused ``c_attn`` and its ``attn.c_proj``). Only the adapter
 weights train; a step is one forward and one backward pass (3 forwards of the budget, as Adam).
 
-The run ends with a plain model: :meth:`LoRA.close` merges the adapters into the projections'
-weights and takes the PEFT wrappers out of the model; :meth:`LoRA.restore` (the best dev
-checkpoint) swaps the merged update for the snapshot's. So the test accuracy, ``save_model``'s
-folder and the caller's model are the merged best weights.
+The run ends with a plain model: :meth:`LoRA.close` keeps a host copy of the projections' base
+weights, merges the adapters into them and takes the PEFT wrappers out of the model;
+:meth:`LoRA.restore` (the best dev checkpoint) puts the base weights back and merges the
+snapshot's adapters instead (one rounding, as PEFT's merge: a best checkpoint at step 0 is the
+base model bit for bit). So the test accuracy, ``save_model``'s folder and the caller's model are
+the merged best weights.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class LoRA(Adam):
         if not self.attached:
             return
         model = self.loaded.model
+        self.base = {
+            n: m.get_base_layer().weight.to("cpu", copy=True) for n, m in self.layers.items()
+        }
         with torch.no_grad():
             for name, layer in self.layers.items():
                 layer.merge()
@@ -126,9 +131,10 @@ class LoRA(Adam):
         if self.attached:
             return super().restore(snapshot)
         with torch.no_grad():
-            for layer in self.layers.values():
-                layer.unmerge()
             for name, p in self.trained:
                 p.copy_(snapshot[name].to(p.device))
-            for layer in self.layers.values():
+            for name, layer in self.layers.items():
+                weight = layer.get_base_layer().weight
+                weight.copy_(self.base[name].to(weight.device))
+                layer.merged_adapters.clear()
                 layer.merge()
