@@ -62,9 +62,11 @@ def task_curves(protocol: Protocol, final: list[dict], task: str, path: str | Pa
             style = "-" if dtype == "float32" else "--"
             label = v.label + ("" if dtype == "float32" else " bf16")
             xs, ys = _mean_curve(these, "dev")
-            dev_ax.plot(xs, [100 * y for y in ys], style, color=color, label=label)
+            dev_ax.plot(
+                xs, [100 * y for y in ys], style, color=color, label=label, marker=".", ms=3
+            )
             xs, ys = _mean_curve(these, "loss")
-            loss_ax.plot(xs, ys, style, color=color, label=label)
+            loss_ax.plot(xs, ys, style, color=color, label=label, marker=".", ms=3)
     for ax, title in ((dev_ax, "dev accuracy (%)"), (loss_ax, "training loss")):
         ax.set_xscale("log")
         ax.set_xlabel("forward passes (a first-order step counts 3)")

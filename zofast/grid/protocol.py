@@ -203,7 +203,7 @@ class Cell:
     Example:
         >>> cell = Protocol().cells("select")[0]
         >>> cell.key
-        ('rte', 13, 'adam', None, 'float32', 13333, 1e-05)
+        ('rte', 13, 'lozo-m', 2, 'float32', 20000, 3e-06)
     """
 
     task: str

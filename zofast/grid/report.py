@@ -87,7 +87,7 @@ def summarize(protocol: Protocol, records: list[dict]) -> dict:
             precision[v.name] = paired(values)
     speed = {}
     for v in protocol.variants:
-        for dtype in v.dtypes:
+        for dtype in v.dtypes if v.steps else ():
             runs = [r for r in final if r["variant"] == v.name and r["dtype"] == dtype]
             rates = [r["steps_per_s"] for r in runs if r.get("steps_per_s")]
             if rates:
@@ -206,7 +206,7 @@ def markdown(protocol: Protocol, summary: dict, commands: list[str], commits: li
         ),
     ]
     if missing["select"] or missing["final"] or missing["unchosen"]:
-        lines += ["", "**The grid is incomplete: every table below holds only the runs listed.**"]
+        lines += ["", "**The grid is incomplete: the tables below hold only the runs it has.**"]
         for stage in ("select", "final"):
             by_variant: dict[str, int] = {}
             for m in missing[stage]:

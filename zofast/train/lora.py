@@ -52,6 +52,7 @@ def attention_projections(model: torch.nn.Module) -> list[str]:
         ConfigError: no module matches (an architecture this list does not know).
 
     Example:
+        >>> from zofast.models import load_model
         >>> attention_projections(load_model().model)[:2]
         ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.key']
     """
