@@ -11,7 +11,7 @@ from zofast.data import load_demo
 from zofast.grid import records as rec
 from zofast.grid.protocol import ZO_LRS, Protocol, Variant
 from zofast.grid.report import summarize, write
-from zofast.grid.runner import Settings, pending, run
+from zofast.grid.runner import Settings, estimate, pending, run
 from zofast.grid.selection import choose
 from zofast.grid.stats import paired, t975
 
@@ -96,12 +96,16 @@ def test_tiny_grid_end_to_end_select_then_final_and_resume(kshot, tiny_model_dir
 def test_deadline_and_end_hold_back_cells(kshot, tiny_model_dirs, tmp_path):
     settings = _settings(kshot, tiny_model_dirs, tmp_path, "select", deadline=0.0)
     assert run(settings) == 0 and not rec.read([settings.out]), "no cell starts after it"
-    # An earlier LoRA run of another seed took 1000 s: with 100 s left it waits; MeZO still runs.
+    # An earlier LoRA run (another seed, 30 steps) took 10 s a step: LoRA's 3 steps need about
+    # 30 s, more than the 20 s left; MeZO (no estimate) still runs.
     (tmp_path / "earlier").mkdir()
     old = {"task": "sst-2", "seed": 99, "method": "lora", "rank": 2, "dtype": "float32",
-           "steps": 3, "lr": 1e-3, "seconds": 1000.0}  # fmt: skip
+           "steps": 30, "steps_run": 30, "lr": 1e-3, "seconds": 300.0}  # fmt: skip
     rec.append(tmp_path / "earlier" / "call-1.jsonl", old)
-    settings = _settings(kshot, tiny_model_dirs, tmp_path, "select", end=100.0)
+    lora = next(c for c in pending(_settings(kshot, tiny_model_dirs, tmp_path, "select"))[0]
+                if c.variant.method == "lora")  # fmt: skip
+    assert estimate(lora, rec.read([tmp_path / "earlier"])) == pytest.approx(30.0)
+    settings = _settings(kshot, tiny_model_dirs, tmp_path, "select", end=20.0)
     assert run(settings) == 1
     assert [r["method"] for r in rec.read([settings.out])] == ["mezo"]
 

@@ -5,9 +5,10 @@ first, and starts ``workers`` processes. Each loads the model once per dtype, ta
 from a shared counter, resets the model to its base weights, trains (:func:`zofast.train.train`:
 no plot, no checkpoint files, the best dev weights kept in memory, its log in a temporary folder
 read back for the curves) and appends one record (:mod:`zofast.grid.records`). A worker takes no
-cell after ``deadline``, and none whose estimated time (the median ``seconds`` of earlier records
-of the same task, method, rank, dtype and steps, plus 10 %) would run past ``end``; a shorter
-cell further down the queue may still fit. A cell that raises is reported and not recorded; the
+cell after ``deadline``, and none whose estimated time (:func:`estimate`, plus 10 %) would run
+past ``end``; a shorter cell further down the queue may still fit. A cell must finish within one
+call: there is no resuming a cell across calls (a checkpoint of MiniLM, 90 MB, would not come
+back from the device). A cell that raises is reported and not recorded; the
 worker reloads its model and goes on.
 """
 
@@ -92,14 +93,21 @@ def pending(settings: Settings) -> tuple[list[Cell], list[dict]]:
 
 
 def estimate(cell: Cell, done: list[dict]) -> float | None:
-    """Median wall seconds of earlier runs of the same task, method, rank, dtype and steps."""
+    """Wall seconds the cell should take: the median seconds per step of earlier runs of the same
+    task, method, rank and dtype (any step count: a ``--scale`` rehearsal times the real grid)
+    times its steps; a run without steps (zero-shot): its seconds."""
+    v = cell.variant
     same = [
-        r["seconds"]
+        r
         for r in done
-        if (r["task"], r["method"], r["rank"], r["dtype"], r["steps"])
-        == (cell.task, cell.variant.method, cell.variant.rank, cell.dtype, cell.variant.steps)
+        if (r["task"], r["method"], r["rank"], r["dtype"])
+        == (cell.task, v.method, v.rank, cell.dtype)
+        and "seconds" in r
     ]
-    return statistics.median(same) if same else None
+    if not v.steps:
+        return statistics.median(r["seconds"] for r in same) if same else None
+    rates = [r["seconds"] / r["steps_run"] for r in same if r.get("steps_run")]
+    return statistics.median(rates) * v.steps if rates else None
 
 
 def run(settings: Settings) -> int:

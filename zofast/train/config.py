@@ -64,8 +64,8 @@ class TrainConfig:
             :mod:`zofast.train.lora`); LOZO is the project's main method (low-rank noise: fewer
             effective dimensions than MeZO's).
         lr: learning rate; None = ``DEFAULT_LR[method]`` (tuned for MiniLM on the demo set's
-            dev split, docs/results.md; far larger than the 1e-6/1e-7 of billion-parameter runs,
-            which take 100x more steps).
+            dev split, docs/results-cpu-100-steps.md; far larger than the 1e-6/1e-7 of
+            billion-parameter runs, which take 100x more steps).
         eps: perturbation scale ε; 1e-3 as in MeZO's and LOZO's published runs.
         rank: rank r of LOZO's U·Vᵀ, DFO-LoRA's or LoRA's adapters; None = 8 for lora (the
             usual LoRA rank, alpha 2r) and 2 otherwise, LOZO's recommendation for small budgets
