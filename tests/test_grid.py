@@ -96,15 +96,16 @@ def test_tiny_grid_end_to_end_select_then_final_and_resume(kshot, tiny_model_dir
 def test_deadline_and_end_hold_back_cells(kshot, tiny_model_dirs, tmp_path):
     settings = _settings(kshot, tiny_model_dirs, tmp_path, "select", deadline=0.0)
     assert run(settings) == 0 and not rec.read([settings.out]), "no cell starts after it"
-    # An earlier LoRA run (another seed, 30 steps) took 10 s a step: LoRA's 3 steps need about
-    # 30 s, more than the 20 s left; MeZO (no estimate) still runs.
+    # An earlier LoRA run (another seed, 30 steps) trained 10 s a step and spent 5 s besides:
+    # LoRA's 3 steps need about 35 s, more than the 20 s left; MeZO (no estimate) still runs.
     (tmp_path / "earlier").mkdir()
     old = {"task": "sst-2", "seed": 99, "method": "lora", "rank": 2, "dtype": "float32",
-           "steps": 30, "steps_run": 30, "lr": 1e-3, "seconds": 300.0}  # fmt: skip
+           "steps": 30, "steps_run": 30, "lr": 1e-3, "seconds": 305.0,
+           "train_seconds": 300.0}  # fmt: skip
     rec.append(tmp_path / "earlier" / "call-1.jsonl", old)
     lora = next(c for c in pending(_settings(kshot, tiny_model_dirs, tmp_path, "select"))[0]
                 if c.variant.method == "lora")  # fmt: skip
-    assert estimate(lora, rec.read([tmp_path / "earlier"])) == pytest.approx(30.0)
+    assert estimate(lora, rec.read([tmp_path / "earlier"])) == pytest.approx(35.0)
     settings = _settings(kshot, tiny_model_dirs, tmp_path, "select", end=20.0)
     assert run(settings) == 1
     assert [r["method"] for r in rec.read([settings.out])] == ["mezo"]

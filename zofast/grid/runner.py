@@ -93,9 +93,17 @@ def pending(settings: Settings) -> tuple[list[Cell], list[dict]]:
 
 
 def estimate(cell: Cell, done: list[dict]) -> float | None:
-    """Wall seconds the cell should take: the median seconds per step of earlier runs of the same
-    task, method, rank and dtype (any step count: a ``--scale`` rehearsal times the real grid)
-    times its steps; a run without steps (zero-shot): its seconds."""
+    """Wall seconds the cell should take, from earlier runs of the same task, method, rank and
+    dtype at any step count (a ``--scale`` rehearsal times the real grid): the median training
+    seconds per step times its steps, plus the median of the rest (evaluations, setup: the same
+    number of evaluations at any scale, since the period scales with the steps).
+
+    Example:
+        >>> cell = Protocol().cells("select")[0]
+        >>> estimate(cell, [{"task": "rte", "method": "lozo-m", "rank": 2, "dtype": "float32",
+        ...                  "steps_run": 100, "train_seconds": 2.0, "seconds": 5.0}])
+        403.0
+    """
     v = cell.variant
     same = [
         r
@@ -104,10 +112,11 @@ def estimate(cell: Cell, done: list[dict]) -> float | None:
         == (cell.task, v.method, v.rank, cell.dtype)
         and "seconds" in r
     ]
-    if not v.steps:
-        return statistics.median(r["seconds"] for r in same) if same else None
-    rates = [r["seconds"] / r["steps_run"] for r in same if r.get("steps_run")]
-    return statistics.median(rates) * v.steps if rates else None
+    if not same:
+        return None
+    rest = statistics.median(r["seconds"] - r.get("train_seconds", 0.0) for r in same)
+    rates = [r["train_seconds"] / r["steps_run"] for r in same if r.get("steps_run")]
+    return rest + (statistics.median(rates) * v.steps if rates and v.steps else 0.0)
 
 
 def run(settings: Settings) -> int:
