@@ -101,11 +101,6 @@ class LoRA(Adam):
         self.log_fields["lora_targets"] = len(targets)
         self.attached = True
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        if not self.attached:
-            raise RuntimeError("the LoRA adapters were merged and detached (close)")
-        return super().snapshot()
-
     def close(self) -> None:
         """Merge the current adapters into the weights and take the PEFT wrappers out."""
         super().close()
