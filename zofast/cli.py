@@ -90,6 +90,7 @@ _UNUSED_BY = {
     "lozo-m": ("popsize", "intrinsic_dim"),
     "mezo": ("rank", "nu", "popsize", "intrinsic_dim", "paired"),
     "adam": (*_ZO_ONLY, "rank", "nu", "popsize", "intrinsic_dim", "paired"),
+    "lora": (*_ZO_ONLY, "nu", "popsize", "intrinsic_dim", "paired", "freeze"),
     "dfo-lora": (
         *_ZO_ONLY,
         "lr",

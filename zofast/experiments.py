@@ -20,7 +20,7 @@ Run it (resumable: finished runs are skipped; results survive an interruption)::
 
     nohup python -m zofast.experiments run --data-root ../shared/data/k-shot --workers 2 \\
         > runs/grid/progress.log 2>&1 &
-    python -m zofast.experiments report        # docs/results.md and docs/results.json
+    python -m zofast.experiments report   # docs/results-cpu-100-steps.md and .json
     python -m zofast.experiments dfo --out runs/dfo-exp   # the DFO-LoRA grid (its --help)
 
 ``run`` starts ``--workers`` processes with ``--threads`` torch threads each; they take
@@ -69,6 +69,7 @@ METHODS = ("mezo", "lozo", "lozo-m", "adam")
 
 STD_NOTE = "sample std over seeds, ddof = 1"
 """How every report states its ± (:func:`mean_std`)."""
+REPORT = "results-cpu-100-steps"  # docs/results.md is the GPU grid's (zofast.grid)
 LABELS = {
     "zero-shot": "zero-shot",
     "mezo": "MeZO",
@@ -93,7 +94,7 @@ class GridConfig:
     Args:
         data_root: folder holding ``SST-2/16-<seed>``, ``RTE/16-<seed>``, ``trec/16-<seed>``.
         runs_dir: run folders, ``runs.jsonl`` and the progress log.
-        docs_dir: where ``report`` writes ``results.md`` and ``results.json``.
+        docs_dir: where ``report`` writes ``results-cpu-100-steps.md`` and ``.json``.
         zo_steps: steps of the zeroth-order methods; the budget is ``2 * zo_steps`` forwards,
             which Adam spends in ``2 * zo_steps // 3`` steps.
         batch_size: examples per step (all methods).
@@ -484,16 +485,16 @@ _DISCUSSION = "<!-- discussion: text below this line is kept when the report is 
 
 
 def report(grid: GridConfig, command: str | None = None) -> Path:
-    """Write ``results.md`` and ``results.json`` from the finished runs.
+    """Write ``results-cpu-100-steps.md`` and ``.json`` (:data:`REPORT`) from the finished runs.
 
-    Text after the discussion marker of an existing ``results.md`` is kept.
+    Text after the discussion marker of an existing report is kept.
 
     Args:
         grid: the grid.
         command: the command line that ran the grid (shown in the report).
 
     Returns:
-        The path of ``results.md``.
+        The path of the ``.md``.
     """
     import torch
 
@@ -508,7 +509,7 @@ def report(grid: GridConfig, command: str | None = None) -> Path:
         "torch": torch.__version__,
     }
     payload = {"grid": grid.to_dict(), "machine": machine, "summary": summary, "runs": records}
-    (docs / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (docs / f"{REPORT}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
     methods = ["zero-shot", *grid.methods]
     n = len(grid.seeds)
@@ -593,16 +594,13 @@ def report(grid: GridConfig, command: str | None = None) -> Path:
         "```",
         "",
         "Per-run logs, plots and trajectories: `runs/grid/<task>/seed<seed>/<method>/`; every "
-        "run as one JSON line: `runs/grid/runs.jsonl`; all numbers: `docs/results.json`.",
+        f"run as one JSON line: `runs/grid/runs.jsonl`; all numbers: `docs/{REPORT}.json`.",
         "",
         _DISCUSSION,
     ]
-    path = docs / "results.md"
-    kept = ""
-    if path.is_file():
-        old = path.read_text()
-        if _DISCUSSION in old:
-            kept = old.split(_DISCUSSION, 1)[1]
+    path = docs / f"{REPORT}.md"
+    old = path.read_text() if path.is_file() else ""
+    kept = old.split(_DISCUSSION, 1)[1] if _DISCUSSION in old else ""
     path.write_text("\n".join(lines) + (kept if kept else "\n"))
     return path
 
@@ -655,14 +653,15 @@ def main(argv: list[str] | None = None) -> int:
         Exit code.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["dfo"]:
-        from zofast.dfo import experiments as dfo_experiments
+    if argv[:1] in (["dfo"], ["grid"]):  # the DFO-LoRA grid; the GPU grid (zofast.grid)
+        from importlib import import_module
 
-        dfo_experiments.main(argv[1:])
-        return 0
+        name = "zofast.dfo.experiments" if argv[0] == "dfo" else "zofast.grid.__main__"
+        return import_module(name).main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m zofast.experiments")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dfo", add_help=False, help="the DFO-LoRA grid (dfo --help for its options)")
+    sub.add_parser("grid", add_help=False, help="the GPU accuracy grid (grid --help)")
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--data-root", default="../shared/data/k-shot")

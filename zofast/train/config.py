@@ -14,10 +14,11 @@ from zofast.optim.directions import SPLITS
 from zofast.optim.modes import MODES, ROUNDINGS, auto_mode
 from zofast.tasks import get_task
 
-METHODS = ("lozo", "lozo-m", "mezo", "dfo-lora", "adam")
+METHODS = ("lozo", "lozo-m", "mezo", "dfo-lora", "adam", "lora")
 ZO_METHODS = ("lozo", "lozo-m", "mezo")
-FORWARDS_PER_STEP = {"lozo": 2, "lozo-m": 2, "mezo": 2, "adam": 3}
-DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5}
+FORWARDS_PER_STEP = {"lozo": 2, "lozo-m": 2, "mezo": 2, "adam": 3, "lora": 3}
+DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5, "lora": 3e-4}
+DEFAULT_RANK = {"lora": 8}
 DEFAULT_MOMENTUM = {"lozo-m": 0.7}
 DTYPES = ("float32", "bfloat16", "float16")
 #: The TrainConfig fields that say where the data files hold text and labels.
@@ -58,13 +59,17 @@ class TrainConfig:
             a header when a column is given by name.
         label_map: VALUE=ID pairs mapping label values to classes (ID: class id, label name or
             label word); None = class ids or the task's label names, as LM-BFF's files hold.
-        method: ``lozo``, ``lozo-m``, ``mezo``, ``dfo-lora`` or ``adam``; LOZO is the project's
-            main method (low-rank noise: fewer effective dimensions than MeZO's).
+        method: ``lozo``, ``lozo-m``, ``mezo``, ``dfo-lora``, ``adam`` (first order, all
+            weights) or ``lora`` (first order, PEFT adapters on the attention projections,
+            :mod:`zofast.train.lora`); LOZO is the project's main method (low-rank noise: fewer
+            effective dimensions than MeZO's).
         lr: learning rate; None = ``DEFAULT_LR[method]`` (tuned for MiniLM on the demo set's
-            dev split, docs/results.md; far larger than the 1e-6/1e-7 of billion-parameter runs,
-            which take 100x more steps).
+            dev split, docs/results-cpu-100-steps.md; far larger than the 1e-6/1e-7 of
+            billion-parameter runs, which take 100x more steps).
         eps: perturbation scale ε; 1e-3 as in MeZO's and LOZO's published runs.
-        rank: rank r of LOZO's U·Vᵀ; 2, LOZO's recommendation for small budgets (OPT: 1-2).
+        rank: rank r of LOZO's U·Vᵀ, DFO-LoRA's or LoRA's adapters; None = 8 for lora (the
+            usual LoRA rank, alpha 2r) and 2 otherwise, LOZO's recommendation for small budgets
+            (OPT: 1-2).
         nu: steps between redraws of V; 50, inside LOZO's recommended 50-100.
         popsize: DFO-LoRA candidates per generation; 20, as the authors' code.
         intrinsic_dim: DFO-LoRA numbers searched per layer; 500, as the authors' code.
@@ -147,7 +152,7 @@ class TrainConfig:
     method: str = "lozo"
     lr: float | None = None
     eps: float = 1e-3
-    rank: int = 2
+    rank: int | None = None
     nu: int = 50
     popsize: int = 20
     intrinsic_dim: int = 500
@@ -201,7 +206,7 @@ class TrainConfig:
         counts = ("rank", "nu", "directions", "popsize", "intrinsic_dim", "batch_size")
         counts = (*counts, "eval_every")
         for name in (*counts, "eval_batch_size", "log_every"):
-            value = getattr(self, name)
+            value = self.resolved_rank if name == "rank" else getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         every = self.checkpoint_every
@@ -294,6 +299,11 @@ class TrainConfig:
     def resolved_lr(self) -> float | None:
         """The learning rate used: ``lr`` or the method's default."""
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.method)
+
+    @property
+    def resolved_rank(self) -> int:
+        """The rank used: ``rank`` or the method's default."""
+        return self.rank if self.rank is not None else DEFAULT_RANK.get(self.method, 2)
 
     @property
     def resolved_mode(self) -> str:

@@ -321,7 +321,7 @@ class DFO(Method):
         try:
             self.dfo = DFOLoRA(
                 loaded,
-                rank=config.rank,
+                rank=config.resolved_rank,
                 intrinsic_dim=config.intrinsic_dim,
                 popsize=config.popsize,
                 seed=config.seed,
@@ -425,7 +425,7 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_grou
             return MeZO(groups, **common)
         return LOZO(
             groups,
-            rank=config.rank,
+            rank=config.resolved_rank,
             nu=config.nu,
             momentum=config.resolved_momentum,
             paired=config.paired,
@@ -446,4 +446,8 @@ def build_method(
     batches = Batches(splits["train"], config.batch_size, config.seed)
     if config.method == "adam":
         return Adam(config, loaded, scorer, batches)
+    if config.method == "lora":
+        from zofast.train.lora import LoRA
+
+        return LoRA(config, loaded, scorer, batches)
     return ZerothOrder(config, loaded, scorer, batches, ranks)
