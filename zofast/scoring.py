@@ -33,6 +33,9 @@ from .tasks import Task, get_task
 
 __all__ = ["Batch", "Scorer"]
 
+ROW_CACHE_SIZE = 200_000
+"""Examples whose token rows a :class:`Scorer` keeps (emptied when full: the bound is memory)."""
+
 _MLM_HEAD_CHAINS = {
     "distilbert": ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
     "electra": ("generator_predictions", "generator_lm_head"),
@@ -192,6 +195,8 @@ class Scorer:
         if not isinstance(pad_multiple, int) or pad_multiple < 1:
             raise ValueError(f"pad_multiple must be a positive integer, got {pad_multiple!r}")
         self.pad_multiple = pad_multiple
+        self._row_cache: dict[Example, tuple[list[int], list[int] | None]] = {}
+        self._descriptions: list[tuple[list[int], list[int] | None]] | None = None
         self._prefix, self._suffix = _special_tokens(self.tokenizer)
         if self.kind == "causal":
             self._suffix = []
@@ -310,7 +315,23 @@ class Scorer:
         current = text[start:end]
         return dataclasses.replace(example, **{name: current[:keep]})
 
-    def _encoder_rows(self, examples: Sequence[Example]) -> dict[str, list[list[int]]]:
+    def _rows(self, examples: Sequence[Example]) -> list[tuple[list[int], list[int] | None]]:
+        """Each example's token ids (and token type ids, where the tokenizer makes them),
+        cached: a run encodes the same few-shot examples thousands of times, and tokenising
+        them costs more host time than a small model's forward."""
+        missing = [ex for ex in dict.fromkeys(examples) if ex not in self._row_cache]
+        if missing:
+            if len(self._row_cache) + len(missing) > ROW_CACHE_SIZE:
+                self._row_cache.clear()
+            if self.kind == "encoder":
+                self._row_cache.update(zip(missing, self._encoder_rows(missing), strict=True))
+            else:
+                self._row_cache.update((ex, (self._prompt_ids(ex), None)) for ex in missing)
+        return [self._row_cache[ex] for ex in examples]
+
+    def _encoder_rows(
+        self, examples: Sequence[Example]
+    ) -> list[tuple[list[int], list[int] | None]]:
         fields = self.task.text_fields
         kw = {"truncation": True, "max_length": self.max_length}
         if "text_b" in fields:
@@ -322,11 +343,17 @@ class Scorer:
             )
         else:
             enc = self.tokenizer([ex.text_a for ex in examples], **kw)
-        desc = self.tokenizer(list(self.descriptions), **kw)
-        rows = {"input_ids": list(enc["input_ids"]) + list(desc["input_ids"])}
-        if "token_type_ids" in enc and "token_type_ids" in desc:
-            rows["token_type_ids"] = list(enc["token_type_ids"]) + list(desc["token_type_ids"])
-        return rows
+        types = enc.get("token_type_ids") or [None] * len(examples)
+        return list(zip(enc["input_ids"], types, strict=True))
+
+    def _description_rows(self) -> list[tuple[list[int], list[int] | None]]:
+        """The label descriptions' rows, appended to every encoder batch (tokenised once)."""
+        if self._descriptions is None:
+            kw = {"truncation": True, "max_length": self.max_length}
+            desc = self.tokenizer(list(self.descriptions), **kw)
+            types = desc.get("token_type_ids") or [None] * len(desc["input_ids"])
+            self._descriptions = list(zip(desc["input_ids"], types, strict=True))
+        return self._descriptions
 
     def encode(self, examples: Sequence[Example]) -> Batch:
         """Tokenise examples into one right-padded batch on the model's device.
@@ -348,11 +375,10 @@ class Scorer:
         for ex in examples:
             if not 0 <= ex.label < self.num_labels:
                 raise ValueError(f"label {ex.label} outside 0..{self.num_labels - 1}: {ex!r}")
+        rows = self._rows(examples)
         if self.kind == "encoder":
-            rows = self._encoder_rows(examples)
-        else:
-            rows = {"input_ids": [self._prompt_ids(ex) for ex in examples]}
-        ids = rows["input_ids"]
+            rows = rows + self._description_rows()
+        ids = [r for r, _ in rows]
         longest = max(len(r) for r in ids)
         width = max(
             longest, min(-(-longest // self.pad_multiple) * self.pad_multiple, self.max_length)
@@ -363,10 +389,10 @@ class Scorer:
             input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             attention_mask[i, : len(r)] = 1
         token_type_ids = None
-        if "token_type_ids" in rows:
+        if all(t is not None for _, t in rows):
             token_type_ids = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, r in enumerate(rows["token_type_ids"]):
-                token_type_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            for i, (_, t) in enumerate(rows):
+                token_type_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         n = len(examples)
         if self.kind == "mlm":
             is_mask = input_ids[:n] == self.tokenizer.mask_token_id
