@@ -259,3 +259,59 @@ def test_zo_trainer_refuses_what_cannot_stream(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="leave optimizers out"):
         ZOTrainer(model=model, args=args, optimizers=(LOZO(model, lr=1e-3), None))
     assert not hasattr(model, "hf_device_map")
+
+
+@pytest.mark.gpu
+def test_zofast_train_offload_on_a_gpu(opt_dir, tmp_path, monkeypatch):
+    """A tiny OPT streamed from pinned host memory to cuda:0 through train(): the blocks stay on
+    the host (registered) while the run computes on the GPU, and the trajectory tracks the run
+    resident on cuda:0 within the rounding of the updates (the GPU's kernels write them there,
+    the host engine here: the normals differ in float32 rounding)."""
+    from zofast.trajectory import Trajectory
+
+    seen = []
+    stream = offload.stream
+
+    def spy(*args, **kwargs):
+        handle = stream(*args, **kwargs)
+        block = handle.blocks[0][1]
+        seen.append((handle, [(p.device.type, p.is_pinned()) for p in block.parameters()]))
+        return handle
+
+    monkeypatch.setattr(offload, "stream", spy)
+    common = settings(opt_dir, device="cuda", paired=True, checkpoint_every=3)
+    train(TrainConfig(**common, output_dir=str(tmp_path / "a")))
+    train(TrainConfig(**common, offload=True, output_dir=str(tmp_path / "b")))
+    ((handle, placed),) = seen
+    assert placed and all(where == ("cpu", True) for where in placed)
+    assert handle.host_buffer.ptr is None and handle.uploads >= 6 * len(handle.blocks)
+    one, streamed = (Trajectory.load(tmp_path / n / "trajectory.json") for n in ("a", "b"))
+    assert streamed.device == "cpu+cuda"
+    g_one, g_s = (torch.tensor(list(t._g)) for t in (one, streamed))
+    torch.testing.assert_close(g_s, g_one, rtol=0.05, atol=0.05 * float(g_one.abs().max()))
+    resumed = resume(tmp_path / "b")  # a finished run's last checkpoint: its files again
+    assert resumed.steps == 6
+
+
+@pytest.mark.gpu
+def test_zo_trainer_offload_on_a_gpu(tmp_path):
+    """Trainer and accelerate leave a streamed model where it is on a real GPU (blocks pinned
+    on the host, the rest on cuda:0), and save_model writes the trained host tensors."""
+    from zofast.hf import ZOTrainer, ZOTrainingArguments
+
+    path = make_tiny_model("gpt2", tmp_path / "gpt2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    args = ZOTrainingArguments(
+        str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+        save_strategy="no", report_to=[], disable_tqdm=True, zo_paired=True, zo_offload=True,
+    )  # fmt: skip
+    trainer = ZOTrainer(model=model, args=args, train_dataset=_trainer_inputs(path))
+    trainer.train()
+    blocks = [p for _, b in trainer.streamed.blocks for p in b.parameters()]
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in blocks)
+    assert model.lm_head.weight.is_cuda and trainer.trajectory.steps == 3
+    trainer.save_model(str(tmp_path / "saved"))
+    expected = weights(model)
+    trainer.streamed.remove()
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert all(torch.equal(t, expected[n]) for n, t in saved.items())
