@@ -134,7 +134,7 @@ def test_zofast_train_offload(stand_in, opt_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--offload"], "offload streams the blocks to a GPU"),  # no stand-in: the CPU is refused
+        (["--offload", "--device", "cpu"], "offload streams the blocks to a GPU"),  # no stand-in
         (["--offload", "--method", "adam"], "offload is for lozo, lozo-m, mezo"),
         (["--offload", "--method", "dfo-lora"], "offload is for"),
         (["--offload", "--device-map", '{"model": "cpu", "lm_head": "cpu"}'], "not both"),
