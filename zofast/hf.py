@@ -210,8 +210,11 @@ def _streamed(model, args, optimizer):
         raise ValueError(f"zo_offload streams the blocks to a GPU; args.device is {args.device}")
     if getattr(model, "hf_device_map", None) is not None:
         raise ValueError("zo_offload places the model itself: load it without a device_map")
-    if args.world_size > 1:
-        raise ValueError("zo_offload runs in one process (not under torchrun)")
+    if args.world_size > 1 or args.n_gpu > 1:  # (n_gpu > 1: Trainer would replicate the model)
+        raise ValueError(
+            "zo_offload runs in one process on one GPU (not under torchrun; CUDA_VISIBLE_DEVICES "
+            "naming one GPU)"
+        )
     if optimizer is not None:
         raise ValueError(
             "with zo_offload the optimizer is built after the blocks are streamed: leave "
