@@ -49,10 +49,23 @@ Checkpoints and resume
     order and its RNG states itself). Checkpoints written by Trainer's own format
     (``optimizer.pt``) still load.
 
+Models larger than the GPU
+    ``zo_offload=True`` streams the model's repeated blocks from pinned host memory to
+    ``args.device`` (:func:`zofast.offload.stream`, before Trainer places the model; the model
+    gets an ``hf_device_map`` naming each block's execution device, transformers' and
+    accelerate's sign for "placed already: do not move"), and the optimizer is built on it.
+    Every block parameter holds its always-current host tensor between forwards, so
+    ``save_model`` and the checkpoints write it. ``trainer.streamed.remove()`` takes the hooks off
+    when done (the blocks stay on the host). The paired step stays opt-in here (``zo_paired``):
+    it halves a streamed step's uploads, but refuses a custom ``compute_loss``. One process, a
+    GPU, a model loaded without a device map, and no prebuilt optimizer (it would hold the
+    tensors from before streaming); else ValueError.
+
 Choosing the optimizer
     ``ZOTrainingArguments`` adds ``zo_method`` (``lozo``, ``lozo-m``, ``mezo``), ``zo_eps``,
     ``zo_rank``, ``zo_nu``, ``zo_momentum``, ``zo_seed``, ``zo_mode``, ``zo_rounding``,
-    ``zo_directions`` and ``zo_paired`` to ``TrainingArguments``; the learning rate and weight
+    ``zo_directions``, ``zo_paired``, ``zo_offload``, ``zo_offload_update`` and ``zo_prefetch``
+    to ``TrainingArguments``; the learning rate and weight
     decay are Trainer's own ``learning_rate`` and ``weight_decay`` (decay on matrices only, as
     :func:`zofast.optim.param_groups`). Plain ``TrainingArguments`` give LOZO
     with its defaults. Or build the optimizer yourself and pass ``optimizers=(opt, None)``.
@@ -94,6 +107,10 @@ class ZOTrainingArguments(transformers.TrainingArguments):
         zo_rounding: ``"auto"``, ``"nearest"`` or ``"stochastic"``.
         zo_directions: perturbations per step, their estimates averaged (2 forwards each).
         zo_paired: one forward per direction over the batch stacked twice (lozo / lozo-m).
+        zo_offload: stream the blocks from pinned host memory to the GPU (module docstring).
+        zo_offload_update: with zo_offload, where the block tensors' update passes run:
+            ``"host"`` (C++ engine) or ``"gpu"`` (written back); see :func:`zofast.offload.stream`.
+        zo_prefetch: with zo_offload, blocks uploaded ahead of the one computing.
 
     Example:
         >>> args = ZOTrainingArguments("out", learning_rate=1e-6, zo_method="mezo")
@@ -118,6 +135,13 @@ class ZOTrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "lozo / lozo-m: both losses from one forward over the batch twice"},
     )
+    zo_offload: bool = field(
+        default=False, metadata={"help": "stream the blocks from host memory to the GPU"}
+    )
+    zo_offload_update: str = field(
+        default="host", metadata={"help": "with zo_offload: update passes on the host or gpu"}
+    )
+    zo_prefetch: int = field(default=1, metadata={"help": "with zo_offload: blocks ahead"})
 
 
 def _zo_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
@@ -173,6 +197,33 @@ def build_optimizer(model: torch.nn.Module, args: transformers.TrainingArguments
     else:
         momentum = 0.9 if s["momentum"] is None else s["momentum"]
     return LOZO(groups, rank=s["rank"], nu=s["nu"], momentum=momentum, paired=s["paired"], **common)
+
+
+def _streamed(model, args, optimizer):
+    """``zo_offload``: the model's blocks streamed to ``args.device`` (None without it)."""
+    if args is None or not getattr(args, "zo_offload", False):
+        return None
+    from zofast.offload import stream
+    from zofast.train.streaming import STREAM_TO
+
+    if args.device.type not in STREAM_TO:
+        raise ValueError(f"zo_offload streams the blocks to a GPU; args.device is {args.device}")
+    if getattr(model, "hf_device_map", None) is not None:
+        raise ValueError("zo_offload places the model itself: load it without a device_map")
+    if args.world_size > 1 or args.n_gpu > 1:  # (n_gpu > 1: Trainer would replicate the model)
+        raise ValueError(
+            "zo_offload runs in one process on one GPU (not under torchrun; CUDA_VISIBLE_DEVICES "
+            "naming one GPU)"
+        )
+    if optimizer is not None:
+        raise ValueError(
+            "with zo_offload the optimizer is built after the blocks are streamed: leave "
+            "optimizers out (or call zofast.offload.stream before making it, without zo_offload)"
+        )
+    streamed = stream(model, args.device, prefetch=args.zo_prefetch, update=args.zo_offload_update)
+    # transformers' and accelerate's sign of a placed model: neither moves it to args.device
+    model.hf_device_map = {name: str(streamed.device) for name, _ in streamed.blocks}
+    return streamed
 
 
 def _delegated(name: str) -> property:
@@ -283,12 +334,17 @@ class ZOTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
+        model = kwargs.get("model", args[0] if args else None)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        optimizer = kwargs.get("optimizers", (None, None))[0]
+        if getattr(training_args, "gradient_accumulation_steps", 1) != 1:
             raise ValueError(
                 "ZOTrainer takes one zeroth-order step per batch: set "
                 "gradient_accumulation_steps=1 (use a larger per_device_train_batch_size instead)"
             )
+        #: zo_offload's :class:`zofast.offload.Streamed` handle (None without it).
+        self.streamed = _streamed(model, training_args, optimizer)  # before Trainer places it
+        super().__init__(*args, **kwargs)
         if self.optimizer is not None and not isinstance(self.optimizer, (LOZO, MeZO)):
             raise TypeError(
                 "ZOTrainer needs a zofast LOZO or MeZO optimizer in optimizers=(opt, None), got "

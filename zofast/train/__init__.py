@@ -54,8 +54,9 @@ Modules
     :mod:`~zofast.train.inputs` (task, data splits and their formats, model, trained tensors),
     :mod:`~zofast.train.evaluation` (:func:`evaluate`, :func:`trajectory_prefix`),
     :mod:`~zofast.train.methods` (each method behind one small protocol),
-    :mod:`~zofast.train.loop` (the one loop, :func:`train` and :func:`resume`) and
-    :mod:`~zofast.train.checkpoint` (crash-safe checkpoint folders).
+    :mod:`~zofast.train.loop` (the one loop, :func:`train` and :func:`resume`),
+    :mod:`~zofast.train.checkpoint` (crash-safe checkpoint folders) and
+    :mod:`~zofast.train.streaming` (``offload``: the blocks streamed from host memory).
 
 Example:
     >>> from zofast.train import TrainConfig, train

@@ -21,6 +21,7 @@ DEFAULT_LR = {"lozo": 3e-5, "lozo-m": 3e-5, "mezo": 6e-5, "adam": 3e-5, "lora": 
 DEFAULT_RANK = {"lora": 8}
 DEFAULT_MOMENTUM = {"lozo-m": 0.7}
 DTYPES = ("float32", "bfloat16", "float16")
+OFFLOAD_UPDATES = ("host", "gpu")
 #: The TrainConfig fields that say where the data files hold text and labels.
 COLUMN_FIELDS = ("text_columns", "label_column", "header", "label_map")
 
@@ -103,6 +104,17 @@ class TrainConfig:
             ``{"model.decoder.layers.0": 0, "model.decoder.layers.1": "cpu", ...}``; CPU layers
             compute on the CPU (:mod:`zofast.device_map`; needs accelerate); one process, ZO
             methods and adam; None = the whole model on ``device``.
+        offload: models larger than GPU memory: the model is loaded on the host, its repeated
+            blocks (found by structure: OPT, GPT-2, Llama, BERT / RoBERTa layers) stay in pinned
+            host memory and stream to ``device`` (a GPU) block by block while the rest sits on
+            it (:mod:`zofast.offload`); lozo, lozo-m and mezo, one process, no device_map. Off
+            by default: a model that fits trains faster from GPU memory.
+        offload_update: with offload, where the update passes over the block tensors run:
+            ``"host"`` (the C++ engine on the host copy) or ``"gpu"`` (on an uploaded copy,
+            written back before the pass returns; the GPU's normals, within float32 rounding of
+            the host's); "host" moves nothing more over the host link than the forwards do.
+        prefetch: with offload, blocks uploaded ahead of the one computing (the GPU holds
+            prefetch + 1 blocks); 1 hides each upload behind one block's compute.
         freeze: regex; parameters whose name matches it (``re.search``) are not trained; None =
             train everything, as MeZO does.
         mode: ``"auto"`` (for bf16 / fp16 weights an exact mode: ``"virtual"`` for lozo /
@@ -119,7 +131,10 @@ class TrainConfig:
             twice, the first copy at +ε and the second at −ε (zofast.optim.paired): fewer launches
             and one read of the weights per step, the same updates; needs an exact mode (mode
             "auto" then picks "virtual" or, with weight decay, "shadow", whatever the dtype).
-            Off by default: it doubles the forward's activations.
+            None = on for lozo / lozo-m with offload (outside mode "inplace"): every forward
+            uploads every block, so one forward per step halves what a step moves over the host
+            link, which bounds a streamed step; off otherwise: it doubles the forward's
+            activations.
         save_model: also write the best weights as a transformers folder (``model/``); off by
             default because the trajectory already rebuilds them.
         zero_shot_test: measure zero-shot test accuracy (the dev one is always measured: it is
@@ -171,11 +186,14 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     device_map: str | None = None
+    offload: bool = False
+    offload_update: str = "host"
+    prefetch: int = 1
     freeze: str | None = None
     mode: str = "auto"
     rounding: str = "auto"
     pipeline: bool | None = None
-    paired: bool = False
+    paired: bool | None = None
     save_model: bool = False
     zero_shot_test: bool = True
     progress: bool = True
@@ -236,8 +254,8 @@ class TrainConfig:
             raise ConfigError(f"pipeline is for mode 'inplace' (mode is {self.resolved_mode})")
         if self.mode == "virtual" and self.method not in ("lozo", "lozo-m"):
             raise ConfigError(f"mode 'virtual' is LOZO's (method is {self.method})")
-        if not isinstance(self.paired, bool):
-            raise ConfigError(f"paired must be true or false, got {self.paired!r}")
+        if self.paired is not None and not isinstance(self.paired, bool):
+            raise ConfigError(f"paired must be true, false or None, got {self.paired!r}")
         if self.paired and self.method not in ("lozo", "lozo-m"):
             raise ConfigError(
                 f"paired is for lozo / lozo-m (method is {self.method}): MeZO's full-rank noise "
@@ -264,6 +282,7 @@ class TrainConfig:
                 raise ConfigError("give device or device_map, not both")
             if self.method == "dfo-lora":
                 raise ConfigError("device_map is for lozo, lozo-m, mezo and adam")
+        self._validate_offload()
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.freeze is not None:
@@ -290,6 +309,32 @@ class TrainConfig:
                 raise ConfigError(f"label_map entries are VALUE=ID (e.g. pos=1), got {pair!r}")
         return self
 
+    def _validate_offload(self) -> None:
+        if not isinstance(self.offload, bool):
+            raise ConfigError(f"offload must be true or false, got {self.offload!r}")
+        if self.offload_update not in OFFLOAD_UPDATES:
+            raise ConfigError(
+                f"offload_update must be one of {', '.join(OFFLOAD_UPDATES)}, got "
+                f"{self.offload_update!r}"
+            )
+        if not is_int(self.prefetch) or self.prefetch < 1:
+            raise ConfigError(f"prefetch must be an integer >= 1, got {self.prefetch!r}")
+        if not self.offload:
+            if self.offload_update != "host" or self.prefetch != 1:
+                raise ConfigError("offload_update and prefetch apply with offload only")
+            return
+        if self.method not in ZO_METHODS:
+            raise ConfigError(
+                f"offload is for {', '.join(ZO_METHODS)} (method is {self.method}): adam and lora "
+                "need gradients, which cannot flow through the swapped-in blocks, and dfo-lora's "
+                "adapter hooks are not built for streamed blocks"
+            )
+        if self.device_map is not None:
+            raise ConfigError(
+                "give offload or device_map, not both: offload places the model itself (blocks "
+                "on the host, the rest on device)"
+            )
+
     @property
     def columns(self) -> dict[str, Any]:
         """The column arguments of :func:`zofast.data.load_kshot` (``text_columns``, ...)."""
@@ -312,8 +357,18 @@ class TrainConfig:
             return self.mode
         lozo = self.method in ("lozo", "lozo-m")
         low = self.dtype != "float32"
-        paired = self.paired is True and lozo
-        return auto_mode(low=low, lowrank=lozo, decay=bool(self.weight_decay), paired=paired)
+        return auto_mode(
+            low=low, lowrank=lozo, decay=bool(self.weight_decay), paired=self.resolved_paired
+        )
+
+    @property
+    def resolved_paired(self) -> bool:
+        """Whether a step takes one paired forward: ``paired``, or for None, with offload for
+        lozo / lozo-m outside mode "inplace" (see ``paired``)."""
+        lozo = self.method in ("lozo", "lozo-m")
+        if self.paired is not None:
+            return self.paired is True and lozo
+        return self.offload is True and lozo and self.mode != "inplace"
 
     @property
     def resolved_momentum(self) -> float:

@@ -15,6 +15,7 @@ from zofast.models import LoadedModel, load_model, resolve_device
 from zofast.scoring import Scorer
 from zofast.tasks import Task, get_task
 from zofast.train.config import ConfigError, TrainConfig
+from zofast.train.streaming import target
 
 
 def resolve_task(config: TrainConfig) -> Task:
@@ -110,7 +111,11 @@ def trainable_parameters(
 def setup(
     config: TrainConfig, loaded: LoadedModel | None
 ) -> tuple[LoadedModel, Scorer, dict[str, list[Example]], Task]:
-    """Load the task, data and model; every failure here is a ConfigError (nothing written)."""
+    """Load the task, data and model; every failure here is a ConfigError (nothing written).
+    With offload the model stays on the host (:func:`zofast.train.streaming.streaming` places
+    it)."""
+    if config.offload:
+        target(config)  # no GPU: refused before anything is loaded
     task = resolve_task(config)
     splits = load_splits(config.data, task, **config.columns)
     if loaded is None:
@@ -118,6 +123,8 @@ def setup(
             where = {"device": resolve_device(config.device)}
             if config.device_map is not None:
                 where = {"device_map": config.device_map}
+            if config.offload:
+                where = {}
             loaded = load_model(config.model, dtype=config.dtype, **where)
         except (OSError, ValueError, ImportError) as error:
             name = config.model or "(default)"

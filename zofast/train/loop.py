@@ -18,6 +18,7 @@ from zofast.train.evaluation import evaluate, zero_shot
 from zofast.train.inputs import setup
 from zofast.train.methods import Method, build_method, crossed
 from zofast.train.ranks import Ranks, from_environment, worker_config
+from zofast.train.streaming import streaming
 
 
 def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainResult:
@@ -26,7 +27,8 @@ def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainRes
     Args:
         config: the run configuration.
         loaded: an already loaded model to train in place (its current weights are the base);
-            None loads ``config.model``. The model ends holding the best dev checkpoint.
+            None loads ``config.model``. The model ends holding the best dev checkpoint (with
+            ``offload``, its blocks on the host and the rest on the GPU).
 
     Returns:
         A :class:`TrainResult` (its ``diverged`` says whether the run stopped early).
@@ -50,13 +52,14 @@ def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainRes
 def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks) -> TrainResult:
     loaded, scorer, splits, _ = setup(config, loaded)
     out_dir = config.resolved_output_dir
-    method = build_method(config, loaded, scorer, splits, out_dir, ranks)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = Log(out_dir / "log.jsonl")
-    try:
-        return run(config, loaded, scorer, splits, method, out_dir, log)
-    finally:
-        log.close()
+    with streaming(config, loaded):  # before the optimizer: it trains the host tensors
+        method = build_method(config, loaded, scorer, splits, out_dir, ranks)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = Log(out_dir / "log.jsonl")
+        try:
+            return run(config, loaded, scorer, splits, method, out_dir, log)
+        finally:
+            log.close()
 
 
 def resume(
@@ -136,34 +139,35 @@ def _resume(config, folder, document, tensors, loaded, progress, ranks: Ranks) -
         raise ConfigError(f"cannot resume from {folder}: bad log offset {offset!r}")
     if not log_path.is_file() or log_path.stat().st_size < offset:
         raise ConfigError(f"cannot resume from {folder}: {log_path} is missing or shorter")
-    method = build_method(config, loaded, scorer, splits, out_dir, ranks)
-    try:
-        state = checkpoint.decode(document["loop"], tensors("state"))
-        method_state = checkpoint.decode(document["method"], tensors("state"))
-        best_weights = None
-        if document.get("best") is not None:
-            best_weights = checkpoint.decode(document["best"], tensors("best"))
-        missing = sorted(_LOOP_KEYS - set(state))
-        if missing:
-            raise KeyError(f"loop state without {', '.join(missing)}")
-        method.load_state_dict(method_state, folder)
-    except (checkpoint.CheckpointError, KeyError, TypeError, ValueError, OSError) as error:
-        raise ConfigError(f"cannot resume from {folder}: {error}") from None
-    if ranks.group is not None:  # every rank has read the checkpoint before rank 0 replaces it
-        import torch.distributed as dist
+    with streaming(config, loaded):  # before the optimizer, as in train()
+        method = build_method(config, loaded, scorer, splits, out_dir, ranks)
+        try:
+            state = checkpoint.decode(document["loop"], tensors("state"))
+            method_state = checkpoint.decode(document["method"], tensors("state"))
+            best_weights = None
+            if document.get("best") is not None:
+                best_weights = checkpoint.decode(document["best"], tensors("best"))
+            missing = sorted(_LOOP_KEYS - set(state))
+            if missing:
+                raise KeyError(f"loop state without {', '.join(missing)}")
+            method.load_state_dict(method_state, folder)
+        except (checkpoint.CheckpointError, KeyError, TypeError, ValueError, OSError) as error:
+            raise ConfigError(f"cannot resume from {folder}: {error}") from None
+        if ranks.group is not None:  # every rank has read the checkpoint before rank 0 replaces it
+            import torch.distributed as dist
 
-        dist.barrier(group=ranks.group)
-    state["best_weights"] = best_weights
-    state["base"] = base
-    state["checkpoint"] = {"folder": folder, "best": document.get("best")}
-    # rank 0 continues the run's log from the checkpoint; another rank starts its own
-    log = Log(log_path, offset=offset) if ranks.main else Log(out_dir / "log.jsonl")
-    try:
-        return run(
-            config, loaded, scorer, splits, method, out_dir, log, state=state, progress=progress
-        )
-    finally:
-        log.close()
+            dist.barrier(group=ranks.group)
+        state["best_weights"] = best_weights
+        state["base"] = base
+        state["checkpoint"] = {"folder": folder, "best": document.get("best")}
+        # rank 0 continues the run's log from the checkpoint; another rank starts its own
+        log = Log(log_path, offset=offset) if ranks.main else Log(out_dir / "log.jsonl")
+        try:
+            return run(
+                config, loaded, scorer, splits, method, out_dir, log, state=state, progress=progress
+            )
+        finally:
+            log.close()
 
 
 _LOOP_KEYS = {

@@ -204,6 +204,7 @@ class ZerothOrder(_Weights):
         self.ranks = ranks
         group = None if ranks is None else ranks.group
         self.optimizer = build_zo_optimizer(config, loaded.model, group)
+        self.resolved["paired"] = self.optimizer.paired
         # split="directions": every process evaluates its own directions on the whole batch.
         self.shard = group is not None and config.split == "batch"
 
@@ -428,7 +429,7 @@ def build_zo_optimizer(config: TrainConfig, model: torch.nn.Module, process_grou
             rank=config.resolved_rank,
             nu=config.nu,
             momentum=config.resolved_momentum,
-            paired=config.paired,
+            paired=config.resolved_paired,
             **common,
         )
     except ValueError as error:

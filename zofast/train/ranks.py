@@ -53,6 +53,11 @@ def from_environment(config: TrainConfig) -> Ranks:
             "under torchrun every process holds the whole model on its own GPU: drop "
             "--device-map (it splits one model over this process's devices)"
         )
+    if config.offload:
+        raise ConfigError(
+            "offload runs in one process: under torchrun every process would stream the whole "
+            "model over its host's link (untested); drop --offload or torchrun"
+        )
     if config.split == "batch" and config.batch_size < world:
         raise ConfigError(
             f"batch_size {config.batch_size} is smaller than the {world} processes: every "
