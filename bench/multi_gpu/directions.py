@@ -68,7 +68,7 @@ def same_as_one_process(args, device) -> bool:
             opt.step(closure)
         finish(opt)
         runs.append((opt.trajectory, weights_digest(model)))
-        del model, opt
+        del model, opt, closure  # the closure holds the model too
     return everywhere(runs[0] == runs[1], device)
 
 

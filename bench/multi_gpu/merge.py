@@ -80,7 +80,13 @@ def main(argv=None) -> None:
     (out / "multi_gpu.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=1))
     meta = rows[0]
     head = f"commit {meta['commit']}, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}"
-    lines = [head, "", *table(rows), "", "Checks: " + ("failed: " + "; ".join(failed) if failed else "all passed")]
+    lines = [
+        head,
+        "",
+        *table(rows),
+        "",
+        "Checks: " + ("failed: " + "; ".join(failed) if failed else "all passed"),
+    ]
     (out / "multi_gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.latest:

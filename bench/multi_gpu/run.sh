@@ -15,6 +15,8 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
+# The rows name the commit measured (bench/tools/precision.py run_meta reads COMMIT first).
+export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 HERE=bench/multi_gpu
 KINDS=${KINDS:-dp directions fsdp}
 mkdir -p "$OUT"
