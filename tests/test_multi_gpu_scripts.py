@@ -118,7 +118,7 @@ def test_dry_runs_write_the_issues_rows_and_pass_their_checks():
             "float32": True,
             "bfloat16": True,
         }
-        assert 0 < fsdp["rows"][0]["efficiency"] and fsdp["rows"][0]["mode"].startswith("inplace")
+        assert fsdp["rows"][0]["efficiency"] > 0 and fsdp["rows"][0]["mode"].startswith("inplace")
 
         # merge.py: the rows into latest.json, its other keys and other rows kept.
         latest = Path(out) / "latest.json"
