@@ -7,7 +7,8 @@ reported, in steps.md.)
 latest.json: {"gpu", "commit", "date", "torch", "triton", "copy_gbps",
               "kernels": [{"op", "dtype", "shape", "rank", "pct_of_copy", ...}],
               "steps": [{"model", "method", "dtype", "mode", "rounding", "exact", "pipeline",
-                         "paired", "batch", "step_over_two_forwards", "peak_over_forward", ...}]}
+                         "paired", "batch", "step_over_two_forwards", "peak_over_forward", ...}],
+              "multi_gpu": [...]: kept as found (bench/multi_gpu/merge.py writes it)}
 Step rows: method is "lozo", "lozo-m", "mezo" or "mezo-pattern"; exact is true where the stored
 weights are written by updates only (shadow; virtual where every trained tensor goes through the
 layers); paired is true where a step was one forward over the batch stacked twice. Records from
@@ -125,7 +126,11 @@ def main():
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(latest, indent=1) + "\n")
+    path = out / "latest.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if "multi_gpu" in previous:  # bench/multi_gpu/merge.py's rows: not this report's to drop
+        latest["multi_gpu"] = previous["multi_gpu"]
+    path.write_text(json.dumps(latest, indent=1) + "\n")
     lines = [
         f"# {'Kernel' if args.run else 'ZO step'} benchmarks on {gpu}",
         "",
