@@ -45,6 +45,7 @@ setup(
         "zofast",
         "zofast.dfo",
         "zofast.dfo.lora",
+        "zofast.grid",
         "zofast.kernels",
         "zofast.optim",
         "zofast.train",
