@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call of the accuracy grid (issue 15; zofast/grid) on the H200, everything under $OUT:
+#   runs.jsonl         the records of the cells finished (or stopped, to resume) in this call
+#   grid.log           the runner's progress
+#   triton-cache.tgz   Triton's compiled kernels, on the first call only: keep it in
+#                      .carry/triton-cache.tgz and the next calls skip ~20-30 s of compiling per
+#                      kernel set (every worker would otherwise compile the same kernels at once)
+# Usage (GPU machine, repo root; carry [".carry"]):
+#   COMMIT=<hash> STAGE=select OUT=/some/dir bash bench/run_grid_gpu.sh
+# Options (environment): STAGE (select | final), WORKERS (default 16), DEADLINE / END (seconds
+#   after the runner starts: no new cell after DEADLINE, every cell stopped by END; defaults 420 /
+#   530 fit a 600 s call with the install), EXTRA (more arguments for `python -m zofast.grid run`,
+#   e.g. "--scale 0.05" for a rehearsal or "--tasks sst-2").
+# The model and data do not travel by themselves. Once, on the developer machine, in the repo root:
+#   python bench/tools/precision.py pack-minilm .carry/minilm
+#   mkdir -p .carry/k-shot && cp -r ../shared/data/k-shot/{SST-2,RTE,trec} .carry/k-shot/
+# The records come back in $OUT/runs.jsonl: commit it as bench/results/grid-h200/<stage>-<n>.jsonl.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
+: "${COMMIT:?set COMMIT to the commit of this tree}"
+STAGE=${STAGE:-select}
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f .carry/triton-cache.tgz ]; then tar xzf .carry/triton-cache.tgz -C "$TRITON_CACHE_DIR"; fi
+ZOFAST_NO_EXTENSION=1 python3 -m pip install --no-build-isolation --no-deps -q . >/tmp/build.log 2>&1 \
+  || { tail -30 /tmp/build.log; exit 1; }
+# CUDA MPS lets the workers' small kernels share the GPU instead of time-slicing it (MiniLM, 8
+# processes: 309 steps/s in aggregate with MPS against 207 without, bench/results/2026-12-03-session7).
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps
+mkdir -p /tmp/mps
+mps=0
+if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d; then mps=1; fi
+echo "MPS: $mps"
+python3 -m zofast.grid run --stage "$STAGE" --device cuda --workers "${WORKERS:-16}" \
+  --deadline "${DEADLINE:-420}" --end "${END:-530}" --data-root .carry/k-shot \
+  --model .carry/minilm --commit "$COMMIT" --out "$OUT/runs.jsonl" ${EXTRA:-} \
+  >"$OUT/grid.log" 2>&1
+status=$?
+if [ "$mps" = 1 ]; then echo quit | nvidia-cuda-mps-control; fi
+if [ ! -f .carry/triton-cache.tgz ]; then tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .; fi
+tail -25 "$OUT/grid.log"
+exit $status
