@@ -18,13 +18,15 @@ from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
     add_normals,
-    load_seed,
     narrow,
     round_words4,
     round_words_ref,
     sample_ref,
     stochastic_round,
     stochastic_round_ref,
+    seed_words,
+    term_scale,
+    term_seed,
     triton_interpreting,
 )
 
@@ -34,53 +36,64 @@ DEFAULT_BLOCK = 512  # counter blocks per program: 2048 elements
 @triton.jit
 def _gaussian_kernel(
     w_ptr,
-    seeds_ptr,
-    scales_ptr,
+    seeds,
+    scales,
     n,
     offset,
     N_TERMS: tl.constexpr,
     BLOCK: tl.constexpr,
     EXACT: tl.constexpr,
     out_ptr=None,
-    round_seed_ptr=None,
-    w_scale_ptr=None,
+    round_seed=None,
+    w_scale=None,
+    TABLE: tl.constexpr = True,
 ):
-    """None pointers: in place, round to nearest even, no weight scale (the defaults)."""
+    """None: in place, round to nearest even, no weight scale (the defaults). TABLE: seeds,
+    scales, round_seed, w_scale are device pointers; otherwise tuples of kernel arguments
+    (kernels.philox.term_seed / term_scale)."""
     blocks = offset // 4 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     local = (blocks * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]
     mask = (local >= 0) & (local < n)
     acc = tl.load(w_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    if w_scale_ptr is not None:
-        acc = acc * tl.load(w_scale_ptr)
-    acc = add_normals(acc, seeds_ptr, scales_ptr, blocks, N_TERMS)
+    if w_scale is not None:
+        acc = acc * term_scale(w_scale, 0, TABLE)
+    acc = add_normals(acc, seeds, scales, blocks, N_TERMS, TABLE)
     dst = w_ptr if out_ptr is None else out_ptr
-    if round_seed_ptr is None:
+    if round_seed is None:
         tl.store(dst + local, narrow(acc, dst, EXACT), mask=mask)
     else:
-        seed_lo, seed_hi = load_seed(round_seed_ptr)
+        seed_lo, seed_hi = term_seed(round_seed, 0, TABLE)
         words = round_words4(seed_lo, seed_hi, 0, blocks)
         tl.store(dst + local, stochastic_round(acc, dst, words), mask=mask)
 
 
 def gaussian_triton(
     w: torch.Tensor,
-    seeds: torch.Tensor,
-    scales: torch.Tensor,
+    seeds,
+    scales,
     offset: int,
     block: int = DEFAULT_BLOCK,
     *,
     out: torch.Tensor | None = None,
-    round_seed: torch.Tensor | None = None,
-    w_scale: torch.Tensor | None = None,
+    round_seed=None,
+    w_scale=None,
 ) -> torch.Tensor:
     """Launch the kernel on validated inputs (see the module docstring); returns out (w when
-    None). round_seed: a one-element int64 tensor (stochastic rounding; ignored for float32 w);
-    w_scale: a one-element float32 tensor; both on w's device."""
+    None). Either device tables, seeds an int64 and scales a float32 tensor, round_seed a
+    one-element int64 and w_scale a one-element float32 tensor (None: off), all on w's device
+    (graph-safe); or host values, seeds a list of uint64 ints, scales of float32-exact floats,
+    round_seed an int and w_scale a float (None: off), passed as kernel arguments: no device
+    table, no copy. round_seed is ignored for float32 w."""
     _check_interpretable(w)
     n = w.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
     if w.dtype == torch.float32:
         round_seed = None  # nothing to round
+    table = isinstance(seeds, torch.Tensor)
+    if not table:
+        seeds, scales = seed_words(seeds), tuple(scales)
+        round_seed = None if round_seed is None else seed_words([round_seed])
+        w_scale = None if w_scale is None else (w_scale,)
     with on_device(w):
         _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
             w,
@@ -88,12 +101,13 @@ def gaussian_triton(
             scales,
             n,
             offset,
-            N_TERMS=seeds.numel(),
+            N_TERMS=len(scales),
             BLOCK=block,
             EXACT=not triton_interpreting(),
             out_ptr=None if out is w else out,
-            round_seed_ptr=round_seed,
-            w_scale_ptr=w_scale,
+            round_seed=round_seed,
+            w_scale=w_scale,
+            TABLE=table,
             **CONTRACT_OPTIONS,
         )
     return w if out is None else out

@@ -45,6 +45,7 @@ from .philox import (
     narrow_stochastic,
     normal4,
     round_words4,
+    rounded_product,
     stochastic_round,
     triton_interpreting,
 )
@@ -112,22 +113,11 @@ def _multi_gaussian_kernel(
 
 
 @triton.jit
-def _rounded_product(a, b, EXACT: tl.constexpr):
-    """fl(a·b) that no later addition can fuse into a multiply-add (EXACT: through PTX mul.rn;
-    Triton's interpreter evaluates in numpy, which never fuses)."""
-    if EXACT:
-        return tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
-        )
-    return a * b
-
-
-@triton.jit
 def _scaled_normals(seed_ptr, scale_ptr, blocks, EXACT: tl.constexpr):
     """fl(scale · normals 4·blocks .. 4·blocks + 3), (BLOCK, 4), safe to sum without fusion."""
     seed_lo, seed_hi = load_seed(seed_ptr)
     noise = normal4(seed_lo, seed_hi, blocks)
-    return _rounded_product(tl.broadcast_to(tl.load(scale_ptr), noise.shape), noise, EXACT)
+    return rounded_product(tl.broadcast_to(tl.load(scale_ptr), noise.shape), noise, EXACT)
 
 
 @triton.jit

@@ -83,6 +83,24 @@ def load_seed(seed_ptr):
 
 
 @triton.jit
+def term_seed(seeds, t: tl.constexpr, TABLE: tl.constexpr):
+    """Seed t of a pass as (lo, hi) uint32 words: from a device table of int64 bit patterns
+    (TABLE: graph-safe) or from a tuple of kernel arguments (lo_0, hi_0, lo_1, hi_1, ...), each
+    word an int32 bit pattern (one compiled variant whatever the seeds; no device copy)."""
+    if TABLE:
+        return load_seed(seeds + t)
+    return seeds[2 * t].to(tl.uint32, bitcast=True), seeds[2 * t + 1].to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def term_scale(scales, t: tl.constexpr, TABLE: tl.constexpr):
+    """Scale t of a pass, float32: from a device table (TABLE) or a tuple of kernel arguments."""
+    if TABLE:
+        return tl.load(scales + t)
+    return scales[t]
+
+
+@triton.jit
 def philox_block(seed_lo, seed_hi, block):
     """The four words of counter block `block` (int64 tensor) of stream (seed_lo, seed_hi)."""
     block = block.to(tl.uint64, bitcast=True)
@@ -118,20 +136,42 @@ def normal4(seed_lo, seed_hi, block):
 
 
 @triton.jit
-def add_normals(acc, seeds_ptr, scales_ptr, blocks, N_TERMS: tl.constexpr):
-    """acc = fma(scale_t, normal(seed_t, 4·blocks ..), acc) for t in order, (BLOCK, 4) float32.
-    A term whose seed equals the previous term's (MeZO's restore and update share one z) reuses
-    those normals instead of drawing them again: the same numbers, one Philox and Box-Muller
-    fewer per element."""
-    seed_lo, seed_hi = load_seed(seeds_ptr)
+def normal_pair(seed_lo, seed_hi, index):
+    """normal(seed, i) and normal(seed, i + 1) for i = index & ~1 (an int64 tensor): the two
+    normals of one Box-Muller pair, computed as normal4 computes them."""
+    x0, x1, x2, x3 = philox_block(seed_lo, seed_hi, index >> 2)
+    upper = (index & 2) != 0
+    return box_muller(
+        word_to_uniform(tl.where(upper, x2, x0)), word_to_uniform(tl.where(upper, x3, x1))
+    )
+
+
+@triton.jit
+def rounded_product(a, b, EXACT: tl.constexpr):
+    """fl(a·b) that no later addition can fuse into a multiply-add (EXACT: through PTX mul.rn;
+    Triton's interpreter evaluates in numpy, which never fuses)."""
+    if EXACT:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return a * b
+
+
+@triton.jit
+def add_normals(acc, seeds, scales, blocks, N_TERMS: tl.constexpr, TABLE: tl.constexpr = True):
+    """acc = fma(scale_t, normal(seed_t, 4·blocks ..), acc) for t in order, (BLOCK, 4) float32;
+    seeds and scales as term_seed / term_scale read them. A term whose seed equals the previous
+    term's (MeZO's restore and update share one z) reuses those normals instead of drawing them
+    again: the same numbers, one Philox and Box-Muller fewer per element."""
+    seed_lo, seed_hi = term_seed(seeds, 0, TABLE)
     z = normal4(seed_lo, seed_hi, blocks)
-    acc = tl.fma(tl.load(scales_ptr), z, acc)
+    acc = tl.fma(term_scale(scales, 0, TABLE), z, acc)
     for t in tl.static_range(1, N_TERMS):
-        lo, hi = load_seed(seeds_ptr + t)
+        lo, hi = term_seed(seeds, t, TABLE)
         if (lo != seed_lo) | (hi != seed_hi):
             z = normal4(lo, hi, blocks)
         seed_lo, seed_hi = lo, hi
-        acc = tl.fma(tl.load(scales_ptr + t), z, acc)
+        acc = tl.fma(term_scale(scales, t, TABLE), z, acc)
     return acc
 
 
@@ -286,6 +326,17 @@ def _check_interpretable(t):
             "before triton is first imported: set TRITON_INTERPRET=1 in the environment "
             "(zofast sets it itself when torch sees no CUDA device)."
         )
+
+
+def seed_words(seeds) -> tuple[int, ...]:
+    """uint64 seeds as the kernel-argument tuple term_seed reads: (lo_0, hi_0, lo_1, ...), each
+    32-bit word as an int32 bit pattern, so that Triton types every word i32 whatever the seed
+    (an int64 argument would be typed i32, i64 or u64 by value: a compiled variant each)."""
+    words = []
+    for seed in seeds:
+        for word in (seed & MASK32, (seed >> 32) & MASK32):
+            words.append(word - (word >> 31 << 32))
+    return tuple(words)
 
 
 def triton_interpreting() -> bool:

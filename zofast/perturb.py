@@ -238,6 +238,24 @@ def _staged_pass(seeds: list[int], scales: list[float], round_seed, w_scale, dev
     return ints, floats, round_seed, w_scale
 
 
+# Eager Triton passes with int seeds run in one launch (kernels.lowrank_seeded; gaussian_'s kernel
+# reading its seeds as arguments); False: the factor + apply launches from staged tables, which
+# bench/probes/eager.py --two-launch times against them.
+_ONE_LAUNCH = True
+MAX_ARGUMENT_TERMS = 4  # terms passed as kernel arguments (no device copy); more: one staged copy
+
+
+def _as_arguments(scales: list[float], round_seed, w_scale) -> bool:
+    """Whether a pass's host values go to the kernel as arguments: a few terms, and no round
+    seed or weight scale already on the device."""
+    return (
+        _ONE_LAUNCH
+        and len(scales) <= MAX_ARGUMENT_TERMS
+        and not isinstance(round_seed, torch.Tensor)
+        and not isinstance(w_scale, torch.Tensor)
+    )
+
+
 def _check_round_seed(round_seed, w: torch.Tensor):
     """None, a uint64 int, or (graph-capture form) a one-element int64 tensor on w's device;
     None for float32 weights (nothing to round)."""
@@ -379,6 +397,12 @@ def gaussian_(
         seeds = _check_seeds(seed, "seed")
         scales = _check_scales(scale, len(seeds))
     backend = resolve_backend(backend, w.device)
+    if seeds is not None and backend == "triton" and _as_arguments(scales, round_seed, w_scale):
+        from zofast.kernels import gaussian
+
+        return gaussian.gaussian_triton(
+            w, seeds, scales, offset, out=target, round_seed=round_seed, w_scale=w_scale
+        )
     if seeds is not None:
         seeds_t, scales_t, round_seed, w_scale = _staged_pass(
             seeds, scales, round_seed, w_scale, w.device
@@ -572,6 +596,28 @@ def lowrank_(
             raise ValueError(f"u_seed and v_seed must pair up: {len(u_seeds)} vs {len(v_seeds)}")
         scales = _check_scales(scale, len(u_seeds))
     backend = resolve_backend(backend, w.device)
+    if backend == "triton" and _ONE_LAUNCH and not isinstance(u_seed, torch.Tensor):
+        from zofast.kernels import lowrank_seeded
+
+        u_seeds, v_seeds, scales, same_v = lowrank_seeded.group_terms(u_seeds, v_seeds, scales)
+        seeds = u_seeds + v_seeds
+        if not _as_arguments(scales, round_seed, w_scale):
+            seeds, scales, round_seed, w_scale = _staged_pass(
+                seeds, scales, round_seed, w_scale, w.device
+            )
+        lowrank_seeded.lowrank_seeded_triton(
+            _matrix(w, m, n),
+            seeds,
+            scales,
+            rank,
+            same_v,
+            out=_matrix(target, m, n),
+            round_seed=round_seed,
+            w_scale=w_scale,
+            row_offset=row_offset,
+            col_offset=col_offset,
+        )
+        return target
     if not isinstance(u_seed, torch.Tensor):
         seeds_t, scales_t, round_seed, w_scale = _staged_pass(
             u_seeds + v_seeds, scales, round_seed, w_scale, w.device
