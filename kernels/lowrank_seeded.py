@@ -1,4 +1,4 @@
-"""Low-rank update from seeds in one launch: w (m, n) += Σ_t s_t · U_t·V_tᵀ, factors drawn in-kernel.
+"""Low-rank update from seeds in one launch: w (m, n) += Σ_t s_t · U_t·V_tᵀ, factors drawn inside.
 
 The eager form of zofast.perturb.lowrank_. Instead of a factor kernel that writes u (T, r, m) and
 v (T, r, n) for kernels.lowrank's apply kernel, each program draws the values its tile needs:
@@ -12,20 +12,20 @@ acc = fma(u_g[i, k], V_g[j, k], acc); one rounding per element (to nearest even,
 Shape contract: w (and out) contiguous 2-D float32 / bfloat16 / float16. Terms come grouped:
 SAME_V bit t set when term t shares term t − 1's v seed (lowrank_seeded_triton sorts them so).
 Seeds, scales, round seed and weight scale are kernel arguments (a few terms: no device table and
-no host-to-device copy) or device tables (TABLE; kernels.philox.term_seed). The reference:
-zofast.perturb's torch backend (factors from kernels.philox.sample_ref, kernels.lowrank.lowrank_ref).
+no host-to-device copy) or device tables (TABLE; kernels.philox.term_seed). The reference: the
+factors of zofast.perturb's torch backend (kernels.philox.sample_ref) through
+kernels.lowrank.lowrank_ref.
 """
 
 import torch
 
 from ._triton import on_device, tl, triton
-from .lowrank import default_tile
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
     narrow,
     narrow_stochastic,
-    normal_pair,
+    normal4,
     rounded_product,
     seed_words,
     term_scale,
@@ -33,43 +33,34 @@ from .philox import (
     triton_interpreting,
 )
 
-MAX_SCALAR_TERMS = 4  # terms passed as kernel arguments; more go through a device table
+# (BLOCK_M, BLOCK_N) for every shape: 32×128, the apply kernel's best on the H200, also for rows
+# whose length is not a multiple of 16, where kernels.lowrank.default_tile takes 8×512: a flat
+# tile draws r·(1/8 + 1/512) normals per element against r·(1/32 + 1/128) (sm_90 PTX at rank 8:
+# 8 Philox calls per thread against 2, and 392 shared-memory gathers against 366). Not yet timed:
+# bench/probes/eager.py --sweep times both.
+TILE = (32, 128)
 
 
 @triton.jit
-def _factor_pair(seed_lo, seed_hi, first, k: tl.constexpr, RANK: tl.constexpr):
-    """normal(seed, first·RANK + k) and normal(seed, first·RANK + k + 1) for int64 global row /
-    column indices `first`: one Box-Muller pair for an even rank (the index is even), else the
-    pairs that hold each (the second is dead code, removed, where k + 1 = RANK)."""
-    index = first * RANK + k
-    a, b = normal_pair(seed_lo, seed_hi, index)
-    if RANK % 2 == 0:
-        return a, b
-    c, _ = normal_pair(seed_lo, seed_hi, index + 1)
-    odd = (index & 1) != 0
-    return tl.where(odd, b, a), tl.where(odd, c, b)
-
-
-@triton.jit
-def _group_u(
-    seeds, scales, rows, G: tl.constexpr, k: tl.constexpr, N_TERMS, SAME_V, RANK, EXACT, TABLE
+def _segment(
+    seeds, scales, G: tl.constexpr, first, N_BLOCKS: tl.constexpr, N_TERMS, SAME_V, EXACT, TABLE
 ):
-    """Group G's u at ranks k and k + 1 for global rows `rows`: Σ fl(s_t·U_t) over terms G, G + 1,
-    ... while SAME_V joins them, summed in term order."""
-    lo, hi = term_seed(seeds, G, TABLE)
-    z0, z1 = _factor_pair(lo, hi, rows, k, RANK)
-    s = term_scale(scales, G, TABLE)
-    u0 = rounded_product(z0, s, EXACT)
-    u1 = rounded_product(z1, s, EXACT)
-    for t in tl.static_range(G + 1, N_TERMS):
-        span: tl.constexpr = (1 << (t - G)) - 1
-        if ((SAME_V >> (G + 1)) & span) == span:
-            lo, hi = term_seed(seeds, t, TABLE)
-            z0, z1 = _factor_pair(lo, hi, rows, k, RANK)
-            s = term_scale(scales, t, TABLE)
-            u0 += rounded_product(z0, s, EXACT)
-            u1 += rounded_product(z1, s, EXACT)
-    return u0, u1
+    """Normals 4·first .. 4·(first + N_BLOCKS) − 1, flattened: of group G's merged u, Σ fl(s_t·U_t)
+    in term order over terms G, G + 1, ... while SAME_V joins them (scales given), or of its v
+    seed (scales None). Computed once per program in a 1-D layout (no thread computes another's
+    values), then gathered per rank."""
+    blocks = first + tl.arange(0, N_BLOCKS).to(tl.int64)
+    if scales is None:
+        lo, hi = term_seed(seeds, N_TERMS + G, TABLE)
+        z = normal4(lo, hi, blocks)
+    else:
+        lo, hi = term_seed(seeds, G, TABLE)
+        z = rounded_product(normal4(lo, hi, blocks), term_scale(scales, G, TABLE), EXACT)
+        for t in tl.static_range(G + 1, N_TERMS):
+            if ((SAME_V >> (G + 1)) & ((1 << (t - G)) - 1)) == (1 << (t - G)) - 1:
+                lo, hi = term_seed(seeds, t, TABLE)
+                z += rounded_product(normal4(lo, hi, blocks), term_scale(scales, t, TABLE), EXACT)
+    return tl.reshape(z, (4 * N_BLOCKS,))
 
 
 @triton.jit
@@ -84,6 +75,8 @@ def _lowrank_seeded_kernel(
     RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    U_BLOCKS: tl.constexpr,
+    V_BLOCKS: tl.constexpr,
     EXACT: tl.constexpr,
     TABLE: tl.constexpr,
     out_ptr=None,
@@ -94,39 +87,49 @@ def _lowrank_seeded_kernel(
     COL_ALIGNED: tl.constexpr = True,
 ):
     """seeds: N_TERMS u seeds then N_TERMS v seeds (term_seed); None: in place, round to
-    nearest even, no weight scale. COL_ALIGNED: col_offset a multiple of 4 (kernels.lowrank)."""
+    nearest even, no weight scale. U_BLOCKS / V_BLOCKS: Philox blocks that cover a tile's rows'
+    / columns' stream indices (segment_blocks). COL_ALIGNED: col_offset a multiple of 4
+    (kernels.lowrank)."""
     pid = tl.program_id(0).to(tl.int64)
     tiles_n = tl.cdiv(n, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = (pid // tiles_n) * BLOCK_M
     col_start = (pid % tiles_n) * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_M)
     cols = col_start + tl.arange(0, BLOCK_N)
     offsets = rows[:, None] * n + cols[None, :]
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     acc = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if w_scale is not None:
         acc = acc * term_scale(w_scale, 0, TABLE)
-    global_rows = row_offset + rows
-    global_cols = col_offset + cols
+    # Stream index of U[i, k]: (row_offset + i)·RANK + k; position in the tile's u segment:
+    # that less 4·u_first (the same for V with columns).
+    u_first = (row_offset + row_start) * RANK // 4
+    v_first = (col_offset + col_start) * RANK // 4
+    u_at = ((row_offset + rows) * RANK - 4 * u_first).to(tl.int32)
+    v_at = ((col_offset + cols) * RANK - 4 * v_first).to(tl.int32)
     for g in tl.static_range(N_TERMS):
         if ((SAME_V >> g) & 1) == 0:  # term g opens a group
-            v_lo, v_hi = term_seed(seeds, N_TERMS + g, TABLE)
-            for k in tl.static_range(0, RANK, 2):
-                u0, u1 = _group_u(
-                    seeds, scales, global_rows, g, k, N_TERMS, SAME_V, RANK, EXACT, TABLE
-                )
-                v0, v1 = _factor_pair(v_lo, v_hi, global_cols, k, RANK)
-                acc = tl.fma(u0[:, None], v0[None, :], acc)
-                if k + 1 < RANK:
-                    acc = tl.fma(u1[:, None], v1[None, :], acc)
+            u = _segment(seeds, scales, g, u_first, U_BLOCKS, N_TERMS, SAME_V, EXACT, TABLE)
+            v = _segment(seeds, None, g, v_first, V_BLOCKS, N_TERMS, SAME_V, EXACT, TABLE)
+            for k in tl.static_range(RANK):
+                u_k = tl.gather(u, u_at + k, 0)
+                v_k = tl.gather(v, v_at + k, 0)
+                acc = tl.fma(u_k[:, None], v_k[None, :], acc)
     dst = w_ptr if out_ptr is None else out_ptr
     if round_seed is None:
         result = narrow(acc, dst, EXACT)
     else:
         seed_lo, seed_hi = term_seed(round_seed, 0, TABLE)
         result = narrow_stochastic(
-            acc, dst, seed_lo, seed_hi, global_rows, col_start + col_offset, COL_ALIGNED
+            acc, dst, seed_lo, seed_hi, row_offset + rows, col_offset + col_start, COL_ALIGNED
         )
     tl.store(dst + offsets, result, mask=mask)
+
+
+def segment_blocks(count: int, rank: int) -> int:
+    """Philox blocks (a power of two) that hold the stream indices of `count` consecutive rows
+    (or columns) at `rank`: count·rank normals, starting up to 3 into a block unless 4 | rank."""
+    return triton.next_power_of_2(triton.cdiv(count * rank + (3 if rank % 4 else 0), 4))
 
 
 def group_terms(u_seeds: list[int], v_seeds: list[int], scales: list[float]):
@@ -139,8 +142,9 @@ def group_terms(u_seeds: list[int], v_seeds: list[int], scales: list[float]):
     for t, v_seed in enumerate(v_seeds):
         groups.setdefault(v_seed, []).append(t)
     order = [t for ts in groups.values() for t in ts]
-    same_v = sum(1 << i for i in range(1, len(order)) if v_seeds[order[i]] == v_seeds[order[i - 1]])
-    return [u_seeds[t] for t in order], [v_seeds[t] for t in order], [scales[t] for t in order], same_v
+    v_seeds = [v_seeds[t] for t in order]
+    same_v = sum(1 << i for i in range(1, len(order)) if v_seeds[i] == v_seeds[i - 1])
+    return [u_seeds[t] for t in order], v_seeds, [scales[t] for t in order], same_v
 
 
 def lowrank_seeded_triton(
@@ -164,11 +168,11 @@ def lowrank_seeded_triton(
     scales T float32-exact floats, round_seed an int and w_scale a float (None: off), passed as
     kernel arguments. Device tables (int64 seeds (2T,), float32 scales (T,), one-element round
     seed / weight scale tensors, on w's device): the same kernel reading them. round_seed is
-    ignored for float32 w; tiles default to default_tile's."""
+    ignored for float32 w; tiles default to TILE."""
     _check_interpretable(w)
     m, n = w.shape
     if block_m is None or block_n is None:
-        block_m, block_n = default_tile(rank, row_aligned=n % 16 == 0)
+        block_m, block_n = TILE
     if w.dtype == torch.float32:
         round_seed = None  # nothing to round
     table = isinstance(seeds, torch.Tensor)
@@ -189,6 +193,8 @@ def lowrank_seeded_triton(
             RANK=rank,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            U_BLOCKS=segment_blocks(block_m, rank),
+            V_BLOCKS=segment_blocks(block_n, rank),
             EXACT=not triton_interpreting(),
             TABLE=table,
             out_ptr=None if out is w else out,

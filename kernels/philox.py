@@ -88,16 +88,17 @@ def term_seed(seeds, t: tl.constexpr, TABLE: tl.constexpr):
     (TABLE: graph-safe) or from a tuple of kernel arguments (lo_0, hi_0, lo_1, hi_1, ...), each
     word an int32 bit pattern (one compiled variant whatever the seeds; no device copy)."""
     if TABLE:
-        return load_seed(seeds + t)
-    return seeds[2 * t].to(tl.uint32, bitcast=True), seeds[2 * t + 1].to(tl.uint32, bitcast=True)
+        lo, hi = load_seed(seeds + t)
+    else:
+        lo = seeds[2 * t].to(tl.uint32, bitcast=True)
+        hi = seeds[2 * t + 1].to(tl.uint32, bitcast=True)
+    return lo, hi
 
 
 @triton.jit
 def term_scale(scales, t: tl.constexpr, TABLE: tl.constexpr):
     """Scale t of a pass, float32: from a device table (TABLE) or a tuple of kernel arguments."""
-    if TABLE:
-        return tl.load(scales + t)
-    return scales[t]
+    return tl.load(scales + t) if TABLE else scales[t]
 
 
 @triton.jit

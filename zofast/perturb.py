@@ -243,6 +243,8 @@ def _staged_pass(seeds: list[int], scales: list[float], round_seed, w_scale, dev
 # bench/probes/eager.py --two-launch times against them.
 _ONE_LAUNCH = True
 MAX_ARGUMENT_TERMS = 4  # terms passed as kernel arguments (no device copy); more: one staged copy
+# Each program holds its tiles' factor values, 4·rank·(32 + 128) bytes: up to rank 16 in registers.
+MAX_ONE_LAUNCH_RANK = 16
 
 
 def _as_arguments(scales: list[float], round_seed, w_scale) -> bool:
@@ -526,6 +528,32 @@ def _apply_factors(
     )
 
 
+def _lowrank_one_launch(w2d, out2d, terms, rank, round_seed, w_scale, row_offset, col_offset):
+    """out2d = round(w_scale·w2d + Σ s_t·U_t·V_tᵀ) in one Triton launch on checked inputs,
+    terms = (u seeds, v seeds, scales); host values as kernel arguments where _as_arguments
+    allows, else in one staged copy."""
+    from zofast.kernels import lowrank_seeded
+
+    u_seeds, v_seeds, scales, same_v = lowrank_seeded.group_terms(*terms)
+    seeds = u_seeds + v_seeds
+    if not _as_arguments(scales, round_seed, w_scale):
+        seeds, scales, round_seed, w_scale = _staged_pass(
+            seeds, scales, round_seed, w_scale, w2d.device
+        )
+    lowrank_seeded.lowrank_seeded_triton(
+        w2d,
+        seeds,
+        scales,
+        rank,
+        same_v,
+        out=out2d,
+        round_seed=round_seed,
+        w_scale=w_scale,
+        row_offset=row_offset,
+        col_offset=col_offset,
+    )
+
+
 @_redirectable
 @torch.no_grad()
 def lowrank_(
@@ -544,8 +572,10 @@ def lowrank_(
 ) -> torch.Tensor:
     """w += Σ_t scale_t · U_t·V_tᵀ in place, without materialising any m×n product; one pass.
 
-    U_t and V_t are regenerated from their seeds into (m + n)·r float32 numbers per term (see the
-    module docstring for the contract), then one fused kernel reads and writes w once.
+    U_t and V_t are regenerated from their seeds (see the module docstring for the contract):
+    on the Triton backend with int seeds inside the one kernel that reads and writes w once
+    (each tile draws the values it needs; ranks up to 16), otherwise into (m + n)·r float32
+    numbers per term that a second kernel applies.
 
     Args:
         w: contiguous float32 / bfloat16 / float16 tensor with ≥ 2 dims (viewed as a matrix).
@@ -579,7 +609,8 @@ def lowrank_(
     row_offset = _check_offset(row_offset, "row_offset", m, rank)
     col_offset = _check_offset(col_offset, "col_offset", n, rank)
     target, round_seed, w_scale = _pass_options(w, out, round_seed, w_scale)
-    if isinstance(u_seed, torch.Tensor):
+    seeds_given = not isinstance(u_seed, torch.Tensor)
+    if not seeds_given:
         u_seeds_t, scales_t = _graph_terms(u_seed, scale, w.device, "u_seed")
         if not isinstance(v_seed, torch.Tensor):
             raise TypeError("with u_seed given as a tensor, v_seed must be an int64 tensor too")
@@ -596,29 +627,19 @@ def lowrank_(
             raise ValueError(f"u_seed and v_seed must pair up: {len(u_seeds)} vs {len(v_seeds)}")
         scales = _check_scales(scale, len(u_seeds))
     backend = resolve_backend(backend, w.device)
-    if backend == "triton" and _ONE_LAUNCH and not isinstance(u_seed, torch.Tensor):
-        from zofast.kernels import lowrank_seeded
-
-        u_seeds, v_seeds, scales, same_v = lowrank_seeded.group_terms(u_seeds, v_seeds, scales)
-        seeds = u_seeds + v_seeds
-        if not _as_arguments(scales, round_seed, w_scale):
-            seeds, scales, round_seed, w_scale = _staged_pass(
-                seeds, scales, round_seed, w_scale, w.device
-            )
-        lowrank_seeded.lowrank_seeded_triton(
+    if seeds_given and backend == "triton" and _ONE_LAUNCH and rank <= MAX_ONE_LAUNCH_RANK:
+        _lowrank_one_launch(
             _matrix(w, m, n),
-            seeds,
-            scales,
+            _matrix(target, m, n),
+            (u_seeds, v_seeds, scales),
             rank,
-            same_v,
-            out=_matrix(target, m, n),
-            round_seed=round_seed,
-            w_scale=w_scale,
-            row_offset=row_offset,
-            col_offset=col_offset,
+            round_seed,
+            w_scale,
+            row_offset,
+            col_offset,
         )
         return target
-    if not isinstance(u_seed, torch.Tensor):
+    if seeds_given:
         seeds_t, scales_t, round_seed, w_scale = _staged_pass(
             u_seeds + v_seeds, scales, round_seed, w_scale, w.device
         )
