@@ -102,15 +102,17 @@ def spy_device_terms(monkeypatch):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_one_staged_copy_per_call_and_results_unchanged(monkeypatch, backend):
-    """Every host value of a call (seeds, scales, round seed, weight scale) travels in one copy;
-    the results equal those of the graph-capture form, which stages nothing."""
+    """Every host value of a call (seeds, scales, round seed, weight scale) travels in one copy
+    (none on Triton: kernel arguments, tests/test_one_launch.py); the results equal those of the
+    graph-capture form, which stages nothing."""
     w = torch.randn(37, 29).to(torch.bfloat16)
     options = dict(round_seed=2**64 - 3, w_scale=0.999, backend=backend)
     calls = spy_device_terms(monkeypatch)
     eager_low = perturb.lowrank_(w.clone(), [5, 6], [9, 9], 2, [1e-2, -3e-3], **options)
     eager_full = perturb.gaussian_(w.clone(), [5, 6], [1e-2, -3e-3], **options)
     f32 = [torch_float32(x) for x in (1e-2, -3e-3, 0.999)]
-    assert calls == [([5, 6, 9, 9, 2**64 - 3], f32), ([5, 6, 2**64 - 3], f32)]
+    staged = [([5, 6, 9, 9, 2**64 - 3], f32), ([5, 6, 2**64 - 3], f32)]
+    assert calls == ([] if backend == "triton" else staged)
     as_tensors = dict(
         round_seed=torch.tensor([2**64 - 3 - 2**64]),
         w_scale=torch.tensor([0.999], dtype=torch.float32),
@@ -125,25 +127,30 @@ def test_one_staged_copy_per_call_and_results_unchanged(monkeypatch, backend):
     assert torch.equal(eager_full, graph_full)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("op", ["gaussian_", "lowrank_"])
-def test_bad_input_stages_nothing(monkeypatch, op):
-    """Validation comes before the copy: a bad scale, round seed or weight scale raises with
-    nothing staged and w untouched."""
+def test_bad_input_stages_nothing(monkeypatch, op, backend):
+    """Validation comes before the copy and the launch: a bad scale, seed, round seed or weight
+    scale raises with nothing staged and w untouched."""
     calls = spy_device_terms(monkeypatch)
-    w = torch.randn(6, 5)
+    w = torch.randn(6, 5).to(torch.bfloat16)
     before = w.clone()
     call = {
-        "gaussian_": lambda **kw: perturb.gaussian_(w, 1, **kw),
-        "lowrank_": lambda **kw: perturb.lowrank_(w, 1, 2, 2, **kw),
+        "gaussian_": lambda seed=1, **kw: perturb.gaussian_(w, seed, **kw),
+        "lowrank_": lambda seed=1, **kw: perturb.lowrank_(w, seed, 2, 2, **kw),
     }[op]
     for kwargs, match in [
         ({"scale": 1e39}, "overflows"),
+        ({"scale": [1.0, 2.0]}, "one value per seed"),
+        ({"seed": 2**64, "scale": 1.0}, "0..2\\*\\*64-1"),
         ({"scale": 1.0, "round_seed": -1}, "round_seed"),
         ({"scale": 1.0, "w_scale": float("inf")}, "w_scale"),
-        ({"scale": 1.0, "backend": "cuda"}, "backend"),
+        ({"scale": 1.0, "out": torch.empty(6, 5)}, "out must be like w"),
     ]:
         with pytest.raises(ValueError, match=match):
-            call(**kwargs)
+            call(backend=backend, **kwargs)
+    with pytest.raises(ValueError, match="backend"):
+        call(scale=1.0, backend="cuda")
     assert calls == [] and torch.equal(w, before)
 
 
