@@ -290,3 +290,36 @@ def test_graphed_pass_stochastic_and_scaled_equal_eager_calls():
             assert torch.equal(t, e), step
     with pytest.raises(ValueError, match="round_seeds"):
         passes(seeds, v_seeds, scales, w_scales=w_scales)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1823, 781), (4099, 4093), (64, 8208)])
+def test_one_launch_equals_two_launches(monkeypatch, dtype, shape):
+    """The eager one-launch lowrank_ (factors drawn in the kernel, seeds as arguments) and
+    gaussian_ (seeds as arguments) give the factor + apply launches' bits from staged tables."""
+    w = torch.randn(shape, device="cuda").to(dtype)
+    calls = [
+        lambda r: perturb.lowrank_(w.clone(), 2**64 - 5, 2**63 + 7, r, 1e-3),
+        lambda r: perturb.lowrank_(
+            w.clone(),
+            [5, 6, 7],
+            [8, 9, 8],
+            r,
+            [1e-3, -2e-3, 5e-4],
+            round_seed=2**64 - 1,
+            w_scale=0.999,
+            row_offset=3,
+            col_offset=5,
+        ),
+        lambda r: perturb.lowrank_(
+            w.clone(), [1, 2, 3, 4, 5], [6] * 5, r, [1e-3] * 5, round_seed=9
+        ),
+        lambda r: perturb.gaussian_(w.clone(), [3, 3, 2**63], [1e-3, -1e-3, 2e-3], round_seed=4),
+    ]
+    for rank in (1, 3, 8, 16):
+        for call in calls:
+            one = call(rank)
+            monkeypatch.setattr(perturb, "_ONE_LAUNCH", False)
+            two = call(rank)
+            monkeypatch.setattr(perturb, "_ONE_LAUNCH", True)
+            assert torch.equal(one, two), (rank, (one != two).sum().item())
