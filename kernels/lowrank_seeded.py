@@ -12,14 +12,14 @@ acc = fma(u_g[i, k], V_g[j, k], acc); one rounding per element (to nearest even,
 Shape contract: w (and out) contiguous 2-D float32 / bfloat16 / float16. Terms come grouped:
 SAME_V bit t set when term t shares term t − 1's v seed (lowrank_seeded_triton sorts them so).
 Seeds, scales, round seed and weight scale are kernel arguments (a few terms: no device table and
-no host-to-device copy) or device tables (TABLE; kernels.philox.term_seed). The reference: the
-factors of zofast.perturb's torch backend (kernels.philox.sample_ref) through
-kernels.lowrank.lowrank_ref.
+no host-to-device copy) or device tables (TABLE; kernels.philox.term_seed). The pure-torch
+reference, lowrank_seeded_ref, draws the factors and applies them with kernels.lowrank.lowrank_ref.
 """
 
 import torch
 
 from ._triton import on_device, tl, triton
+from .lowrank import lowrank_ref
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
@@ -27,6 +27,7 @@ from .philox import (
     narrow_stochastic,
     normal4,
     rounded_product,
+    sample_ref,
     seed_words,
     term_scale,
     term_seed,
@@ -207,3 +208,43 @@ def lowrank_seeded_triton(
             **CONTRACT_OPTIONS,
         )
     return w if out is None else out
+
+
+def lowrank_seeded_ref(
+    w: torch.Tensor,
+    u_seeds: list[int],
+    v_seeds: list[int],
+    scales: list[float],
+    rank: int,
+    *,
+    round_seed: int | None = None,
+    w_scale: float | None = None,
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> torch.Tensor:
+    """Pure-torch reference of the kernel, terms in any order (grouped as group_terms does);
+    returns a new tensor like w. Its normals are kernels.philox.sample_ref's, which may differ
+    from Triton's in their last bits (libm's log / sin / cos)."""
+    u_seeds, v_seeds, scales, same_v = group_terms(u_seeds, v_seeds, scales)
+    m, n = w.shape
+    k = torch.arange(rank, dtype=torch.int64, device=w.device)
+    u_index = ((row_offset + torch.arange(m, device=w.device))[:, None] * rank + k).reshape(-1)
+    v_index = ((col_offset + torch.arange(n, device=w.device))[:, None] * rank + k).reshape(-1)
+    us, vs = [], []
+    for t, (u_seed, v_seed, scale) in enumerate(zip(u_seeds, v_seeds, scales, strict=True)):
+        u = sample_ref(u_index, u_seed, normal=True).view(m, rank).T
+        u = u * torch.tensor(scale, dtype=torch.float32)
+        if same_v >> t & 1:
+            us[-1] = us[-1] + u
+        else:
+            us.append(u)
+            vs.append(sample_ref(v_index, v_seed, normal=True).view(n, rank).T)
+    return lowrank_ref(
+        w,
+        torch.stack(us).contiguous(),
+        torch.stack(vs).contiguous(),
+        round_seed=round_seed,
+        w_scale=w_scale,
+        row_offset=row_offset,
+        col_offset=col_offset,
+    )
