@@ -137,17 +137,6 @@ def normal4(seed_lo, seed_hi, block):
 
 
 @triton.jit
-def normal_pair(seed_lo, seed_hi, index):
-    """normal(seed, i) and normal(seed, i + 1) for i = index & ~1 (an int64 tensor): the two
-    normals of one Box-Muller pair, computed as normal4 computes them."""
-    x0, x1, x2, x3 = philox_block(seed_lo, seed_hi, index >> 2)
-    upper = (index & 2) != 0
-    return box_muller(
-        word_to_uniform(tl.where(upper, x2, x0)), word_to_uniform(tl.where(upper, x3, x1))
-    )
-
-
-@triton.jit
 def rounded_product(a, b, EXACT: tl.constexpr):
     """fl(a·b) that no later addition can fuse into a multiply-add (EXACT: through PTX mul.rn;
     Triton's interpreter evaluates in numpy, which never fuses)."""
