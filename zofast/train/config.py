@@ -366,8 +366,9 @@ class TrainConfig:
             ConfigError: a bad field (:meth:`validate`).
 
         Example:
-            >>> TrainConfig.from_dict(TrainConfig(label_words=("no", "yes")).to_dict()).label_words
-            ('no', 'yes')
+            >>> custom = TrainConfig(template="{text_a} It was", label_words=("bad", "good"))
+            >>> TrainConfig.from_dict(custom.to_dict()) == custom
+            True
         """
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in values.items() if k in names}

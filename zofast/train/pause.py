@@ -51,9 +51,11 @@ class Paused:
     """A run that ``stop`` paused: ``state`` is JSON-able, :func:`resume_paused` continues it.
 
     Example:
-        >>> paused = train(config, stop=lambda: True)  # doctest: +SKIP
-        >>> paused.steps
-        1
+        >>> config = TrainConfig(method="mezo", steps=5, output_dir="run")
+        >>> state = train(config, stop=lambda: True).state  # doctest: +SKIP
+        >>> text = json.dumps(state)  # doctest: +SKIP
+        >>> resume_paused(json.loads(text)).steps  # the whole run  # doctest: +SKIP
+        5
     """
 
     state: dict
