@@ -94,8 +94,6 @@ def case(args, method: str, dtype: str, root: Path) -> dict:
         "method": method,
         "dtype": dtype,
         "mode": config(args, method, dtype, root).resolved_mode,
-            "mode"
-        ),
         "steps": a.steps,
         "pauses": pauses,
         "bit_for_bit": all(same.values()),
