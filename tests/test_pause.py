@@ -104,18 +104,21 @@ def test_a_run_pauses_only_if_it_can_be_rebuilt_by_replay(tiny, tmp_path):
 
 
 def test_bad_paused_states_are_refused_before_anything_is_written(tiny, tmp_path):
-    paused = train(_config(tiny, "lozo", "float32", tmp_path / "a"), stop=lambda: True)
+    bf16 = "bfloat16"  # virtual mode: a refused resume must take its hooks off the model too
+    paused = train(_config(tiny, "lozo", bf16, tmp_path / "a"), stop=lambda: True)
     assert paused.steps == 1
     text = json.dumps(paused.state)
     out = tmp_path / "out"
 
     def refused(state, match, loaded=None):
-        loaded = loaded or load_model(tiny)
+        loaded = loaded or load_model(tiny, dtype=bf16)
         before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
         with pytest.raises(ConfigError, match=match):
             resume_paused(state, loaded=loaded, output_dir=out)
         assert not out.exists()
         assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
+        modules = list(loaded.model.modules())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     refused({"format": "x"}, "not a paused zofast run")
     state = json.loads(text)
@@ -127,9 +130,12 @@ def test_bad_paused_states_are_refused_before_anything_is_written(tiny, tmp_path
     state = json.loads(text)
     state["log"] = "not base64!"
     refused(state, "malformed paused run")
-    other = load_model(tiny)
+    other = load_model(tiny, dtype=bf16)
     with torch.no_grad():
         next(other.model.parameters()).add_(1.0)
     refused(json.loads(text), "not the base weights", loaded=other)
     # the same state, intact, resumes
-    assert resume_paused(json.loads(text), output_dir=out).steps == 9
+    assert (
+        resume_paused(json.loads(text), loaded=load_model(tiny, dtype=bf16), output_dir=out).steps
+        == 9
+    )

@@ -59,7 +59,9 @@ def train(
     return _train(config, loaded, ranks, stop)
 
 
-def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks, stop) -> TrainResult:
+def _train(
+    config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks, stop
+) -> TrainResult | Paused:
     loaded, scorer, splits, _ = setup(config, loaded)
     out_dir = config.resolved_output_dir
     method = build_method(config, loaded, scorer, splits, out_dir, ranks)

@@ -164,9 +164,13 @@ def resume_paused(
     base = _fingerprint(loaded.model) if config.checkpoint_every else None
     out_dir = config.resolved_output_dir
     method = build_method(config, loaded, scorer, splits, out_dir, ranks)
-    _check_base(method.optimizer, trajectory, state["optimizer"])
-    if not 0 <= marker <= len(trajectory.events) or steps != trajectory.steps:
-        raise ConfigError("malformed paused run: its step count or best event is not its own")
+    try:
+        _check_base(method.optimizer, trajectory, state["optimizer"])
+        if not 0 <= marker <= len(trajectory.events) or steps != trajectory.steps:
+            raise ConfigError("malformed paused run: its step count or best event is not its own")
+    except ConfigError:
+        method.close()  # its hooks come off the model (nothing was written)
+        raise
     best = _replay(method, trajectory, marker, keep=bool(splits.get("dev")))
     _check_counters(method.optimizer, state["optimizer"])
     method.batches.load_state_dict({"generator": generator, "order": order})
