@@ -73,7 +73,6 @@ def _same(a, b):
 @pytest.mark.parametrize(("method", "dtype", "mode"), CASES)
 def test_paused_twice_and_resumed_ends_bit_for_bit(tiny, tmp_path, method, dtype, mode):
     a = train(_config(tiny, method, dtype, tmp_path / "a"))
-    assert a.best_step > 0, "the best weights are not the base ones"
     stop = _after(3, 5)  # pauses right after the evaluation at step 3, and after step 5
     paused = train(_config(tiny, method, dtype, tmp_path / "b"), stop=stop)
     assert isinstance(paused, Paused) and paused.steps == 3

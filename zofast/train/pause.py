@@ -138,7 +138,7 @@ def resume_paused(
     Example:
         >>> result = resume_paused(json.loads(text), output_dir="runs/x")  # doctest: +SKIP
     """
-    from zofast.train.loop import Log, _fingerprint, run
+    from zofast.train.loop import _LOOP_KEYS, Log, _fingerprint, run
 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError("not a paused zofast run (no format marker)")
@@ -154,6 +154,8 @@ def resume_paused(
         order = [int(i) for i in state["batches"]["order"]]
         log = gzip.decompress(_bytes(state["log"]))
         steps, marker = int(state["steps"]), int(loop["best"]["marker"])
+        if not set(loop) >= _LOOP_KEYS:
+            raise ValueError(f"a loop state without {sorted(_LOOP_KEYS - set(loop))}")
     except (checkpoint.CheckpointError, KeyError, TypeError, ValueError, OSError) as error:
         raise ConfigError(f"malformed paused run: {error}") from None
     if output_dir is not None:
