@@ -83,6 +83,23 @@ def tiny_model_dirs(tmp_path_factory):
     return _TinyModelDirs(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def kshot(tmp_path_factory):
+    """An LM-BFF style SST-2 folder (16-13, 16-21) made of the demo set's sentences (the grid's
+    tests)."""
+    from zofast.data import load_demo
+
+    root = tmp_path_factory.mktemp("k-shot")
+    demo = load_demo()
+    for seed in (13, 21):
+        folder = root / "SST-2" / f"16-{seed}"
+        folder.mkdir(parents=True)
+        for split, n in (("train", 8), ("dev", 8), ("test", 12)):
+            rows = [f"{ex.text_a}\t{ex.label}" for ex in demo[split][:n]]
+            (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return str(root)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread avoids OpenMP contention on a busy 2-core CI box.

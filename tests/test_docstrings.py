@@ -105,6 +105,7 @@ NOT_RUN = {
             "zofast.train.checkpoint.read",
             "zofast.train.evaluation.evaluate",
             "zofast.train.evaluation.trajectory_prefix",
+            "zofast.train.evaluation.trajectory_slice",
             "zofast.train.inputs.trainable_parameters",
         )
     },

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from zofast.data import load_demo
 from zofast.grid import records as rec
 from zofast.grid.protocol import ZO_LRS, Protocol, Variant
 from zofast.grid.report import summarize, write
@@ -16,20 +15,6 @@ from zofast.grid.selection import choose
 from zofast.grid.stats import paired, t975
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def kshot(tmp_path_factory):
-    """An LM-BFF style SST-2 folder (16-13, 16-21) made of the demo set's sentences."""
-    root = tmp_path_factory.mktemp("k-shot")
-    demo = load_demo()
-    for seed in (13, 21):
-        folder = root / "SST-2" / f"16-{seed}"
-        folder.mkdir(parents=True)
-        for split, n in (("train", 8), ("dev", 8), ("test", 12)):
-            rows = [f"{ex.text_a}\t{ex.label}" for ex in demo[split][:n]]
-            (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    return str(root)
 
 
 TINY = Protocol(
@@ -128,6 +113,10 @@ def test_records_are_whole_lines_and_the_last_one_wins(tmp_path):
     with pytest.warns(UserWarning, match="not a JSON line"):
         records = rec.read([tmp_path, tmp_path / "absent"])
     assert [r["dev_acc"] for r in records] == [0.75]
+    rec.append(path, {**one, "partial": True, "steps_run": 3})  # not glued to the torn line
+    with pytest.warns(UserWarning, match="runs.jsonl:3: not a JSON line"):
+        assert [r["dev_acc"] for r in rec.read([path])] == [0.75], "a partial one is not read"
+        assert [r["steps_run"] for r in rec.read([path], partial=True)] == [3]
 
 
 def _select(protocol, variant, scores):

@@ -114,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "plan":
         cells, done = runner.pending(settings)
+        paused = runner.partials(settings, cells)
         total = 0.0
         for cell in cells:
             guess = runner.estimate(cell, done)
             total += guess or 0.0
             seconds = "?" if guess is None else f"{guess:.0f} s"
-            print(f"{cell.describe()}: {cell.variant.forwards(cell.task)} forwards, {seconds}")
+            at = (
+                f", resumes from step {paused[cell.key]['steps_run']}" if cell.key in paused else ""
+            )
+            print(f"{cell.describe()}: {cell.variant.forwards(cell.task)} forwards, {seconds}{at}")
         print(f"{len(cells)} cells; {total:.0f} s of the estimated ones (one worker's time)")
         return 0
     try:

@@ -3,8 +3,10 @@
 A record is written only after its run has finished and been tested, as one ``write`` of one line
 under an exclusive ``flock``, so concurrent workers never interleave and a killed worker leaves at
 most its current cell unrecorded. Readers take every ``*.jsonl`` of the folders they are given;
-a line that does not parse (a disk-full write) is skipped with a warning, and of two records of
-the same cell (:func:`key`) the last one read wins.
+a line that does not parse (a disk-full write, a kill mid-write) is skipped with a warning, and
+of two records of the same cell (:func:`key`) the last one read wins. A line after a torn one
+starts on a line of its own (:func:`append`). Partial records (``"partial": true``, a paused cell:
+:mod:`zofast.grid.resume`) are read only when asked for.
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ def files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def read(paths: Iterable[str | Path]) -> list[dict]:
-    """The records of ``paths`` (:func:`files`), one per cell, in the order first read.
+def read(paths: Iterable[str | Path], partial: bool = False) -> list[dict]:
+    """The finished records of ``paths`` (:func:`files`), one per cell, in the order first read;
+    with ``partial``, the partial records instead (every one: :mod:`zofast.grid.resume` picks).
 
     Example:
         >>> read(["bench/results/grid-h200"])  # doctest: +SKIP
     """
     latest: dict[tuple, dict] = {}
+    partials = []
     for path in files(paths):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -58,16 +62,25 @@ def read(paths: Iterable[str | Path]) -> list[dict]:
             except json.JSONDecodeError:
                 warnings.warn(f"{path}:{number}: not a JSON line, skipped", stacklevel=2)
                 continue
-            latest[key(record)] = record
-    return list(latest.values())
+            if not isinstance(record, dict):
+                warnings.warn(f"{path}:{number}: not a JSON object, skipped", stacklevel=2)
+            elif record.get("partial"):
+                partials.append(record)
+            else:
+                latest[key(record)] = record
+    return partials if partial else list(latest.values())
 
 
 def append(path: str | Path, record: dict) -> None:
-    """Append ``record`` to ``path`` as one line, under an exclusive lock, in one write."""
+    """Append ``record`` to ``path`` as one line, under an exclusive lock, in one write
+    (after a newline if the file ends in a torn line, so that the record is not glued to it)."""
     data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):
             raise OSError(f"{path}: wrote {written} of {len(data)} bytes of a record")

@@ -6,10 +6,10 @@ from a shared counter, resets the model to its base weights, trains (:func:`zofa
 no plot, no checkpoint files, the best dev weights kept in memory, its log in a temporary folder
 read back for the curves) and appends one record (:mod:`zofast.grid.records`). A worker takes no
 cell after ``deadline``, and none whose estimated time (:func:`estimate`, plus 10 %) would run
-past ``end``; a shorter cell further down the queue may still fit. A cell must finish within one
-call: there is no resuming a cell across calls (a checkpoint of MiniLM, 90 MB, would not come
-back from the device). A cell that raises is reported and not recorded; the
-worker reloads its model and goes on.
+past ``end``; a shorter cell further down the queue may still fit. Zeroth-order cells are not
+held back by their estimate: at ``end`` they pause and append a partial record, and the next
+call resumes them first, by replay (:mod:`zofast.grid.resume`). A cell that raises is reported
+and not recorded; the worker reloads its model and goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zofast.grid import records as rec
+from zofast.grid import resume
 from zofast.grid.protocol import TASKS, Cell, Protocol
 from zofast.grid.selection import choose, chosen_lrs
 
@@ -78,8 +79,14 @@ def _wanted(cell: Cell, only: dict[str, tuple]) -> bool:
     return all(values[k] in allowed for k, allowed in only.items() if allowed)
 
 
+def _sources(settings: Settings) -> list[str]:
+    """The record files whose cells are not run again (and whose partial records resume)."""
+    return [settings.out] if settings.rerun else [*settings.records, settings.out]
+
+
 def pending(settings: Settings) -> tuple[list[Cell], list[dict]]:
-    """The cells still to run (in order) and the records read (given ones and ``out``'s)."""
+    """The cells still to run (in order: those with a partial record first) and the records
+    read (given ones and ``out``'s)."""
     done = rec.read([*settings.records, settings.out])
     chosen = chosen_lrs(choose(settings.protocol, done)) if settings.stage == "final" else None
     skip = rec.read([settings.out]) if settings.rerun else done
@@ -89,7 +96,13 @@ def pending(settings: Settings) -> tuple[list[Cell], list[dict]]:
         for c in settings.protocol.cells(settings.stage, chosen)
         if c.key not in finished and _wanted(c, settings.only)
     ]
-    return cells, done
+    paused = partials(settings, cells)
+    return sorted(cells, key=lambda c: c.key not in paused), done
+
+
+def partials(settings: Settings, cells: list[Cell]) -> dict[tuple, dict]:
+    """Cell key → the partial record it resumes from (:func:`zofast.grid.resume.latest`)."""
+    return resume.latest(_sources(settings), cells)
 
 
 def estimate(cell: Cell, done: list[dict]) -> float | None:
@@ -134,18 +147,20 @@ def run(settings: Settings) -> int:
             raise FileNotFoundError(f"data folder not found: {folder}")
     cells, done = pending(settings)
     estimates = [estimate(c, done) for c in cells]
+    paused = partials(settings, cells)
     Path(settings.out).parent.mkdir(parents=True, exist_ok=True)
     before = len(rec.read([settings.out]))
     started = time.time()
     _say(
         "main",
-        f"{settings.stage}: {len(cells)} cells to run with {settings.workers} workers; "
+        f"{settings.stage}: {len(cells)} cells to run ({len(paused)} resumed) with "
+        f"{settings.workers} workers; "
         f"deadline {settings.deadline:.0f} s, end {settings.end} s; records in {settings.out}",
     )
     if not cells:
         return 0
     counter = multiprocessing.get_context("spawn").Value("i", 0)
-    job = (settings, cells, estimates, counter, started)
+    job = (settings, cells, estimates, paused, counter, started)
     if settings.workers == 0:
         _work(0, *job)
     else:
@@ -167,8 +182,10 @@ def _say(who, message: str) -> None:
     print(f"[{who} {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _work(index, settings: Settings, cells, estimates, counter, started) -> None:
+def _work(index, settings: Settings, cells, estimates, paused, counter, started) -> None:
     import torch
+
+    from zofast.train import ZO_METHODS
 
     torch.set_num_threads(settings.threads)
     models = _Models(settings)
@@ -178,19 +195,26 @@ def _work(index, settings: Settings, cells, estimates, counter, started) -> None
             counter.value += 1
         if i >= len(cells) or time.time() - started >= settings.deadline:
             return
-        cell, guess = cells[i], estimates[i]
-        late = settings.end is not None and guess is not None
+        cell, guess, partial = cells[i], estimates[i], paused.get(cells[i].key)
+        stop = None
+        if settings.end is not None and cell.variant.method in ZO_METHODS:
+            stop = lambda: time.time() - started >= settings.end  # noqa: E731
+        late = settings.end is not None and guess is not None and stop is None
         if late and time.time() - started + 1.1 * guess > settings.end:
             _say(index, f"skip {cell.describe()}: about {guess:.0f} s, past the end")
             continue
-        _say(index, f"start {cell.describe()}")
+        at = f" from step {partial['steps_run']}" if partial else ""
+        _say(index, f"start {cell.describe()}{at}")
         try:
-            record = run_cell(cell, settings, models)
+            record = run_cell(cell, settings, models, partial, stop, say=lambda m: _say(index, m))
         except Exception:  # noqa: BLE001 - one bad cell must not stop the others
             _say(index, f"FAILED {cell.describe()}:\n{traceback.format_exc()}")
             models.drop(cell.dtype)
             continue
         rec.append(settings.out, record)
+        if record.get("partial"):
+            _say(index, f"paused {cell.describe()} at step {record['steps_run']}")
+            continue
         _say(
             index,
             f"done {cell.describe()}: dev {record['dev_acc']:.4f} test {record['test_acc']:.4f}"
@@ -233,23 +257,33 @@ class _Models:
             self.drop(dtype)
 
 
-def run_cell(cell: Cell, settings: Settings, models: _Models) -> dict:
-    """Train one cell and return its record (:mod:`zofast.grid.report` reads these fields)."""
+def run_cell(
+    cell: Cell, settings: Settings, models: _Models, partial=None, stop=None, say=print
+) -> dict:
+    """Train one cell (from its ``partial`` record if given; ``stop``: when to pause it) and
+    return its record (:mod:`zofast.grid.report` reads these fields), or its partial record."""
     import torch
 
-    from zofast.train import train
     from zofast.train.loop import _finite
+    from zofast.train.pause import Paused
 
     loaded = models.get(cell.dtype)
     v = cell.variant
     with tempfile.TemporaryDirectory(prefix="zofast-grid-") as folder:
         config = cell.train_config(settings.protocol, settings.data_root, settings.model, folder)
         began = time.perf_counter()
-        result = train(config, loaded=loaded)
-        seconds = time.perf_counter() - began
+        result = resume.train_cell(config, loaded, partial, stop, say)
+        call = {"commit": settings.commit, "steps_run": result.steps}
+        calls = [
+            *(partial or {}).get("calls", []),
+            {**call, "seconds": time.perf_counter() - began},
+        ]
+        if isinstance(result, Paused):
+            return resume.record(cell, settings.stage, result, calls)
         cost = result.forwards / result.steps if result.steps else 0
         curves = _curves(Path(folder) / "log.jsonl", cost)
     models.check(cell.dtype)
+    seconds = sum(c["seconds"] for c in calls)
     zero_shot = v.method == "zero-shot"
     record = {
         "task": cell.task,
@@ -279,6 +313,7 @@ def run_cell(cell: Cell, settings: Settings, models: _Models) -> dict:
         "mode": config.resolved_mode if v.method in ("mezo", "lozo", "lozo-m") else None,
         "workers": settings.workers,
         "torch": torch.__version__,
+        "calls": calls,
         "curves": curves,
     }
     return _finite(record)

@@ -412,6 +412,26 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (unknown keys ignored), validated.
+
+        Raises:
+            TypeError: a value of a field that does not take it.
+            ConfigError: a bad field (:meth:`validate`).
+
+        Example:
+            >>> custom = TrainConfig(template="{text_a} It was", label_words=("bad", "good"))
+            >>> TrainConfig.from_dict(custom.to_dict()) == custom
+            True
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in values.items() if k in names}
+        for name in ("label_words", "text_columns", "label_map"):  # tuples, lists in JSON
+            if fields.get(name) is not None:
+                fields[name] = tuple(fields[name])
+        return cls(**fields).validate()
+
 
 @dataclass
 class TrainResult:

@@ -1,5 +1,5 @@
 """Measuring a model on a split (:func:`evaluate`, the zero-shot record) and cutting a trajectory
-at the best evaluation (:func:`trajectory_prefix`)."""
+at the best evaluation (:func:`trajectory_prefix`, :func:`trajectory_slice`)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,26 @@ def trajectory_prefix(trajectory, n_events: int):
         >>> best.steps <= opt.trajectory.steps
         True
     """
+    return trajectory_slice(trajectory, 0, n_events)
+
+
+def trajectory_slice(trajectory, start: int, stop: int):
+    """Events ``start`` to ``stop`` (excluded) of a trajectory, as a new trajectory.
+
+    An optimizer that has replayed the first ``start`` events continues with the slice's
+    (its own step counter gives the slice's steps their seeds).
+
+    Args:
+        trajectory: a :class:`~zofast.trajectory.Trajectory`.
+        start: the first event kept.
+        stop: the first event not kept.
+
+    Returns:
+        A new :class:`~zofast.trajectory.Trajectory`.
+
+    Example:
+        >>> rest = trajectory_slice(opt.trajectory, 10, len(opt.trajectory.events))
+    """
     from zofast.trajectory import SETTLE, STEP, Trajectory
 
     out = Trajectory(
@@ -89,8 +109,10 @@ def trajectory_prefix(trajectory, n_events: int):
     out.params = trajectory.params
     out.device = trajectory.device
     for index, (kind, g, lrs, wds) in enumerate(trajectory.iter_events()):
-        if index >= n_events:
+        if index >= stop:
             break
+        if index < start:
+            continue
         if kind == STEP:
             out.record_step(g, lrs, wds)
         elif kind == SETTLE:

@@ -8,6 +8,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +18,34 @@ from zofast.train.config import ConfigError, TrainConfig, TrainResult
 from zofast.train.evaluation import evaluate, zero_shot
 from zofast.train.inputs import setup
 from zofast.train.methods import Method, build_method, crossed
+from zofast.train.pause import Paused, pausable, paused
 from zofast.train.ranks import Ranks, from_environment, worker_config
 from zofast.train.streaming import streaming
 
 
-def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> TrainResult | Paused:
     """Run one fine-tuning run (see :mod:`zofast.train` for what it does and writes).
 
     Args:
         config: the run configuration.
         loaded: an already loaded model to train in place (its current weights are the base);
-            None loads ``config.model``. The model ends holding the best dev checkpoint (with
-            ``offload``, its blocks on the host and the rest on the GPU).
+    with streaming(config, loaded):  # before the optimizer: it trains the host tensors
+        method = build_method(config, loaded, scorer, splits, out_dir, ranks)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = Log(out_dir / "log.jsonl")
+        try:
+            return run(config, loaded, scorer, splits, method, out_dir, log, stop=stop)
+        finally:
+            log.close()
 
     Returns:
-        A :class:`TrainResult` (its ``diverged`` says whether the run stopped early).
+        A :class:`TrainResult` (its ``diverged`` says whether the run stopped early), or a
+        :class:`~zofast.train.pause.Paused` if ``stop`` paused it (no result files then).
 
     Raises:
         ConfigError: bad configuration or input, raised before any weight or file is written.
@@ -43,13 +57,17 @@ def train(config: TrainConfig, *, loaded: LoadedModel | None = None) -> TrainRes
     """
     config.validate()
     ranks = from_environment(config)
+    if stop is not None:
+        pausable(config, ranks)
     if not ranks.main:
         with tempfile.TemporaryDirectory(prefix=f"zofast-rank{ranks.rank}-") as folder:
-            return _train(worker_config(config, folder), loaded, ranks)
-    return _train(config, loaded, ranks)
+            return _train(worker_config(config, folder), loaded, ranks, stop)
+    return _train(config, loaded, ranks, stop)
 
 
-def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks) -> TrainResult:
+def _train(
+    config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks, stop
+) -> TrainResult | Paused:
     loaded, scorer, splits, _ = setup(config, loaded)
     out_dir = config.resolved_output_dir
     with streaming(config, loaded):  # before the optimizer: it trains the host tensors
@@ -57,7 +75,7 @@ def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: Ranks) -> Tra
         out_dir.mkdir(parents=True, exist_ok=True)
         log = Log(out_dir / "log.jsonl")
         try:
-            return run(config, loaded, scorer, splits, method, out_dir, log)
+            return run(config, loaded, scorer, splits, method, out_dir, log, stop=stop)
         finally:
             log.close()
 
@@ -105,11 +123,8 @@ def resume(
         values = dict(document["config"])
     except (checkpoint.CheckpointError, KeyError, TypeError) as error:
         raise ConfigError(f"cannot resume from {folder}: {error}") from None
-    if values.get("label_words") is not None:
-        values["label_words"] = tuple(values["label_words"])
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        config = TrainConfig(**{k: v for k, v in values.items() if k in names}).validate()
+        config = TrainConfig.from_dict(values)
     except TypeError as error:
         raise ConfigError(f"cannot resume from {folder}: {error}") from None
     out_dir = folder.parent
@@ -203,10 +218,11 @@ def run(
     *,
     state: dict | None = None,
     progress: bool | None = None,
-) -> TrainResult:
+    stop: Callable[[], bool] | None = None,
+) -> TrainResult | Paused:
     """The loop: zero-shot, advance, log, evaluate and keep the best, checkpoint, then the
-    files. ``state``: a checkpoint's loop state (:func:`resume`)."""
-    return _Run(config, loaded, scorer, splits, method, out_dir, log, state).run(progress)
+    files. ``state``: a checkpoint's loop state (:func:`resume`); ``stop``: see :func:`train`."""
+    return _Run(config, loaded, scorer, splits, method, out_dir, log, state).run(progress, stop)
 
 
 class _Run:
@@ -251,8 +267,9 @@ class _Run:
             self.st = state
             self.base = state.pop("base")
             self.best_weights = state.pop("best_weights")
-            self.saved = state.pop("checkpoint")
-            self.saved["version"] = state["best"]["version"]
+            self.saved = state.pop("checkpoint")  # None: resumed by replay (zofast.train.pause)
+            if self.saved is not None:
+                self.saved["version"] = state["best"]["version"]
             self.started = time.perf_counter() - state["elapsed"]
         self.best = self.st["best"]
         self.bar = None
@@ -260,7 +277,7 @@ class _Run:
         if self.saved is not None:
             self.files["checkpoint"] = str(self.saved["folder"])
 
-    def run(self, progress: bool | None) -> TrainResult:
+    def run(self, progress: bool | None, stop) -> TrainResult | Paused:
         config, method, st = self.config, self.method, self.st
         periods = [config.eval_every] if self.dev else []
         if config.checkpoint_every:
@@ -293,6 +310,8 @@ class _Run:
                     self._checkpoint(step)
                 if self.bar is not None:
                     self.bar.update(step - before)
+                if stop is not None and not done and stop():
+                    return paused(self)  # before close() settles the optimizer
         finally:
             if self.bar is not None:
                 self.bar.close()
