@@ -14,6 +14,12 @@ pytestmark = pytest.mark.skipif(not TRITON_ON_CPU, reason="the Triton interprete
 BIG = [2**64 - 1, 2**63, 2**63 + 12345, 0]  # seeds ≥ 2^63 travel as negative int64 patterns
 
 
+@pytest.fixture(autouse=True)
+def one_launch(monkeypatch):
+    """The one-launch path on (it is off by default until it has run on a GPU)."""
+    monkeypatch.setattr(perturb, "_ONE_LAUNCH", True)
+
+
 def both_paths(monkeypatch, call):
     """call() with the one-launch path, then with the factor + apply launches (staged tables)."""
     one = call()
