@@ -19,10 +19,10 @@ from .philox import (
     _check_interpretable,
     add_normals,
     narrow,
+    pass_arguments,
     round_words4,
     round_words_ref,
     sample_ref,
-    seed_words,
     stochastic_round,
     stochastic_round_ref,
     term_scale,
@@ -87,13 +87,9 @@ def gaussian_triton(
     _check_interpretable(w)
     n = w.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
-    if w.dtype == torch.float32:
-        round_seed = None  # nothing to round
-    table = isinstance(seeds, torch.Tensor)
-    if not table:
-        seeds, scales = seed_words(seeds), tuple(scales)
-        round_seed = None if round_seed is None else seed_words([round_seed])
-        w_scale = None if w_scale is None else (w_scale,)
+    table, seeds, scales, round_seed, w_scale = pass_arguments(
+        w.dtype, seeds, scales, round_seed, w_scale
+    )
     with on_device(w):
         _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
             w,

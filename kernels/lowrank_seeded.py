@@ -26,9 +26,9 @@ from .philox import (
     narrow,
     narrow_stochastic,
     normal4,
+    pass_arguments,
     rounded_product,
     sample_ref,
-    seed_words,
     term_scale,
     term_seed,
     triton_interpreting,
@@ -174,13 +174,9 @@ def lowrank_seeded_triton(
     m, n = w.shape
     if block_m is None or block_n is None:
         block_m, block_n = TILE
-    if w.dtype == torch.float32:
-        round_seed = None  # nothing to round
-    table = isinstance(seeds, torch.Tensor)
-    if not table:
-        seeds, scales = seed_words(seeds), tuple(scales)
-        round_seed = None if round_seed is None else seed_words([round_seed])
-        w_scale = None if w_scale is None else (w_scale,)
+    table, seeds, scales, round_seed, w_scale = pass_arguments(
+        w.dtype, seeds, scales, round_seed, w_scale
+    )
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     with on_device(w):
         _lowrank_seeded_kernel[grid](

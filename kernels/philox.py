@@ -329,6 +329,19 @@ def seed_words(seeds) -> tuple[int, ...]:
     return tuple(words)
 
 
+def pass_arguments(w_dtype, seeds, scales, round_seed, w_scale):
+    """(table, seeds, scales, round_seed, w_scale) as a seeded kernel takes them: device tables
+    pass through (table True); host values become kernel-argument tuples (seed_words). The round
+    seed is dropped for float32 w (nothing to round)."""
+    if w_dtype == torch.float32:
+        round_seed = None
+    if isinstance(seeds, torch.Tensor):
+        return True, seeds, scales, round_seed, w_scale
+    round_seed = None if round_seed is None else seed_words([round_seed])
+    w_scale = None if w_scale is None else (w_scale,)
+    return False, seed_words(seeds), tuple(scales), round_seed, w_scale
+
+
 def triton_interpreting() -> bool:
     """Whether the Triton kernels were built for the interpreter (TRITON_INTERPRET=1); False
     without triton."""
