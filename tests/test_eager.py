@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers_backends import CPU_BACKENDS, TRITON_ON_CPU
 
-from zofast import perturb
+from zofast import perturb, perturb_args
 from zofast.kernels import lowrank as lowrank_kernels
 
 EDGE_FLOATS = [
@@ -38,10 +38,10 @@ def torch_float32(value) -> float:
 
 @pytest.mark.parametrize("value", EDGE_FLOATS)
 def test_as_float32_rounds_like_torch(value):
-    assert math.copysign(1, perturb.as_float32(value, "scale")) == math.copysign(
+    assert math.copysign(1, perturb_args.as_float32(value, "scale")) == math.copysign(
         1, torch_float32(value)
     )
-    assert perturb.as_float32(value, "scale") == torch_float32(value)
+    assert perturb_args.as_float32(value, "scale") == torch_float32(value)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_as_float32_rounds_like_torch(value):
 )
 def test_as_float32_refuses_what_float32_cannot_hold(value, match):
     with pytest.raises(ValueError, match=match):
-        perturb.as_float32(value, "scale")
+        perturb_args.as_float32(value, "scale")
 
 
 @pytest.mark.parametrize("n_ints,n_floats", [(1, 1), (2, 1), (3, 2), (1, 0), (0, 1), (5, 7)])

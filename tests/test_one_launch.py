@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers_backends import TRITON_ON_CPU
 
-from zofast import perturb
+from zofast import perturb, perturb_args
 from zofast.kernels import lowrank, lowrank_seeded
 
 pytestmark = pytest.mark.skipif(not TRITON_ON_CPU, reason="the Triton interpreter is not available")
@@ -182,7 +182,7 @@ def test_reference_is_the_torch_backend_and_near_triton(case):
     torch's in their last bits (libm), so bf16 results are at most one rounding step apart."""
     shape, rank, dtype, u_seeds, v_seeds, scales, options = case
     w = torch.randn(shape).to(dtype)
-    scales = [perturb.as_float32(s, "scale") for s in scales]
+    scales = [perturb_args.as_float32(s, "scale") for s in scales]
     ref = lowrank_seeded.lowrank_seeded_ref(w, u_seeds, v_seeds, scales, rank, **options)
     backend = perturb.lowrank_(
         w.clone(), u_seeds, v_seeds, rank, scales, backend="torch", **options

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from zofast.device_map import on_device
-from zofast.perturb import _check_rank, check_weight, matrix_shape
+from zofast.perturb_args import _check_rank, check_weight, matrix_shape
 from zofast.rng import MAX_SEED
 
 __all__ = ["GraphedPass"]

@@ -66,14 +66,8 @@ import torch
 
 from zofast import virtual
 from zofast._ext import resolve_backend
-from zofast.perturb import (
-    _device_terms,
-    check_weight,
-    gaussian_,
-    lowrank_,
-    lowrank_factors,
-    matrix_shape,
-)
+from zofast.perturb import _device_terms, gaussian_, lowrank_, lowrank_factors
+from zofast.perturb_args import check_weight, matrix_shape
 from zofast.rng import as_seed, normal
 from zofast.shadow_step import DeviceSeeds, Presets, StepFactors, bulk_on, transposed
 

@@ -15,7 +15,7 @@ from zofast.optim.shadow import Shadow
 from zofast.optim.sharding import local_shard
 from zofast.optim.virtual import Virtual
 from zofast.paired_layers import PairedVirtualLayers, Rows
-from zofast.perturb import check_weight, matrix_shape
+from zofast.perturb_args import check_weight, matrix_shape
 from zofast.trajectory import param_fingerprint
 
 GROUP_KEYS = ("lr", "weight_decay")
