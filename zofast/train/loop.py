@@ -34,14 +34,9 @@ def train(
     Args:
         config: the run configuration.
         loaded: an already loaded model to train in place (its current weights are the base);
-    with streaming(config, loaded):  # before the optimizer: it trains the host tensors
-        method = build_method(config, loaded, scorer, splits, out_dir, ranks)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = Log(out_dir / "log.jsonl")
-        try:
-            return run(config, loaded, scorer, splits, method, out_dir, log, stop=stop)
-        finally:
-            log.close()
+            None loads ``config.model``. The model ends holding the best dev checkpoint.
+        stop: zeroth-order methods, one process: asked after every step (and its evaluation)
+            that leaves steps to do; True pauses the run there (:mod:`zofast.train.pause`).
 
     Returns:
         A :class:`TrainResult` (its ``diverged`` says whether the run stopped early), or a
