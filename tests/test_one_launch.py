@@ -9,7 +9,17 @@ from helpers_backends import TRITON_ON_CPU
 from zofast import perturb, perturb_args
 from zofast.kernels import lowrank, lowrank_seeded
 
-pytestmark = pytest.mark.skipif(not TRITON_ON_CPU, reason="the Triton interpreter is not available")
+# On a GPU machine the same tests compile and run the kernels there (Triton's interpreter runs them
+# on the CPU elsewhere): the one-launch path stays off by default until they pass on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not TRITON_ON_CPU, reason="needs Triton's interpreter or a GPU"
+)
+
+
+def randn(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
 
 BIG = [2**64 - 1, 2**63, 2**63 + 12345, 0]  # seeds ≥ 2^63 travel as negative int64 patterns
 
@@ -73,7 +83,7 @@ CASES = [  # shape, rank, dtype, u seeds, v seeds, scales, options
 @pytest.mark.parametrize("case", CASES, ids=[f"rank{c[1]}-{len(c[3])}terms" for c in CASES])
 def test_one_launch_equals_two_launches_and_reference(monkeypatch, case):
     shape, rank, dtype, u_seeds, v_seeds, scales, options = case
-    w = torch.randn(shape).to(dtype)
+    w = randn(shape).to(dtype)
 
     def call():
         return perturb.lowrank_(
@@ -86,7 +96,7 @@ def test_one_launch_equals_two_launches_and_reference(monkeypatch, case):
 
 
 def test_tiles_give_the_same_bits():
-    w = torch.randn(45, 300).to(torch.bfloat16)
+    w = randn(45, 300).to(torch.bfloat16)
     seeds, scales = [5, 6, BIG[0], 9], [1e-2, -2e-2]
     options = dict(round_seed=BIG[1], w_scale=0.999, row_offset=3, col_offset=6)
     results = [
@@ -97,7 +107,7 @@ def test_tiles_give_the_same_bits():
 
 
 def test_out_of_place_writes_every_element_and_leaves_w():
-    w = torch.randn(37, 29).to(torch.bfloat16)
+    w = randn(37, 29).to(torch.bfloat16)
     before = w.clone()
     out = torch.full_like(w, float("nan"))
     perturb.lowrank_(w, [1, 2], [3, 3], 3, [1.0, 0.5], out=out, round_seed=4, backend="triton")
@@ -112,7 +122,7 @@ def test_out_of_place_writes_every_element_and_leaves_w():
 
 
 def test_in_place_touches_exactly_w():
-    buffer = torch.full((3 * 500,), float("nan"))
+    buffer = torch.full((3 * 500,), float("nan"), device=DEVICE)
     w = buffer[500:1000].view(20, 25)
     w.zero_()
     perturb.lowrank_(w, 4, 5, 2, 1.0, backend="triton")
@@ -123,7 +133,7 @@ def test_in_place_touches_exactly_w():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gaussian_arguments_equal_tables(monkeypatch, dtype):
-    w = torch.randn(11, 37).to(dtype)
+    w = randn(11, 37).to(dtype)
     for seeds, scales, options in [
         ([BIG[0]], [1e-2], {}),
         ([1, 1, BIG[1], 5], [0.1, -0.2, 0.3, 1.0], {"round_seed": BIG[2], "w_scale": 1.5}),
@@ -152,7 +162,7 @@ def spy_device_terms(monkeypatch):
 
 def test_few_terms_copy_nothing_more_take_one_table(monkeypatch):
     calls = spy_device_terms(monkeypatch)
-    w = torch.randn(16, 24).to(torch.bfloat16)
+    w = randn(16, 24).to(torch.bfloat16)
     options = dict(round_seed=BIG[0], w_scale=0.999, backend="triton")
     perturb.lowrank_(w, [1, 2, 3, 4], [5, 5, 6, 7], 2, [1.0] * 4, **options)
     perturb.gaussian_(w, [1, 2, 3, 4], [1.0] * 4, **options)
@@ -181,7 +191,7 @@ def test_reference_is_the_torch_backend_and_near_triton(case):
     """lowrank_seeded_ref gives the torch backend's bits; Triton's normals may differ from
     torch's in their last bits (libm), so bf16 results are at most one rounding step apart."""
     shape, rank, dtype, u_seeds, v_seeds, scales, options = case
-    w = torch.randn(shape).to(dtype)
+    w = randn(shape).to(dtype)
     scales = [perturb_args.as_float32(s, "scale") for s in scales]
     ref = lowrank_seeded.lowrank_seeded_ref(w, u_seeds, v_seeds, scales, rank, **options)
     backend = perturb.lowrank_(
