@@ -34,12 +34,13 @@ from .philox import (
     triton_interpreting,
 )
 
-# (BLOCK_M, BLOCK_N) for every shape: 32×128, the apply kernel's best on the H200, also for rows
-# whose length is not a multiple of 16, where kernels.lowrank.default_tile takes 8×512: a flat
-# tile draws r·(1/8 + 1/512) normals per element against r·(1/32 + 1/128) (sm_90 PTX at rank 8:
-# 8 Philox calls per thread against 2, and 392 shared-memory gathers against 366). Not yet timed:
-# bench/probes/eager.py --sweep times both.
-TILE = (32, 128)
+def default_tile(rank: int, n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): the fastest of bench/probes/eager.py --sweep on the H200 (bf16,
+    bench/results/2026-12-03-session8): 64×64 on rows whose length is a multiple of 16 (at
+    8192²: 70 / 74 / 104 / 194 µs at ranks 1 / 2 / 4 / 8, against 32×128's 69 / 76 / 176 / 337);
+    on other rows 16×256 up to rank 4 (4099×4093: 30 / 41 / 47 µs against 32×128's 35 / 46 /
+    51) and 64×64 above (81 µs at rank 8 against 16×256's 96)."""
+    return (16, 256) if n % 16 and rank <= 4 else (64, 64)
 
 
 @triton.jit
@@ -169,11 +170,11 @@ def lowrank_seeded_triton(
     scales T float32-exact floats, round_seed an int and w_scale a float (None: off), passed as
     kernel arguments. Device tables (int64 seeds (2T,), float32 scales (T,), one-element round
     seed / weight scale tensors, on w's device): the same kernel reading them. round_seed is
-    ignored for float32 w; tiles default to TILE."""
+    ignored for float32 w; tiles default to default_tile."""
     _check_interpretable(w)
     m, n = w.shape
     if block_m is None or block_n is None:
-        block_m, block_n = TILE
+        block_m, block_n = default_tile(rank, n)
     table, seeds, scales, round_seed, w_scale = pass_arguments(
         w.dtype, seeds, scales, round_seed, w_scale
     )

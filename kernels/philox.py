@@ -90,8 +90,9 @@ def term_seed(seeds, t: tl.constexpr, TABLE: tl.constexpr):
     if TABLE:
         lo, hi = load_seed(seeds + t)
     else:
-        lo = seeds[2 * t].to(tl.uint32, bitcast=True)
-        hi = seeds[2 * t + 1].to(tl.uint32, bitcast=True)
+        # tl.cast, not .to: compiled Triton makes an argument equal to 1 a constexpr int.
+        lo = tl.cast(seeds[2 * t], tl.uint32, bitcast=True)
+        hi = tl.cast(seeds[2 * t + 1], tl.uint32, bitcast=True)
     return lo, hi
 
 

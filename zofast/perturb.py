@@ -283,7 +283,7 @@ def _noise(n: int, seed_t: torch.Tensor, scale_t: torch.Tensor, offset: int, bac
     if backend == "triton":
         return philox.noise_triton(out, seed_t, scale_t, offset)
     index = offset + torch.arange(n, dtype=torch.int64, device=out.device)
-    return out.copy_(philox.sample_ref(index, int(seed_t) % 2**64, normal=True) * scale_t.cpu())
+    return out.copy_(philox.sample_ref(index, int(seed_t) % 2**64, normal=True) * scale_t)
 
 
 def _term_factors(m, n, rank, seeds, scales, row_offset, col_offset, backend):

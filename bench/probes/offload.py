@@ -43,6 +43,7 @@ SHAPES = {
     "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, ffn_dim=28672, num_attention_heads=56),
 }
 GB = 1e9
+START = time.perf_counter()
 
 
 def config(name: str, layers: int | None = None):
@@ -52,6 +53,10 @@ def config(name: str, layers: int | None = None):
     if layers is not None:
         shape["num_hidden_layers"] = layers
     return OPTConfig(vocab_size=50272, max_position_embeddings=2048, **shape)
+
+
+def progress(text: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {text}", flush=True)
 
 
 def build(cfg, host_blocks: bool):
@@ -126,6 +131,7 @@ def train_row(model, data, steps: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step = wall_s(lambda: opt.step(closure), steps)
     peak = torch.cuda.max_memory_allocated() / GB
+    progress(f"step {step:.3f} s, peak {peak:.1f} GB; settling (virtual mode's flush)")
     t0 = time.perf_counter()
     opt.settle()  # virtual mode's flush: W += A·V_Aᵀ on every weight (host engine for blocks)
     torch.cuda.synchronize()
@@ -140,10 +146,12 @@ def run(name: str, args) -> list[dict]:
     data = batch(cfg, args.batch)
     bandwidth = h2d_gbps()
     forward = paired_forward_s(name, args.batch, args.steps)
+    progress(f"{name}: host-to-device {bandwidth:.1f} GB/s, paired forward {forward:.3f} s")
     total = torch.cuda.get_device_properties(0).total_memory
     model = build(cfg, host_blocks=True)
     block_bytes = sum(p.numel() * 2 for p in model.model.decoder.layers.parameters())
     floor = max(block_bytes / GB / bandwidth, forward)
+    progress(f"{name}: built, blocks {block_bytes / GB:.1f} GB, floor {floor:.3f} s")
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GB / total))
     rows, loss_streamed = [], None
     for update in args.update:
@@ -157,6 +165,7 @@ def run(name: str, args) -> list[dict]:
         writes = streamed.writes.writes if streamed.writes is not None else 0
         streamed.remove()
         rows.append({"update": update, "device_passes": writes, **capped})
+        progress(f"{name} update={update}: {capped}")
     torch.cuda.set_per_process_memory_fraction(1.0)
     common = {
         "model": name,
