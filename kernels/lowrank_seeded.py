@@ -34,6 +34,7 @@ from .philox import (
     triton_interpreting,
 )
 
+
 def default_tile(rank: int, n: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): the fastest of bench/probes/eager.py --sweep on the H200 (bf16,
     bench/results/2026-12-03-session8): 64×64 on rows whose length is a multiple of 16 (at

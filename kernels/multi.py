@@ -258,6 +258,23 @@ def vector_aligned(w: torch.Tensor, rank: int) -> bool:
     return w.data_ptr() % 16 == 0 and (_matrix(w)[1] if rank else w.numel()) % 16 == 0
 
 
+def factor_views(geometry: list, u: torch.Tensor, v: torch.Tensor) -> list:
+    """Per tensor (u, V) of flat factor buffers u, v: (m, r) and (n, r) views, column k of
+    each at offset + k·stride (one strided view each: several steps of slicing per tensor cost
+    host time every step); None where `geometry` (per tensor (m, n, u offset, v offset,
+    u stride, v stride, r), or None) has None."""
+    u_base, v_base = u.storage_offset(), v.storage_offset()
+    return [
+        None
+        if g is None
+        else (
+            u.as_strided((g[0], g[6]), (1, g[4]), u_base + g[2]),
+            v.as_strided((g[1], g[6]), (1, g[5]), v_base + g[3]),
+        )
+        for g in geometry
+    ]
+
+
 class MultiPass:
     """Launch plan of one pass over `tensors` with `n_terms` terms each (see the module docstring).
 
@@ -352,6 +369,15 @@ class MultiPass:
             return torch.from_numpy(sub).to(device), torch.from_numpy(jobs).to(device)
 
         self._table = table
+        # Per tensor (m, n, u offset, v offset, u stride, v stride, rank), Python ints: views
+        # of the factor buffers are made every step, and reading the numpy table costs more.
+        self._geometry = [
+            tuple(int(x) for x in row[[ROWS, COLS, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE]])
+            + (rank,)
+            if rank
+            else None
+            for row, rank in zip(table, self._ranks, strict=True)
+        ]
         self._gaussian = []
         for (dtype, aligned), ids in groups(
             lambda w, r: None if r or factors_only else (w.dtype, vector_aligned(w, 0))
@@ -460,21 +486,7 @@ class MultiPass:
         """Per tensor (u, V) as (m, r) and (n, r) views of flat buffers in the factor layout
         (None for full-rank tensors); their transposes are row-major with rows padded to
         STRIDE_ALIGN elements."""
-        out = []
-        for row, rank in zip(self._table, self._ranks, strict=True):
-            if not rank:
-                out.append(None)
-                continue
-            m, n, u_off, v_off, u_stride, v_stride = (
-                int(x) for x in row[[ROWS, COLS, U_OFFSET, V_OFFSET, U_STRIDE, V_STRIDE]]
-            )
-            out.append(
-                (
-                    u[u_off : u_off + rank * u_stride].view(rank, u_stride)[:, :m].t(),
-                    v[v_off : v_off + rank * v_stride].view(rank, v_stride)[:, :n].t(),
-                )
-            )
-        return out
+        return factor_views(self._geometry, u, v)
 
     def factors(self, seeds: torch.Tensor, scales: torch.Tensor) -> list:
         """Only the factors, into new buffers: per tensor (u, V) as (m, r) and (n, r) float32

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zofast.kernels.multi import factor_views
 from zofast.perturb import lowrank_factors
 from zofast.shadow_step import STRIDE_ALIGN, bulk_on, to_device, upload_seeds
 
@@ -34,11 +35,11 @@ class HostLayout:
 
     def __init__(self, shapes, ranks, device):
         self.shapes, self.ranks, self.device = list(shapes), list(ranks), device
-        self._rows = []
+        self._geometry = []
         u_off = v_off = 0
         for (m, n), r in zip(self.shapes, self.ranks, strict=True):
             su, sv = (-(-k // STRIDE_ALIGN) * STRIDE_ALIGN for k in (m, n))
-            self._rows.append((m, n, u_off, v_off, su, sv))
+            self._geometry.append((m, n, u_off, v_off, su, sv, r))
             u_off += r * su
             v_off += r * sv
         self._size = (u_off, v_off)
@@ -47,13 +48,7 @@ class HostLayout:
         return tuple(torch.zeros(k, dtype=dtype, device=self.device) for k in self._size)
 
     def factor_views(self, u: torch.Tensor, v: torch.Tensor) -> list:
-        return [
-            (
-                u[uo : uo + r * su].view(r, su)[:, :m].t(),
-                v[vo : vo + r * sv].view(r, sv)[:, :n].t(),
-            )
-            for (m, n, uo, vo, su, sv), r in zip(self._rows, self.ranks, strict=True)
-        ]
+        return factor_views(self._geometry, u, v)
 
     def launch_factors(self, seeds: np.ndarray, u, v) -> None:
         for (U, V), (m, n), r, (su, sv) in zip(
