@@ -9,8 +9,9 @@ import transformers
 from helpers_models import TINY_ARCHS, TINY_KINDS
 
 from zofast.data import Example, load_demo, load_kshot
+from zofast.encoding import Batch
 from zofast.models import LoadedModel, default_model_path, load_model
-from zofast.scoring import Batch, Scorer
+from zofast.scoring import Scorer
 from zofast.tasks import Task
 
 DATA = Path(os.environ.get("ZOFAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

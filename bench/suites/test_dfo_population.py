@@ -56,8 +56,9 @@ import transformers
 
 from zofast.dfo.lora import DFOLoRA
 from zofast.dfo.population import PopulationEvaluator
+from zofast.encoding import Batch
 from zofast.models import LoadedModel
-from zofast.scoring import Batch, Scorer
+from zofast.scoring import Scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from helpers_models import make_tokenizer  # noqa: E402

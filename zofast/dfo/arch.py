@@ -301,7 +301,7 @@ class LowRankHooks:
     (one ``A`` of shape ``(D_in, r)`` and ``B`` of shape ``(r, D_out)`` per target, applied to
     every row), or population (``A`` of shape ``(P, D_in, r)`` and ``B`` of shape
     ``(P, r, D_out)``: the input's rows are ``P`` equal-sized copy-major groups, as made by
-    :meth:`zofast.scoring.Batch.repeat`, and group ``p`` gets candidate ``p``'s update, computed
+    :meth:`zofast.encoding.Batch.repeat`, and group ``p`` gets candidate ``p``'s update, computed
     with batched matrix products on a ``(P, rows·T / P, D_in)`` view). ``version[layer]`` counts
     the changes of a layer's single/inactive state, so that cached hidden states of the layers
     above can be invalidated.

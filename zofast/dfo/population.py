@@ -11,7 +11,7 @@ forward (or a few, see ``max_candidates``):
    :attr:`LowRankHooks.version`). Visiting layers in order therefore costs one layer on ``N`` rows
    per generation for the part below ``l``.
 2. Those hidden states are repeated ``P`` times along the batch dimension (copy-major, like
-   :meth:`zofast.scoring.Batch.repeat`) and layers ``l .. L-1`` run on the ``P·N`` rows, layer
+   :meth:`zofast.encoding.Batch.repeat`) and layers ``l .. L-1`` run on the ``P·N`` rows, layer
    ``l`` with candidate ``p``'s update on the rows of copy ``p`` (:class:`LowRankHooks`
    population mode), then the base model's final modules and :meth:`Scorer.head_logits`.
 
@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zofast.dfo.arch import Architecture, LowRankHooks
-from zofast.scoring import Batch
+from zofast.encoding import Batch
 
 __all__ = ["PopulationEvaluator", "clipped_std", "MODES", "CLIP_ROUNDS", "CLIP_SIGMAS"]
 

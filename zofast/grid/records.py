@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+from zofast.grid.protocol import Cell
+
 
 def key(record: dict) -> tuple:
     """(task, seed, method, rank, dtype, steps, lr): the cell a record is the run of
@@ -30,6 +32,26 @@ def key(record: dict) -> tuple:
     """
     fields = ("task", "seed", "method", "rank", "dtype", "steps", "lr")
     return tuple(record.get(f) for f in fields)
+
+
+def cell_fields(cell: Cell) -> dict:
+    """The fields every record of ``cell`` (finished or partial) opens with: its :func:`key` up to
+    ``steps``. Each record adds ``lr`` itself, since a finished one has ``forwards`` before it.
+
+    Example:
+        >>> from zofast.grid.protocol import Protocol
+        >>> tuple(cell_fields(Protocol().cells("select")[0]).values())
+        ('rte', 13, 'lozo-m', 2, 'float32', 20000)
+    """
+    v = cell.variant
+    return {
+        "task": cell.task,
+        "seed": cell.seed,
+        "method": v.method,
+        "rank": v.rank,
+        "dtype": cell.dtype,
+        "steps": v.steps,
+    }
 
 
 def files(paths: Iterable[str | Path]) -> list[Path]:

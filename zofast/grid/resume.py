@@ -36,19 +36,13 @@ def record(cell: Cell, stage: str, paused, calls: list[dict]) -> dict:
         >>> line["partial"], line["steps_run"]  # doctest: +SKIP
         (True, 7)
     """
-    v = cell.variant
     text = json.dumps(paused.state, allow_nan=False, separators=(",", ":"))
     return {
-        "task": cell.task,
-        "seed": cell.seed,
-        "method": v.method,
-        "rank": v.rank,
-        "dtype": cell.dtype,
-        "steps": v.steps,
+        **rec.cell_fields(cell),
         "lr": cell.lr,
         "partial": True,
         "stage": stage,
-        "variant": v.name,
+        "variant": cell.variant.name,
         "steps_run": paused.steps,
         "seconds": sum(c["seconds"] for c in calls),
         "calls": calls,

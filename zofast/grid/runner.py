@@ -286,12 +286,7 @@ def run_cell(
     seconds = sum(c["seconds"] for c in calls)
     zero_shot = v.method == "zero-shot"
     record = {
-        "task": cell.task,
-        "seed": cell.seed,
-        "method": v.method,
-        "rank": v.rank,
-        "dtype": cell.dtype,
-        "steps": v.steps,
+        **rec.cell_fields(cell),
         "forwards": result.forwards,
         "lr": cell.lr,
         "dev_acc": result.best_dev,

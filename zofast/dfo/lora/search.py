@@ -34,7 +34,8 @@ from zofast.dfo.fireworks import Fireworks
 from zofast.dfo.lora.config import OPTIMIZERS, check_int
 from zofast.dfo.lora.layer import chunk_sizes
 from zofast.dfo.population import PopulationEvaluator, clipped_std
-from zofast.scoring import Batch, Scorer
+from zofast.encoding import Batch
+from zofast.scoring import Scorer
 from zofast.tasks import Task
 
 __all__ = ["DFOResult", "LayerSearch", "OPTIMIZER_SEED_OFFSET", "DEV_BATCH"]
