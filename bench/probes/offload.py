@@ -15,7 +15,7 @@ is timed apart (flush_s), as settle() runs it.
 
 Usage (GPU machine, repo root; the C++ extension built): python bench/probes/offload.py OUT.json
 [--models opt-13b opt-30b] [--batch 4] [--steps 3] [--cap-gb 16] [--prefetch 1]
-[--update host gpu]
+[--update host gpu] [--trace DIR]
 Writes JSON rows {"model", "gpu_cap_gb", "step_s", "floor_s", "peak_gpu_gb", ...}: the
 "offload" list of latest.json.
 """
@@ -34,6 +34,7 @@ sys.path[:0] = [str(BENCH / "tools"), str(BENCH / "suites")]
 from precision import describe, make_optimizer, run_meta  # noqa: E402
 from test_steps import SEQ  # noqa: E402
 from timing import wall_s  # noqa: E402
+from trace_gaps import export, summarise  # noqa: E402
 
 from zofast import offload, paired  # noqa: E402
 
@@ -124,12 +125,21 @@ def paired_forward_s(name: str, rows: int, calls: int) -> float:
     return times[2] + (SHAPES[name]["num_hidden_layers"] - 2) * per_block
 
 
-def train_row(model, data, steps: int) -> dict:
-    """Median step time, peak GPU memory and virtual mode's flush time of LOZO paired."""
+def train_row(model, data, steps: int, trace: Path | None = None) -> dict:
+    """Median step time, peak GPU memory and virtual mode's flush time of LOZO paired; with
+    `trace`, one more step's torch.profiler timeline written there (bench/tools/trace_gaps.py
+    reads it: copies against kernels, where the GPU waits)."""
     opt = make_optimizer("lozo", model, 1e-7, paired=True, nu=10**6)  # flush timed apart
     closure = lambda: paired.losses(model, data)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
     step = wall_s(lambda: opt.step(closure), steps)
+    if trace is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            opt.step(closure)
+            torch.cuda.synchronize()
+        progress(summarise(export(prof, trace), trace.name))
     peak = torch.cuda.max_memory_allocated() / GB
     progress(f"step {step:.3f} s, peak {peak:.1f} GB; settling (virtual mode's flush)")
     t0 = time.perf_counter()
@@ -161,7 +171,8 @@ def run(name: str, args) -> list[dict]:
         if loss_streamed is None:  # the weights as built (the resident model's)
             with torch.no_grad():
                 loss_streamed = float(model(**data).loss)
-        capped = train_row(model, data, args.steps)
+        trace = args.trace / f"offload-{name}-{update}.json.gz" if args.trace else None
+        capped = train_row(model, data, args.steps, trace)
         writes = streamed.writes.writes if streamed.writes is not None else 0
         streamed.remove()
         rows.append({"update": update, "device_passes": writes, **capped})
@@ -214,11 +225,14 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up)")
     parser.add_argument("--cap-gb", type=float, default=16.0, help="GPU memory cap, GB")
     parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--trace", type=Path, help="folder for one traced step per update mode")
     parser.add_argument(
         "--update", nargs="+", default=["host", "gpu"], choices=["host", "gpu"],
         help="where the block tensors' update passes run (each measured)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
     rows = [row for name in args.models for row in run(name, args)]
     payload = {**run_meta("cuda"), "method": "lozo paired (default mode)", "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,6 @@ Usage (GPU machine, repo root): python bench/probes/step_trace.py OUT [--parts o
 """
 
 import argparse
-import gzip
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,17 +22,11 @@ BENCH = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(BENCH / "tools"), str(BENCH / "suites")]
 from precision import finish, make_optimizer  # noqa: E402
 from test_steps import random_opt  # noqa: E402
-from trace_gaps import summarise  # noqa: E402
+from trace_gaps import export, summarise  # noqa: E402
 
 
 def save(prof, out: Path, name: str) -> Path:
-    raw = out / f"{name}.json"
-    prof.export_chrome_trace(str(raw))
-    packed = out / f"{name}.json.gz"
-    with open(raw, "rb") as src, gzip.open(packed, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    raw.unlink()
-    return packed
+    return export(prof, out / f"{name}.json.gz")
 
 
 def traced(fn, calls: int):

@@ -14,9 +14,20 @@ import collections
 import gzip
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def export(prof, path: Path) -> Path:
+    """Write a finished torch.profiler.profile as a gzipped chrome trace at path (….json.gz)."""
+    raw = Path(str(path).removesuffix(".gz"))
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return Path(path)
 
 
 def load(path: Path) -> list[dict]:
