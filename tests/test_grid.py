@@ -233,3 +233,23 @@ def test_t_quantiles_and_intervals():
     half = 2.776 * math.sqrt(2.5) / math.sqrt(5)
     assert p["ci"] == pytest.approx([1 - half, 1 + half])
     assert paired([4.0])["ci"] is None
+
+
+def test_compile_reaches_the_float32_zeroth_order_cells_only(kshot, tmp_path):
+    """Settings.compile (``run --compile``): the float32 MeZO / LOZO cells compile their
+    transformer; bf16 cells (exact modes, hooks) and first-order ones do not."""
+    from dataclasses import replace
+
+    compiled = {}
+    cells = TINY.cells("select")
+    cells += [replace(c, dtype="bfloat16") for c in cells if c.variant.method == "mezo"]
+    cells += [c for c in TINY.cells("final") if c.variant.method == "zero-shot"]
+    for cell in cells:
+        config = cell.train_config(TINY, kshot, None, str(tmp_path), True)
+        compiled[cell.variant.method, cell.dtype] = config.compile
+    assert compiled == {
+        ("zero-shot", "float32"): False,
+        ("mezo", "float32"): True,
+        ("mezo", "bfloat16"): False,
+        ("lora", "float32"): False,
+    }

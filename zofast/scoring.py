@@ -81,6 +81,14 @@ class Scorer:
         )
         self.pad_token_id = self.example_tokenizer.pad_token_id
         self.label_token_ids = self.example_tokenizer.label_token_ids
+        self._transformer = self.model.base_model  # what forward_hidden runs
+
+    def compile(self) -> None:
+        """Run the transformer through ``torch.compile`` (dynamic shapes: one compilation for
+        every batch width) from now on. Its weights stay the module's parameters, read at each
+        call, so in-place perturbations and updates reach the compiled forward; hooks on its
+        modules (the exact modes') would split the graph."""
+        self._transformer = torch.compile(self.model.base_model, dynamic=True)
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +148,7 @@ class Scorer:
         kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if batch.token_type_ids is not None:
             kwargs["token_type_ids"] = batch.token_type_ids
-        return self.model.base_model(**kwargs).last_hidden_state
+        return self._transformer(**kwargs).last_hidden_state
 
     def _mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         model = self.model

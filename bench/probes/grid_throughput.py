@@ -39,6 +39,7 @@ def config(args, method: str, dtype: str, steps: int, out: str):
         plot=False,
         zero_shot_test=False,
         checkpoint_every=0,
+        compile=args.compile,
     )
 
 
@@ -74,9 +75,9 @@ def child(args) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
-def spawn(args, method, dtype, steps, out, profile=None):
+def spawn(args, method, dtype, steps, out, profile=None, compiled=False):
     cmd = [sys.executable, __file__, args.out, "--model", args.model, "--data", args.data]
-    cmd += ["--device", args.device]
+    cmd += ["--device", args.device] + (["--compile"] if compiled else [])
     cmd += ["--child", "--method", method, "--dtype", dtype, "--steps", str(steps)]
     cmd += ["--child-out", out] + (["--profile", profile] if profile else [])
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -128,30 +129,34 @@ def main() -> None:
     p.add_argument("--dtype")
     p.add_argument("--child-out")
     p.add_argument("--profile")
+    p.add_argument("--compile", action="store_true", help="(child) TrainConfig.compile")
     args = p.parse_args()
     if args.child:
         child(args)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # method:dtype, or method:dtype:compile for TrainConfig(compile=True)
     pairs = [tuple(s.split(":")) for s in args.pairs]
     report: dict = {"single": [], "parallel": [], "mps": []}
     if "single" in args.parts:
-        for method, dtype in pairs:
-            row = collect(spawn(args, method, dtype, args.steps, f"/tmp/zofast-gt/s-{method}"))
-            row.update(method=method, dtype=dtype)
+        for method, dtype, *flags in pairs:
+            compiled = flags == ["compile"]
+            folder = f"/tmp/zofast-gt/s-{method}-{dtype}-{len(flags)}"
+            row = collect(spawn(args, method, dtype, args.steps, folder, compiled=compiled))
+            row.update(method=method, dtype=dtype, compiled=compiled)
             if "steps" in row:
                 row["ms_per_step"] = 1e3 * row["train_s"] / row["steps"]
             print(json.dumps(row), flush=True)
             report["single"].append(row)
     if "profile" in args.parts:
-        for method, dtype in pairs:
+        for method, dtype, *_ in pairs:
             table = str(out / f"profile_{method}-{dtype}.txt")
             collect(
                 spawn(args, method, dtype, args.profile_steps, f"/tmp/zofast-gt/p-{method}", table)
             )
     if "parallel" in args.parts:
-        for method, dtype in pairs[: args.parallel_pairs]:
+        for method, dtype, *_ in pairs[: args.parallel_pairs]:
             for n in args.procs:
                 report["parallel"].append(parallel(args, n, method, dtype, f"n{n}"))
     mps = shutil.which("nvidia-cuda-mps-control")
@@ -163,7 +168,7 @@ def main() -> None:
         started = subprocess.run([mps, "-d"], capture_output=True, text=True)
         report["mps_start"] = started.returncode
         try:
-            for method, dtype in pairs[: args.parallel_pairs]:
+            for method, dtype, *_ in pairs[: args.parallel_pairs]:
                 for n in args.procs:
                     report["mps"].append(parallel(args, n, method, dtype, f"mps{n}"))
         finally:

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dtypes", nargs="+", choices=DTYPES)
         p.add_argument("--scale", type=float, help="rehearsal: every variant's steps times this")
         p.add_argument("--rerun", action="store_true", help="run cells --records already has")
+        p.add_argument(
+            "--compile", action="store_true", help="torch.compile the float32 ZO cells' model"
+        )
         p.add_argument("--commit", default=None, help="the code's commit (default: git HEAD)")
     p = sub.add_parser("report", help="docs/results.md, docs/results.json, docs/grid/*.png")
     p.add_argument("--records", nargs="+", default=[RECORDS])
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=protocol,
         only={k: tuple(v) for k, v in only.items() if v},
         rerun=args.rerun,
+        compile=args.compile,
     )
     if args.command == "plan":
         cells, done = runner.pending(settings)

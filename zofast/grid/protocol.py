@@ -237,9 +237,17 @@ class Cell:
         lr = f" lr {self.lr:g}" if self.lr is not None else ""
         return f"{self.task} seed {self.seed} {self.variant.name} {self.dtype}{lr}"
 
-    def train_config(self, protocol: Protocol, data_root: str, model: str | None, out: str):
+    def train_config(
+        self,
+        protocol: Protocol,
+        data_root: str,
+        model: str | None,
+        out: str,
+        compile: bool = False,
+    ):
         """The :class:`~zofast.train.TrainConfig` of this cell (no plot, no checkpoint files,
-        no progress bar; the log in ``out``, a temporary folder, is read for the curves).
+        no progress bar; the log in ``out``, a temporary folder, is read for the curves);
+        ``compile``: a float32 zeroth-order cell compiles its transformer.
 
         Example:
             >>> cell = Protocol().cells("select")[0]
@@ -255,6 +263,7 @@ class Cell:
             options["intrinsic_dim"] = 500
         elif not zero_shot and v.method not in ("adam", "lora"):
             options["eps"] = protocol.eps
+            options["compile"] = compile and self.dtype == "float32"
         return TrainConfig(
             model=model,
             task=self.task,

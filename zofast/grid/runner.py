@@ -51,6 +51,8 @@ class Settings:
         only: filters: ``tasks``, ``seeds``, ``variants``, ``dtypes`` → allowed values.
         rerun: run cells that ``records`` already hold (they still give the chosen lrs); only
             ``out``'s own records are skipped.
+        compile: ``torch.compile`` the transformer of the float32 zeroth-order cells
+            (:class:`~zofast.train.TrainConfig`'s ``compile``; records say ``"compiled"``).
     """
 
     stage: str
@@ -67,6 +69,7 @@ class Settings:
     protocol: Protocol = field(default_factory=Protocol)
     only: dict[str, tuple] = field(default_factory=dict)
     rerun: bool = False
+    compile: bool = False
 
 
 def _wanted(cell: Cell, only: dict[str, tuple]) -> bool:
@@ -270,7 +273,9 @@ def run_cell(
     loaded = models.get(cell.dtype)
     v = cell.variant
     with tempfile.TemporaryDirectory(prefix="zofast-grid-") as folder:
-        config = cell.train_config(settings.protocol, settings.data_root, settings.model, folder)
+        config = cell.train_config(
+            settings.protocol, settings.data_root, settings.model, folder, settings.compile
+        )
         began = time.perf_counter()
         result = resume.train_cell(config, loaded, partial, stop, say)
         call = {"commit": settings.commit, "steps_run": result.steps}
@@ -306,6 +311,7 @@ def run_cell(
         "batch_size": settings.protocol.batch_size,
         "eps": config.eps if v.method in ("mezo", "lozo", "lozo-m") else None,
         "mode": config.resolved_mode if v.method in ("mezo", "lozo", "lozo-m") else None,
+        "compiled": config.compile,
         "workers": settings.workers,
         "torch": torch.__version__,
         "calls": calls,

@@ -135,4 +135,6 @@ def setup(
         scorer = Scorer(loaded, task, max_length=config.max_length)
     except (ValueError, NotImplementedError) as error:
         raise ConfigError(f"model and task do not fit together: {error}") from None
+    if config.compile:
+        scorer.compile()
     return loaded, scorer, splits, task
