@@ -26,7 +26,7 @@ BIG = [2**64 - 1, 2**63, 2**63 + 12345, 0]  # seeds ≥ 2^63 travel as negative 
 
 @pytest.fixture(autouse=True)
 def one_launch(monkeypatch):
-    """The one-launch path on (it is off by default until it has run on a GPU)."""
+    """The one-launch path on (the default; tests that compare turn it off and on again)."""
     monkeypatch.setattr(perturb, "_ONE_LAUNCH", True)
 
 

@@ -134,9 +134,10 @@ def _staged_pass(seeds: list[int], scales: list[float], round_seed, w_scale, dev
 
 # Eager Triton passes with int seeds run in one launch (kernels.lowrank_seeded; gaussian_'s kernel
 # reading its seeds as arguments); False: the factor + apply launches from staged tables, which
-# bench/probes/eager.py --two-launch times against them. Off by default until it has run on a GPU:
-# CI checks its bits with Triton 3.9's interpreter only.
-_ONE_LAUNCH = False  # on once the H200 has compiled and timed it (Triton 3.6 never has)
+# bench/probes/eager.py --two-launch times against them. On the H200 (Triton 3.6, bf16 8192²,
+# bench/results/2026-12-03-session8) one launch gives 92 / 84 % of the copy ceiling at ranks 1 / 2
+# against 73 / 70 %, bit for bit the two launches (tests/test_one_launch.py runs there too).
+_ONE_LAUNCH = True
 MAX_ARGUMENT_TERMS = 4  # terms passed as kernel arguments (no device copy); more: one staged copy
 # Each program holds its tiles' factor values, 4·rank·(32 + 128) bytes: up to rank 16 in registers.
 MAX_ONE_LAUNCH_RANK = 16
