@@ -724,10 +724,15 @@ class _RecordingGraph:
         self.tables.append((self.v_split, seeds.copy(), scales.copy()))
 
 
-def _stand_ins(make) -> dict:
-    """Graph stand-ins for every (term count, v_split) an optimizer's in-place passes use
-    (rounded to nearest, no weight scale)."""
-    return {(n, split, False, False): make(split) for n in (1, 2, 3) for split in range(n)}
+def _stand_ins(make, stochastic=(False,)) -> dict:
+    """Graph stand-ins for every (term count, v_split) an optimizer's in-place passes use, for
+    each rounding in `stochastic` (False: to nearest); no weight scale. make(split, stochastic)."""
+    return {
+        (n, split, sr, False): make(split, sr)
+        for n in (1, 2, 3)
+        for split in range(n)
+        for sr in stochastic
+    }
 
 
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
@@ -738,7 +743,7 @@ def test_graphed_pass_tables_equal_the_per_tensor_terms(method):
     groups = param_groups(model, 0.1)
     opt = LOZO(groups, lr=1e-3, rank=2, nu=4) if method == "lozo" else MeZO(groups, lr=1e-3)
     tables = []
-    opt._inplace.passes.graphs = _stand_ins(lambda split: _RecordingGraph(tables, split))
+    opt._inplace.passes.graphs = _stand_ins(lambda split, _: _RecordingGraph(tables, split))
     # Steps 5, 5, 6 share V (nu = 4); 7, 7, 8 are a V-refresh step's (two V's for LOZO).
     for steps in ([5, 5, 6], [7, 7, 8]):
         group_scales = [[0.5, -0.25, 0.125], [1.0, 2.0, 3.0]]
@@ -784,7 +789,7 @@ class _EagerGraph:
                 gaussian_(slot.param, terms, scales[row].tolist(), **extra)
 
 
-def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
+def _queued_and_host(method, pipeline, dtype=torch.bfloat16, rounding="nearest"):
     """Two optimizers on two copies of a model: one with graph stand-ins (tensor losses: the
     queued finish), one plain (the host reads the losses, then _finish)."""
     pair = []
@@ -793,13 +798,16 @@ def _queued_and_host(method, pipeline, dtype=torch.bfloat16):
         kwargs = {"rank": 2, "nu": 3} if method == "lozo" else {}
         cls = LOZO if method == "lozo" else MeZO
         opt = cls(
-            model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, mode="inplace", rounding="nearest",
+            model, lr=1e-2, eps=1e-2, seed=5, pipeline=pipeline, mode="inplace", rounding=rounding,
             **kwargs,
         )  # fmt: skip
         if queued:
             counts = {"edits": 0, "split": 0, "one v": 0}
             opt._inplace.passes.graphs = _stand_ins(
-                lambda split, opt=opt, counts=counts: _EagerGraph(opt, counts, split)
+                lambda split, sr, opt=opt, counts=counts: _EagerGraph(
+                    opt, counts, split, stochastic=sr
+                ),
+                stochastic=(False, True),
             )
         pair.append((model, opt))
     return pair, counts
@@ -812,10 +820,11 @@ def _assert_same_run(queued, host):
     assert queued[1].trajectory.to_dict() == host[1].trajectory.to_dict()
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("pipeline", [True, False])
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
-def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
-    (queued, host), counts = _queued_and_host(method, pipeline)
+def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline, rounding):
+    (queued, host), counts = _queued_and_host(method, pipeline, rounding=rounding)
     x = torch.randn(5, 6).to(torch.bfloat16)
     for step in range(5):  # nu = 3: step 2's last pass spans the old and the new V
         results = []
@@ -830,9 +839,13 @@ def test_queued_finish_gives_the_host_finish_bit_for_bit(method, pipeline):
     _assert_same_run(queued, host)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("method", ["lozo", "mezo"])
-def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method):
-    (queued, host), counts = _queued_and_host(method, pipeline=True)
+def test_queued_finish_of_a_nan_loss_is_the_abort_bit_for_bit(method, rounding):
+    """The queued pass that a NaN turns into a restore (zero update terms) and the host's abort
+    round alike: stochastically with the step's round seeds where the update pass does (the GPU
+    run and its replay, which takes the host's path, write the same bits)."""
+    (queued, host), counts = _queued_and_host(method, pipeline=True, rounding=rounding)
     x = torch.randn(5, 6).to(torch.bfloat16)
     for model, opt in (queued, host):
         opt.step(lambda model=model: model(x).float().pow(2).mean())

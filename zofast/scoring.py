@@ -81,14 +81,24 @@ class Scorer:
         )
         self.pad_token_id = self.example_tokenizer.pad_token_id
         self.label_token_ids = self.example_tokenizer.label_token_ids
-        self._transformer = self.model.base_model  # what forward_hidden runs
+        self._compiled: tuple | None = None  # (base model, its torch.compile wrapper)
+        self._compile = False
 
     def compile(self) -> None:
         """Run the transformer through ``torch.compile`` (dynamic shapes: one compilation for
         every batch width) from now on. Its weights stay the module's parameters, read at each
         call, so in-place perturbations and updates reach the compiled forward; hooks on its
         modules (the exact modes') would split the graph."""
-        self._transformer = torch.compile(self.model.base_model, dynamic=True)
+        self._compile = True
+
+    def _transformer(self) -> torch.nn.Module:
+        """The base model forward_hidden runs: compiled (once per base model) after compile()."""
+        base = self.model.base_model
+        if not self._compile:
+            return base
+        if self._compiled is None or self._compiled[0] is not base:
+            self._compiled = (base, torch.compile(base, dynamic=True))
+        return self._compiled[1]
 
     @property
     def device(self) -> torch.device:
@@ -148,7 +158,7 @@ class Scorer:
         kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if batch.token_type_ids is not None:
             kwargs["token_type_ids"] = batch.token_type_ids
-        return self._transformer(**kwargs).last_hidden_state
+        return self._transformer()(**kwargs).last_hidden_state
 
     def _mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         model = self.model

@@ -164,7 +164,8 @@ class ZerothOrder(Setup, Checkpoint, Properties, Settling, Replaying, torch.opti
     def _abort(self, t: int, k: int, stage: int) -> None:
         d = self._index(t, k)
         self._coef(d, 0.0)  # virtual tensors: nothing was written
-        self._shift(d, -self._eps if stage == 1 else self._eps)
+        scale = -self._eps if stage == 1 else self._eps
+        self._inplace.restore(d, scale, len(self.param_groups), t)
         kind = ABORT_PLUS if stage == 1 else ABORT_MINUS
         self.trajectory.record(kind, self._directions.recorded(k))
         self._pending = None

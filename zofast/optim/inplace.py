@@ -41,6 +41,15 @@ class InPlace:
             self.passes.run([d], [[scale]] * n_groups)
             reshard(self.fsdp)
 
+    def restore(self, d: int, scale: float, n_groups: int, t: int) -> None:
+        """An aborted step's restore, W += scale·Z_d, rounded as step t's update pass is: the
+        queued finish turns an abort into that pass with zero update terms (Passes.queued), so
+        a run that aborts there and one (or a replay) that aborts here write the same bits."""
+        if self.slots:
+            extra = {"round_index": t} if self.stochastic else {}
+            self.passes.run([d], [[scale]] * n_groups, **extra)
+            reshard(self.fsdp)
+
     def move(self, d_from: int, d_to: int, eps: float, n_groups: int) -> None:
         """From −ε·Z_(d_from) to +ε·Z_(d_to) (the next direction of a step): one pass."""
         if self.slots:
