@@ -13,7 +13,7 @@ and w is only read.
 
 import torch
 
-from ._triton import on_device, tl, triton
+from ._triton import cdiv, on_device, tl, triton
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
@@ -91,7 +91,7 @@ def gaussian_triton(
         w.dtype, seeds, scales, round_seed, w_scale
     )
     with on_device(w):
-        _gaussian_kernel[(triton.cdiv(n_blocks, block),)](
+        _gaussian_kernel[(cdiv(n_blocks, block),)](
             w,
             seeds,
             scales,

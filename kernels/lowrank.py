@@ -13,7 +13,7 @@ row and column; kernels.philox's docstring). With `out` the result goes there, w
 
 import torch
 
-from ._triton import on_device, tl, triton
+from ._triton import cdiv, on_device, tl, triton
 from .philox import (
     CONTRACT_OPTIONS,
     _check_interpretable,
@@ -141,8 +141,8 @@ def factors_triton(
     u = torch.empty(terms, rank, m, dtype=torch.float32, device=seeds.device)
     v = torch.empty(terms, rank, n, dtype=torch.float32, device=seeds.device)
     u_offset, v_offset = row_offset * rank, col_offset * rank
-    u_programs = triton.cdiv(u_offset % 4 + m * rank, 4 * block)
-    v_programs = triton.cdiv(v_offset % 4 + n * rank, 4 * block)
+    u_programs = cdiv(u_offset % 4 + m * rank, 4 * block)
+    v_programs = cdiv(v_offset % 4 + n * rank, 4 * block)
     grid = (u_programs + v_programs, terms)
     with on_device(seeds):
         _factors_kernel[grid](
@@ -188,7 +188,7 @@ def lowrank_triton(
         block_m, block_n = default_tile(u.shape[1], row_aligned=n % 16 == 0)
     if w.dtype == torch.float32:
         round_seed = None  # nothing to round
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
     with on_device(w):
         _lowrank_kernel[grid](
             w,

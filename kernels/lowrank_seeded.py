@@ -18,7 +18,7 @@ reference, lowrank_seeded_ref, draws the factors and applies them with kernels.l
 
 import torch
 
-from ._triton import on_device, tl, triton
+from ._triton import cdiv, next_power_of_2, on_device, tl, triton
 from .lowrank import lowrank_ref
 from .philox import (
     CONTRACT_OPTIONS,
@@ -132,7 +132,7 @@ def _lowrank_seeded_kernel(
 def segment_blocks(count: int, rank: int) -> int:
     """Philox blocks (a power of two) that hold the stream indices of `count` consecutive rows
     (or columns) at `rank`: count·rank normals, starting up to 3 into a block unless 4 | rank."""
-    return triton.next_power_of_2(triton.cdiv(count * rank + (3 if rank % 4 else 0), 4))
+    return next_power_of_2(cdiv(count * rank + (3 if rank % 4 else 0), 4))
 
 
 def group_terms(u_seeds: list[int], v_seeds: list[int], scales: list[float]):
@@ -179,7 +179,7 @@ def lowrank_seeded_triton(
     table, seeds, scales, round_seed, w_scale = pass_arguments(
         w.dtype, seeds, scales, round_seed, w_scale
     )
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
     with on_device(w):
         _lowrank_seeded_kernel[grid](
             w,

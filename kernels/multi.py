@@ -34,7 +34,7 @@ seed]) and scales rows (T scales, [w scale]).
 import numpy as np
 import torch
 
-from ._triton import on_device, tl, triton
+from ._triton import cdiv, on_device, tl, triton
 from .lowrank import default_tile
 from .philox import (
     CONTRACT_OPTIONS,
@@ -249,7 +249,7 @@ def _matrix(w: torch.Tensor) -> tuple[int, int]:
 
 
 def _padded(count: int) -> int:
-    return triton.cdiv(count, STRIDE_ALIGN) * STRIDE_ALIGN
+    return cdiv(count, STRIDE_ALIGN) * STRIDE_ALIGN
 
 
 def vector_aligned(w: torch.Tensor, rank: int) -> bool:
@@ -382,14 +382,14 @@ class MultiPass:
         for (dtype, aligned), ids in groups(
             lambda w, r: None if r or factors_only else (w.dtype, vector_aligned(w, 0))
         ):
-            counts = [triton.cdiv(tensors[i].numel(), 4 * gaussian_block) for i in ids]
+            counts = [cdiv(tensors[i].numel(), 4 * gaussian_block) for i in ids]
             self._gaussian.append((*owned(ids, counts), dtype_of[dtype], aligned))
         self._factors = []
         for rank, ids in groups(lambda w, r: r or None):
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
-                counts.append([triton.cdiv(x * rank, 4 * FACTOR_BLOCK) for x in (m, n)] * v_count)
+                counts.append([cdiv(x * rank, 4 * FACTOR_BLOCK) for x in (m, n)] * v_count)
             jobs = torch.from_numpy(_factor_jobs(counts)).to(device)
             self._factors.append((torch.from_numpy(table[ids]).to(device), jobs, rank))
         self._lowrank = []
@@ -400,7 +400,7 @@ class MultiPass:
             counts = []
             for i in ids:
                 m, n = _matrix(tensors[i])
-                counts.append(triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
+                counts.append(cdiv(m, block_m) * cdiv(n, block_n))
             self._lowrank.append(
                 (*owned(ids, counts), v_count * rank, dtype_of[dtype], aligned, (block_m, block_n))
             )

@@ -22,7 +22,7 @@ round seeds' bit patterns (stochastic only).
 import numpy as np
 import torch
 
-from ._triton import on_device, tl, triton
+from ._triton import cdiv, on_device, tl, triton
 from .philox import (
     _check_interpretable,
     load_seed,
@@ -104,7 +104,7 @@ class MultiColumns:
         self._launches = []
         for dtype in sorted({w.dtype for w in tensors}, key=str):
             ids = [i for i, w in enumerate(tensors) if w.dtype == dtype]
-            counts = np.array([triton.cdiv(tensors[i].numel(), BLOCK) for i in ids], np.int64)
+            counts = np.array([cdiv(tensors[i].numel(), BLOCK) for i in ids], np.int64)
             first = np.cumsum(counts) - counts
             table = np.array(
                 [

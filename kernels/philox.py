@@ -42,7 +42,7 @@ it is bit-identical across backends.
 
 import torch
 
-from ._triton import HAS_TRITON, MISSING, on_device, tl, triton
+from ._triton import HAS_TRITON, MISSING, cdiv, on_device, tl, triton
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -357,7 +357,7 @@ def philox4x32_triton(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     n = counters.shape[0]
     block = 256
     with on_device(counters):
-        _philox_kernel[(triton.cdiv(n, block),)](counters, key, out, n, BLOCK=block)
+        _philox_kernel[(cdiv(n, block),)](counters, key, out, n, BLOCK=block)
     return out
 
 
@@ -372,7 +372,7 @@ def sample_triton(offsets: torch.Tensor, seed: torch.Tensor, *, normal: bool, ou
     n = offsets.numel()
     block = 512
     with on_device(offsets):
-        _sample_kernel[(triton.cdiv(n, block),)](
+        _sample_kernel[(cdiv(n, block),)](
             offsets, seed, out, n, BLOCK=block, NORMAL=normal, **CONTRACT_OPTIONS
         )
     return out
@@ -386,7 +386,7 @@ def noise_triton(
     n = out.numel()
     n_blocks = (offset + n + 3) // 4 - offset // 4
     with on_device(out):
-        _noise_kernel[(triton.cdiv(n_blocks, block),)](
+        _noise_kernel[(cdiv(n_blocks, block),)](
             out, seed, scale, n, offset, BLOCK=block, **CONTRACT_OPTIONS
         )
     return out
