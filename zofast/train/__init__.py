@@ -51,6 +51,7 @@ Randomness
 
 Modules
     :mod:`~zofast.train.config` (:class:`TrainConfig`, :class:`TrainResult`, constants),
+    :mod:`~zofast.train.validation` (the checks of :meth:`TrainConfig.validate`),
     :mod:`~zofast.train.inputs` (task, data splits and their formats, model, trained tensors),
     :mod:`~zofast.train.evaluation` (:func:`evaluate`, :func:`trajectory_prefix`),
     :mod:`~zofast.train.methods` (each method behind one small protocol),

@@ -9,10 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zofast.optim.checks import is_int, is_real
-from zofast.optim.directions import SPLITS
-from zofast.optim.modes import MODES, ROUNDINGS, auto_mode
-from zofast.tasks import get_task
+from zofast.optim.modes import auto_mode
 
 METHODS = ("lozo", "lozo-m", "mezo", "dfo-lora", "adam", "lora")
 ZO_METHODS = ("lozo", "lozo-m", "mezo")
@@ -222,141 +219,10 @@ class TrainConfig:
             Traceback (most recent call last):
             zofast.train.ConfigError: rank must be an integer >= 1, got 0
         """
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.lr is not None and not (is_real(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if not (is_real(self.eps) and self.eps > 0):
-            raise ConfigError(f"eps must be > 0, got {self.eps!r}")
-        counts = ("rank", "nu", "directions", "popsize", "intrinsic_dim", "batch_size")
-        counts = (*counts, "eval_every")
-        for name in (*counts, "eval_batch_size", "log_every"):
-            value = self.resolved_rank if name == "rank" else getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        every = self.checkpoint_every
-        if not is_int(every) or every < 0:
-            raise ConfigError(f"checkpoint_every must be an integer >= 0, got {every!r}")
-        if not is_int(self.steps) or self.steps < 0:
-            raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}")
-        budget = self.forward_budget
-        if budget is not None and (not is_int(budget) or budget < 0):
-            raise ConfigError(f"forward_budget must be an integer >= 0, got {budget!r}")
-        if self.momentum is not None:
-            if not (is_real(self.momentum) and 0 <= self.momentum < 1):
-                raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
-            if self.momentum > 0 and self.method != "lozo-m":
-                raise ConfigError(f"momentum applies to lozo-m only (method is {self.method})")
-            if self.momentum == 0 and self.method == "lozo-m":
-                raise ConfigError("lozo-m with momentum 0 is plain LOZO: use method lozo")
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ConfigError(
-                f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"
-            )
-        if self.pipeline and self.resolved_mode != "inplace":
-            raise ConfigError(f"pipeline is for mode 'inplace' (mode is {self.resolved_mode})")
-        if self.mode == "virtual" and self.method not in ("lozo", "lozo-m"):
-            raise ConfigError(f"mode 'virtual' is LOZO's (method is {self.method})")
-        if self.paired is not None and not isinstance(self.paired, bool):
-            raise ConfigError(f"paired must be true, false or None, got {self.paired!r}")
-        if self.paired and self.method not in ("lozo", "lozo-m"):
-            raise ConfigError(
-                f"paired is for lozo / lozo-m (method is {self.method}): MeZO's full-rank noise "
-                "has no per-row form, so it takes two forwards"
-            )
-        if self.paired and self.mode == "inplace":
-            raise ConfigError("paired needs an exact mode (auto, virtual or shadow), not inplace")
-        if self.mode == "virtual" and self.weight_decay:
-            raise ConfigError("mode 'virtual' needs weight_decay 0 (decay is a pass per step)")
-        if not (is_real(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
-        if not is_int(self.max_length) or self.max_length < 8:
-            raise ConfigError(f"max_length must be an integer >= 8, got {self.max_length!r}")
-        if self.device_map is not None:
-            from zofast.device_map import parse
+        from zofast.train.validation import check  # here: validation imports this module
 
-            try:
-                parse(self.device_map)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-            if self.device != "auto":
-                raise ConfigError("give device or device_map, not both")
-            if self.method == "dfo-lora":
-                raise ConfigError("device_map is for lozo, lozo-m, mezo and adam")
-        self._validate_offload()
-        self._validate_compile()
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.freeze is not None:
-            try:
-                re.compile(self.freeze)
-            except re.error as error:
-                raise ConfigError(
-                    f"freeze is not a valid regex ({error}): {self.freeze!r}"
-                ) from None
-        if (self.template is None) != (self.label_words is None):
-            raise ConfigError("a custom task needs both template and label_words")
-        if self.template is None:
-            try:
-                get_task(self.task)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-        if self.data != "demo" and not Path(self.data).is_dir():
-            raise ConfigError(f"data folder not found: {self.data}")
-        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
-            raise ConfigError(f"text_columns takes 1 or 2 columns, got {list(self.text_columns)}")
-        for pair in self.label_map or ():
-            value, sep, target = str(pair).partition("=")
-            if not (sep and value.strip() and target.strip()):
-                raise ConfigError(f"label_map entries are VALUE=ID (e.g. pos=1), got {pair!r}")
+        check(self)
         return self
-
-    def _validate_offload(self) -> None:
-        if not isinstance(self.offload, bool):
-            raise ConfigError(f"offload must be true or false, got {self.offload!r}")
-        if self.offload_update not in OFFLOAD_UPDATES:
-            raise ConfigError(
-                f"offload_update must be one of {', '.join(OFFLOAD_UPDATES)}, got "
-                f"{self.offload_update!r}"
-            )
-        if not is_int(self.prefetch) or self.prefetch < 1:
-            raise ConfigError(f"prefetch must be an integer >= 1, got {self.prefetch!r}")
-        if not self.offload:
-            if self.offload_update != "host" or self.prefetch != 1:
-                raise ConfigError("offload_update and prefetch apply with offload only")
-            return
-        if self.method not in ZO_METHODS:
-            raise ConfigError(
-                f"offload is for {', '.join(ZO_METHODS)} (method is {self.method}): adam and lora "
-                "need gradients, which cannot flow through the swapped-in blocks, and dfo-lora's "
-                "adapter hooks are not built for streamed blocks"
-            )
-        if self.device_map is not None:
-            raise ConfigError(
-                "give offload or device_map, not both: offload places the model itself (blocks "
-                "on the host, the rest on device)"
-            )
-
-    def _validate_compile(self) -> None:
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be true or false, got {self.compile!r}")
-        if not self.compile:
-            return
-        if self.method not in ZO_METHODS:
-            raise ConfigError(f"compile is for {', '.join(ZO_METHODS)} (method is {self.method})")
-        if self.resolved_mode != "inplace":
-            raise ConfigError(
-                f"compile needs mode 'inplace' (mode is {self.resolved_mode}, from dtype "
-                f"{self.dtype}): the exact modes' per-module hooks would split the compiled graph"
-            )
-        if self.offload or self.device_map is not None:
-            raise ConfigError("compile runs a model on one device: not with offload or device_map")
 
     @property
     def columns(self) -> dict[str, Any]:
