@@ -368,7 +368,6 @@ class MultiPass:
             sub[:, FIRST_JOB] = first
             return torch.from_numpy(sub).to(device), torch.from_numpy(jobs).to(device)
 
-        self._table = table
         # Per tensor (m, n, u offset, v offset, u stride, v stride, rank), Python ints: views
         # of the factor buffers are made every step, and reading the numpy table costs more.
         self._geometry = [

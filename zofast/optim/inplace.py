@@ -35,20 +35,18 @@ class InPlace:
         self.stochastic = stochastic
         self.fsdp = list(fsdp) if any(s.sharded for s in slots) else []
 
-    def shift(self, d: int, scale: float, n_groups: int) -> None:
-        """W += scale·Z_d for every slot (d a direction index): one pass."""
+    def shift(self, d: int, scale: float, n_groups: int, round_index: int | None = None) -> None:
+        """W += scale·Z_d for every slot (d a direction index): one pass, rounded to nearest or,
+        with round_index, stochastically with that step's round seeds."""
         if self.slots:
-            self.passes.run([d], [[scale]] * n_groups)
+            self.passes.run([d], [[scale]] * n_groups, round_index)
             reshard(self.fsdp)
 
     def restore(self, d: int, scale: float, n_groups: int, t: int) -> None:
         """An aborted step's restore, W += scale·Z_d, rounded as step t's update pass is: the
         queued finish turns an abort into that pass with zero update terms (Passes.queued), so
         a run that aborts there and one (or a replay) that aborts here write the same bits."""
-        if self.slots:
-            extra = {"round_index": t} if self.stochastic else {}
-            self.passes.run([d], [[scale]] * n_groups, **extra)
-            reshard(self.fsdp)
+        self.shift(d, scale, n_groups, t if self.stochastic else None)
 
     def move(self, d_from: int, d_to: int, eps: float, n_groups: int) -> None:
         """From −ε·Z_(d_from) to +ε·Z_(d_to) (the next direction of a step): one pass."""
