@@ -2,8 +2,8 @@
 # One device call of the accuracy grid (issue 15; zofast/grid) on the H200, everything under $OUT:
 #   runs.jsonl         the records of the cells finished (or stopped, to resume) in this call
 #   grid.log           the runner's progress
-#   triton-cache.tgz   Triton's and torch.compile's compiled kernels (triton/, inductor/), on the
-#                      first call only: keep it in .carry/triton-cache.tgz and the next calls skip
+#   triton-cache.txz   Triton's and torch.compile's compiled kernels (triton/, inductor/), on the
+#                      first call only: keep it in .carry/triton-cache.txz and the next calls skip
 #                      ~20-30 s of compiling per kernel set (every worker would otherwise compile
 #                      the same kernels at once)
 # Usage (GPU machine, repo root; carry [".carry"]):
@@ -26,7 +26,7 @@ export TORCHINDUCTOR_COMPILE_THREADS=1
 : "${COMMIT:?set COMMIT to the commit of this tree}"
 STAGE=${STAGE:-select}
 mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
-if [ -f .carry/triton-cache.tgz ]; then tar xzf .carry/triton-cache.tgz -C "$CACHE"; fi
+if [ -f .carry/triton-cache.txz ]; then tar xJf .carry/triton-cache.txz -C "$CACHE"; fi
 compile=()
 if [ "${COMPILE:-1}" = 1 ]; then compile=(--compile); fi
 ZOFAST_NO_EXTENSION=1 python3 -m pip install --no-build-isolation --no-deps -q . >/tmp/build.log 2>&1 \
@@ -38,12 +38,12 @@ mkdir -p /tmp/mps
 mps=0
 if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d; then mps=1; fi
 echo "MPS: $mps"
-python3 -m zofast.grid run --stage "$STAGE" --device cuda --workers "${WORKERS:-16}" \
+python3 -P -m zofast.grid run --stage "$STAGE" --device cuda --workers "${WORKERS:-16}" \
   --deadline "${DEADLINE:-420}" --end "${END:-530}" --data-root .carry/k-shot \
   --model .carry/minilm --commit "$COMMIT" --out "$OUT/runs.jsonl" "${compile[@]}" ${EXTRA:-} \
   >"$OUT/grid.log" 2>&1
 status=$?
 if [ "$mps" = 1 ]; then echo quit | nvidia-cuda-mps-control; fi
-if [ ! -f .carry/triton-cache.tgz ]; then tar czf "$OUT/triton-cache.tgz" -C "$CACHE" .; fi
+if [ ! -f .carry/triton-cache.txz ]; then tar cJf "$OUT/triton-cache.txz" -C "$CACHE" .; fi
 tail -25 "$OUT/grid.log"
 exit $status

@@ -2,7 +2,8 @@
 traces (CPU ops with their Python stacks, GPU kernels) of
   opt   OPT-1.3B shape, random bf16 weights, batch 16×256: LOZO, LOZO-M and MeZO in their default
         (exact) modes, two steps each after a warm-up;
-  minilm  `zofast.train` on SST-2 16-shot, the grid's settings: three steps after 150.
+  minilm  `zofast.train` on SST-2 16-shot, the grid's settings (--minilm method:dtype[:compile]):
+          the time of steps 50-150, then a trace of three steps.
 Writes OUT/<name>.json.gz (chrome traces, for bench/tools/trace_gaps.py) and OUT/summary.txt (per
 trace: wall time, GPU busy time, the GPU's idle gaps ≥ 0.1 ms and what the host ran meanwhile).
 
@@ -62,16 +63,26 @@ def opt_traces(out: Path, say) -> None:
 
 
 def minilm_traces(out: Path, say, args) -> None:
+    """Per configuration ``method:dtype[:compile]``: the untraced time of steps 50-150 and a trace
+    of steps 150-153."""
+    import time
+
     from zofast.train import TrainConfig, train
 
-    for method, dtype in (("mezo", "float32"), ("mezo", "bfloat16"), ("lozo", "bfloat16")):
-        name = f"minilm-{method}-{dtype}"
-        state = {"steps": 0, "prof": None}
+    for spec in args.minilm:
+        method, dtype, *flags = spec.split(":")
+        name = f"minilm-{method}-{dtype}" + ("-compiled" if "compile" in flags else "")
+        state = {"steps": 0, "prof": None, "t": 0.0}
 
         def stop(state=state, name=name):
             state["steps"] += 1
-            if state["steps"] == 150:
+            if state["steps"] in (50, 150):
                 torch.cuda.synchronize()
+                now = time.perf_counter()
+                if state["steps"] == 150:
+                    say(f"{name}: {(now - state['t']) * 10:.2f} ms a step (steps 50-150, untraced)")
+                state["t"] = now
+            if state["steps"] == 150:
                 state["prof"] = profile(
                     activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True
                 )
@@ -86,7 +97,7 @@ def minilm_traces(out: Path, say, args) -> None:
             model=args.model, task="sst-2", data=args.data, method=method, dtype=dtype,
             device="cuda", lr=1e-5, eps=1e-3, batch_size=16, steps=160, eval_every=160,
             log_every=160, seed=13, output_dir=tempfile.mkdtemp(), checkpoint_every=0,
-            progress=False, plot=False, zero_shot_test=False,
+            progress=False, plot=False, zero_shot_test=False, compile="compile" in flags,
             **({"rank": 2} if method != "mezo" else {}),
         )  # fmt: skip
         train(config, stop=stop)
@@ -98,6 +109,12 @@ def main():
     parser.add_argument("--parts", nargs="+", default=["opt", "minilm"])
     parser.add_argument("--model", default=".carry/minilm")
     parser.add_argument("--data", default=".carry/k-shot/SST-2/16-42")
+    parser.add_argument(
+        "--minilm",
+        nargs="+",
+        default=["mezo:float32", "mezo:bfloat16", "lozo:bfloat16"],
+        help="method:dtype[:compile] configurations",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
