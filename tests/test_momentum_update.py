@@ -84,6 +84,21 @@ class Net(torch.nn.Module):
         return self.head(self.norm(self.fc(x)))
 
 
+def triton_per_tensor(patch) -> None:
+    """The per-tensor engine calls through Triton (its interpreter on a CPU), as on a GPU: the
+    flat launches' factors are Triton's, and the C++ engine's normals may differ from them in
+    the last ulp (tests/test_multi.py)."""
+    from zofast import _ext, perturb
+
+    patch.setattr(
+        perturb,
+        "resolve_backend",
+        lambda backend, device: (
+            "triton" if backend == "auto" else _ext.resolve_backend(backend, device)
+        ),
+    )
+
+
 def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0.0, device="cpu"):
     """Six LOZO-M steps; (model, optimizer, FlatUpdate.run calls)."""
     from zofast.optim import momentum, momentum_update
@@ -91,6 +106,7 @@ def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0
     calls = []
     with monkeypatch.context() as patch:
         patch.setattr(momentum, "bulk_on", lambda device: flat)
+        triton_per_tensor(patch)
         spy = momentum_update.FlatUpdate.run
         patch.setattr(momentum_update.FlatUpdate, "run", lambda *a: calls.append(1) or spy(*a))
         model = Net(dtype).to(device)
@@ -136,6 +152,7 @@ def test_flat_update_gives_the_per_tensor_trajectory(dtype, rounding, mode, monk
 
     with monkeypatch.context() as patch:
         patch.setattr(momentum, "bulk_on", lambda device: True)
+        triton_per_tensor(patch)
         fresh = Net(dtype)
         replay(fresh, opt.trajectory)
     assert all(torch.equal(p, e) for p, e in zip(fresh.parameters(), expected, strict=True))
