@@ -5,6 +5,8 @@ the C++ engine)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -85,17 +87,13 @@ class Net(torch.nn.Module):
 
 
 def triton_per_tensor(patch) -> None:
-    """The per-tensor engine calls through Triton (its interpreter on a CPU), as on a GPU: the
-    flat launches' factors are Triton's, and the C++ engine's normals may differ from them in
-    the last ulp (tests/test_multi.py)."""
-    from zofast import _ext, perturb
+    """The per-tensor path's factors (U, V) through Triton (its interpreter on a CPU), as on a
+    GPU: the flat launches' factors are Triton's, and the C++ engine's normals may differ from
+    them in the last ulp (tests/test_multi.py). Both paths apply them with the same passes."""
+    from zofast.optim import noise
 
     patch.setattr(
-        perturb,
-        "resolve_backend",
-        lambda backend, device: (
-            "triton" if backend == "auto" else _ext.resolve_backend(backend, device)
-        ),
+        noise, "lowrank_factors", functools.partial(noise.lowrank_factors, backend="triton")
     )
 
 
