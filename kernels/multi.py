@@ -412,7 +412,6 @@ class MultiPass:
 
     def _launch(self, seeds: torch.Tensor, scales: torch.Tensor) -> None:
         terms = self.n_terms
-        scale_width = terms + self.scaled
         for table, jobs, w0, aligned in self._gaussian:
             _multi_gaussian_kernel[(jobs.shape[0],)](
                 table,
@@ -431,12 +430,26 @@ class MultiPass:
                 **CONTRACT_OPTIONS,
             )
         self._launch_factors(seeds, scales, self._u, self._v)
+        self._launch_lowrank(self._u, self._v, seeds, scales)
+
+    def launch_lowrank(self, u: torch.Tensor, v: torch.Tensor, seeds, scales) -> None:
+        """Only the low-rank launches, from caller-made float32 factor buffers u, v in the plan's
+        factor layout (:meth:`factor_buffers`; with v_split, tensor i's 2R columns are
+        [u_1 | u_2] and [V_1 | V_2]): w ← round(a·w + u·Vᵀ), fma over the 2R (or R) columns in
+        order, bit for bit ``outer_add_(w, u, V)`` with the row's round seed and weight scale.
+        seeds / scales: the plan's tables (only their round-seed / weight-scale columns are
+        read)."""
+        with on_device(seeds):
+            self._launch_lowrank(u, v, seeds, scales)
+
+    def _launch_lowrank(self, u, v, seeds, scales) -> None:
+        scale_width = self.n_terms + self.scaled
         for table, jobs, rank, w0, aligned, (block_m, block_n) in self._lowrank:
             _multi_lowrank_kernel[(jobs.shape[0],)](
                 table,
                 jobs,
-                self._u,
-                self._v,
+                u,
+                v,
                 w0,
                 RANK=rank,
                 BLOCK_M=block_m,

@@ -5,6 +5,8 @@ the C++ engine)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,17 @@ class Net(torch.nn.Module):
         return self.head(self.norm(self.fc(x)))
 
 
+def triton_per_tensor(patch) -> None:
+    """The per-tensor path's factors (U, V) through Triton (its interpreter on a CPU), as on a
+    GPU: the flat launches' factors are Triton's, and the C++ engine's normals may differ from
+    them in the last ulp (tests/test_multi.py). Both paths apply them with the same passes."""
+    from zofast.optim import noise
+
+    patch.setattr(
+        noise, "lowrank_factors", functools.partial(noise.lowrank_factors, backend="triton")
+    )
+
+
 def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0.0, device="cpu"):
     """Six LOZO-M steps; (model, optimizer, FlatUpdate.run calls)."""
     from zofast.optim import momentum, momentum_update
@@ -91,6 +104,7 @@ def run(dtype, mode, rounding, flat, monkeypatch, pipeline=False, weight_decay=0
     calls = []
     with monkeypatch.context() as patch:
         patch.setattr(momentum, "bulk_on", lambda device: flat)
+        triton_per_tensor(patch)
         spy = momentum_update.FlatUpdate.run
         patch.setattr(momentum_update.FlatUpdate, "run", lambda *a: calls.append(1) or spy(*a))
         model = Net(dtype).to(device)
@@ -136,6 +150,7 @@ def test_flat_update_gives_the_per_tensor_trajectory(dtype, rounding, mode, monk
 
     with monkeypatch.context() as patch:
         patch.setattr(momentum, "bulk_on", lambda device: True)
+        triton_per_tensor(patch)
         fresh = Net(dtype)
         replay(fresh, opt.trajectory)
     assert all(torch.equal(p, e) for p, e in zip(fresh.parameters(), expected, strict=True))

@@ -154,7 +154,8 @@ Where things are
     :mod:`zofast.optim.properties`, :mod:`zofast.optim.settle` (settle, detach),
     :mod:`zofast.optim.replaying`, :mod:`zofast.optim.losses` (closure results, g),
     :mod:`zofast.optim.momentum` (its flat vectors: :mod:`zofast.optim.momentum_flat`,
-    :mod:`zofast.optim.momentum_update`), :mod:`zofast.optim.noise` (seeds),
+    :mod:`zofast.optim.momentum_update`; its flat matrices: :mod:`zofast.optim.momentum_matrices`),
+    :mod:`zofast.optim.noise` (seeds),
     :mod:`zofast.optim.directions` (q per step, split), :mod:`zofast.optim.methods`
     (LOZO, MeZO, param_groups); :func:`zofast.replay` rebuilds weights from a trajectory.
 """

@@ -10,7 +10,9 @@ g·U·Vᵀ):
   momentum N·V_oldᵀ is projected onto the new subspace (V_newᵀ·V_new ≈ n·I for Gaussian V),
   as in the authors' code (computed in float64, rounded once to float32);
 * update: W ← W − lr·N·Vᵀ (1-D: b ← b − lr·m), through ``outer_add_`` in one pass (the 1-D
-  tensors in FlatVectors' buffers on a GPU: all in one launch, zofast.optim.momentum_update).
+  tensors in FlatVectors' buffers on a GPU: all in one launch, zofast.optim.momentum_update;
+  the in-place and shadow matrices inside a V epoch in FlatMatrices' buffers: one launch per
+  rank and dtype, zofast.optim.momentum_matrices).
 
 With ``directions=q`` the momentum takes the step's averaged estimate: g·U above stands for
 (1/q)·Σ_k g_k·U_k (the q directions share the step's V), g·z for (1/q)·Σ_k g_k·z_k.
@@ -23,6 +25,7 @@ import torch
 
 from zofast.device_map import by_device
 from zofast.optim.momentum_flat import FlatVectors
+from zofast.optim.momentum_matrices import FlatMatrices
 from zofast.optim.momentum_update import FlatUpdate
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.perturb import outer_add_
@@ -46,6 +49,7 @@ class Momentum:
         self.beta, self.noise = beta, noise
         # (the slots it was built for, FlatVectors or None, their FlatUpdate or None)
         self._vectors: tuple | None = None
+        self._matrices: tuple | None = None  # (the slots it was built for, FlatMatrices or None)
 
     def _flat_vectors(self, slots: list[Slot]) -> FlatVectors | None:
         """The full-rank slots' flat buffers (FlatVectors), where they share one device and none
@@ -57,6 +61,16 @@ class Momentum:
             self._vectors = (slots, vectors, vectors and FlatUpdate(vectors))
         return self._vectors[1]
 
+    def _flat_matrices(self, slots: list[Slot]) -> FlatMatrices | None:
+        """The low-rank slots' flat buffers (FlatMatrices; virtual tensors have their own),
+        where they share one device with the multi-tensor launches and none is a shard."""
+        if self._matrices is None or self._matrices[0] is not slots:
+            low = [s for s in slots if s.rank and s.virtual is None]
+            devices = {s.param.device for s in low}
+            one = len(devices) == 1 and bulk_on(*devices) and not any(s.sharded for s in low)
+            self._matrices = (slots, FlatMatrices(low, self.noise) if one else None)
+        return self._matrices[1]
+
     def buffers(self, slots: list[Slot], state, t: int, gs: list[float], flat=None):
         """({index: new buffer}, {index: the last direction's tensors}) of every slot after step
         t, gs being g_k / q for the step's q directions (q = 1: [g]); FloatingPointError
@@ -64,13 +78,22 @@ class Momentum:
         (zofast.virtual_step.FlatVirtual) with step t loaded, whose buffers are made together
         inside a V epoch (one direction per step only: Virtual.flat_step gives None otherwise)."""
         buffers, used, checks = {}, {}, []
-        # (a V-refresh step projects each matrix's buffer: per tensor)
-        olds = None if flat is None else _together(state, flat.tensors, t % self.noise.nu != 0)
+        continuing = t % self.noise.nu != 0  # a V-refresh step projects each matrix's buffer
+        olds = None if flat is None else _together(state, flat.tensors, continuing)
         if olds is not None:
             (g,) = gs
             n, views = flat.momentum(olds or None, self.beta, g)
             for vt, view in zip(flat.tensors, views, strict=True):
                 buffers[vt.index], used[vt.index] = view, (vt.U, vt.V)
+            checks.append(torch.isfinite(n).all())
+        matrices = self._flat_matrices(slots) if len(gs) == 1 else None
+        # (a V-refresh step with buffers to project: per tensor, as the virtual ones)
+        olds = None if matrices is None else _together(state, matrices.slots, continuing)
+        if olds is not None:
+            factors = matrices.load(t)
+            n, views = matrices.momentum(olds or None, self.beta, gs[0])
+            for slot, view, pair in zip(matrices.slots, views, factors, strict=True):
+                buffers[slot.index], used[slot.index] = view, pair
             checks.append(torch.isfinite(n).all())
         vectors = self._flat_vectors(slots) if len(gs) == 1 else None
         olds = None if vectors is None else _together(state, vectors.slots, True)
@@ -148,6 +171,10 @@ class Momentum:
         done = set()
         if nxt is None:
             done = self._apply_flat(slots, used, buffers, t, lrs, stochastic, restores, w_scales)
+            matrices = None if self._matrices is None else self._matrices[1]
+            if matrices is not None:
+                seeds = self.noise.seed_array("round", t) if stochastic else None
+                done |= matrices.apply(slots, buffers, used, lrs, restores, w_scales, seeds)
         rounds = self.noise.seeds("round", t) if stochastic else None
         for slot in slots:
             if slot.index in done:
