@@ -91,7 +91,9 @@ class Net(torch.nn.Module):
         return [{"params": first, "lr": lrs[0]}, {"params": rest, "lr": lrs[1]}]
 
 
-def run(flat, monkeypatch, dtype=torch.float32, rank=2, rounding="nearest", **options):
+def run(
+    flat, monkeypatch, dtype=torch.float32, rank=2, rounding="nearest", device="cpu", **options
+):
     """Six steps of in-place LOZO-M (nu = 3: a V refresh at step 3), weight decay, two groups;
     (model, optimizer, per flat update pass the slots it wrote, aborted steps). options:
     pipeline; losses {closure call: factor} (a NaN factor aborts that step)."""
@@ -111,7 +113,7 @@ def run(flat, monkeypatch, dtype=torch.float32, rank=2, rounding="nearest", **op
             return done
 
         patch.setattr(momentum_matrices.FlatMatrices, "apply", counted)
-        model = Net(dtype)
+        model = Net(dtype).to(device)
         opt = LOZO(
             model.groups((5e-2, 3e-2)),
             lr=5e-2,
@@ -125,7 +127,7 @@ def run(flat, monkeypatch, dtype=torch.float32, rank=2, rounding="nearest", **op
             weight_decay=0.01,
             **options,
         )
-        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
         def closure():
             seen.append(1)
@@ -193,4 +195,15 @@ def test_a_pipelined_step_takes_the_per_tensor_path(monkeypatch):
     model, opt, writes, _ = run(True, monkeypatch, pipeline=True)
     ref, opt_ref, _, _ = run(False, monkeypatch, pipeline=True)
     assert writes == []
+    assert_same((model, opt), (ref, opt_ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:mode='inplace' on bfloat16")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_matrices_on_the_gpu(dtype, monkeypatch):
+    """Compiled Triton on a GPU: the flat pass gives the per-tensor run bit for bit."""
+    model, opt, writes, _ = run(True, monkeypatch, dtype, rounding="stochastic", device="cuda")
+    ref, opt_ref, _, _ = run(False, monkeypatch, dtype, rounding="stochastic", device="cuda")
+    assert writes == [3] * 5
     assert_same((model, opt), (ref, opt_ref))
