@@ -85,14 +85,23 @@ class FlatVectors:
     def momentum(self, old: list | None, beta: float, g: float) -> tuple:
         """m ← β·m + (1 − β)·g·z (m = g·z where `old` is None) for every slot, out of place into
         a new flat buffer, after :meth:`load`. Returns (the buffer, per-slot views)."""
-        if old is None:
-            m = self.z * g
-        else:
-            held, views = self._m
-            if views is None or any(x is not y for x, y in zip(old, views, strict=True)):
-                held = torch.zeros_like(self.z)  # (a loaded state: copies of its buffers)
-                for view, x in zip(self.views(held), old, strict=True):
-                    view.copy_(x)
-            m = torch.add(held * beta, self.z, alpha=(1.0 - beta) * g)
-        self._m = (m, self.views(m))
+        self._m = flat_momentum(self.z, old, self._m, beta, g, self.views)
         return self._m
+
+
+def flat_momentum(z: torch.Tensor, old: list | None, held: tuple, beta: float, g: float, views_of):
+    """The momentum of a flat layout: β·m + (1 − β)·g·z (g·z where `old` is None), out of place,
+    elementwise the per-tensor ops. `held`: the last (buffer, views); `old` (the per-tensor
+    buffers) are copied into a new zeroed buffer where they are not those views (a loaded state,
+    or buffers made per tensor). `views_of(flat)`: the per-tensor views of a buffer like z.
+    Returns (the new buffer, its views)."""
+    if old is None:
+        m = z * g
+    else:
+        buffer, views = held
+        if views is None or any(x is not y for x, y in zip(old, views, strict=True)):
+            buffer = torch.zeros_like(z)
+            for view, x in zip(views_of(buffer), old, strict=True):
+                view.copy_(x)
+        m = torch.add(buffer * beta, z, alpha=(1.0 - beta) * g)
+    return m, views_of(m)

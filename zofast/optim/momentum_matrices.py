@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zofast.optim.momentum_flat import flat_momentum
 from zofast.optim.noise import NoisePlan, Slot
 from zofast.shadow_step import to_device, upload_seeds
 
@@ -75,16 +76,7 @@ class FlatMatrices:
         """N ← β·N + (1 − β)·g·U_t (N = g·U_t where `old` is None) of every slot, out of place
         into a new flat buffer, after :meth:`load`: elementwise Momentum._step's numbers.
         Returns (the buffer, per-slot (m, r) views)."""
-        if old is None:
-            n = self.u * g
-        else:
-            held, views = self._n
-            if views is None or any(x is not y for x, y in zip(old, views, strict=True)):
-                held = torch.zeros_like(self.u)  # (per-tensor or loaded buffers: copies)
-                for view, x in zip(self._u_views(held), old, strict=True):
-                    view.copy_(x)
-            n = torch.add(held * beta, self.u, alpha=(1.0 - beta) * g)
-        self._n = (n, self._u_views(n))
+        self._n = flat_momentum(self.u, old, self._n, beta, g, self._u_views)
         return self._n
 
     def _u_views(self, flat: torch.Tensor) -> list:
