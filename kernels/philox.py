@@ -229,24 +229,28 @@ def round_words_tile(seed_lo, seed_hi, rows, col_start, BLOCK_N: tl.constexpr, C
 def stochastic_round(x, ptr, word):
     """float32 x rounded stochastically into ptr's element type with the uint32 words `word`
     (the module docstring's definition); float32: x itself."""
+    # One branch per dtype, no early return: compiled Triton goes on compiling the statements
+    # after a `return` in a constexpr branch, and the 16-bit path does not compile for float32.
     if ptr.dtype.element_ty == tl.float32:
-        return x
-    bits = x.to(tl.uint32, bitcast=True)
-    mag = bits & 0x7FFFFFFF
-    nan = mag > 0x7F800000
-    if ptr.dtype.element_ty == tl.bfloat16:
-        out = (bits + (word & 0xFFFF)) >> 16
+        out = x
     else:
-        # One 13-bit step on mag (normal range) or on a = |x| + 2^-14 (subnormal range), then
-        # the fp16 exponent: (t >> 13) less the rebias (normal) or less a's bits >> 13 (exact:
-        # a' - 2^-14 is a multiple of 2^-24). Equal to the docstring's two cases, fewer ops.
-        normal = mag >= 0x38800000
-        a = (tl.abs(x) + 6.103515625e-05).to(tl.uint32, bitcast=True)
-        t = (tl.where(normal, mag, a) + (word & 0x1FFF)) >> 13
-        out = t - tl.where(normal, 0x1C000, 0x1C400)
-        out = ((bits >> 16) & 0x8000) | tl.where(t >= 0x23C00, 0x7C00, out)
-    out = tl.where(nan, 0x7FFF, out)
-    return out.to(tl.uint16).to(ptr.dtype.element_ty, bitcast=True)
+        bits = x.to(tl.uint32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        nan = mag > 0x7F800000
+        if ptr.dtype.element_ty == tl.bfloat16:
+            out = (bits + (word & 0xFFFF)) >> 16
+        else:
+            # One 13-bit step on mag (normal range) or on a = |x| + 2^-14 (subnormal range), then
+            # the fp16 exponent: (t >> 13) less the rebias (normal) or less a's bits >> 13 (exact:
+            # a' - 2^-14 is a multiple of 2^-24). Equal to the docstring's two cases, fewer ops.
+            normal = mag >= 0x38800000
+            a = (tl.abs(x) + 6.103515625e-05).to(tl.uint32, bitcast=True)
+            t = (tl.where(normal, mag, a) + (word & 0x1FFF)) >> 13
+            out = t - tl.where(normal, 0x1C000, 0x1C400)
+            out = ((bits >> 16) & 0x8000) | tl.where(t >= 0x23C00, 0x7C00, out)
+        out = tl.where(nan, 0x7FFF, out)
+        out = out.to(tl.uint16).to(ptr.dtype.element_ty, bitcast=True)
+    return out
 
 
 @triton.jit
