@@ -2,8 +2,9 @@
 traces (CPU ops with their Python stacks, GPU kernels) of
   opt   OPT-1.3B shape, random bf16 weights, batch 16×256: LOZO, LOZO-M and MeZO in their default
         (exact) modes, two steps each after a warm-up;
-  minilm  `zofast.train` on SST-2 16-shot, the grid's settings (--minilm method:dtype[:compile]):
-          the time of steps 50-150, then a trace of three steps.
+  minilm  `zofast.train` on SST-2 16-shot, the grid's settings
+          (--minilm method:dtype[:compile][:hooks]): the time of steps 100-300, then a trace of
+          three steps.
 Writes OUT/<name>.json.gz (chrome traces, for bench/tools/trace_gaps.py) and OUT/summary.txt (per
 trace: wall time, GPU busy time, the GPU's idle gaps ≥ 0.1 ms and what the host ran meanwhile).
 
@@ -63,31 +64,36 @@ def opt_traces(out: Path, say) -> None:
 
 
 def minilm_traces(out: Path, say, args) -> None:
-    """Per configuration ``method:dtype[:compile]``: the untraced time of steps 50-150 and a trace
-    of steps 150-153."""
+    """Per configuration ``method:dtype[:compile][:hooks]``: the untraced time of steps 100-300
+    (past the one-time compiles) and a trace of steps 300-303. ``hooks``: shadow mode's per-module
+    hooks as on a large model (zofast.optim.shadow.PRESET_ALL_NUMEL = 0), for the comparison."""
     import time
 
+    from zofast.optim import shadow
     from zofast.train import TrainConfig, train
+
+    all_presets = shadow.PRESET_ALL_NUMEL
 
     for spec in args.minilm:
         method, dtype, *flags = spec.split(":")
-        name = f"minilm-{method}-{dtype}" + ("-compiled" if "compile" in flags else "")
+        name = f"minilm-{method}-{dtype}" + "".join(f"-{flag}" for flag in flags)
+        shadow.PRESET_ALL_NUMEL = 0 if "hooks" in flags else all_presets
         state = {"steps": 0, "prof": None, "t": 0.0}
 
         def stop(state=state, name=name):
             state["steps"] += 1
-            if state["steps"] in (50, 150):
+            if state["steps"] in (100, 300):
                 torch.cuda.synchronize()
                 now = time.perf_counter()
-                if state["steps"] == 150:
-                    say(f"{name}: {(now - state['t']) * 10:.2f} ms a step (steps 50-150, untraced)")
+                if state["steps"] == 300:
+                    say(f"{name}: {(now - state['t']) * 5:.2f} ms a step (steps 100-300, untraced)")
                 state["t"] = now
-            if state["steps"] == 150:
+            if state["steps"] == 300:
                 state["prof"] = profile(
                     activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True
                 )
                 state["prof"].__enter__()
-            if state["steps"] == 153:
+            if state["steps"] == 303:
                 torch.cuda.synchronize()
                 state["prof"].__exit__(None, None, None)
                 say(summarise(save(state["prof"], out, name), f"{name}, 3 steps"))
@@ -95,8 +101,8 @@ def minilm_traces(out: Path, say, args) -> None:
 
         config = TrainConfig(
             model=args.model, task="sst-2", data=args.data, method=method, dtype=dtype,
-            device="cuda", lr=1e-5, eps=1e-3, batch_size=16, steps=160, eval_every=160,
-            log_every=160, seed=13, output_dir=tempfile.mkdtemp(), checkpoint_every=0,
+            device="cuda", lr=1e-5, eps=1e-3, batch_size=16, steps=310, eval_every=310,
+            log_every=310, seed=13, output_dir=tempfile.mkdtemp(), checkpoint_every=0,
             progress=False, plot=False, zero_shot_test=False, compile="compile" in flags,
             **({"rank": 2} if method != "mezo" else {}),
         )  # fmt: skip
@@ -113,7 +119,7 @@ def main():
         "--minilm",
         nargs="+",
         default=["mezo:float32", "mezo:bfloat16", "lozo:bfloat16"],
-        help="method:dtype[:compile] configurations",
+        help="method:dtype[:compile][:hooks] configurations",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

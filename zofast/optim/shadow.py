@@ -30,6 +30,40 @@ from zofast.optim.passes import Passes
 from zofast.shadow import ShadowLayers, ShadowTensor, plan
 from zofast.shadow_step import PRESET_MAX_NUMEL
 
+# A model with at most this many trained elements, on one device, is host-bound: the shadow
+# hooks' launches, one per module and forward, cost more than its forward's kernels (H200,
+# MiniLM (22.7M), bf16 MeZO: the GPU busy 1.1 of 72 ms a step, bench/results/
+# 2026-12-03-session9). There every tensor that would take a hook becomes a preset: one
+# multi-tensor pass a forward, for one more copy of the weights (at most 64 MB in bf16).
+PRESET_ALL_NUMEL = 1 << 25
+
+
+def plan_ways(model, tensors: list[ShadowTensor], trained_numel: int = 0) -> None:
+    """How each tensor reaches the forward (zofast.shadow.plan), by the model's size.
+
+    Low-rank noise reaches a Linear / Conv1D weight more cheaply as an extra product,
+    y += c·(x·V)·Uᵀ, than through a perturbed copy of W (H200, bf16, 8192×2048, 2048 tokens,
+    rank 2: +0.03 ms against +0.21 ms); full-rank noise costs less as a copy (+0.10 ms against
+    +0.50 ms), so MeZO takes products for tied heads only (bench/results/
+    2026-12-02-shadow-layers). Biases and norms are presets (PRESET_MAX_NUMEL): in virtual mode
+    this part holds only them, and a budget of 1 % of its own elements left most of OPT-1.3B's
+    243 as temporaries, a launch per module and forward (2026-12-03-exact-2). A small model on
+    one device (PRESET_ALL_NUMEL) takes presets for all but embedding rows and tied heads.
+    """
+    total = trained_numel or sum(st.param.numel() for st in tensors)
+    one_device = len({st.param.device for st in tensors}) <= 1
+    if total <= PRESET_ALL_NUMEL and one_device:
+        plan(model, tensors, preset_max_numel=PRESET_ALL_NUMEL, preset_budget=PRESET_ALL_NUMEL)
+        return
+    lowrank = any(st.rank for st in tensors)
+    plan(
+        model,
+        tensors,
+        product_min_numel=0 if lowrank else None,
+        preset_max_numel=PRESET_MAX_NUMEL,
+        preset_budget=max(PRESET_MAX_NUMEL, total // 100),
+    )
+
 
 class Shadow:
     """The shadow slots of one optimizer, their hooks and their update pass.
@@ -71,31 +105,13 @@ class Shadow:
             ShadowTensor(s.index, names.get(id(s.param), f"parameter {s.index}"), s.param, s.rank)
             for s in slots
         ]
-        # Low-rank noise reaches a Linear / Conv1D weight more cheaply as an extra product,
-        # y += c·(x·V)·Uᵀ, than through a perturbed copy of W (H200, bf16, 8192×2048, 2048
-        # tokens, rank 2: +0.03 ms against +0.21 ms); full-rank noise costs less as a copy
-        # (+0.10 ms against +0.50 ms), so MeZO takes products for tied heads only
-        # (bench/results/2026-12-02-shadow-layers).
-        # Biases and norms: perturbed together before each forward (PRESET_MAX_NUMEL). In
-        # virtual mode this part holds only them: a budget of 1 % of its own elements left most
-        # of OPT-1.3B's 243 as temporaries, a launch per module and forward (2026-12-03-exact-2).
-        lowrank = any(s.rank for s in slots)
         if rows is not None:
             if model is not None:
                 paired_layers.plan(model, tensors)
             self.layers = paired_layers.PairedShadowLayers(tensors, rows, owner)
         else:
             if model is not None:
-                plan(
-                    model,
-                    tensors,
-                    product_min_numel=0 if lowrank else None,
-                    preset_max_numel=PRESET_MAX_NUMEL,
-                    preset_budget=max(
-                        PRESET_MAX_NUMEL,
-                        (trained_numel or sum(s.param.numel() for s in slots)) // 100,
-                    ),
-                )
+                plan_ways(model, tensors, trained_numel)
             self.layers = ShadowLayers(tensors, owner)
         self.detached = False
         self._checked_usage = False
