@@ -3,8 +3,8 @@ traces (CPU ops with their Python stacks, GPU kernels) of
   opt   OPT-1.3B shape, random bf16 weights, batch 16×256: LOZO, LOZO-M and MeZO in their default
         (exact) modes, two steps each after a warm-up;
   minilm  `zofast.train` on SST-2 16-shot, the grid's settings
-          (--minilm method:dtype[:compile][:hooks]): the time of steps 100-300, then a trace of
-          three steps.
+          (--minilm method:dtype[:compile][:hooks][:shadow]): the time of steps 100-300, then a
+          trace of three steps.
 Writes OUT/<name>.json.gz (chrome traces, for bench/tools/trace_gaps.py) and OUT/summary.txt (per
 trace: wall time, GPU busy time, the GPU's idle gaps ≥ 0.1 ms and what the host ran meanwhile).
 
@@ -64,9 +64,10 @@ def opt_traces(out: Path, say) -> None:
 
 
 def minilm_traces(out: Path, say, args) -> None:
-    """Per configuration ``method:dtype[:compile][:hooks]``: the untraced time of steps 100-300
-    (past the one-time compiles) and a trace of steps 300-303. ``hooks``: shadow mode's per-module
-    hooks as on a large model (zofast.optim.shadow.PRESET_ALL_NUMEL = 0), for the comparison."""
+    """Per configuration ``method:dtype[:compile][:hooks][:shadow]``: the untraced time of steps
+    100-300 (past the one-time compiles) and a trace of steps 300-303. ``hooks``: shadow mode's
+    per-module hooks as on a large model (zofast.optim.shadow.PRESET_ALL_NUMEL = 0), for the
+    comparison; ``shadow``: mode "shadow" (default: "auto")."""
     import time
 
     from zofast.optim import shadow
@@ -104,6 +105,7 @@ def minilm_traces(out: Path, say, args) -> None:
             device="cuda", lr=1e-5, eps=1e-3, batch_size=16, steps=310, eval_every=310,
             log_every=310, seed=13, output_dir=tempfile.mkdtemp(), checkpoint_every=0,
             progress=False, plot=False, zero_shot_test=False, compile="compile" in flags,
+            mode="shadow" if "shadow" in flags else "auto",
             **({"rank": 2} if method != "mezo" else {}),
         )  # fmt: skip
         train(config, stop=stop)
@@ -119,7 +121,7 @@ def main():
         "--minilm",
         nargs="+",
         default=["mezo:float32", "mezo:bfloat16", "lozo:bfloat16"],
-        help="method:dtype[:compile][:hooks] configurations",
+        help="method:dtype[:compile][:hooks][:shadow] configurations",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
