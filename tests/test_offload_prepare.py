@@ -15,6 +15,7 @@ from test_offload import batch, tiny
 from zofast import offload, paired
 from zofast.optim import noise as noise_module
 from zofast.paired_ways import SmallValues
+from zofast.shadow_step import Presets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,6 +49,14 @@ def _events(model, streamed, opt, monkeypatch) -> list:
         return perturb(self, c)
 
     monkeypatch.setattr(SmallValues, "_perturb", perturbing)
+    presets = Presets._perturb
+
+    def presetting(self, c):
+        blocks = {block_of.get(id(st.param)) for st in self.tensors}
+        events.append(("made", blocks.pop() if len(blocks) == 1 else None))
+        return presets(self, c)
+
+    monkeypatch.setattr(Presets, "_perturb", presetting)
     return events
 
 
@@ -61,15 +70,22 @@ def _resolved(events: list, opt, streamed, t: int) -> list:
 
 
 @pytest.mark.parametrize(
-    "options", [{"paired": True}, {"paired": True, "mode": "shadow"}, {}], ids=str
+    ("method", "options"),
+    [
+        ("lozo", {"paired": True}),  # virtual factors, paired biases / norms (SmallValues)
+        ("lozo", {"paired": True, "mode": "shadow"}),
+        ("lozo", {}),  # virtual factors, shadow presets (Presets)
+        ("mezo", {"mode": "shadow"}),  # presets
+    ],
+    ids=str,
 )
-def test_a_blocks_preparation_follows_the_previous_blocks_start(monkeypatch, options):
+def test_a_blocks_preparation_follows_the_previous_blocks_start(monkeypatch, method, options):
     """Block i's factors and perturbed copies are made after block i − 1's forward started and
     before block i's (block 0's: in its own pre-hook): while the blocks before it stream. On the
     code before the deferral every block's were made before block 0's forward."""
     model = tiny(dtype="bfloat16", layers=4)
     streamed = offload.stream(model, device="cpu")
-    opt = optimizer("lozo", model, options)
+    opt = optimizer(method, model, options)
     events = _events(model, streamed, opt, monkeypatch)
     closure = _closure(model, options, batch())
     for t in range(2):
