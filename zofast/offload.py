@@ -19,7 +19,10 @@ rounding of the host's). Between the optimizer's writes and the forwards nothing
 copy sits: the forward sees the host tensor's values bit for bit. The exact modes' hooks act on
 the swapped-in GPU copy inside the block's forward: virtual mode's low-rank terms (their small
 factors made on the host and moved to the GPU), shadow mode's temporaries W + c·Z (built on the
-GPU from the copy, never written back), the paired hooks' per-row terms. A forward returns only
+GPU from the copy, never written back), the paired hooks' per-row terms. What a step makes on
+the host for a block's tensors (virtual factors, paired or preset W ± c·Z copies) is made just
+before that block's upload, while the blocks before it stream (:mod:`zofast.offload_prepare`),
+not for every block before the first forward. A forward returns only
 once every copy of it has been read (the side stream is synchronised by a hook on the model), so
 the optimizer can write the host tensors right after a closure returns.
 
