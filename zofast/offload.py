@@ -19,7 +19,10 @@ rounding of the host's). Between the optimizer's writes and the forwards nothing
 copy sits: the forward sees the host tensor's values bit for bit. The exact modes' hooks act on
 the swapped-in GPU copy inside the block's forward: virtual mode's low-rank terms (their small
 factors made on the host and moved to the GPU), shadow mode's temporaries W + c·Z (built on the
-GPU from the copy, never written back), the paired hooks' per-row terms. A forward returns only
+GPU from the copy, never written back), the paired hooks' per-row terms. What a step makes on
+the host for a block's tensors (virtual factors, paired or preset W ± c·Z copies) is made just
+before that block's upload, while the blocks before it stream (:mod:`zofast.offload_prepare`),
+not for every block before the first forward. A forward returns only
 once every copy of it has been read (the side stream is synchronised by a hook on the model), so
 the optimizer can write the host tensors right after a closure returns.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from zofast.offload_host import HostBuffer
+from zofast.offload_prepare import BlockPreparations, register, unregister
 from zofast.offload_update import DeviceWrites
 
 __all__ = ["Streamed", "find_blocks", "stream"]
@@ -102,6 +106,8 @@ class Streamed:
             or None.
         writes: update="gpu": the :class:`zofast.offload_update.DeviceWrites` that runs the
             optimizer's passes over the block tensors; None: the host engine runs them.
+        preparations: the optimizer's per-block host work, run before each block's upload
+            (:class:`zofast.offload_prepare.BlockPreparations`).
     """
 
     def __init__(self, model, blocks, device, home, prefetch: int, host_buffer=None, writes=None):
@@ -109,6 +115,8 @@ class Streamed:
         self.prefetch, self.host_buffer, self.writes = prefetch, host_buffer, writes
         self.uploads = 0
         self._params = [[p for p in block.parameters()] for _, block in blocks]
+        self.preparations = BlockPreparations(len(blocks), home)
+        register(self._params, self.preparations)
         self._index = {id(block): i for i, (_, block) in enumerate(blocks)}
         self._slots: list[list[torch.Tensor] | None] = [None] * (prefetch + 1)
         self._cuda = device.type == "cuda"
@@ -134,7 +142,10 @@ class Streamed:
         return held
 
     def _upload(self, i: int) -> None:
-        """Start copying block i's host tensors into its slot (on the side stream on a GPU)."""
+        """Prepare block i's tensors (the optimizer's deferred host work: it may swap in what the
+        upload reads), then start copying its host tensors into its slot (on the side stream on
+        a GPU)."""
+        self.preparations.run(i)
         k = i % len(self._slots)
         slot, sources = self._slot(i), [p.data for p in self._params[i]]  # allocated outside
         self.uploads += 1
@@ -204,6 +215,8 @@ class Streamed:
             handle.remove()
         self._handles = []
         self._slots = [None] * len(self._slots)
+        unregister(self._params)
+        self.preparations.clear()
         if self.writes is not None:
             self.writes.release()
         if self.host_buffer is not None:

@@ -63,7 +63,9 @@ from __future__ import annotations
 
 import torch
 
+from zofast import offload_prepare
 from zofast import virtual as virtual_mode
+from zofast.offload_prepare import cancel, defer
 from zofast.paired_ways import (
     NormHooks,
     Rows,
@@ -110,6 +112,13 @@ class PairedVirtualLayers(VirtualLayers):
             if st is not None and st.uses == [Use(module, "bias", "linear")]:
                 st.uses = [Use(module, "fused", "linear")]
                 self.factors.fused[id(vt)] = (st, shadow.values)
+
+    def prepare(self, tensors) -> None:
+        """Make the deferred directions of `tensors` (one streamed block's) and, in a paired
+        forward, their paired factors."""
+        super().prepare(tensors)
+        if tensors and tensors[0].c:
+            self.factors.prepare(tensors, self.rows.generation)
 
     def attach(self) -> None:
         if self.attached:
@@ -202,15 +211,19 @@ class PairedShadowLayers(ShadowLayers):
         self.rows = rows
         self._norms: list[NormHooks] = []
         self._splits: list[SplitHooks] = []
-        self._parts: dict | None = None  # device -> (StepFactors, SmallValues)
+        self._parts: dict | None = None  # home -> (StepFactors, SmallValues)
+        self._version = None  # zofast.offload_prepare.VERSION when _parts were grouped
 
     def _device_parts(self) -> dict:
-        if self._parts is None:
+        """{home: (StepFactors, SmallValues)}, a home being a device or a streamed block
+        (zofast.offload_prepare.home: a block's tensor is on another device during its
+        forward, and its part is made just before its upload)."""
+        if self._parts is None or self._version != offload_prepare.VERSION[0]:
+            self._version = offload_prepare.VERSION[0]
             by_device: dict = {}
             for st in self.tensors:
-                by_device.setdefault(st.param.device, []).append(st)
-            # A streamed block's tensor is on another device during its forward (zofast.offload)
-            self._home = {id(st): st.param.device for st in self.tensors}
+                by_device.setdefault(offload_prepare.home(st.param), []).append(st)
+            self._home = {id(st): offload_prepare.home(st.param) for st in self.tensors}
             self._parts = {}
             for device, group in by_device.items():
                 ways = {id(st): {u.way for u in st.uses} for st in group}
@@ -228,14 +241,24 @@ class PairedShadowLayers(ShadowLayers):
         for st, s in zip(self.tensors, seeds, strict=True):
             st.set_direction(step, s)
         for factors, _ in self._device_parts().values():
-            factors.load()
+            # A block's: before its upload (else its hooks make each tensor's, the same numbers)
+            first = factors.tensors[0].param if factors.tensors else None
+            if first is None or not defer(first, id(factors), factors.load):
+                factors.load()
 
     def set_coef(self, c: float) -> None:
-        """c for every tensor; with c ≠ 0 the "bias" and "norm" tensors' W ± c·Z are made."""
+        """c for every tensor; with c ≠ 0 the "bias" and "norm" tensors' W ± c·Z are made (a
+        streamed block's before its upload, or at their first read)."""
         for st in self.tensors:
             st.set_coef(c)
-        if c and self.attached:
-            for _, values in self._device_parts().values():
+        for _, values in self._device_parts().values():
+            if not values.tensors:
+                continue
+            if not (c and self.attached):
+                cancel(values.tensors[0].param, id(values))
+            elif defer(values.tensors[0].param, id(values), values.make):
+                values.build(c, now=False)
+            else:
                 values.build(c)
 
     def attach(self) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zofast import offload_prepare
 from zofast import virtual as virtual_mode
+from zofast.offload_prepare import home
 from zofast.perturb import _device_terms, gaussian_, lowrank_
 from zofast.shadow import ShadowTensor
 from zofast.shadow_step import PRESET_ALIGN, bulk_on
@@ -105,27 +107,53 @@ class SignedFactors:
         self.tensors = list(tensors)
         self.fused = {} if fused is None else fused
         self._buffers: dict = {}  # (dtype, device, group) -> (L (G, 2, m, w), R (G, n, w))
-        self._made: dict = {}  # (dtype, device) -> (generation, {id(vt): (L, R, bias column)})
+        self._made: dict = {}  # (dtype, home) -> (generation, {id(vt): (L, R, bias column)})
+        self._moved: dict = {}  # (dtype, device) -> (generation, {id(vt): its entry moved there})
+        self._grouped: tuple | None = None  # (offload_prepare.VERSION, {home: tensors})
 
     def get(self, vt: VirtualTensor, dtype, device, generation: int):
         """(L±, R, the column of the fused bias or None) of `vt` for this paired forward, on
-        `device` (its weight's: made there for every tensor of that device)."""
-        made = self._made.get((dtype, device))
-        if made is None or made[0] != generation:
-            with torch.inference_mode(False), torch.no_grad():
-                made = (generation, self._build(dtype, device))
-            self._made[(dtype, device)] = made
-        entry = made[1].get(id(vt))
+        `device`: made where vt lives for every tensor of its home (its device, or its
+        streamed block, zofast.offload_prepare), moved to `device` if that is elsewhere."""
+        where = home(vt.param)
+        if where == (device, None):
+            return self._entries(dtype, where, generation)[id(vt)]
+        moved = self._moved.get((dtype, device))
+        if moved is None or moved[0] != generation:
+            moved = self._moved[(dtype, device)] = (generation, {})
+        entry = moved[1].get(id(vt))
         if entry is None:  # a streamed block (zofast.offload): made where vt lives, moved
-            L, R, column = self.get(vt, dtype, vt.U.device, generation)
-            entry = made[1][id(vt)] = (L.to(device), R.to(device), column)
+            L, R, column = self._entries(dtype, where, generation)[id(vt)]
+            entry = moved[1][id(vt)] = (L.to(device), R.to(device), column)
         return entry
 
-    def _build(self, dtype, device) -> dict:
+    def prepare(self, tensors, generation: int) -> None:
+        """Make the paired factors of the home of `tensors` (one streamed block's) for this
+        paired forward now, in their weights' dtype."""
+        vt = tensors[0]
+        self._entries(vt.param.dtype, home(vt.param), generation)
+
+    def _entries(self, dtype, where, generation: int) -> dict:
+        made = self._made.get((dtype, where))
+        if made is None or made[0] != generation:
+            with torch.inference_mode(False), torch.no_grad():
+                made = (generation, self._build(dtype, where))
+            self._made[(dtype, where)] = made
+        return made[1]
+
+    def _homes(self) -> dict:
+        """{home: its tensors} (regrouped when streams start or end)."""
+        if self._grouped is None or self._grouped[0] != offload_prepare.VERSION[0]:
+            groups: dict = {}
+            for vt in self.tensors:
+                groups.setdefault(home(vt.param), []).append(vt)
+            self._grouped = (offload_prepare.VERSION[0], groups)
+        return self._grouped[1]
+
+    def _build(self, dtype, where) -> dict:
+        device = where[0]
         groups: dict = {}
-        for vt in self.tensors:
-            if vt.U.device != device:  # a device map: the tensors of another device
-                continue
+        for vt in self._homes().get(where, []):
             r = vt.U.shape[1]
             form = "new" if vt.A is None else ("same" if vt.epoch == vt.V_epoch else "refresh")
             key = (vt.m, vt.n, r, form, id(vt) in self.fused)
@@ -226,6 +254,7 @@ class SmallValues:
         self._copies: list = []  # per tensor: [stored, + and − copies] (views of the flat buffers)
         self._graph = None
         self._moved: dict = {}  # (id(st), 0 values / 1 differences, device) -> a copy there
+        self._pending: float | None = None  # c of a deferred build
 
     def _allocate(self) -> None:
         by_dtype: dict = {}
@@ -250,13 +279,25 @@ class SmallValues:
                 start += size
         self._copies = [copies[id(st)] for st in self.tensors]
 
-    def build(self, c: float) -> None:
-        """Make every tensor's W ± c·Z and (W ± c·Z) − W."""
+    def build(self, c: float, now: bool = True) -> None:
+        """Make every tensor's W ± c·Z and (W ± c·Z) − W; `now` False: at :meth:`make`, or at
+        the first read (a streamed block's, zofast.offload_prepare)."""
+        self._pending = None if now else c
+        self._moved = {}
+        if now:
+            self._build(c)
+
+    def make(self) -> None:
+        """Make what :meth:`build` deferred (nothing if nothing is)."""
+        if self._pending is not None:
+            c, self._pending = self._pending, None
+            self._build(c)
+
+    def _build(self, c: float) -> None:
         if not self.tensors:
             return
         if self._slices is None:
             self._allocate()
-        self._moved = {}
         with torch.inference_mode(False), torch.no_grad():
             params = [st.param.data for st in self.tensors]
             for k in range(3):
@@ -297,6 +338,7 @@ class SmallValues:
         return self._on(st, 1, device)
 
     def _on(self, st: ShadowTensor, k: int, device) -> torch.Tensor:
+        self.make()
         t = self._slices[id(st)][k]
         if device is None or t.device == device:
             return t

@@ -60,12 +60,13 @@ from __future__ import annotations
 
 import math
 import weakref
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from zofast import virtual
+from zofast import offload_prepare, virtual
 from zofast._ext import resolve_backend
 from zofast.perturb import _device_terms, gaussian_, lowrank_, lowrank_factors
 from zofast.perturb_args import check_weight, matrix_shape
@@ -451,7 +452,8 @@ class ShadowLayers:
         self._handles: list = []
         self._temporaries: list[_Temporaries] = []
         self.attached = False
-        self._bulk: list | None = None  # per device: (StepFactors, DeviceSeeds, Presets)
+        self._bulk: list | None = None  # per home: (StepFactors, DeviceSeeds, Presets)
+        self._version = None  # zofast.offload_prepare.VERSION when _bulk was grouped
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -469,7 +471,10 @@ class ShadowLayers:
         for st, s in zip(self.tensors, seeds, strict=True):
             st.set_direction(step, s)
         for factors, device_seeds, _ in self._bulk_parts():
-            factors.load()
+            # A streamed block's factors: before its upload (else each hook makes its own)
+            first = factors.tensors[0].param if factors.tensors else None
+            if first is None or not offload_prepare.defer(first, id(factors), factors.load):
+                factors.load()
             device_seeds.load()
 
     def set_coef(self, c: float) -> None:
@@ -478,18 +483,27 @@ class ShadowLayers:
         parts = self._bulk_parts()
         for _, _, presets in parts:
             presets.swap_out()
+            if presets.tensors:  # a streamed block's deferred swap_in, if any
+                offload_prepare.cancel(presets.tensors[0].param, id(presets))
         for st in self.tensors:
             st.set_coef(c)
         for _, device_seeds, presets in parts:
             device_seeds.set_coef(c)
-            if c and self.attached:
+            if not (c and self.attached and presets.tensors):
+                continue
+            # A streamed block's: just before its upload (which reads the swapped-in copies)
+            if not offload_prepare.defer(
+                presets.tensors[0].param, id(presets), partial(presets.swap_in, c)
+            ):
                 presets.swap_in(c)
 
     def _bulk_parts(self) -> list:
-        if self._bulk is None:
+        if self._bulk is None or self._version != offload_prepare.VERSION[0]:
+            # per device, or per streamed block (zofast.offload_prepare)
+            self._version = offload_prepare.VERSION[0]
             by_device: dict = {}
             for st in self.tensors:
-                by_device.setdefault(st.param.device, []).append(st)
+                by_device.setdefault(offload_prepare.home(st.param), []).append(st)
             self._bulk = []
             for group in by_device.values():
                 ways = {st: {u.way for u in st.uses} for st in group}
@@ -534,6 +548,9 @@ class ShadowLayers:
         forward; the hooks do it themselves when a forward raises an Exception). Idempotent."""
         for pair in self._temporaries:
             pair.frames.clear()
+        for _, _, presets in self._bulk or []:
+            if presets.tensors:  # a streamed block's swap_in not yet run: none now
+                offload_prepare.cancel(presets.tensors[0].param, id(presets))
         for st in self.tensors:
             st._swap_out()
 

@@ -165,8 +165,9 @@ class VirtualTensor:
         self.epoch: int | None = None  # the V epoch A is on
         self.V_A: torch.Tensor | None = None  # (n, r) float32, that epoch's V
         self.step: int | None = None  # the step whose direction (U, V) is loaded
-        self.U: torch.Tensor | None = None
-        self.V: torch.Tensor | None = None
+        self._U: torch.Tensor | None = None
+        self._V: torch.Tensor | None = None
+        self._make = None  # a callable giving (U, V), made at the first read (set_direction)
         self.V_epoch: int | None = None
         self.c = 0.0
         self._pair: tuple | None = None  # float32 (L, R), None when W_eff = W
@@ -179,9 +180,33 @@ class VirtualTensor:
         self.A, self.epoch, self.V_A = A, epoch, V_A
         self._fresh, self.bulk = False, None
 
-    def set_direction(self, step: int, epoch: int, U, V) -> None:
-        self.step, self.V_epoch, self.U, self.V = step, epoch, U, V
+    def set_direction(self, step: int, epoch: int, U, V=None) -> None:
+        """The step's direction: (U, V), or U a callable that makes them when either is first
+        read (a streamed block's, zofast.offload_prepare: made just before its upload)."""
+        self.step, self.V_epoch = step, epoch
+        self._make, self._U, self._V = (U, None, None) if callable(U) else (None, U, V)
         self._fresh, self.bulk = False, None
+
+    @property
+    def U(self) -> torch.Tensor | None:
+        """The loaded direction's U_t, (m, r) float32."""
+        if self._make is not None:
+            self.materialise()
+        return self._U
+
+    @property
+    def V(self) -> torch.Tensor | None:
+        """The loaded direction's V, (n, r) float32."""
+        if self._make is not None:
+            self.materialise()
+        return self._V
+
+    def materialise(self) -> None:
+        """Make a deferred direction's (U, V) now (nothing to do if they are made)."""
+        make, self._make = self._make, None
+        if make is not None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._U, self._V = make()
 
     def set_coef(self, c: float) -> None:
         if c != self.c:
@@ -315,6 +340,11 @@ class VirtualLayers:
     @property
     def modules(self) -> list[torch.nn.Module]:
         return [module for vt in self.tensors for module, _ in vt.layers]
+
+    def prepare(self, tensors) -> None:
+        """Make the deferred directions of `tensors` (one streamed block's) now."""
+        for vt in tensors:
+            vt.materialise()
 
     def attach(self) -> None:
         """Register the hooks (ValueError, nothing registered, if another optimizer's are on)."""

@@ -11,6 +11,7 @@ index d; stochastic rounding of an update: role "round" at index t.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -87,14 +88,20 @@ class NoisePlan:
     def factors(self, slot: Slot, d: int, epoch: int | None = None):
         """Materialised (U_d, V_epoch) of a low-rank slot, d a direction index (epoch defaults to
         d's)."""
+        return self.factors_maker(slot, d, epoch)()
+
+    def factors_maker(self, slot: Slot, d: int, epoch: int | None = None, device=None):
+        """A callable making :meth:`factors` later, with the seeds of now (on `device`; None:
+        the slot's)."""
         epoch = self.epoch(d) if epoch is None else epoch
-        return lowrank_factors(
+        return partial(
+            lowrank_factors,
             slot.shape,
             self.seeds("u", d)[slot.index],
             self.seeds("v", epoch)[slot.index],
             slot.rank,
             row_offset=slot.row_offset,
-            device=slot.param.device,
+            device=slot.param.device if device is None else device,
         )
 
     def noise(self, slot: Slot, d: int) -> torch.Tensor:

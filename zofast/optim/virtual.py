@@ -15,9 +15,12 @@ several, the update and LOZO-M's momentum run per tensor).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
+from zofast.offload_prepare import defer, home
 from zofast.optim.noise import NoisePlan
 from zofast.optim.passes import graphs_enabled
 from zofast.virtual import VirtualLayers, VirtualTensor, plan
@@ -110,12 +113,31 @@ class Virtual:
             return  # no hooks (replay): no forward runs, the factors are not needed
         tensors = self.layers.tensors
         if c and any(vt.step != d for vt in tensors):
-            for vt, (U, V) in zip(tensors, self._step_directions(d), strict=True):
-                vt.set_direction(d, self.noise.epoch(d), U, V)
+            if self._flat is None:
+                self._load_directions(d)
+            else:
+                for vt, (U, V) in zip(tensors, self._step_directions(d), strict=True):
+                    vt.set_direction(d, self.noise.epoch(d), U, V)
         for vt in tensors:
             vt.set_coef(c)
         if self._flat is not None:
             self._flat.prepare(c)
+
+    def _load_directions(self, d: int) -> None:
+        """Give every virtual tensor (U_d, V), one lowrank_factors call each: made now, or for
+        a streamed block's tensors just before the block's upload (zofast.offload_prepare; at
+        the first read of U or V if that comes first), from the seeds of now."""
+        epoch, blocks = self.noise.epoch(d), {}
+        for slot in self.slots:
+            vt = slot.virtual
+            where, block = home(slot.param)
+            if block is None:
+                vt.set_direction(d, epoch, *self.noise.factors(slot, d))
+                continue
+            vt.set_direction(d, epoch, self.noise.factors_maker(slot, d, device=where))
+            blocks.setdefault(block, (slot.param, []))[1].append(vt)
+        for param, group in blocks.values():
+            defer(param, ("virtual", id(self)), partial(self.layers.prepare, group))
 
     def _step_directions(self, d: int) -> list:
         """(U_d, V) of every virtual tensor: views of FlatVirtual's buffers (one launch on a GPU,
