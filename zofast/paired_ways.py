@@ -13,7 +13,7 @@ from zofast import virtual as virtual_mode
 from zofast.offload_prepare import home
 from zofast.perturb import _device_terms, gaussian_, lowrank_
 from zofast.shadow import ShadowTensor
-from zofast.shadow_step import PRESET_ALIGN, bulk_on
+from zofast.shadow_step import PRESET_ALIGN, bulk_on, to_device
 from zofast.virtual import VirtualTensor
 
 __all__ = [
@@ -124,7 +124,7 @@ class SignedFactors:
         entry = moved[1].get(id(vt))
         if entry is None:  # a streamed block (zofast.offload): made where vt lives, moved
             L, R, column = self._entries(dtype, where, generation)[id(vt)]
-            entry = moved[1][id(vt)] = (L.to(device), R.to(device), column)
+            entry = moved[1][id(vt)] = (to_device(L, device), to_device(R, device), column)
         return entry
 
     def prepare(self, tensors, generation: int) -> None:
@@ -346,7 +346,7 @@ class SmallValues:
         moved = self._moved.get(key)
         if moved is None:
             with torch.inference_mode(False), torch.no_grad():
-                moved = self._moved[key] = t.to(device)
+                moved = self._moved[key] = to_device(t, device)
         return moved
 
 

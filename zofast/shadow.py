@@ -71,7 +71,14 @@ from zofast._ext import resolve_backend
 from zofast.perturb import _device_terms, gaussian_, lowrank_, lowrank_factors
 from zofast.perturb_args import check_weight, matrix_shape
 from zofast.rng import as_seed, normal
-from zofast.shadow_step import DeviceSeeds, Presets, StepFactors, bulk_on, transposed
+from zofast.shadow_step import (
+    DeviceSeeds,
+    Presets,
+    StepFactors,
+    bulk_on,
+    to_device,
+    transposed,
+)
 
 __all__ = ["CHUNK_NUMEL", "WAYS", "ShadowLayers", "ShadowTensor", "Use", "detach", "plan"]
 
@@ -192,7 +199,7 @@ class ShadowTensor:
             self.set_factors(transposed(U, self.param.dtype), transposed(V, self.param.dtype))
         Ut, Vt = self._factors
         if device is not None and Ut.device != device:
-            return Ut.to(device, dtype), Vt.to(device, dtype)
+            return to_device(Ut.to(dtype), device), to_device(Vt.to(dtype), device)
         return (Ut, Vt) if Ut.dtype == dtype else (Ut.to(dtype), Vt.to(dtype))
 
     def swap_to(self, tensor: torch.Tensor) -> None:

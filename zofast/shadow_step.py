@@ -53,9 +53,14 @@ def transposed(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(factor.t())
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, through pinned memory (no host sync)."""
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`; from the host to a GPU through pinned memory, without waiting for the GPU (a
+    pageable copy of more than 64 KB waits for the stream's earlier work, so the host could not
+    prepare a streamed block while the previous ones compute, zofast.offload)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def upload_seeds(rows: np.ndarray, device: torch.device) -> torch.Tensor:

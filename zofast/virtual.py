@@ -41,6 +41,7 @@ import torch
 
 from zofast.device_map import moves_inputs_only
 from zofast.perturb import matrix_shape, outer_add_
+from zofast.shadow_step import to_device
 
 __all__ = ["VirtualLayers", "VirtualTensor", "add_lowrank", "plan", "layer_kind", "detach"]
 
@@ -268,7 +269,7 @@ class VirtualTensor:
 
 def _padded(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """t in dtype on device; on a GPU its columns zero-padded to a multiple of 8."""
-    t = t.to(device=device, dtype=dtype)
+    t = to_device(t.to(dtype), device)
     pad = -t.shape[1] % 8 if device.type == "cuda" else 0
     return torch.nn.functional.pad(t, (0, pad)) if pad else t
 
