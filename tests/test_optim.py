@@ -998,13 +998,13 @@ def test_accumulate_resumes_and_replays_bit_for_bit(tmp_path):
 
     def make(model):
         groups = param_groups(model, 0.1)
-        return LOZO(groups, model=model, lr=1e-2, eps=1e-2, rank=1, nu=2, seed=9, accumulate=4)
+        return LOZO(groups, model=model, lr=1e-2, eps=1e-2, rank=1, nu=3, seed=9, accumulate=2)
 
     x = torch.randn(5, 6).to(torch.bfloat16)
     model = small_model(torch.bfloat16)
     opt = make(model)
     assert opt.mode == "shadow"
-    for _ in range(6):
+    for _ in range(7):  # writes after steps 1 (K), 2 (ν), 4 (K), 5 (ν); step 6 deferred
         opt.step(lambda: model(x).float().pow(2).mean())
     state, weights = opt.state_dict(), snapshot(model)
     for _ in range(5):
@@ -1027,6 +1027,28 @@ def test_accumulate_resumes_and_replays_bit_for_bit(tmp_path):
     fresh = small_model(torch.bfloat16)
     replay(fresh, Trajectory.load(tmp_path / "run.json"))
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), expected, strict=True))
+
+
+def test_accumulate_writes_end_at_each_v_epoch(monkeypatch):
+    """LOZO (bf16 shadow, ν = 5, K = 3): a write also ends each V epoch, so that every pass's
+    terms share one V (one graphed pass shape instead of one per place of the boundary)."""
+    from zofast.optim.passes import Passes
+
+    passes = []
+    run = Passes.run
+
+    def recording(self, steps, *args, **kwargs):
+        passes.append(list(steps))
+        return run(self, steps, *args, **kwargs)
+
+    monkeypatch.setattr(Passes, "run", recording)
+    model = small_model(torch.bfloat16)
+    opt = LOZO(model, lr=1e-2, eps=1e-2, rank=1, nu=5, seed=9, accumulate=3, mode="shadow")
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    for _ in range(12):
+        opt.step(lambda: model(x).float().pow(2).mean())
+    assert passes == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    assert opt.unflushed  # steps 10, 11
 
 
 def test_accumulate_defaults_and_refusals():

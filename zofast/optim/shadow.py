@@ -14,7 +14,12 @@ between see the weights of the last write, as K micro-batches of gradient accumu
 set of weights. A stochastic rounding per step adds a variance of about ulp·|lr·g·z| per weight,
 far more than the update's own when |lr·g·z| ≪ ulp (bf16 at ZO learning rates); one rounding per
 K steps divides it by about √K (bench/tools/precision.py teacher, 64 inputs, MeZO bf16 ÷ fp32's
-loss reduction: 63 % at K = 1, 74 % at 8, 90 % at 32, 93 % at 64, 99 % at 128).
+loss reduction: 63 % at K = 1, 74 % at 8, 90 % at 32, 93 % at 64, 99 % at 128). With low-rank
+tensors a write also ends each V epoch (LOZO's ν), so that its terms share one V: a write across
+an epoch boundary took a pass compiled for that boundary's place among its K terms, a new one
+for almost every write when ν does not divide K (most likely why MiniLM, bf16, ν = 50, K = 64
+took ~740 ms a step over steps 100-300 against ~50 ms in traced steps, bench/results/
+2026-12-03-session10), and across two boundaries no graph at all.
 
 Paired steps (zofast.optim.paired) hook the same tensors per row instead
 (:mod:`zofast.paired_layers`); the update pass is the same.
@@ -100,6 +105,7 @@ class Shadow:
         # −lr·g_k/q of each direction, per group the decay).
         self.deferred: list[tuple] = []
         self.passes = Passes(slots, noise)
+        self._lowrank = any(s.rank for s in slots)
         self.stochastic = stochastic
         tensors = [
             ShadowTensor(s.index, names.get(id(s.param), f"parameter {s.index}"), s.param, s.rank)
@@ -182,11 +188,19 @@ class Shadow:
         scales = [[-lr * c for c in gs] for lr in lrs]
         if self.accumulate > 1:
             self.deferred.append((t, directions, scales, decays))
-            if len(self.deferred) == self.accumulate:
+            if len(self.deferred) == self.accumulate or self._epoch_ends(t):
                 self.write()
             return
         scaled = {"group_w_scales": decays} if any(d != 1.0 for d in decays) else {}
         self.passes.run(directions, scales, **self._round(t), **scaled)
+
+    def _epoch_ends(self, t: int) -> bool:
+        """Whether step t is the last of its V epoch (low-rank tensors only)."""
+        if not self._lowrank:
+            return False
+        return self.noise.epoch(self.noise.directions(t)[-1]) != self.noise.epoch(
+            self.noise.directions(t + 1)[0]
+        )
 
     def write(self) -> None:
         """Write the deferred steps' updates in one pass (module docstring), rounded with the
