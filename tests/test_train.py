@@ -439,12 +439,27 @@ def test_compiled_forward_trains_like_the_eager_one(tiny, tmp_path):
     assert eager.history[-1]["dev_loss"] != eager.history[0]["dev_loss"]  # it did train
 
 
+def test_compiled_shadow_forward_trains(tiny, tmp_path):
+    """MeZO in bf16 (mode "shadow"; a small model: every tensor a preset, no hook) compiled:
+    it trains, without recompiling as the presets swap in and out (one graph for the perturbed
+    and the plain forwards; what the compiled forward sees: tests/test_shadow_ways.py)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    settings = dict(method="mezo", dtype="bfloat16", lr=1e-3, compile=True)
+    compiled = train(_config(tiny, tmp_path / "compiled", **settings))
+    assert compiled.config.resolved_mode == "shadow"
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert compiled.diverged is None and compiled.steps == 6
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(method="adam"), "compile is for"),
-        (dict(dtype="bfloat16"), "compile needs mode 'inplace'"),
-        (dict(mode="shadow"), "compile needs mode 'inplace'"),
+        (dict(dtype="bfloat16"), "compile needs mode 'inplace' or 'shadow'"),
+        (dict(mode="virtual"), "compile needs mode 'inplace' or 'shadow'"),
         (dict(compile="yes"), "compile must be true or false"),
     ],
 )

@@ -32,14 +32,14 @@ import warnings
 from zofast import paired_layers
 from zofast.optim.noise import NoisePlan
 from zofast.optim.passes import Passes
-from zofast.shadow import ShadowLayers, ShadowTensor, plan
+from zofast.shadow import ShadowLayers, ShadowTensor, Use, plan
 from zofast.shadow_step import PRESET_MAX_NUMEL
 
 # A model with at most this many trained elements, on one device, is host-bound: the shadow
 # hooks' launches, one per module and forward, cost more than its forward's kernels (H200,
 # MiniLM (22.7M), bf16 MeZO: the GPU busy 1.1 of 72 ms a step, bench/results/
-# 2026-12-03-session9). There every tensor that would take a hook becomes a preset: one
-# multi-tensor pass a forward, for one more copy of the weights (at most 64 MB in bf16).
+# 2026-12-03-session9). There every tensor is a preset: one multi-tensor pass a forward, no
+# hook, for one more copy of the weights (at most 64 MB in bf16).
 PRESET_ALL_NUMEL = 1 << 25
 
 
@@ -52,13 +52,16 @@ def plan_ways(model, tensors: list[ShadowTensor], trained_numel: int = 0) -> Non
     +0.50 ms), so MeZO takes products for tied heads only (bench/results/
     2026-12-02-shadow-layers). Biases and norms are presets (PRESET_MAX_NUMEL): in virtual mode
     this part holds only them, and a budget of 1 % of its own elements left most of OPT-1.3B's
-    243 as temporaries, a launch per module and forward (2026-12-03-exact-2). A small model on
-    one device (PRESET_ALL_NUMEL) takes presets for all but embedding rows and tied heads.
+    243 as temporaries, a launch per module and forward (2026-12-03-exact-2). On a small model
+    on one device (PRESET_ALL_NUMEL) every tensor is a preset, embeddings and tied heads too:
+    the forward runs no hook at all (and can be compiled, zofast.train's ``compile``).
     """
     total = trained_numel or sum(st.param.numel() for st in tensors)
     one_device = len({st.param.device for st in tensors}) <= 1
     if total <= PRESET_ALL_NUMEL and one_device:
-        plan(model, tensors, preset_max_numel=PRESET_ALL_NUMEL, preset_budget=PRESET_ALL_NUMEL)
+        plan(model, tensors)  # (checks that a module registers every tensor)
+        for st in tensors:
+            st.uses = [Use(model, "preset", None)]
         return
     lowrank = any(st.rank for st in tensors)
     plan(

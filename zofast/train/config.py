@@ -133,9 +133,12 @@ class TrainConfig:
             link, which bounds a streamed step; off otherwise: it doubles the forward's
             activations.
         compile: ``torch.compile`` the model's transformer (dynamic shapes) for lozo, lozo-m and
-            mezo in mode "inplace" (float32 weights under mode "auto"): a small model's eager
-            forward is bound by Python's per-operation overhead, which compiling removes. Exact
-            modes add per-module hooks, which would split the compiled graph at every layer.
+            mezo in mode "inplace" (float32 weights under mode "auto") or "shadow" (mezo's
+            default for bf16 / fp16): a small model's eager forward is bound by Python's
+            per-operation overhead, which compiling removes. In shadow mode a small model's
+            tensors are all presets, swapped in before the forward, no hook
+            (zofast.optim.shadow.plan_ways); a larger model's per-module hooks split the
+            compiled graph at every layer, as virtual mode's would (refused).
             Off by default: compiling takes seconds to a minute before the first step, and
             the compiled forward rounds differently from the eager one in the last bits.
         save_model: also write the best weights as a transformers folder (``model/``); off by

@@ -146,10 +146,11 @@ def _check_compile(config: TrainConfig) -> None:
         return
     if config.method not in ZO_METHODS:
         raise ConfigError(f"compile is for {', '.join(ZO_METHODS)} (method is {config.method})")
-    if config.resolved_mode != "inplace":
+    if config.resolved_mode not in ("inplace", "shadow"):
         raise ConfigError(
-            f"compile needs mode 'inplace' (mode is {config.resolved_mode}, from dtype "
-            f"{config.dtype}): the exact modes' per-module hooks would split the compiled graph"
+            f"compile needs mode 'inplace' or 'shadow' (mode is {config.resolved_mode}, from "
+            f"dtype {config.dtype}): virtual mode's per-module hooks would split the compiled "
+            "graph"
         )
     if config.offload or config.device_map is not None:
         raise ConfigError("compile runs a model on one device: not with offload or device_map")
