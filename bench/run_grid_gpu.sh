@@ -14,9 +14,8 @@
 #   e.g. "--scale 0.05" for a rehearsal or "--tasks sst-2"); COMPILE (default 1: the float32 ZO
 #   cells run torch.compile'd, `run --compile`: MeZO 12.0 -> 6.7 ms a step, one process,
 #   bench/results/2026-12-03-session8; 0: eager).
-# The model and data do not travel by themselves. Once, on the developer machine, in the repo root:
-#   python bench/tools/precision.py pack-minilm .carry/minilm
-#   mkdir -p .carry/k-shot && cp -r ../shared/data/k-shot/{SST-2,RTE,trec} .carry/k-shot/
+# The model and data do not travel by themselves. Once per checkout, on the developer machine, in
+# the repo root: bash bench/tools/carry.sh
 # The records come back in $OUT/runs.jsonl: commit it as bench/results/grid-h200/<stage>-<n>.jsonl.
 set -uo pipefail
 CACHE=/tmp/zofast-caches

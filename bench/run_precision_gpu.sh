@@ -13,10 +13,8 @@
 #   "1e-5 2e-6"; one lr per call fits 10 minutes: 18 processes at once took ~290 s for 5,000
 #   fp32 steps and more than 320 s for bf16 on 2026-12-02), ZOFAST_STEP_DTYPES.
 # The model and data do not travel by themselves (the float32 MiniLM file is 91 MB; ../shared is
-# not sent). Once, on the developer machine, in the repo root:
-#   python bench/tools/precision.py pack-minilm .carry/minilm        # fp16 weights, 46 MB
-#   cp -r ../shared/data/k-shot/SST-2/16-42 .carry/SST-2-16-42
-#   echo /.carry/ >> .git/info/exclude
+# not sent). Once per checkout, on the developer machine, in the repo root:
+#   bash bench/tools/carry.sh
 # then run with carry [".carry"].
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
