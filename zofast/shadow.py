@@ -20,10 +20,11 @@ no launch). Each (module, tensor) pair takes one of four ways, chosen by :func:`
   c·x·Z); low-rank as (x·V)·(c·U)ᵀ, full-rank with Z generated in chunks of rows.
 
 * ``"preset"`` (small tensors, biases and norms, if :func:`plan` is asked to; on a small model
-  every tensor that would take a hook, :func:`zofast.optim.shadow.plan_ways`): no hook; before a
+  every tensor, :func:`zofast.optim.shadow.plan_ways`): no hook; before a
   forward :meth:`ShadowLayers.set_coef` builds every preset's W + c·Z into a copy, all in one
   engine pass, and swaps the copies in for the whole forward (:class:`zofast.shadow_step.Presets`;
-  bit for bit a temporary). Code that reads such a tensor outside its module sees W + c·Z too.
+  bit for bit a temporary, within rounding of "rows" / "product"). Code that reads such a
+  tensor outside its module sees W + c·Z too.
 
 "rows" and "product" equal the layer with weight W + c·Z up to the rounding of the forward (the
 perturbation is not rounded to W's dtype first, unlike an in-place perturbation). A tensor that
