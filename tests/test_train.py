@@ -392,8 +392,10 @@ def test_zofast_train_under_torchrun(tiny, tmp_path):
     ddp = Trajectory.load(out / "trajectory.json")
     one = Trajectory.load(alone.files["trajectory"])
     assert ddp.steps == one.steps == 4
+    # atol: the float32 noise of a loss over differently padded shards (~1e-6) over 2ε = 2e-2,
+    # twice (a clean CI run once saw 6.7e-5 on a g of 0.054); a wrong g is off by O(g)
     torch.testing.assert_close(
-        torch.tensor(list(ddp._g)), torch.tensor(list(one._g)), rtol=1e-3, atol=1e-5
+        torch.tensor(list(ddp._g)), torch.tensor(list(one._g)), rtol=1e-3, atol=2e-4
     )
     checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     assert len(checkpoints) == 1, checkpoints  # rank 0's, at the end
