@@ -25,7 +25,15 @@ import weakref
 
 import torch
 
-__all__ = ["BlockPreparations", "cancel", "defer", "home", "register", "unregister"]
+__all__ = [
+    "BlockPreparations",
+    "cancel",
+    "defer",
+    "defer_or_run",
+    "home",
+    "register",
+    "unregister",
+]
 
 # id(block parameter) -> (a weak reference to it, its handle's BlockPreparations, block index),
 # for every live stream() (ids: tensors compare elementwise, no WeakKeyDictionary).
@@ -115,6 +123,13 @@ def defer(param: torch.Tensor, key, fn) -> bool:
         return False
     entry[0].defer(entry[1], key, fn)
     return True
+
+
+def defer_or_run(tensors, key, fn) -> None:
+    """:func:`defer` `fn` to the block of `tensors` (objects with a ``param``, one home) if
+    they are a streamed block's, else run it now (also when there are none)."""
+    if not tensors or not defer(tensors[0].param, key, fn):
+        fn()
 
 
 def cancel(param: torch.Tensor, key) -> None:

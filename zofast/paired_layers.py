@@ -65,7 +65,7 @@ import torch
 
 from zofast import offload_prepare
 from zofast import virtual as virtual_mode
-from zofast.offload_prepare import cancel, defer
+from zofast.offload_prepare import cancel, defer, defer_or_run
 from zofast.paired_ways import (
     NormHooks,
     Rows,
@@ -220,16 +220,16 @@ class PairedShadowLayers(ShadowLayers):
         forward, and its part is made just before its upload)."""
         if self._parts is None or self._version != offload_prepare.VERSION[0]:
             self._version = offload_prepare.VERSION[0]
-            by_device: dict = {}
-            for st in self.tensors:
-                by_device.setdefault(offload_prepare.home(st.param), []).append(st)
             self._home = {id(st): offload_prepare.home(st.param) for st in self.tensors}
+            by_home: dict = {}
+            for st in self.tensors:
+                by_home.setdefault(self._home[id(st)], []).append(st)
             self._parts = {}
-            for device, group in by_device.items():
+            for where, group in by_home.items():
                 ways = {id(st): {u.way for u in st.uses} for st in group}
                 lowrank = [st for st in group if st.rank and ways[id(st)] & {"product", "rows"}]
                 small = [st for st in group if ways[id(st)] & {"bias", "norm", "fused"}]
-                self._parts[device] = (StepFactors(lowrank), SmallValues(small))
+                self._parts[where] = (StepFactors(lowrank), SmallValues(small))
         return self._parts
 
     def values(self, st: ShadowTensor) -> SmallValues:
@@ -242,9 +242,7 @@ class PairedShadowLayers(ShadowLayers):
             st.set_direction(step, s)
         for factors, _ in self._device_parts().values():
             # A block's: before its upload (else its hooks make each tensor's, the same numbers)
-            first = factors.tensors[0].param if factors.tensors else None
-            if first is None or not defer(first, id(factors), factors.load):
-                factors.load()
+            defer_or_run(factors.tensors, id(factors), factors.load)
 
     def set_coef(self, c: float) -> None:
         """c for every tensor; with c ≠ 0 the "bias" and "norm" tensors' W ± c·Z are made (a

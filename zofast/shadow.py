@@ -480,9 +480,7 @@ class ShadowLayers:
             st.set_direction(step, s)
         for factors, device_seeds, _ in self._bulk_parts():
             # A streamed block's factors: before its upload (else each hook makes its own)
-            first = factors.tensors[0].param if factors.tensors else None
-            if first is None or not offload_prepare.defer(first, id(factors), factors.load):
-                factors.load()
+            offload_prepare.defer_or_run(factors.tensors, id(factors), factors.load)
             device_seeds.load()
 
     def set_coef(self, c: float) -> None:
@@ -500,20 +498,17 @@ class ShadowLayers:
             if not (c and self.attached and presets.tensors):
                 continue
             # A streamed block's: just before its upload (which reads the swapped-in copies)
-            if not offload_prepare.defer(
-                presets.tensors[0].param, id(presets), partial(presets.swap_in, c)
-            ):
-                presets.swap_in(c)
+            offload_prepare.defer_or_run(presets.tensors, id(presets), partial(presets.swap_in, c))
 
     def _bulk_parts(self) -> list:
         if self._bulk is None or self._version != offload_prepare.VERSION[0]:
             # per device, or per streamed block (zofast.offload_prepare)
             self._version = offload_prepare.VERSION[0]
-            by_device: dict = {}
+            by_home: dict = {}
             for st in self.tensors:
-                by_device.setdefault(offload_prepare.home(st.param), []).append(st)
+                by_home.setdefault(offload_prepare.home(st.param), []).append(st)
             self._bulk = []
-            for group in by_device.values():
+            for group in by_home.values():
                 ways = {st: {u.way for u in st.uses} for st in group}
                 self._bulk.append(
                     (
